@@ -1,0 +1,228 @@
+"""Wiring: observers, threads, wake-ups, signals and service notifications.
+
+Threads, each with one job:
+- watchdog observers feed a WatchHandler per watched directory;
+- the settle tracker completes files that had no close event;
+- the registrar hashes complete files and commits them in batches;
+- one transfer worker per archive ships pending rows;
+- the housekeeper scans at start and every ``rescan_interval``, derives and
+  finalizes timecode directories, and deletes files past their retention.
+All state lives in the catalog, so stopping at any instant loses nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+
+from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserver
+
+from watcher.config import Config
+from watcher.db import Catalog
+from watcher.handlers import SettleTracker, WatchHandler, scan
+from watcher.health import Health, with_database_retry
+from watcher.registrar import Registrar
+from watcher.retention import delete_expired
+from watcher.rsync import Destination, Stopped, TransferError, make_control_dir, remove_control_dir
+from watcher.timecode import update_timecode_dirs
+from watcher.transfer import TransferWorker
+
+log = logging.getLogger(__name__)
+
+HOUSEKEEPING_INTERVAL = 5.0
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(message.encode(), address)
+    except OSError as exc:
+        log.debug("sd_notify failed: %s", exc)
+
+
+class _OverflowWatch(logging.Handler):
+    """watchdog only logs an inotify queue overflow; turn that into a rescan."""
+
+    def __init__(self, event: threading.Event):
+        super().__init__(logging.WARNING)
+        self.event = event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self.event.set()
+
+
+class Agent:
+    def __init__(self, config: Config, housekeeping_interval: float = HOUSEKEEPING_INTERVAL):
+        self.config = config
+        self.interval = housekeeping_interval
+        self.stop_event = threading.Event()
+        self.rescan_now = threading.Event()
+        self.catalog = Catalog(config.database)
+        self.health = Health(config.database)
+        self._control_dir = (make_control_dir()
+                             if any(a.is_remote for a in config.archives.values()) else None)
+        self.destinations = {name: Destination(a, self._control_dir)
+                             for name, a in config.archives.items()}
+        self.workers = {name: TransferWorker(self.catalog, a, self.destinations[name],
+                                             self.stop_event, self.health)
+                        for name, a in config.archives.items()}
+        self.settle = SettleTracker(self._complete)
+        self.registrar = Registrar(self.catalog, config, self.settle, self._wake,
+                                   self.stop_event, self.health)
+        self._observers: list = []
+        self._threads: list[threading.Thread] = []
+        self._overflow = _OverflowWatch(self.rescan_now)
+        self.scans_done = 0
+
+    # -- wiring ---------------------------------------------------------------
+
+    def _complete(self, path: str) -> None:
+        self.registrar.submit(path)
+
+    def _wake(self, archives: set[str]) -> None:
+        for name in archives:
+            if name in self.workers:
+                self.workers[name].wake.set()
+
+    def _scan_dir(self, path: str) -> None:
+        scan([path], list(self.config.rules), self.registrar.known, self._complete, self.settle)
+
+    def _thread(self, target, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _start_observers(self) -> None:
+        by_dir: dict[str, list] = {}
+        for rule in self.config.rules:
+            by_dir.setdefault(str(rule.watch), []).append(rule)
+        for watch, rules in by_dir.items():
+            observer = PollingObserver() if any(r.poll for r in rules) else Observer()
+            handler = WatchHandler(list(self.config.rules), self._complete, self.settle, self._scan_dir)
+            try:
+                observer.schedule(handler, watch, recursive=True)
+                observer.start()
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EMFILE):
+                    log.error("cannot watch %s: %s; raise the limit with "
+                              "'sysctl fs.inotify.max_user_watches=524288' (and "
+                              "fs.inotify.max_user_instances); until then files there are found "
+                              "by the rescan every %.0f s", watch, exc.strerror or exc,
+                              self.config.rescan_interval)
+                else:
+                    log.error("cannot watch %s: %s; relying on rescans", watch, exc)
+                continue
+            self._observers.append(observer)
+            log.info("watching %s (%s)", watch, "polling" if any(r.poll for r in rules) else "inotify")
+
+    def start(self) -> None:
+        for name in ("watchdog.observers.inotify", "watchdog.observers.inotify_c"):
+            logging.getLogger(name).addHandler(self._overflow)
+        log.info("catalog %s; finalization files under %s", self.config.database, self.config.file_root)
+        for name, a in self.config.archives.items():
+            where = f"{a.ssh_host}:{a.remote_basedir}" if a.is_remote else a.remote_basedir
+            log.info("archive %s -> %s", name, where)
+        self._thread(self.settle.run, "watcher-settle")
+        self._thread(self.registrar.run, "watcher-registrar")
+        self._start_observers()
+        for name, worker in self.workers.items():
+            self._thread(worker.run, f"watcher-transfer-{name}")
+        self._thread(self._housekeep, "watcher-housekeeper")
+        sd_notify("READY=1")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        sd_notify("STOPPING=1")
+        self.stop_event.set()
+        self.rescan_now.set()  # wakes the housekeeper
+        self.settle.stop()
+        for worker in self.workers.values():
+            worker.wake.set()
+        for observer in self._observers:
+            observer.stop()
+        deadline = time.monotonic() + timeout
+        for observer in self._observers:
+            observer.join(max(0.1, deadline - time.monotonic()))
+        for t in self._threads:
+            t.join(max(0.1, deadline - time.monotonic()))
+        for name in ("watchdog.observers.inotify", "watchdog.observers.inotify_c"):
+            logging.getLogger(name).removeHandler(self._overflow)
+        for dest in self.destinations.values():
+            dest.close()
+        if self._control_dir:
+            remove_control_dir(self._control_dir)
+        self.health.close()
+        self.catalog.close()
+
+    def run(self) -> int:
+        """Run until SIGTERM or SIGINT; return the exit status."""
+        def on_signal(signum, _frame):
+            log.info("received %s; stopping", signal.Signals(signum).name)
+            self.stop_event.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        while not self.stop_event.wait(1.0):
+            pass
+        self.stop()
+        log.info("stopped")
+        return 0
+
+    # -- housekeeping -------------------------------------------------------------
+
+    def rescan(self) -> int:
+        roots = sorted({str(r.watch) for r in self.config.rules})
+        found = scan(roots, list(self.config.rules), self.registrar.known, self._complete, self.settle)
+        self.scans_done += 1
+        if found:
+            log.info("scan found %d new or changed files", found)
+        return found
+
+    def _housekeep(self) -> None:
+        next_scan = 0.0
+        while not self.stop_event.is_set():
+            try:
+                if self.rescan_now.is_set() or time.monotonic() >= next_scan:
+                    self.rescan_now.clear()
+                    self.rescan()
+                    next_scan = time.monotonic() + self.config.rescan_interval
+                self.housekeep_once()
+            except (Stopped, TransferError) as exc:
+                if not self.stop_event.is_set():
+                    log.warning("housekeeping postponed: %s", exc)
+            except Exception:
+                if self.stop_event.is_set():
+                    return
+                log.exception("housekeeping failed; trying again shortly")
+            self.rescan_now.wait(self.interval)
+
+    def housekeep_once(self, now: float | None = None) -> None:
+        """Timecode directories, then retention, for every archive."""
+        stop = self.stop_event
+        with_database_retry(self.catalog.derive_timecode_dirs, self.health, stop)
+        for name in self.config.archives:
+            finalized = with_database_retry(
+                lambda: update_timecode_dirs(self.catalog, name, self.config.file_root,
+                                             self.config.instance_id, now), self.health, stop)
+            if finalized:
+                self._wake({name})
+        for name in self.config.archives:
+            try:
+                with_database_retry(
+                    lambda: delete_expired(self.catalog, self.config, name, self.destinations[name],
+                                           stop, now), self.health, stop)
+            except TransferError as exc:
+                log.warning("retention for %s postponed: far side not reachable (%s)", name, exc)

@@ -1,0 +1,336 @@
+"""The `watcher` command: each subcommand a thin function over the modules.
+
+Exit status: 0 done, 1 a runtime problem (named on one line), 2 a bad
+configuration or bad arguments. No traceback for a user's mistake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from watcher import __version__
+from watcher.config import (
+    Config, ConfigError, default_state_dir, load_config, load_default_config,
+)
+from watcher.db import Catalog, md5_of
+
+log = logging.getLogger("watcher")
+
+DB_ENV = "SUPRSYNC_DB"
+DEFAULT_MAX_ATTEMPTS = 10
+
+
+class UsageError(Exception):
+    """A mistake in how the command was called: one line, exit 2."""
+
+
+class CommandError(Exception):
+    """A problem the command met: one line, exit 1."""
+
+
+# -- shared option handling ------------------------------------------------------
+
+
+def _config(args) -> Config:
+    if getattr(args, "config", None):
+        return load_config(args.config)
+    state = default_state_dir(getattr(args, "state_dir", None))
+    return load_default_config(state)
+
+
+def _catalog(args, must_exist: bool = True) -> tuple[Catalog, Config | None]:
+    """The catalog named by --db, $SUPRSYNC_DB or the configuration."""
+    config = None
+    db = getattr(args, "db", None)
+    if db is None and getattr(args, "config", None) is None:
+        db = os.environ.get(DB_ENV)
+    if db is None:
+        config = _config(args)
+        db = config.database
+    db = Path(db)
+    if must_exist and not db.exists():
+        raise CommandError(f"no catalog at {db} (give --db, --config or set {DB_ENV})")
+    return Catalog(db), config
+
+
+def _max_attempts(config: Config | None, archive: str) -> int:
+    if config and archive in config.archives:
+        return config.archives[archive].max_copy_attempts
+    return DEFAULT_MAX_ATTEMPTS
+
+
+def _abspath(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+# -- subcommands -----------------------------------------------------------------
+
+
+def cmd_run(args) -> int:
+    from watcher.agent import Agent
+
+    config = _config(args)
+    if not args.config:
+        state = default_state_dir(args.state_dir)
+        log.info("no --config: using the shipped default with state under %s", state)
+        log.info("drop files into %s; they are copied to %s", state / "inbox", state / "archive")
+    agent = Agent(config)
+    return agent.run()
+
+
+def cmd_add(args) -> int:
+    catalog, _ = _catalog(args, must_exist=False)
+    path = _abspath(args.local_path)
+    if not os.path.isfile(path):
+        raise CommandError(f"{path}: no such file")
+    row = catalog.add_file(path, args.remote_path, args.archive, args.md5,
+                           None, not args.keep)
+    print(f"registered {path} -> {args.archive}:{args.remote_path} (id {row.id}, md5 {row.local_md5sum})")
+    return 0
+
+
+def _status(args) -> dict:
+    from watcher.health import read_health
+
+    catalog, config = _catalog(args)
+    now = time.time()
+    names = list(config.archives) if config else []
+    names += [n for n in catalog.archive_names() if n not in names]
+    health = read_health(catalog.path) or {}
+    out = {}
+    for name in names:
+        stats = catalog.stats(name, _max_attempts(config, name), now)
+        state = health.get("archives", {}).get(name)
+        stats["degraded"] = bool(state and state.get("degraded"))
+        stats["last_error"] = state.get("last_error") if state else None
+        out[name] = stats
+    db_state = health.get("database", {})
+    return {"archives": out, "agent_running": bool(health), "database_locked": bool(db_state.get("locked")),
+            "database_error": db_state.get("last_error")}
+
+
+def cmd_status(args) -> int:
+    report = _status(args)
+    if args.json:
+        print(json.dumps(report["archives"], indent=2, default=str))
+        return 0
+    print(f"agent: {'running' if report['agent_running'] else 'not running'}"
+          + (f"; catalog LOCKED ({report['database_error']})" if report["database_locked"] else ""))
+    for name, s in report["archives"].items():
+        age = s["oldest_pending_age"]
+        print(f"{name}: {s['files']} files, {s['pending']} pending ({_size(s['bytes_pending'])}), "
+              f"{s['verified']} verified, {s['failed']} failed, {s['removed']} removed, "
+              f"{s['ignored']} ignored"
+              + (f"; oldest pending {age:.0f}s old" if age is not None else "")
+              + (f"; DEGRADED: {s['last_error']}" if s["degraded"] else ""))
+        print(f"  finalized until {_when(s['finalized_until'])}; last added {s['last_file_added']}; "
+              f"last verified {s['last_file_verified']}")
+    if not report["archives"]:
+        print("no archives")
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _when(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _describe(row, max_attempts: int) -> str:
+    if row.removed is not None:
+        state = "removed" if row.removed else "removed (found gone)"
+    elif row.ignore:
+        state = "ignored"
+    elif row.verified:
+        state = "verified"
+    elif (row.failed_copy_attempts or 0) >= max_attempts:
+        state = "failed"
+    else:
+        state = "pending"
+    return (f"{row.id}\t{state}\t{row.archive_name}:{row.remote_path}\tlocal {row.local_md5sum}\t"
+            f"far {row.remote_md5sum or '-'}\tattempts {row.failed_copy_attempts or 0}\t{row.local_path}")
+
+
+def cmd_check(args) -> int:
+    catalog, config = _catalog(args)
+    path = _abspath(args.path)
+    rows = catalog.rows_for_path(path)
+    if not rows:
+        print(f"{path}: not in the catalog")
+        return 1
+    for row in rows:
+        print(_describe(row, _max_attempts(config, row.archive_name)))
+    return 0
+
+
+def cmd_list(args) -> int:
+    catalog, config = _catalog(args)
+    state = "failed" if args.failed else "pending" if args.pending else None
+    limit = _max_attempts(config, args.archive)
+    for row in catalog.list_files(args.archive, state, limit):
+        print(_describe(row, limit))
+    return 0
+
+
+def cmd_retry(args) -> int:
+    catalog, _ = _catalog(args)
+    paths = [_abspath(p) for p in args.paths] or None
+    n = catalog.retry(args.archive, paths)
+    print(f"{n} files of {args.archive} are pending again")
+    return 0
+
+
+def cmd_ignore(args) -> int:
+    catalog, _ = _catalog(args)
+    n = catalog.ignore([_abspath(p) for p in args.paths])
+    print(f"{n} catalog rows now ignored")
+    return 0 if n else 1
+
+
+def cmd_add_local_files(args) -> int:
+    from tqdm import tqdm
+
+    from watcher.db import NewFile
+    from watcher.handlers import walk_files
+
+    root = _abspath(args.root)
+    if not os.path.isdir(root):
+        raise CommandError(f"{root}: no such directory")
+    catalog, _ = _catalog(args, must_exist=False)
+    cutoff = time.time() - args.last_edit
+    found = [e for e in walk_files(root) if e.stat().st_mtime <= cutoff]
+    known = catalog.known_paths([e.path for e in found])
+    todo = sorted((e for e in found if e.path not in known), key=lambda e: e.path)
+    print(f"{len(found)} files under {root}: {len(known)} already registered, {len(todo)} to add")
+    if args.dry_run:
+        for e in todo:
+            print(f"would add {e.path} -> {args.archive}:{os.path.relpath(e.path, root)}")
+        return 0
+    batch: list[NewFile] = []
+    for e in tqdm(todo, unit="file", disable=None):
+        st = e.stat()
+        batch.append(NewFile(e.path, os.path.relpath(e.path, root), args.archive, md5_of(e.path),
+                             time.time(), True, st.st_size, st.st_mtime_ns))
+        if len(batch) >= 500:
+            catalog.add_files(batch)
+            batch.clear()
+    if batch:
+        catalog.add_files(batch)
+    return 0
+
+
+# -- the parser ------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="watcher", description="Ship new data files to an archive and prove they arrived.")
+    p.add_argument("--version", action="version", version=f"watcher {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def where(sp, db=True):
+        sp.add_argument("--config", metavar="FILE", help="rules file (default: the shipped one)")
+        sp.add_argument("--state-dir", metavar="DIR",
+                        help="where the shipped default keeps its data (default: ./watcher-data, or $WATCHER_STATE_DIR)")
+        if db:
+            sp.add_argument("--db", metavar="PATH", help=f"catalog file (default: $SUPRSYNC_DB or the configuration's)")
+
+    sp = sub.add_parser("run", help="run the agent until SIGTERM or SIGINT")
+    where(sp, db=False)
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("add", help="register one file (like socs' add_file)")
+    sp.add_argument("local_path")
+    sp.add_argument("remote_path")
+    sp.add_argument("archive")
+    sp.add_argument("--md5", help="the file's md5, when already known")
+    sp.add_argument("--keep", action="store_true", help="never delete the local file")
+    where(sp)
+    sp.set_defaults(func=cmd_add)
+
+    sp = sub.add_parser("status", help="per-archive counts, health and progress")
+    sp.add_argument("--json", action="store_true", help="one JSON object keyed by archive")
+    where(sp)
+    sp.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser("check", help="the catalog rows of a local file")
+    sp.add_argument("path")
+    where(sp)
+    sp.set_defaults(func=cmd_check)
+
+    sp = sub.add_parser("list", help="files of an archive")
+    sp.add_argument("archive")
+    group = sp.add_mutually_exclusive_group()
+    group.add_argument("--failed", action="store_true", help="only files whose attempts are exhausted")
+    group.add_argument("--pending", action="store_true", help="only files waiting for a copy")
+    where(sp)
+    sp.set_defaults(func=cmd_list)
+
+    sp = sub.add_parser("retry", help="make failed files pending again")
+    sp.add_argument("archive")
+    sp.add_argument("paths", nargs="*", metavar="PATH")
+    where(sp)
+    sp.set_defaults(func=cmd_retry)
+
+    sp = sub.add_parser("ignore", help="stop shipping these files (and stop waiting for them)")
+    sp.add_argument("paths", nargs="+", metavar="PATH")
+    where(sp)
+    sp.set_defaults(func=cmd_ignore)
+
+    sp = sub.add_parser("add-local-files", help="register an existing tree once")
+    sp.add_argument("root")
+    sp.add_argument("archive")
+    sp.add_argument("--last-edit", type=float, default=0.0, metavar="SECONDS",
+                    help="only files not modified for at least this long")
+    sp.add_argument("--dry-run", action="store_true", help="only say what would be added")
+    where(sp)
+    sp.set_defaults(func=cmd_add_local_files)
+    return p
+
+
+def setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity < 2 else logging.DEBUG
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbosity < 3:
+        logging.getLogger("sh").setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"watcher: {problem}", file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"watcher: {exc}", file=sys.stderr)
+        return 2
+    except CommandError as exc:
+        print(f"watcher: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # e.g. an unreadable catalog: one line, not a traceback
+        print(f"watcher: {type(exc).__name__}: {exc}", file=sys.stderr)
+        log.debug("details", exc_info=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""socs' ``SupRsyncFilesManager`` API over the watcher catalog.
+
+Code written for ``socs.db.suprsync`` only changes its import:
+``from watcher.db import SupRsyncFilesManager, create_file``. Sessions are
+emulated: ``with srfm.Session.begin() as s: s.add_all(files)`` commits the
+new rows in one transaction, and rows a method returned for a session are
+saved when it commits, as SQLAlchemy would. Unlike socs, no method loads the
+whole table to answer, and timecode directories come from the rows
+themselves, whoever inserted them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from watcher.db import Catalog, File, NewFile, md5_of
+from watcher.timecode import update_timecode_dirs
+
+SupRsyncFile = File
+_NO_LIMIT = 2 ** 10
+
+
+def create_file(local_path, remote_path, archive_name, local_md5sum=None,
+                timestamp=None, deletable=True) -> File:
+    """A new, unsaved catalog row (socs' ``create_file``); hashes the file if no md5 is given."""
+    local_path = str(local_path)
+    if local_md5sum is None:
+        local_md5sum = md5_of(local_path)
+    return File(local_path=local_path, remote_path=str(remote_path), archive_name=archive_name,
+                local_md5sum=local_md5sum, timestamp=time.time() if timestamp is None else timestamp,
+                deletable=True if deletable is None else bool(deletable),
+                failed_copy_attempts=0, ignore=False)
+
+
+class Session:
+    """Just enough of a SQLAlchemy session: add, add_all, commit, rollback."""
+
+    def __init__(self, catalog: Catalog):
+        self._catalog = catalog
+        self._new: list[File] = []
+        self._tracked: list[File] = []
+
+    def add(self, obj: File) -> None:
+        if getattr(obj, "id", None) is None:
+            self._new.append(obj)
+        else:
+            self._tracked.append(obj)
+
+    def add_all(self, objs) -> None:
+        for obj in objs:
+            self.add(obj)
+
+    def track(self, rows: list) -> list:
+        self._tracked.extend(rows)
+        return rows
+
+    def commit(self) -> None:
+        new = []
+        for f in self._new:
+            try:
+                st = os.stat(f.local_path)
+                size, mtime_ns = st.st_size, st.st_mtime_ns
+            except OSError:
+                size = mtime_ns = None
+            new.append(NewFile(f.local_path, f.remote_path, f.archive_name, f.local_md5sum,
+                               f.timestamp, f.deletable is not False, size, mtime_ns))
+        with self._catalog.db.atomic("IMMEDIATE"):
+            rows = self._catalog.add_files(new) if new else []
+            for obj, row in zip(self._new, rows):
+                obj.id = row.id
+            for row in self._tracked:
+                dirty = row.dirty_fields
+                if dirty:
+                    self._catalog.File.update({f: getattr(row, f.name) for f in dirty}).where(
+                        self._catalog.File.id == row.id).execute()
+        self._new, self._tracked = [], []
+
+    def rollback(self) -> None:
+        self._new, self._tracked = [], []
+
+    def close(self) -> None:
+        self.rollback()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.rollback()
+
+
+class _SessionMaker:
+    def __init__(self, catalog: Catalog):
+        self._catalog = catalog
+
+    def __call__(self) -> Session:
+        return Session(self._catalog)
+
+    def begin(self) -> Session:
+        return Session(self._catalog)
+
+
+class SupRsyncFilesManager:
+    """socs' files manager, same constructor and public methods."""
+
+    def __init__(self, db_path, create_all=True, echo=False, pool_size=5, max_overflow=10):
+        db_path = os.path.abspath(db_path)
+        os.makedirs(os.path.dirname(db_path), exist_ok=True)
+        self.catalog = Catalog(db_path)
+        self.Session = _SessionMaker(self.catalog)
+
+    def _rows(self, session, rows: list) -> list:
+        return session.track(rows) if isinstance(session, Session) else rows
+
+    def add_file(self, local_path, remote_path, archive_name, local_md5sum=None,
+                 timestamp=None, session=None, deletable=True) -> File:
+        file = create_file(local_path, remote_path, archive_name, local_md5sum, timestamp, deletable)
+        if session is None:
+            with self.Session.begin() as session:
+                session.add(file)
+        else:
+            session.add(file)
+        return file
+
+    def get_copyable_files(self, archive_name, session=None, max_copy_attempts=None, num_files=None):
+        limit = num_files if num_files is not None else -1
+        rows = self.catalog.pending_batch(archive_name, limit, max_copy_attempts or _NO_LIMIT)
+        return self._rows(session, rows)
+
+    def get_deletable_files(self, archive_name, delete_after, session=None):
+        rows = self.catalog.deletable_batch(archive_name, time.time(), delete_after, delete_after, -1)
+        return self._rows(session, rows)
+
+    def get_known_files(self, archive_name, session=None, min_ctime=None):
+        rows = self.catalog.known_files(archive_name, min_ctime or 0)
+        return self._rows(session, rows)
+
+    def get_finalized_until(self, archive_name, session=None) -> float:
+        return self.catalog.finalized_until(archive_name, time.time())
+
+    def get_archive_stats(self, archive_name, session=None) -> dict:
+        s = self.catalog.stats(archive_name, _NO_LIMIT, time.time())
+        return {
+            "finalized_until": s["finalized_until"],
+            "num_files": s["files"],
+            "uncopied_files": s["files"] - s["verified"] - s["ignored"],
+            "last_file_added": s["last_file_added"] or "",
+            "last_file_copied": s["last_file_verified"] or "",
+        }
+
+    def create_all_timecode_dirs(self, archive_name, min_ctime=None) -> None:
+        self.catalog.derive_timecode_dirs()
+
+    def update_all_timecode_dirs(self, archive_name, file_root, sync_id) -> None:
+        self.catalog.derive_timecode_dirs()
+        update_timecode_dirs(self.catalog, archive_name, Path(file_root), sync_id)

@@ -1,0 +1,422 @@
+"""Read rules.yaml into typed settings.
+
+Every problem in a file is collected and reported together, each as one line
+naming the file, the line and the key (``rules.yaml:12: rules[0].archive:
+unknown archive 'smurff'``), so that a person can fix them all in one go.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from watcher.timecode import TEMPLATE_FIELDS
+
+DEFAULT_CONFIG = Path(__file__).with_name("rules.yaml")
+STATE_DIR_ENV = "WATCHER_STATE_DIR"
+
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``problems`` holds one line each."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Archive:
+    name: str
+    remote_basedir: str
+    ssh_host: str | None = None
+    ssh_key: str | None = None
+    ssh_port: int | None = None
+    known_hosts: str | None = None
+    accept_new_host_keys: bool = False
+    delete_local_after: float | None = None
+    max_copy_attempts: int = 10
+    copy_timeout: float = 60.0
+    cmd_timeout: float = 5.0
+    files_per_batch: int = 1000
+    compression: bool = False
+    bwlimit: str | None = None
+    chmod: str | None = None
+
+    @property
+    def is_remote(self) -> bool:
+        return self.ssh_host is not None
+
+
+@dataclass(frozen=True)
+class Rule:
+    watch: Path
+    archive: str
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = (".*", "*.tmp", "*.part", "*.swp")
+    match: re.Pattern | None = None
+    remote_path: str = "{relpath}"
+    deletable: bool = True
+    settle: float = 2.0
+    poll: bool = False
+    # A rule may keep its files longer (or forever: None) than its archive.
+    overrides_retention: bool = False
+    delete_local_after: float | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    instance_id: str
+    database: Path
+    file_root: Path
+    archives: dict[str, Archive]
+    rules: tuple[Rule, ...]
+    rescan_interval: float = 300.0
+    source: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def retention(self, archive: str) -> float | None:
+        return self.archives[archive].delete_local_after
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``90``, ``"30m"``, ``"12h"``, ``"7d"``; ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration such as 90, 30m, 12h or 7d, got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"a duration cannot be negative, got {value!r}")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError(f"expected a duration such as 90, 30m, 12h or 7d, got {value!r}")
+
+
+# --------------------------------------------------------------------------
+# YAML with line numbers
+
+
+def _compose(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
+    """Parse YAML into plain data plus a map from key path to line number."""
+    lines: dict[tuple, int] = {}
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{where}: not valid YAML: {problem}"]) from None
+    if node is None:
+        return {}, lines
+    constructor = yaml.SafeLoader("")
+
+    def build(n, path):
+        lines[path] = n.start_mark.line + 1
+        if isinstance(n, yaml.MappingNode):
+            out = {}
+            for k, v in n.value:
+                key = constructor.construct_object(k, deep=True)
+                out[key] = build(v, path + (key,))
+                lines[path + (key,)] = k.start_mark.line + 1
+            return out
+        if isinstance(n, yaml.SequenceNode):
+            return [build(v, path + (i,)) for i, v in enumerate(n.value)]
+        return constructor.construct_object(n, deep=True)
+
+    return build(node, ()), lines
+
+
+def _keypath(path: tuple) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+class _Reader:
+    """Collects typed values and problems while walking the parsed file."""
+
+    def __init__(self, source: str, lines: dict[tuple, int], base: Path):
+        self.source = source
+        self.lines = lines
+        self.base = base
+        self.problems: list[str] = []
+
+    def problem(self, path: tuple, message: str) -> None:
+        probe = path
+        while probe and probe not in self.lines:
+            probe = probe[:-1]
+        line = self.lines.get(probe)
+        where = f"{self.source}:{line}" if line else self.source
+        self.problems.append(f"{where}: {_keypath(path)}: {message}")
+
+    def mapping(self, value: Any, path: tuple, allowed: set[str]) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.problem(path, f"expected a mapping, got {type(value).__name__}")
+            return {}
+        for key in value:
+            if key not in allowed:
+                self.problem(path + (key,), f"unknown key (known: {', '.join(sorted(allowed))})")
+        return value
+
+    def get(self, data: dict, key: str, path: tuple, kind, default=None, required=False):
+        if key not in data or (data[key] is None and not required):
+            if required:
+                self.problem(path + (key,), "is required")
+            return default
+        value = data[key]
+        here = path + (key,)
+        try:
+            return kind(value)
+        except (TypeError, ValueError) as exc:
+            self.problem(here, str(exc))
+            return default
+
+    def path(self, value: Any) -> Path:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"expected a path, got {value!r}")
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else (self.base / p)
+
+
+def _typed(kind, name):
+    def check(value):
+        if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+            raise ValueError(f"expected {name}, got {value!r}")
+        return value
+    return check
+
+
+_str = _typed(str, "a string")
+_bool = _typed(bool, "true or false")
+
+
+def _positive_int(value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a whole number of at least 1, got {value!r}")
+    return value
+
+
+def _seconds(value):
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"expected a positive duration, got {value!r}")
+    return seconds
+
+
+def _port(value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise ValueError(f"expected a port number, got {value!r}")
+    return value
+
+
+def _globs(value):
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of glob patterns, got {value!r}")
+    return tuple(value)
+
+
+def _regex(value):
+    if not isinstance(value, str):
+        raise ValueError(f"expected a regular expression, got {value!r}")
+    try:
+        return re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression: {exc}") from None
+
+
+def _bwlimit(value):
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"expected a rate such as 5000 or 5m, got {value!r}")
+    if not re.fullmatch(r"\d+(\.\d+)?[bBkKmMgGtTpP]?", str(value)):
+        raise ValueError(f"expected a rate such as 5000 or 5m, got {value!r}")
+    return str(value)
+
+
+def _chmod(value):
+    if not isinstance(value, str) or not re.fullmatch(r"[DFugoa+\-=rwxXst,0-7]+", value):
+        raise ValueError(f"expected an rsync --chmod string such as 'g+rwX,o+rX', got {value!r}")
+    return value
+
+
+def check_template(template: str, fields: set[str]) -> str | None:
+    """Return what is wrong with a remote path template, or None."""
+    try:
+        names = [name for _lit, name, _spec, _conv in string.Formatter().parse(template)]
+    except ValueError as exc:
+        return f"not a valid template: {exc}"
+    for name in names:
+        if name is not None and name not in fields:
+            return f"unknown field {{{name}}} (known: {', '.join(sorted(fields))})"
+    try:
+        sample = template.format(**{name: "x" for name in fields})
+    except (ValueError, IndexError, KeyError) as exc:
+        return f"not a valid template: {exc}"
+    if sample.startswith("/"):
+        return "must be relative to the archive's remote_basedir, not absolute"
+    if ".." in sample.split("/"):
+        return "must not climb out of the archive with '..'"
+    return None
+
+
+_TOP = {"instance_id", "database", "file_root", "archives", "rules", "rescan_interval"}
+_ARCHIVE = {
+    "remote_basedir", "ssh_host", "ssh_key", "ssh_port", "known_hosts",
+    "accept_new_host_keys", "delete_local_after", "max_copy_attempts",
+    "copy_timeout", "cmd_timeout", "files_per_batch", "compression", "bwlimit", "chmod",
+}
+_RULE = {
+    "watch", "archive", "include", "exclude", "match", "remote_path",
+    "deletable", "settle", "poll", "delete_local_after",
+}
+
+
+def _read_archive(r: _Reader, name: Any, data: Any) -> Archive | None:
+    path = ("archives", name)
+    if not isinstance(name, str) or not name:
+        r.problem(path, "an archive name must be a non-empty string")
+        return None
+    data = r.mapping(data, path, _ARCHIVE)
+    ssh_host = r.get(data, "ssh_host", path, _str)
+    basedir = r.get(data, "remote_basedir", path, _str, required=True)
+    if basedir is not None and ssh_host is None:
+        basedir = str(r.path(basedir))
+    ssh_key = r.get(data, "ssh_key", path, r.path)
+    known_hosts = r.get(data, "known_hosts", path, r.path)
+    retention = r.get(data, "delete_local_after", path, parse_duration)
+    return Archive(
+        name=name,
+        remote_basedir=basedir or "",
+        ssh_host=ssh_host,
+        ssh_key=str(ssh_key) if ssh_key else None,
+        ssh_port=r.get(data, "ssh_port", path, _port),
+        known_hosts=str(known_hosts) if known_hosts else None,
+        accept_new_host_keys=r.get(data, "accept_new_host_keys", path, _bool, False),
+        delete_local_after=retention,
+        max_copy_attempts=r.get(data, "max_copy_attempts", path, _positive_int, 10),
+        copy_timeout=r.get(data, "copy_timeout", path, _seconds, 60.0),
+        cmd_timeout=r.get(data, "cmd_timeout", path, _seconds, 5.0),
+        files_per_batch=r.get(data, "files_per_batch", path, _positive_int, 1000),
+        compression=r.get(data, "compression", path, _bool, False),
+        bwlimit=r.get(data, "bwlimit", path, _bwlimit),
+        chmod=r.get(data, "chmod", path, _chmod),
+    )
+
+
+def _read_rule(r: _Reader, i: int, data: Any, archives: dict[str, Archive]) -> Rule | None:
+    path = ("rules", i)
+    data = r.mapping(data, path, _RULE)
+    if not data:
+        if not r.problems or not r.problems[-1].startswith(r.source):
+            r.problem(path, "a rule needs at least 'watch' and 'archive'")
+        return None
+    watch = r.get(data, "watch", path, r.path, required=True)
+    if watch is not None and not watch.is_dir():
+        r.problem(path + ("watch",), f"directory {str(watch)!r} does not exist")
+    archive = r.get(data, "archive", path, _str, required=True)
+    if archive is not None and archive not in archives:
+        known = ", ".join(sorted(archives)) or "none defined"
+        r.problem(path + ("archive",), f"unknown archive {archive!r} (known: {known})")
+    match = r.get(data, "match", path, _regex)
+    template = r.get(data, "remote_path", path, _str, "{relpath}")
+    fields = set(TEMPLATE_FIELDS) | set(match.groupindex if match else ())
+    wrong = check_template(template, fields)
+    if wrong:
+        r.problem(path + ("remote_path",), wrong)
+    overrides = "delete_local_after" in data
+    retention = None
+    if overrides and data["delete_local_after"] not in (None, "never"):
+        retention = r.get(data, "delete_local_after", path, parse_duration)
+    return Rule(
+        watch=watch or Path("."),
+        archive=archive or "",
+        include=r.get(data, "include", path, _globs, ("*",)),
+        exclude=r.get(data, "exclude", path, _globs, Rule.exclude),
+        match=match,
+        remote_path=template,
+        deletable=r.get(data, "deletable", path, _bool, True),
+        settle=r.get(data, "settle", path, parse_duration, 2.0),
+        poll=r.get(data, "poll", path, _bool, False),
+        overrides_retention=overrides,
+        delete_local_after=retention,
+    )
+
+
+def parse_config(text: str, source: str, base: Path) -> Config:
+    """Build a Config from YAML text; relative paths resolve against ``base``."""
+    data, lines = _compose(text, source)
+    r = _Reader(source, lines, base)
+    data = r.mapping(data, (), _TOP)
+    archives: dict[str, Archive] = {}
+    raw_archives = data.get("archives")
+    if not isinstance(raw_archives, dict) or not raw_archives:
+        r.problem(("archives",), "at least one archive is required")
+    else:
+        for name, value in raw_archives.items():
+            archive = _read_archive(r, name, value)
+            if archive:
+                archives[name] = archive
+    rules = []
+    raw_rules = data.get("rules")
+    if raw_rules is None:
+        raw_rules = []
+    if not isinstance(raw_rules, list):
+        r.problem(("rules",), "expected a list of rules")
+        raw_rules = []
+    for i, value in enumerate(raw_rules):
+        rule = _read_rule(r, i, value, archives)
+        if rule:
+            rules.append(rule)
+    database = r.get(data, "database", (), r.path, base / "suprsync.db")
+    config = Config(
+        instance_id=r.get(data, "instance_id", (), _str) or socket.gethostname(),
+        database=database,
+        file_root=r.get(data, "file_root", (), r.path, database.parent / "finalization"),
+        archives=archives,
+        rules=tuple(rules),
+        rescan_interval=r.get(data, "rescan_interval", (), _seconds, 300.0),
+        source=Path(source),
+    )
+    if r.problems:
+        raise ConfigError(r.problems)
+    return config
+
+
+def load_config(path: str | os.PathLike, base: Path | None = None) -> Config:
+    """Read a rules file; relative paths are relative to its directory."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read configuration: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not a UTF-8 text file"]) from None
+    return parse_config(text, str(path), base or path.resolve().parent)
+
+
+def default_state_dir(option: str | None = None) -> Path:
+    """Where the shipped default keeps its inbox, archive and catalog."""
+    chosen = option or os.environ.get(STATE_DIR_ENV) or "watcher-data"
+    return Path(chosen).expanduser().resolve()
+
+
+def load_default_config(state_dir: Path) -> Config:
+    """The shipped rules.yaml, with its relative paths under ``state_dir``."""
+    for sub in ("inbox", "archive"):
+        (state_dir / sub).mkdir(parents=True, exist_ok=True)
+    return load_config(DEFAULT_CONFIG, base=state_dir)

@@ -1,0 +1,577 @@
+"""The catalog: socs' SupRsync tables, watcher's additive columns, every query.
+
+The tables and columns of ``socs.db.suprsync`` are kept exactly (a fresh
+catalog is created with socs' own DDL) so that socs code can keep writing
+to the same file. watcher only adds nullable columns, indexes and one table
+of its own. A file's state is derived from columns:
+
+- pending:  remote_md5sum IS NOT local_md5sum, not removed, not ignored,
+            attempts below the limit
+- verified: remote_md5sum = local_md5sum
+- failed:   unverified with attempts exhausted
+- removed:  removed IS NOT NULL (0 when it was found already gone)
+
+Every query the agent runs per cycle walks a partial index over the rows
+that still need work, so its cost follows the batch, not the table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from peewee import (
+    SQL, AutoField, BooleanField, Case, CharField, Field, FloatField, IntegerField,
+    Model, SqliteDatabase, fn,
+)
+
+from watcher.timecode import is_finalization_file, timecode_of
+
+log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT = 10.0
+_CHUNK = 500  # bound parameters per IN (...) query
+
+SOCS_DDL = (
+    """CREATE TABLE IF NOT EXISTS supersync_v0 (
+\tid INTEGER NOT NULL, 
+\tlocal_path VARCHAR NOT NULL, 
+\tlocal_md5sum VARCHAR NOT NULL, 
+\tarchive_name VARCHAR NOT NULL, 
+\tremote_path VARCHAR NOT NULL, 
+\ttimestamp FLOAT NOT NULL, 
+\tremote_md5sum VARCHAR, 
+\tcopied FLOAT, 
+\tremoved FLOAT, 
+\tfailed_copy_attempts INTEGER, 
+\tdeletable BOOLEAN, 
+\t"ignore" BOOLEAN, 
+\tPRIMARY KEY (id)
+)""",
+    """CREATE TABLE IF NOT EXISTS timecode_dirs_v0 (
+\tid INTEGER NOT NULL, 
+\ttimecode INTEGER NOT NULL, 
+\tarchive_name VARCHAR NOT NULL, 
+\tcompleted BOOLEAN, 
+\tsynced BOOLEAN, 
+\tfinalized BOOLEAN, 
+\tfinalize_file_id INTEGER, 
+\tPRIMARY KEY (id), 
+\tFOREIGN KEY(finalize_file_id) REFERENCES supersync_v0 (id)
+)""",
+)
+
+# (table, column, type): nullable, so socs keeps inserting without them.
+ADDED_COLUMNS = (
+    ("supersync_v0", "size", "INTEGER"),      # bytes when hashed
+    ("supersync_v0", "mtime_ns", "INTEGER"),  # modification time when hashed
+    ("supersync_v0", "retain", "FLOAT"),      # a rule's own retention, seconds
+)
+
+# The partial indexes' WHERE clauses are repeated verbatim in the queries
+# below: SQLite uses a partial index only when the query names its terms.
+UNVERIFIED = "remote_md5sum IS NOT local_md5sum AND removed IS NULL"
+KEPT = "removed IS NULL AND coalesce(deletable, 1) = 1"
+INDEXES = (
+    f"CREATE INDEX IF NOT EXISTS watcher_unverified ON supersync_v0 (archive_name, timestamp) WHERE {UNVERIFIED}",
+    f"CREATE INDEX IF NOT EXISTS watcher_kept ON supersync_v0 (archive_name, timestamp) WHERE {KEPT}",
+    "CREATE INDEX IF NOT EXISTS watcher_local_path ON supersync_v0 (local_path)",
+    "CREATE INDEX IF NOT EXISTS watcher_remote_path ON supersync_v0 (archive_name, remote_path)",
+    "CREATE INDEX IF NOT EXISTS watcher_tcdir ON timecode_dirs_v0 (archive_name, timecode)",
+    "CREATE TABLE IF NOT EXISTS watcher_meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
+)
+
+
+def to_db_path(path: str | os.PathLike) -> str | bytes:
+    """Text for a path that is UTF-8, the raw bytes (a BLOB) for one that is not."""
+    path = os.fspath(path)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+
+
+class PathField(Field):
+    """A VARCHAR column that also keeps non-UTF-8 file names byte-exact."""
+
+    field_type = "VARCHAR"
+
+    def db_value(self, value):
+        return None if value is None else to_db_path(value)
+
+    def python_value(self, value):
+        return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+class _Base(Model):
+    class Meta:
+        legacy_table_names = False
+
+
+class File(_Base):
+    """A row of socs' ``supersync_v0``."""
+
+    id = AutoField()
+    local_path = PathField()
+    local_md5sum = CharField()
+    archive_name = CharField()
+    remote_path = PathField()
+    timestamp = FloatField()
+    remote_md5sum = CharField(null=True)
+    copied = FloatField(null=True)
+    removed = FloatField(null=True)
+    failed_copy_attempts = IntegerField(null=True, default=0)
+    deletable = BooleanField(null=True, default=True)
+    ignore = BooleanField(null=True, default=False)
+    size = IntegerField(null=True)
+    mtime_ns = IntegerField(null=True)
+    retain = FloatField(null=True)
+
+    class Meta:
+        table_name = "supersync_v0"
+
+    @property
+    def verified(self) -> bool:
+        return self.remote_md5sum is not None and self.remote_md5sum == self.local_md5sum
+
+
+class TimecodeDir(_Base):
+    """A row of socs' ``timecode_dirs_v0``."""
+
+    id = AutoField()
+    timecode = IntegerField()
+    archive_name = CharField()
+    completed = BooleanField(null=True, default=False)
+    synced = BooleanField(null=True, default=False)
+    finalized = BooleanField(null=True, default=False)
+    finalize_file_id = IntegerField(null=True)
+
+    class Meta:
+        table_name = "timecode_dirs_v0"
+
+
+def bind_models(db: SqliteDatabase) -> tuple[type[File], type[TimecodeDir]]:
+    """Copies of the models bound to one database."""
+    bound_file = type("File", (File,), {"Meta": type("Meta", (), {"database": db, "table_name": "supersync_v0"})})
+    bound_tc = type("TimecodeDir", (TimecodeDir,), {"Meta": type("Meta", (), {"database": db, "table_name": "timecode_dirs_v0"})})
+    return bound_file, bound_tc
+
+
+def md5_of(path: str | os.PathLike) -> str:
+    """md5 of a file read in 1 MiB blocks (memory stays flat for any size)."""
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _chunks(items: list, size: int = _CHUNK) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+@dataclass(frozen=True)
+class NewFile:
+    """A file to register: what ``add_file`` takes, plus what watcher knows."""
+
+    local_path: str
+    remote_path: str
+    archive_name: str
+    local_md5sum: str
+    timestamp: float
+    deletable: bool = True
+    size: int | None = None
+    mtime_ns: int | None = None
+    retain: float | None = None
+
+
+class Catalog:
+    """One SQLite catalog file, safe to share between threads (a connection each)."""
+
+    def __init__(self, path: str | os.PathLike, busy_timeout: float = BUSY_TIMEOUT):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = SqliteDatabase(
+            str(self.path),
+            timeout=busy_timeout,
+            pragmas={"journal_mode": "wal", "busy_timeout": int(busy_timeout * 1000),
+                     "synchronous": "normal"},
+            check_same_thread=False,
+        )
+        # Models of this catalog's own, so two catalogs in one process never mix.
+        self.File, self.TimecodeDir = bind_models(self.db)
+        self._lock = threading.Lock()
+        self.migrate()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def migrate(self) -> None:
+        """Create socs' tables if missing; add watcher's columns and indexes."""
+        with self.db.atomic("IMMEDIATE"):
+            for ddl in SOCS_DDL:
+                self.db.execute_sql(ddl)
+            for table, column, kind in ADDED_COLUMNS:
+                have = {c.name for c in self.db.get_columns(table)}
+                if column not in have:
+                    self.db.execute_sql(f'ALTER TABLE {table} ADD COLUMN "{column}" {kind}')
+            for ddl in INDEXES:
+                self.db.execute_sql(ddl)
+
+    # -- registering ------------------------------------------------------
+
+    def add_file(self, local_path, remote_path, archive_name, local_md5sum=None,
+                 timestamp=None, deletable=True) -> File:
+        """Register one file (socs' signature); hashes it when no md5 is given."""
+        local_path = os.fspath(local_path)
+        if local_md5sum is None:
+            local_md5sum = md5_of(local_path)
+        try:
+            st = os.stat(local_path)
+            size, mtime_ns = st.st_size, st.st_mtime_ns
+        except OSError:
+            size = mtime_ns = None
+        new = NewFile(local_path, os.fspath(remote_path), archive_name, local_md5sum,
+                      time.time() if timestamp is None else timestamp,
+                      True if deletable is None else bool(deletable), size, mtime_ns)
+        return self.add_files([new])[0]
+
+    def add_files(self, files: Iterable[NewFile]) -> list[File]:
+        """Register many files in one transaction (one commit, not one per file)."""
+        rows = []
+        with self.db.atomic("IMMEDIATE"):
+            for f in files:
+                rows.append(self.File.create(
+                    local_path=f.local_path, remote_path=f.remote_path,
+                    archive_name=f.archive_name, local_md5sum=f.local_md5sum,
+                    timestamp=f.timestamp, failed_copy_attempts=0,
+                    deletable=f.deletable, ignore=False, size=f.size,
+                    mtime_ns=f.mtime_ns, retain=f.retain,
+                ))
+        return rows
+
+    def active_rows(self, local_paths: list[str]) -> dict[tuple[str, str], File]:
+        """The newest not-removed row of each path, keyed by (path, archive)."""
+        found: dict[tuple[str, str], File] = {}
+        for chunk in _chunks([to_db_path(p) for p in local_paths]):
+            query = (self.File.select()
+                     .where(self.File.local_path.in_(chunk), self.File.removed.is_null())
+                     .order_by(self.File.id))
+            for row in query:
+                found[(row.local_path, row.archive_name)] = row
+        return found
+
+    def update_content(self, file_id: int, md5: str, size: int, mtime_ns: int) -> None:
+        """A registered file changed: record its new content so it ships again."""
+        with self.db.atomic("IMMEDIATE"):
+            row = self.File.get_by_id(file_id)
+            changed = row.local_md5sum != md5
+            (self.File.update(local_md5sum=md5, size=size, mtime_ns=mtime_ns,
+                         **({"failed_copy_attempts": 0} if changed else {}))
+             .where(self.File.id == file_id).execute())
+            if changed:
+                self.reopen_timecode_dir(row.archive_name, row.remote_path)
+
+    def mark_missing(self, file_ids: list[int], when: float = 0.0) -> None:
+        """Files gone from disk: removed (0 = found already gone, as socs does)."""
+        with self.db.atomic("IMMEDIATE"):
+            for chunk in _chunks(file_ids):
+                self.File.update(removed=when).where(self.File.id.in_(chunk)).execute()
+
+    # -- shipping ---------------------------------------------------------
+
+    def pending_batch(self, archive: str, limit: int, max_attempts: int) -> list[File]:
+        """The oldest files of an archive that still need a verified copy."""
+        return list(
+            self.File.select()
+            .where(self.File.archive_name == archive)
+            .where(_raw(UNVERIFIED))
+            .where(fn.coalesce(self.File.ignore, 0) == 0)
+            .where(fn.coalesce(self.File.failed_copy_attempts, 0) < max_attempts)
+            .order_by(self.File.timestamp, self.File.id)
+            .limit(limit)
+        )
+
+    def has_pending(self, archive: str, max_attempts: int) -> bool:
+        return bool(self.pending_batch(archive, 1, max_attempts))
+
+    def record_transfer(self, results: dict[int, tuple[str, str | None]], now: float) -> tuple[int, int]:
+        """Store far md5 sums of a batch: ``{id: (md5 sent, md5 found or None)}``.
+
+        A row whose content changed while it travelled (its local md5 is no
+        longer the one sent) is left pending and not charged an attempt.
+        Returns (verified, failed) counts.
+        """
+        verified = failed = 0
+        with self.db.atomic("IMMEDIATE"):
+            for file_id, (sent, found) in results.items():
+                if found is not None and found == sent:
+                    n = (self.File.update(remote_md5sum=found, copied=now)
+                         .where(self.File.id == file_id, self.File.local_md5sum == sent).execute())
+                    verified += n
+                else:
+                    n = (self.File.update(remote_md5sum=found,
+                                     failed_copy_attempts=fn.coalesce(self.File.failed_copy_attempts, 0) + 1)
+                         .where(self.File.id == file_id, self.File.local_md5sum == sent).execute())
+                    failed += n
+        return verified, failed
+
+    # -- retention --------------------------------------------------------
+
+    def deletable_batch(self, archive: str, now: float, default_retention: float | None,
+                        min_retention: float, limit: int) -> list[File]:
+        """Verified, deletable files of an archive whose retention has passed."""
+        query = (self.File.select()
+                 .where(self.File.archive_name == archive)
+                 .where(_raw(KEPT))
+                 .where(self.File.timestamp <= now - min_retention)
+                 .where(self.File.remote_md5sum == self.File.local_md5sum))
+        if default_retention is None:
+            query = query.where(self.File.retain.is_null(False), self.File.timestamp + self.File.retain <= now)
+        else:
+            query = query.where(self.File.timestamp + fn.coalesce(self.File.retain, default_retention) <= now)
+        return list(query.order_by(self.File.timestamp).limit(limit))
+
+    def known_files(self, archive: str, min_timestamp: float) -> list[File]:
+        """Every row of an archive registered after a time (socs' get_known_files)."""
+        return list(self.File.select()
+                    .where(self.File.archive_name == archive, self.File.timestamp > min_timestamp)
+                    .order_by(self.File.timestamp))
+
+    def mark_removed(self, file_ids: list[int], when: float) -> None:
+        self.mark_missing(file_ids, when)
+
+    def mark_unverified(self, found: dict[int, str | None]) -> None:
+        """The far copy is gone or differs: record what is there, so it ships again."""
+        with self.db.atomic("IMMEDIATE"):
+            for file_id, md5 in found.items():
+                self.File.update(remote_md5sum=md5).where(self.File.id == file_id).execute()
+
+    # -- operator commands ------------------------------------------------
+
+    def rows_for_path(self, local_path: str) -> list[File]:
+        return list(self.File.select().where(self.File.local_path == to_db_path(local_path)).order_by(self.File.id))
+
+    def list_files(self, archive: str, state: str | None, max_attempts: int) -> Iterator[File]:
+        query = self.File.select().where(self.File.archive_name == archive)
+        if state in ("failed", "pending"):
+            query = query.where(_raw(UNVERIFIED), fn.coalesce(self.File.ignore, 0) == 0)
+            attempts = fn.coalesce(self.File.failed_copy_attempts, 0)
+            query = query.where(attempts >= max_attempts if state == "failed" else attempts < max_attempts)
+        return query.order_by(self.File.timestamp, self.File.id).iterator()
+
+    def retry(self, archive: str, local_paths: list[str] | None = None) -> int:
+        """Failed files become pending again (their attempts restart at 0)."""
+        with self.db.atomic("IMMEDIATE"):
+            query = (self.File.update(failed_copy_attempts=0)
+                     .where(self.File.archive_name == archive, _raw(UNVERIFIED),
+                            fn.coalesce(self.File.failed_copy_attempts, 0) > 0))
+            if local_paths is None:
+                return query.execute()
+            count = 0
+            for chunk in _chunks([to_db_path(p) for p in local_paths]):
+                count += query.where(self.File.local_path.in_(chunk)).execute()
+            return count
+
+    def ignore(self, local_paths: list[str]) -> int:
+        with self.db.atomic("IMMEDIATE"):
+            count = 0
+            for chunk in _chunks([to_db_path(p) for p in local_paths]):
+                count += self.File.update(ignore=True).where(self.File.local_path.in_(chunk)).execute()
+            return count
+
+    def known_paths(self, local_paths: list[str]) -> set[str]:
+        """Which of these paths have any row (for registering a tree once)."""
+        known: set[str] = set()
+        for chunk in _chunks([to_db_path(p) for p in local_paths]):
+            for row in self.File.select(self.File.local_path).where(self.File.local_path.in_(chunk)):
+                known.add(row.local_path)
+        return known
+
+    # -- status -------------------------------------------------------------
+
+    def archive_names(self) -> list[str]:
+        """Archives with files (walks the remote-path index's distinct prefixes)."""
+        names, last = [], None
+        while True:
+            query = self.File.select(self.File.archive_name).order_by(self.File.archive_name).limit(1)
+            if last is not None:
+                query = query.where(self.File.archive_name > last)
+            row = query.first()
+            if row is None:
+                return names
+            last = row.archive_name
+            names.append(last)
+
+    def stats(self, archive: str, max_attempts: int, now: float) -> dict:
+        """Counts for `watcher status`: one pass over the archive's rows."""
+        attempts = fn.coalesce(self.File.failed_copy_attempts, 0)
+        unverified = _raw(UNVERIFIED)
+        live = fn.coalesce(self.File.ignore, 0) == 0
+
+        def case(cond, then=1):
+            return fn.SUM(_case(cond, then))
+
+        row = (self.File.select(
+            fn.COUNT(self.File.id).alias("files"),
+            case(unverified & live & (attempts < max_attempts)).alias("pending"),
+            case(self.File.remote_md5sum == self.File.local_md5sum).alias("verified"),
+            case(unverified & live & (attempts >= max_attempts)).alias("failed"),
+            case(self.File.removed.is_null(False)).alias("removed"),
+            case(~live).alias("ignored"),
+            case(unverified & live & (attempts < max_attempts), fn.coalesce(self.File.size, 0)).alias("bytes_pending"),
+        ).where(self.File.archive_name == archive).dicts().get())
+        stats = {k: int(v or 0) for k, v in row.items()}
+        oldest = self.pending_batch(archive, 1, max_attempts)
+        stats["oldest_pending_age"] = (now - oldest[0].timestamp) if oldest else None
+        stats["finalized_until"] = self.finalized_until(archive, now)
+        last = self.File.select().where(self.File.archive_name == archive).order_by(self.File.id.desc()).first()
+        stats["last_file_added"] = last.local_path if last else None
+        done = (self.File.select().where(self.File.archive_name == archive, self.File.remote_md5sum == self.File.local_md5sum)
+                .order_by(self.File.copied.desc(nulls="LAST")).first())
+        stats["last_file_verified"] = done.local_path if done else None
+        return stats
+
+    def finalized_until(self, archive: str, now: float) -> float:
+        """socs' meaning: every not-ignored file registered before this time is verified.
+
+        Unlike socs, a file that is gone for good (removed) no longer holds it back.
+        """
+        first = (self.File.select(self.File.timestamp)
+                 .where(self.File.archive_name == archive, _raw(UNVERIFIED),
+                        fn.coalesce(self.File.ignore, 0) == 0)
+                 .order_by(self.File.timestamp).first())
+        return first.timestamp - 1 if first else now
+
+    # -- timecode directories ------------------------------------------------
+
+    def _meta_get(self, key: str, default: str | None = None) -> str | None:
+        cursor = self.db.execute_sql("SELECT value FROM watcher_meta WHERE key = ?", (key,))
+        row = cursor.fetchone()
+        return row[0] if row else default
+
+    def _meta_set(self, key: str, value: str) -> None:
+        self.db.execute_sql("INSERT OR REPLACE INTO watcher_meta (key, value) VALUES (?, ?)", (key, value))
+
+    def derive_timecode_dirs(self, chunk: int = 10000) -> int:
+        """Create timecode rows for files added since the last call, whoever added them.
+
+        Walks only rows newer than a remembered id. A new file in a directory
+        that was already finalized reopens it, so a newer finalization file
+        (counting the late file) is written. Returns rows walked.
+        """
+        walked = 0
+        while True:
+            with self.db.atomic("IMMEDIATE"):
+                last = int(self._meta_get("tcdir_scanned_id", "0"))
+                rows = list(self.File.select(self.File.id, self.File.archive_name, self.File.remote_path)
+                            .where(self.File.id > last).order_by(self.File.id).limit(chunk).tuples())
+                if not rows:
+                    return walked
+                for _id, archive, remote in rows:
+                    if timecode_of(remote) is not None:
+                        self._ensure_tcdir(archive, timecode_of(remote), reopen=not is_finalization_file(remote))
+                self._meta_set("tcdir_scanned_id", str(rows[-1][0]))
+                walked += len(rows)
+
+    def _ensure_tcdir(self, archive: str, timecode: int, reopen: bool) -> None:
+        row = self.TimecodeDir.get_or_none(archive_name=archive, timecode=timecode)
+        if row is None:
+            self.TimecodeDir.create(archive_name=archive, timecode=timecode,
+                               completed=False, synced=False, finalized=False)
+        elif reopen and row.finalized:
+            log.warning(
+                "late file in finalized timecode directory %s of %s: it will be finalized again",
+                timecode, archive)
+            self.TimecodeDir.update(synced=False, finalized=False).where(self.TimecodeDir.id == row.id).execute()
+
+    def reopen_timecode_dir(self, archive: str, remote_path: str) -> None:
+        tc = timecode_of(remote_path)
+        if tc is not None and not is_finalization_file(remote_path):
+            self._ensure_tcdir(archive, tc, reopen=True)
+
+    def newest_timecode(self, archive: str) -> int | None:
+        row = (self.TimecodeDir.select(fn.MAX(self.TimecodeDir.timecode).alias("tc"))
+               .where(self.TimecodeDir.archive_name == archive).dicts().get())
+        return row["tc"]
+
+    def open_timecode_dirs(self, archive: str) -> list[TimecodeDir]:
+        return list(self.TimecodeDir.select()
+                    .where(self.TimecodeDir.archive_name == archive,
+                           fn.coalesce(self.TimecodeDir.finalized, 0) == 0)
+                    .order_by(self.TimecodeDir.timecode))
+
+    def set_tcdir_flags(self, tcdir_id: int, **flags) -> None:
+        self.TimecodeDir.update(**flags).where(self.TimecodeDir.id == tcdir_id).execute()
+
+    def _in_tcdir(self, archive: str, timecode: int):
+        lo, hi = f"{timecode}/", f"{timecode}0"  # '0' sorts right after '/'
+        return (self.File.archive_name == archive) & (self.File.remote_path >= lo) & (self.File.remote_path < hi)
+
+    def timecode_dir_has_unverified(self, archive: str, timecode: int) -> bool:
+        """Whether a not-ignored file of the directory still waits for its copy."""
+        return (self.File.select(self.File.id)
+                .where(self._in_tcdir(archive, timecode), _raw(UNVERIFIED),
+                       fn.coalesce(self.File.ignore, 0) == 0)
+                .exists())
+
+    def timecode_dir_remote_paths(self, archive: str, timecode: int) -> list[str]:
+        """The verified files of a directory, once each (for its finalization file)."""
+        query = (self.File.select(self.File.remote_path).distinct()
+                 .where(self._in_tcdir(archive, timecode),
+                        self.File.remote_md5sum == self.File.local_md5sum,
+                        fn.coalesce(self.File.ignore, 0) == 0))
+        return [r.remote_path for r in query if not is_finalization_file(r.remote_path)]
+
+    def finalize_timecode_dir(self, tcdir_id: int, local_path: Path, remote_path: str, now: float) -> bool:
+        """Register the finalization file and mark the directory, in one transaction."""
+        with self.db.atomic("IMMEDIATE"):
+            row = self.TimecodeDir.get_by_id(tcdir_id)
+            if row.finalized:
+                return False
+            st = os.stat(local_path)
+            file = self.File.create(
+                local_path=str(local_path), remote_path=remote_path,
+                archive_name=row.archive_name, local_md5sum=md5_of(local_path),
+                timestamp=now, failed_copy_attempts=0, deletable=True, ignore=False,
+                size=st.st_size, mtime_ns=st.st_mtime_ns,
+            )
+            (self.TimecodeDir.update(completed=True, synced=True, finalized=True, finalize_file_id=file.id)
+             .where(self.TimecodeDir.id == tcdir_id).execute())
+            return True
+
+
+def _raw(sql: str):
+    return SQL(f"({sql})")
+
+
+def _case(cond, then):
+    return Case(None, [(cond, then)], 0)
+
+
+def add_file(local_path, remote_path, archive_name, local_md5sum=None, timestamp=None,
+             deletable=True, db_path=None) -> File:
+    """Register one file in the catalog at ``db_path`` (or $SUPRSYNC_DB)."""
+    db_path = db_path or os.environ.get("SUPRSYNC_DB")
+    if not db_path:
+        raise ValueError("add_file needs db_path= or the SUPRSYNC_DB environment variable")
+    catalog = Catalog(db_path)
+    try:
+        return catalog.add_file(local_path, remote_path, archive_name, local_md5sum,
+                                timestamp, deletable)
+    finally:
+        catalog.close()
+
+
+# socs' API, importable from here as socs code imports it from socs.db.suprsync.
+from watcher.compat import SupRsyncFile, SupRsyncFilesManager, create_file  # noqa: E402,F401

@@ -1,0 +1,234 @@
+"""Watchdog event handlers, deciding when a file is complete, and rescans.
+
+A file is complete when it was closed after writing, moved into the tree,
+or has been quiet (same size and modification time) for its rule's
+``settle`` seconds. Close events alone are not enough: a directory created
+and filled at once is watched late, and its files arrive as bare creations;
+lost events (queue overflow, the agent down) are found by scans.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import threading
+import time
+from typing import Callable, Iterable, Iterator
+
+from watchdog.events import (
+    DirCreatedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent,
+    FileDeletedEvent, FileModifiedEvent, FileMovedEvent, FileSystemEvent,
+    FileSystemEventHandler,
+)
+
+from watcher.config import Rule
+from watcher.rules import UnsafeRemotePath, match_rule
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[str], None]
+
+
+class SettleTracker:
+    """Waits for files without a close event to go quiet, without polling.
+
+    ``track(path, settle)`` (re)arms a deadline; a thread sleeps until the
+    earliest one, then compares size and modification time with what it saw
+    last. A quiet file goes to ``complete``; a changing one is re-armed.
+    """
+
+    def __init__(self, complete: Sink, clock: Callable[[], float] = time.monotonic):
+        self._complete = complete
+        self._clock = clock
+        self._heap: list[tuple[float, str]] = []
+        self._state: dict[str, tuple[float, float, tuple | None]] = {}  # path -> (deadline, settle, stat)
+        self._cond = threading.Condition()
+        self._stopped = False
+
+    def track(self, path: str, settle: float) -> None:
+        with self._cond:
+            deadline = self._clock() + settle
+            self._state[path] = (deadline, settle, _stat_key(path))
+            heapq.heappush(self._heap, (deadline, path))
+            self._cond.notify()
+
+    def forget(self, path: str) -> None:
+        with self._cond:
+            self._state.pop(path, None)
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    def run(self) -> None:
+        while True:
+            due = []
+            with self._cond:
+                while not self._stopped:
+                    now = self._clock()
+                    while self._heap and self._heap[0][0] <= now:
+                        deadline, path = heapq.heappop(self._heap)
+                        entry = self._state.get(path)
+                        if entry and entry[0] == deadline:
+                            due.append((path, entry))
+                    if due:
+                        break
+                    self._cond.wait(self._heap[0][0] - now if self._heap else None)
+                if self._stopped:
+                    return
+            for path, (deadline, settle, seen) in due:
+                self._check(path, settle, seen)
+
+    def _check(self, path: str, settle: float, seen: tuple | None) -> None:
+        now_key = _stat_key(path)
+        if now_key is None:
+            self.forget(path)
+            return
+        if now_key == seen:
+            with self._cond:
+                entry = self._state.get(path)
+                if entry is None or entry[2] != seen:
+                    return  # re-armed meanwhile
+                del self._state[path]
+            self._complete(path)
+        else:
+            with self._cond:
+                deadline = self._clock() + settle
+                self._state[path] = (deadline, settle, now_key)
+                heapq.heappush(self._heap, (deadline, path))
+
+
+def _stat_key(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns)
+
+
+class WatchHandler(FileSystemEventHandler):
+    """Turns one watched tree's events into complete files and files to settle."""
+
+    def __init__(self, rules: list[Rule], complete: Sink, settle: SettleTracker,
+                 scan_dir: Sink):
+        self.rules = rules
+        self.complete = complete
+        self.settle = settle
+        self.scan_dir = scan_dir
+
+    def _rule(self, path: str) -> Rule | None:
+        try:
+            found = match_rule(path, self.rules, mtime=0.0)
+        except UnsafeRemotePath:
+            return self.rules[0]  # let the registrar report it once
+        return found.rule if found else None
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        try:
+            super().dispatch(event)
+        except Exception:  # one odd event must never stop the observer
+            log.exception("could not handle %s", event)
+
+    def on_closed(self, event: FileClosedEvent) -> None:
+        path = os.fsdecode(event.src_path)
+        if self._rule(path):
+            self.settle.forget(path)
+            self.complete(path)
+
+    def on_moved(self, event: FileSystemEvent) -> None:
+        dest = os.fsdecode(event.dest_path)
+        self.settle.forget(os.fsdecode(event.src_path))
+        if isinstance(event, DirMovedEvent):
+            self.scan_dir(dest)
+        elif self._rule(dest):
+            self.complete(dest)
+
+    def on_created(self, event: FileSystemEvent) -> None:
+        path = os.fsdecode(event.src_path)
+        if isinstance(event, DirCreatedEvent):
+            self.scan_dir(path)  # files made before its watch arrived
+            return
+        rule = self._rule(path)
+        if rule:
+            self.settle.track(path, rule.settle)
+
+    def on_modified(self, event: FileSystemEvent) -> None:
+        if isinstance(event, FileModifiedEvent):
+            path = os.fsdecode(event.src_path)
+            rule = self._rule(path)
+            if rule:
+                self.settle.track(path, rule.settle)
+
+    def on_deleted(self, event: FileSystemEvent) -> None:
+        if isinstance(event, FileDeletedEvent):
+            self.settle.forget(os.fsdecode(event.src_path))
+
+
+def walk_files(root: str) -> Iterator[os.DirEntry]:
+    """Every regular file below ``root`` (no symlinks followed), depth first."""
+    stack = [root]
+    while stack:
+        top = stack.pop()
+        try:
+            with os.scandir(top) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                        elif entry.is_file(follow_symlinks=False):
+                            yield entry
+                    except OSError:
+                        continue
+        except OSError as exc:
+            log.debug("cannot scan %s: %s", top, exc)
+
+
+def scan(roots: Iterable[str], rules: list[Rule], known: Callable[[list[str]], dict[str, tuple]],
+         complete: Sink, settle: SettleTracker, batch: int = 500) -> int:
+    """Find files the events missed; quiet ones are complete, others settle.
+
+    ``known(paths)`` returns ``{path: (size, mtime_ns)}`` for registered
+    paths, so unchanged registered files cost one stat and no hashing.
+    Returns how many files were handed on.
+    """
+    handed = 0
+    wall = time.time()
+    pending: list[tuple[str, tuple, Rule]] = []
+
+    def flush():
+        nonlocal handed
+        registered = known([p for p, _, _ in pending])
+        for path, key, rule in pending:
+            have = registered.get(path)
+            if have is not None and have == key:
+                continue
+            handed += 1
+            if wall - key[1] / 1e9 >= rule.settle:
+                complete(path)
+            else:
+                settle.track(path, rule.settle)
+        pending.clear()
+
+    for root in roots:
+        for entry in walk_files(root):
+            try:
+                found = match_rule(entry.path, rules, mtime=0.0)
+            except UnsafeRemotePath:
+                found = None
+            if found is None:
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            pending.append((entry.path, (st.st_size, st.st_mtime_ns), found.rule))
+            if len(pending) >= batch:
+                flush()
+    if pending:
+        flush()
+    return handed

@@ -1,0 +1,108 @@
+"""What the running agent says about itself, for `watcher status`.
+
+A small JSON file beside the catalog (not in it: a locked catalog is one of
+the things it must be able to report). Written atomically, only on change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from peewee import OperationalError
+from tenacity import Retrying, retry_if_exception_type, wait_exponential
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def health_path(database: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(database)}-watcher.json")
+
+
+class Health:
+    def __init__(self, database: str | os.PathLike):
+        self.path = health_path(database)
+        self._lock = threading.Lock()
+        self._state: dict = {"pid": os.getpid(), "started": time.time(),
+                             "archives": {}, "database": {"locked": False}}
+        self._write()
+
+    def _write(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(self._state, indent=1))
+            os.replace(tmp, self.path)
+        except OSError as exc:  # a full disk must not stop the agent
+            log.debug("cannot write %s: %s", self.path, exc)
+
+    def _set(self, section: dict, key: str, value: dict) -> None:
+        with self._lock:
+            if section.get(key, {}) | {"since": None} == value | {"since": None}:
+                return
+            section[key] = value
+            self._write()
+
+    def degraded(self, archive: str, error: str) -> None:
+        with self._lock:
+            old = self._state["archives"].get(archive, {})
+        since = old.get("since") if old.get("degraded") else time.time()
+        self._set(self._state["archives"], archive, {"degraded": True, "last_error": error, "since": since})
+
+    def recovered(self, archive: str) -> None:
+        self._set(self._state["archives"], archive, {"degraded": False, "last_error": None, "since": None})
+
+    def database(self, locked: bool, error: str | None = None) -> None:
+        with self._lock:
+            old = self._state["database"]
+        since = (old.get("since") or time.time()) if locked else None
+        with self._lock:
+            if old.get("locked") == locked and old.get("last_error") == error:
+                return
+            self._state["database"] = {"locked": locked, "last_error": error, "since": since}
+            self._write()
+
+    def close(self) -> None:
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+
+
+def read_health(database: str | os.PathLike) -> dict | None:
+    """The running agent's health, or None when no agent is running."""
+    try:
+        state = json.loads(health_path(database).read_text())
+        os.kill(int(state["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return state
+
+
+def with_database_retry(work: Callable[[], T], health: Health | None, stop: threading.Event,
+                        sleep: Callable[[float], object] | None = None) -> T:
+    """Run catalog work, waiting out a lock held longer than the busy timeout."""
+
+    def before_sleep(state) -> None:
+        error = str(state.outcome.exception())
+        log.warning("catalog busy (%s); retrying in %.0f s", error, state.upcoming_sleep)
+        if health:
+            health.database(True, error)
+
+    retrying = Retrying(
+        retry=retry_if_exception_type(OperationalError),
+        wait=wait_exponential(multiplier=0.5, min=0.5, max=15),
+        stop=lambda state: stop.is_set(),
+        sleep=sleep or stop.wait,
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    result = retrying(work)
+    if health:
+        health.database(False)
+    return result

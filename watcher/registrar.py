@@ -1,0 +1,170 @@
+"""Register complete files: hash them and record them in the catalog, in batches.
+
+Handlers and scans hand over paths; this thread matches each to its rule,
+hashes it (checking it did not change while being read), and commits a
+whole batch in one transaction, then wakes the archives' transfer workers.
+A file already registered with the same size and modification time costs
+one stat; one whose content changed is hashed again and ships again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from watcher.config import Config
+from watcher.db import Catalog, NewFile, md5_of
+from watcher.faults import checkpoint
+from watcher.handlers import SettleTracker
+from watcher.health import Health, with_database_retry
+from watcher.rules import Match, UnsafeRemotePath, match_rule
+
+log = logging.getLogger(__name__)
+
+BATCH = 500
+
+
+class Registrar:
+    def __init__(self, catalog: Catalog, config: Config, settle: SettleTracker,
+                 wake: Callable[[set[str]], None], stop: threading.Event,
+                 health: Health | None = None, hash_threads: int = 2):
+        self.catalog = catalog
+        self.config = config
+        self.settle = settle
+        self.wake = wake
+        self.stop = stop
+        self.health = health
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._queued: set[str] = set()
+        self._lock = threading.Lock()
+        self._hashers = ThreadPoolExecutor(hash_threads, thread_name_prefix="watcher-hash")
+        self._reported: set[str] = set()
+
+    def submit(self, path: str) -> None:
+        """Hand over a complete file (thread-safe; a path already waiting is not queued twice)."""
+        with self._lock:
+            if path in self._queued:
+                return
+            self._queued.add(path)
+        self._queue.put(path)
+
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._queued
+
+    def known(self, paths: list[str]) -> dict[str, tuple]:
+        """(size, mtime_ns) of registered paths, for scans."""
+        rows = with_database_retry(lambda: self.catalog.active_rows(paths), self.health, self.stop)
+        return {path: (row.size, row.mtime_ns) for (path, _archive), row in rows.items()}
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                batch = self._take()
+                if batch:
+                    self.register(batch)
+        finally:
+            self._hashers.shutdown(wait=False, cancel_futures=True)
+
+    def _take(self) -> list[str]:
+        try:
+            first = self._queue.get(timeout=0.5)
+        except queue.Empty:
+            return []
+        batch = [first]
+        while len(batch) < BATCH:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        with self._lock:
+            self._queued.difference_update(batch)
+        return batch
+
+    def register(self, paths: list[str]) -> int:
+        """Register or refresh these paths; return how many rows were written."""
+        matches: list[tuple[Match, os.stat_result]] = []
+        for path in paths:
+            found = self._match(path)
+            if found:
+                matches.append(found)
+        if not matches:
+            return 0
+        existing = with_database_retry(
+            lambda: self.catalog.active_rows([m.local_path for m, _ in matches]), self.health, self.stop)
+        todo = []
+        for m, st in matches:
+            row = existing.get((m.local_path, m.rule.archive))
+            if row is not None and (row.size, row.mtime_ns) == (st.st_size, st.st_mtime_ns):
+                continue  # already registered as it is
+            todo.append((m, st, row))
+        hashed = list(self._hashers.map(self._hash, todo))
+        new, changed = [], []
+        now = time.time()
+        for (m, st, row), md5 in zip(todo, hashed):
+            if md5 is None:
+                continue
+            if row is not None:
+                changed.append((row, md5, st))
+            else:
+                new.append(self._new_file(m, st, md5, now))
+
+        def write():
+            for row, md5, st in changed:
+                if md5 != row.local_md5sum:
+                    log.info("%s changed after it was registered; it will be shipped again", row.local_path)
+                self.catalog.update_content(row.id, md5, st.st_size, st.st_mtime_ns)
+            if new:
+                self.catalog.add_files(new)
+
+        checkpoint("hashed")
+        with_database_retry(write, self.health, self.stop)
+        for f in new:
+            log.info("registered %s -> %s:%s", f.local_path, f.archive_name, f.remote_path)
+        archives = {f.archive_name for f in new} | {row.archive_name for row, _, _ in changed}
+        if archives:
+            self.wake(archives)
+        return len(new) + len(changed)
+
+    def _match(self, path: str) -> tuple[Match, os.stat_result] | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None  # gone before it could be registered
+        try:
+            found = match_rule(path, self.config.rules, mtime=st.st_mtime)
+        except UnsafeRemotePath as exc:
+            if path not in self._reported:
+                self._reported.add(path)
+                log.error("not registering %s: %s", path, exc)
+            return None
+        return (found, st) if found else None
+
+    def _hash(self, job) -> str | None:
+        """md5 of a file that stays unchanged while it is read; else None (and it settles again)."""
+        m, st, _row = job
+        try:
+            md5 = md5_of(m.local_path)
+            after = os.stat(m.local_path)
+        except OSError as exc:
+            log.warning("cannot read %s: %s", m.local_path, exc.strerror or exc)
+            return None
+        if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+            self.settle.track(m.local_path, m.rule.settle)
+            return None
+        return md5
+
+    def _new_file(self, m: Match, st: os.stat_result, md5: str, now: float) -> NewFile:
+        rule = m.rule
+        keep_forever = rule.overrides_retention and rule.delete_local_after is None
+        return NewFile(
+            local_path=m.local_path, remote_path=m.remote_path, archive_name=rule.archive,
+            local_md5sum=md5, timestamp=now, deletable=rule.deletable and not keep_forever,
+            size=st.st_size, mtime_ns=st.st_mtime_ns,
+            retain=rule.delete_local_after if rule.overrides_retention else None,
+        )

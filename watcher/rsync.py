@@ -1,0 +1,292 @@
+"""Move a batch to its destination and read back the far side's md5 sums.
+
+One rsync call carries a whole batch: a temporary tree of symlinks laid out
+as the remote paths is copied with ``rsync -L``, so any local name can go to
+any remote name. Then one command reads the md5 of every file of the batch,
+the paths going NUL-separated on standard input (never through a shell or
+an option parser). A local destination is hashed in-process.
+
+Commands are built as argument lists by pure functions and run in one
+place, which turns an exit status into a typed ``TransferError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import sh
+
+from watcher.config import Archive
+from watcher.db import md5_of
+from watcher.faults import checkpoint
+
+log = logging.getLogger(__name__)
+
+# rsync and ssh exit codes that say the connection failed, not the files.
+CONNECTION_EXIT_CODES = {255, 5, 10, 12, 30, 35}
+# Far-side hashing speed assumed when giving a remote md5 command its time.
+MIN_HASH_RATE = 20e6
+
+
+class TransferError(Exception):
+    """A batch could not be moved or checked.
+
+    ``kind`` is "connection" (the network or the far host: back off and
+    retry, the files are not to blame) or "timeout" (a transfer or command
+    stalled: killed, retried the same way).
+    """
+
+    def __init__(self, kind: str, message: str, command: list[str] | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.command = command
+
+
+class Stopped(Exception):
+    """The agent is stopping; the command was abandoned."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One file of a batch."""
+
+    id: int
+    local_path: str
+    remote_path: str
+    local_md5sum: str
+    size: int | None = None
+
+
+@dataclass
+class Completed:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+
+
+def run(argv: list[str], *, stdin: bytes | None = None, timeout: float | None = None,
+        stop: threading.Event | None = None) -> Completed:
+    """Run a command once (through sh, plain pipes), abandoning it when ``stop`` is set.
+
+    Raises TransferError("timeout") when it runs longer than ``timeout`` (the
+    whole process group is killed) and Stopped when the agent stops first.
+    """
+    log.debug("running %r", argv)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    proc = sh.Command(argv[0])(
+        *argv[1:], _in=stdin, _bg=True, _bg_exc=False, _tty_out=False,
+        _ok_code=list(range(256)), _return_cmd=True, _new_session=True)
+    while proc.process.is_alive()[0]:
+        try:
+            proc.wait(timeout=0.2)
+        except sh.TimeoutException:
+            pass
+        else:
+            break
+        if stop is not None and stop.is_set():
+            _kill(proc)
+            raise Stopped(argv[0])
+        if deadline is not None and time.monotonic() > deadline:
+            _kill(proc)
+            raise TransferError("timeout", f"{argv[0]} ran longer than {timeout:g}s and was killed", argv)
+    try:
+        proc.wait()
+    except sh.SignalException as exc:
+        raise TransferError("timeout", f"{argv[0]} was killed: {exc}", argv) from None
+    return Completed(proc.exit_code, proc.stdout or b"", proc.stderr or b"")
+
+
+def _kill(proc) -> None:
+    try:
+        proc.process.kill_group()
+    except OSError:
+        pass
+    try:
+        proc.wait()
+    except Exception:  # the signal's exception: expected, we sent it
+        pass
+
+
+def _tail(data: bytes, limit: int = 400) -> str:
+    text = data.decode("utf-8", "replace").strip()
+    return text[-limit:].replace("\n", " | ")
+
+
+class Destination:
+    """Where an archive's files go: a local directory, or a directory over ssh."""
+
+    def __init__(self, archive: Archive, control_dir: str | None = None):
+        self.archive = archive
+        self._control_dir = control_dir
+
+    # -- building commands (pure) --------------------------------------------
+
+    def ssh_args(self) -> list[str]:
+        """ssh with its options, connection sharing included."""
+        a = self.archive
+        args = ["ssh", "-o", "BatchMode=yes",
+                "-o", f"ConnectTimeout={max(1, int(a.cmd_timeout))}",
+                "-o", f"ServerAliveInterval={max(1, int(a.copy_timeout // 3))}",
+                "-o", "ServerAliveCountMax=3",
+                "-o", "StrictHostKeyChecking=" + ("accept-new" if a.accept_new_host_keys else "yes")]
+        if a.ssh_port:
+            args += ["-p", str(a.ssh_port)]
+        if a.ssh_key:
+            args += ["-i", a.ssh_key, "-o", "IdentitiesOnly=yes"]
+        if a.known_hosts:
+            args += ["-o", f"UserKnownHostsFile={a.known_hosts}"]
+        if self._control_dir:
+            args += ["-o", "ControlMaster=auto", "-o", f"ControlPath={self._control_dir}/%C",
+                     "-o", "ControlPersist=60"]
+        return args
+
+    def rsync_args(self, tree: str) -> list[str]:
+        """One rsync call that copies a symlink tree into the base directory."""
+        a = self.archive
+        args = ["rsync", "--recursive", "--copy-links", "--times", "--omit-dir-times",
+                "--ignore-times", "--mkpath", "--secluded-args",
+                f"--timeout={max(1, int(a.copy_timeout))}"]
+        if a.chmod:
+            args += ["--perms", f"--chmod={a.chmod}"]
+        if a.compression:
+            args.append("--compress")
+        if a.bwlimit:
+            args.append(f"--bwlimit={a.bwlimit}")
+        if a.is_remote:
+            args += ["--rsh", " ".join(shlex.quote(x) for x in self.ssh_args())]
+            dest = f"{a.ssh_host}:{_dir_arg(a.remote_basedir)}"
+        else:
+            dest = _dir_arg(a.remote_basedir)
+        return args + ["--", tree.rstrip("/") + "/", dest]
+
+    def remote_md5_args(self) -> list[str]:
+        """A far command that hashes the NUL-separated paths on its standard input."""
+        script = (f"cd -- {shlex.quote(self.archive.remote_basedir)} && "
+                  "exec xargs -0 -r md5sum -z --")
+        return self.ssh_args() + ["--", self.archive.ssh_host, script]
+
+    # -- running them ------------------------------------------------------------
+
+    def send(self, items: list[Item], stop: threading.Event | None = None) -> list[Item]:
+        """Copy a batch with one rsync call; return the items handed to rsync.
+
+        Items whose local file is gone are left out (the caller marks them).
+        Raises TransferError for a connection failure or a stall.
+        """
+        tree = tempfile.mkdtemp(prefix="watcher-batch-")
+        try:
+            sent = _lay_out(tree, items)
+            if not sent:
+                return sent
+            argv = self.rsync_args(tree)
+            result = run(argv, stop=stop)
+            if result.exit_code in CONNECTION_EXIT_CODES:
+                raise TransferError("connection", f"rsync exited {result.exit_code}: {_tail(result.stderr)}", argv)
+            if result.exit_code != 0:
+                # Some files failed (permissions, disk full, vanished): the md5
+                # check that follows charges exactly those files.
+                log.warning("rsync exited %d for %d files: %s", result.exit_code,
+                            len(sent), _tail(result.stderr))
+            return sent
+        finally:
+            shutil.rmtree(tree, ignore_errors=True)
+
+    def far_md5(self, remote_paths: list[str], stop: threading.Event | None = None,
+                total_bytes: int = 0) -> dict[str, str]:
+        """md5 of each far file that exists, keyed by its remote path."""
+        if not remote_paths:
+            return {}
+        if not self.archive.is_remote:
+            return _local_md5(self.archive.remote_basedir, remote_paths)
+        argv = self.remote_md5_args()
+        stdin = b"".join(os.fsencode(p) + b"\0" for p in remote_paths)
+        timeout = self.archive.cmd_timeout + total_bytes / MIN_HASH_RATE
+        result = run(argv, stdin=stdin, timeout=timeout, stop=stop)
+        if result.exit_code == 255:
+            raise TransferError("connection", f"ssh exited 255: {_tail(result.stderr)}", argv)
+        if result.exit_code not in (0, 123):  # 123: some files were missing
+            raise TransferError("connection", f"remote md5 exited {result.exit_code}: {_tail(result.stderr)}", argv)
+        return parse_md5sum_z(result.stdout)
+
+    def close(self) -> None:
+        """Stop the shared ssh connection, if one was started."""
+        if self.archive.is_remote and self._control_dir:
+            try:
+                run(self.ssh_args() + ["-O", "exit", "--", self.archive.ssh_host], timeout=5)
+            except (TransferError, Stopped, OSError):
+                pass
+
+
+def _dir_arg(path: str) -> str:
+    """A directory operand that cannot be read as an option."""
+    path = path.rstrip("/") or "/"
+    if path.startswith("-"):
+        path = "./" + path
+    return path + "/"
+
+
+def _lay_out(tree: str, items: list[Item]) -> list[Item]:
+    """Symlinks named as the remote paths, pointing at the local files."""
+    sent, taken = [], set()
+    for item in items:
+        if item.remote_path in taken:
+            continue  # two rows for one remote name: the second waits a batch
+        if not os.path.lexists(item.local_path):
+            continue
+        link = os.path.join(tree, item.remote_path)
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        os.symlink(os.path.abspath(item.local_path), link)
+        taken.add(item.remote_path)
+        sent.append(item)
+    return sent
+
+
+def parse_md5sum_z(output: bytes) -> dict[str, str]:
+    """Parse ``md5sum -z`` records (``<32 hex>  <name>\\0``): names are not escaped."""
+    found = {}
+    for record in output.split(b"\0"):
+        if len(record) < 35 or record[32:34] not in (b"  ", b" *"):
+            continue
+        found[os.fsdecode(record[34:])] = record[:32].decode("ascii")
+    return found
+
+
+def _local_md5(basedir: str, remote_paths: list[str]) -> dict[str, str]:
+    found = {}
+    for path in remote_paths:
+        try:
+            found[path] = md5_of(os.path.join(basedir, path))
+        except OSError:
+            pass
+    return found
+
+
+def make_control_dir() -> str:
+    """A private directory for ssh control sockets (short, to fit a socket path)."""
+    return tempfile.mkdtemp(prefix="watcher-ssh-", dir="/tmp")
+
+
+def remove_control_dir(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def ship_batch(dest: Destination, items: list[Item], stop: threading.Event | None = None) -> tuple[dict[int, tuple[str, str | None]], list[Item]]:
+    """Copy and verify a batch.
+
+    Returns ``({id: (md5 sent, far md5 or None)}, items whose local file was gone)``.
+    Raises TransferError when the connection fails; nothing is then charged.
+    """
+    sent = dest.send(items, stop)
+    checkpoint("copied")
+    sent_ids = {i.id for i in sent}
+    missing = [i for i in items if i.id not in sent_ids and not os.path.lexists(i.local_path)]
+    far = dest.far_md5([i.remote_path for i in sent], stop, sum(i.size or 0 for i in sent))
+    return {i.id: (i.local_md5sum, far.get(i.remote_path)) for i in sent}, missing

@@ -1,0 +1,107 @@
+"""Which rule a path matches and the remote path it gets.
+
+Pure functions over a path and the rules; no I/O except the modification time
+that a template may ask for (``{timecode}`` of a path with no ctime in it).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Iterable
+
+from watcher.config import Rule
+from watcher.timecode import find_ctime
+
+
+class UnsafeRemotePath(ValueError):
+    """A rendered remote path that is absolute or climbs out of its archive."""
+
+
+@dataclass(frozen=True)
+class Match:
+    rule: Rule
+    local_path: str
+    relpath: str
+    remote_path: str
+
+
+def relative_to(path: str, root: str) -> str | None:
+    """``path`` relative to ``root``, or None when it is not inside it."""
+    root = root.rstrip("/") + "/"
+    if not path.startswith(root):
+        return None
+    return path[len(root):]
+
+
+def _glob_hits(relpath: str, patterns: Iterable[str]) -> bool:
+    # A pattern matches the whole relative path or any single component, so
+    # that '.*' excludes hidden files in subdirectories too.
+    parts = relpath.split("/")
+    return any(fnmatchcase(relpath, p) or any(fnmatchcase(c, p) for c in parts) for p in patterns)
+
+
+def is_selected(relpath: str, rule: Rule) -> bool:
+    """Whether the rule's include and exclude globs keep this path."""
+    name = relpath.rsplit("/", 1)[-1]
+    included = any(fnmatchcase(relpath, p) or fnmatchcase(name, p) for p in rule.include)
+    return included and not _glob_hits(relpath, rule.exclude)
+
+
+def template_fields(relpath: str, groups: dict[str, str], mtime: float | None) -> dict[str, str]:
+    """The values a remote_path template may use for this file."""
+    parent, _, name = relpath.rpartition("/")
+    stem, dot, suffix = name.rpartition(".")
+    if not stem:  # no dot, or a dot-file such as '.bashrc'
+        stem, suffix = name, ""
+    else:
+        suffix = dot + suffix
+    ctime = groups.get("ctime") or find_ctime(relpath)
+    if ctime is None:
+        ctime = str(int(mtime if mtime is not None else 0))
+    fields = {
+        "relpath": relpath, "name": name, "stem": stem, "suffix": suffix,
+        "parent": parent, "ctime": ctime, "timecode": ctime[:5],
+    }
+    fields.update({k: (v or "") for k, v in groups.items()})
+    return fields
+
+
+def render_remote_path(rule: Rule, relpath: str, groups: dict[str, str], mtime: float | None) -> str:
+    """Fill the rule's template; refuse a result that escapes the archive."""
+    rendered = rule.remote_path.format(**template_fields(relpath, groups, mtime))
+    normal = posixpath.normpath(rendered)
+    if rendered.startswith("/") or normal == "." or normal.split("/")[0] == "..":
+        raise UnsafeRemotePath(f"remote path {rendered!r} escapes the archive")
+    if ".." in rendered.split("/"):
+        raise UnsafeRemotePath(f"remote path {rendered!r} contains '..'")
+    return normal
+
+
+def match_rule(path: str, rules: Iterable[Rule], mtime: float | None = None) -> Match | None:
+    """The first rule that takes this absolute path, with its remote path.
+
+    ``mtime`` is only read when a template needs it and is not given.
+    Raises UnsafeRemotePath when the matching rule would place it outside
+    its archive.
+    """
+    for rule in rules:
+        relpath = relative_to(path, str(rule.watch))
+        if not relpath or not is_selected(relpath, rule):
+            continue
+        groups: dict[str, str] = {}
+        if rule.match is not None:
+            found = rule.match.search(relpath)
+            if not found:
+                continue
+            groups = found.groupdict()
+        if mtime is None and "ctime" not in groups and find_ctime(relpath) is None:
+            try:
+                mtime = os.stat(path).st_mtime
+            except OSError:
+                mtime = None
+        remote = render_remote_path(rule, relpath, groups, mtime)
+        return Match(rule=rule, local_path=path, relpath=relpath, remote_path=remote)
+    return None

@@ -1,0 +1,140 @@
+"""Timecode directories: extraction, completion rules, finalization files.
+
+A timecode is the first five digits of a ten-digit unix time, about one a
+day. A directory is *complete* when its archive has a file in a newer one,
+or when more than a whole timecode has passed since it; *synced* when every
+file of it in that archive is verified; then a small YAML file says so and is
+shipped like any other file (socs-compatible names and keys).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+from watcher.faults import checkpoint
+
+if TYPE_CHECKING:
+    from watcher.db import Catalog
+
+log = logging.getLogger(__name__)
+
+TEMPLATE_FIELDS = ("relpath", "name", "stem", "suffix", "parent", "timecode", "ctime")
+_CTIME = re.compile(r"(?<!\d)(\d{10})(?!\d)")
+_TIMECODE_DIR = re.compile(r"^(\d{5})/")
+FINALIZED_SUFFIX = "_finalized.yaml"
+
+
+def find_ctime(relpath: str) -> str | None:
+    """The first ten-digit unix time in a path, as text, or None."""
+    found = _CTIME.search(relpath)
+    return found.group(1) if found else None
+
+
+def timecode_of(remote_path: str) -> int | None:
+    """The timecode directory a remote path lies in, or None."""
+    found = _TIMECODE_DIR.match(remote_path) if isinstance(remote_path, str) else None
+    return int(found.group(1)) if found else None
+
+
+def timecode_now(now: float) -> int:
+    return int(now // 1e5)
+
+
+def is_finalization_file(remote_path: str) -> bool:
+    """Finalization files never reopen the directory they land in."""
+    parts = remote_path.split("/") if isinstance(remote_path, str) else []
+    return len(parts) == 4 and parts[1] == "suprsync" and parts[3].endswith(FINALIZED_SUFFIX)
+
+
+@dataclass(frozen=True)
+class Finalization:
+    local_path: Path
+    remote_path: str
+    summary: dict
+
+
+def write_finalization(
+    file_root: Path, instance_id: str, archive: str, timecode: int,
+    num_files: int, subdirs: list[str], finalized_until: float, now: float,
+) -> Finalization:
+    """Write the YAML that tells downstream a directory is whole.
+
+    Written to a temporary name and renamed, so a crash never leaves a half
+    file; a file whose catalog row was never committed is harmless (nothing
+    ships it) and is replaced by a newer one.
+    """
+    tc_now = timecode_now(now)
+    name = f"{int(now)}_{archive}_{timecode}{FINALIZED_SUFFIX}"
+    local = Path(file_root) / str(tc_now) / instance_id / name
+    summary = {
+        "timecode": timecode,
+        "num_files": num_files,
+        "subdirs": sorted(subdirs),
+        "finalized_at": now,
+        "finalized_until": finalized_until,
+        "archive_name": archive,
+        "instance_id": instance_id,
+    }
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{name}.tmp")
+    with open(tmp, "w") as f:
+        yaml.safe_dump(summary, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, local)
+    return Finalization(local, f"{tc_now}/suprsync/{instance_id}/{name}", summary)
+
+
+def subdirs_of(remote_paths: list[str]) -> list[str]:
+    """The second-level directories of a timecode directory's files (socs' `subdirs`)."""
+    found = set()
+    for path in remote_paths:
+        parts = path.split("/") if isinstance(path, str) else []
+        if len(parts) > 2:
+            found.add(parts[1])
+    return sorted(found)
+
+
+def is_complete(timecode: int, newest_timecode: int, now: float) -> bool:
+    return newest_timecode > timecode or timecode_now(now) - timecode > 1
+
+
+def update_timecode_dirs(
+    catalog: "Catalog", archive: str, file_root: Path, instance_id: str,
+    now: float | None = None,
+) -> int:
+    """Advance every open timecode directory of an archive; return how many were finalized."""
+    now = time.time() if now is None else now
+    newest = catalog.newest_timecode(archive)
+    finalized = 0
+    for tcdir in catalog.open_timecode_dirs(archive):
+        if not tcdir.completed and newest is not None and is_complete(tcdir.timecode, newest, now):
+            catalog.set_tcdir_flags(tcdir.id, completed=True)
+            tcdir.completed = True
+        if not tcdir.completed:
+            continue
+        if catalog.timecode_dir_has_unverified(archive, tcdir.timecode):
+            continue
+        if not tcdir.synced:
+            catalog.set_tcdir_flags(tcdir.id, synced=True)
+        paths = catalog.timecode_dir_remote_paths(archive, tcdir.timecode)
+        fin = write_finalization(
+            file_root, instance_id, archive, tcdir.timecode, len(paths),
+            subdirs_of(paths), catalog.finalized_until(archive, now), now,
+        )
+        checkpoint("finalizing")
+        if catalog.finalize_timecode_dir(tcdir.id, fin.local_path, fin.remote_path, now):
+            finalized += 1
+            log.info("finalized %s timecode %s (%d files): %s", archive, tcdir.timecode,
+                     len(paths), fin.local_path)
+        else:  # someone else finalized it meanwhile; ours is never shipped
+            fin.local_path.unlink(missing_ok=True)
+    return finalized
