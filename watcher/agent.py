@@ -15,13 +15,20 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import signal
 import socket
 import threading
 import time
+import warnings
 
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
+
+try:  # Linux: report a move from outside the tree as a move, not a bare creation
+    from watchdog.observers.inotify import InotifyObserver
+except ImportError:  # pragma: no cover - other platforms
+    InotifyObserver = None
 
 from watcher.config import Config
 from watcher.db import Catalog
@@ -34,6 +41,10 @@ from watcher.timecode import update_timecode_dirs
 from watcher.transfer import TransferWorker
 
 log = logging.getLogger(__name__)
+
+# watchdog warns when a directory's watch is re-added during a recursive
+# rebuild; it is harmless and would only alarm an operator reading the log.
+warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
 
 HOUSEKEEPING_INTERVAL = 5.0
 
@@ -83,6 +94,7 @@ class Agent:
         self.registrar = Registrar(self.catalog, config, self.settle, self._wake,
                                    self.stop_event, self.health)
         self._observers: list = []
+        self._scan_queue: queue.Queue[str] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._overflow = _OverflowWatch(self.rescan_now)
         self.scans_done = 0
@@ -90,6 +102,7 @@ class Agent:
     # -- wiring ---------------------------------------------------------------
 
     def _complete(self, path: str) -> None:
+        self.settle.forget(path)
         self.registrar.submit(path)
 
     def _wake(self, archives: set[str]) -> None:
@@ -98,7 +111,20 @@ class Agent:
                 self.workers[name].wake.set()
 
     def _scan_dir(self, path: str) -> None:
-        scan([path], list(self.config.rules), self.registrar.known, self._complete, self.settle)
+        """Scan a directory that appeared (its early files had no events) off the observer thread."""
+        self._scan_queue.put(path)
+
+    def _scanner(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                path = self._scan_queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                scan([path], list(self.config.rules), self.registrar.known, self._complete, self.settle)
+            except Exception:
+                if not self.stop_event.is_set():
+                    log.exception("scan of %s failed", path)
 
     def _thread(self, target, name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -110,7 +136,9 @@ class Agent:
         for rule in self.config.rules:
             by_dir.setdefault(str(rule.watch), []).append(rule)
         for watch, rules in by_dir.items():
-            observer = PollingObserver() if any(r.poll for r in rules) else Observer()
+            observer = (PollingObserver() if any(r.poll for r in rules)
+                        else InotifyObserver(generate_full_events=True) if InotifyObserver
+                        else Observer())
             handler = WatchHandler(list(self.config.rules), self._complete, self.settle, self._scan_dir)
             try:
                 observer.schedule(handler, watch, recursive=True)
@@ -137,6 +165,7 @@ class Agent:
             log.info("archive %s -> %s", name, where)
         self._thread(self.settle.run, "watcher-settle")
         self._thread(self.registrar.run, "watcher-registrar")
+        self._thread(self._scanner, "watcher-scanner")
         self._start_observers()
         for name, worker in self.workers.items():
             self._thread(worker.run, f"watcher-transfer-{name}")

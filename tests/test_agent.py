@@ -1,0 +1,219 @@
+"""The agent end to end on a local destination: watch, register, copy,
+verify, retain, finalize. Real watchdog observers on temporary directories,
+real rsync, real SQLite; each test waits on a condition with a deadline."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import yaml
+
+from tests.waiting import wait_until
+from watcher.db import Catalog
+
+
+def verified(catalog: Catalog, path) -> bool:
+    rows = catalog.rows_for_path(str(path))
+    return len(rows) == 1 and rows[0].verified
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def test_nested_directories_created_and_filled_at_once_are_shipped(setup, start_agent):
+    far = setup.archive()
+    inbox = setup.rule()
+    start_agent(setup)
+    paths = []
+    for i in range(5):
+        d = inbox / f"run{i}" / "deep" / "er"
+        d.mkdir(parents=True)
+        for j in range(4):
+            p = d / f"f{j}.dat"
+            p.write_bytes(os.urandom(1000 + j))
+            paths.append(p)
+    catalog = setup.catalog()
+    wait_until(lambda: all(verified(catalog, p) for p in paths), timeout=20)
+    for p in paths:
+        assert (far / p.relative_to(inbox)).read_bytes() == p.read_bytes()
+
+
+def test_file_written_slowly_is_shipped_with_its_final_content(setup, start_agent):
+    far = setup.archive()
+    inbox = setup.rule(settle=1)
+    start_agent(setup)
+    target = inbox / "slow.bin"
+    chunks = [os.urandom(4096) for _ in range(6)]
+    with open(target, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+            f.flush()
+            time.sleep(0.4)  # the writer is slow on purpose
+    final = b"".join(chunks)
+    catalog = setup.catalog()
+    wait_until(lambda: verified(catalog, target), timeout=15)
+    assert catalog.rows_for_path(str(target))[0].local_md5sum == md5(final)
+    assert (far / "slow.bin").read_bytes() == final
+
+
+def test_a_file_renamed_into_the_watched_tree_is_shipped(setup, start_agent, tmp_path):
+    far = setup.archive()
+    inbox = setup.rule(settle=30)  # only the move may complete it in time
+    start_agent(setup)
+    outside = tmp_path / "outside.dat"
+    outside.write_bytes(b"moved in")
+    os.rename(outside, inbox / "moved.dat")
+    catalog = setup.catalog()
+    wait_until(lambda: verified(catalog, inbox / "moved.dat"), timeout=10)
+    assert (far / "moved.dat").read_bytes() == b"moved in"
+
+
+def test_excluded_names_are_not_shipped_until_renamed_to_an_included_name(setup, start_agent):
+    far = setup.archive()
+    inbox = setup.rule(settle=30)
+    start_agent(setup)
+    (inbox / ".hidden").write_text("no")
+    (inbox / "sub").mkdir()
+    (inbox / "sub" / ".also-hidden").write_text("no")
+    (inbox / "data.tmp").write_text("partial")
+    os.rename(inbox / "data.tmp", inbox / "data.txt")
+    (inbox / "marker.txt").write_text("done")
+    catalog = setup.catalog()
+    wait_until(lambda: verified(catalog, inbox / "data.txt") and verified(catalog, inbox / "marker.txt"))
+    assert sorted(p.name for p in far.rglob("*") if p.is_file()) == ["data.txt", "marker.txt"]
+    assert catalog.rows_for_path(str(inbox / ".hidden")) == []
+    assert catalog.rows_for_path(str(inbox / "data.tmp")) == []
+
+
+def test_two_rules_ship_to_two_archives(setup, start_agent):
+    far_a = setup.archive("alpha")
+    far_b = setup.archive("beta")
+    inbox_a = setup.rule("in-a", "alpha", remote_path="a/{name}")
+    inbox_b = setup.rule("in-b", "beta", remote_path="b/{parent}/{stem}{suffix}")
+    start_agent(setup)
+    (inbox_a / "one.txt").write_text("1")
+    (inbox_b / "x").mkdir()
+    (inbox_b / "x" / "two.txt").write_text("2")
+    catalog = setup.catalog()
+    wait_until(lambda: verified(catalog, inbox_a / "one.txt") and verified(catalog, inbox_b / "x" / "two.txt"))
+    assert (far_a / "a" / "one.txt").read_text() == "1"
+    assert (far_b / "b" / "x" / "two.txt").read_text() == "2"
+    assert catalog.rows_for_path(str(inbox_a / "one.txt"))[0].archive_name == "alpha"
+    assert catalog.rows_for_path(str(inbox_b / "x" / "two.txt"))[0].archive_name == "beta"
+
+
+def test_files_added_by_another_process_are_shipped_without_a_restart(setup, start_agent, tmp_path):
+    far = setup.archive()
+    setup.rule()
+    start_agent(setup)
+    elsewhere = tmp_path / "produced"
+    elsewhere.mkdir()
+    files = []
+    for i in range(3):
+        p = elsewhere / f"p{i}.g3"
+        p.write_bytes(os.urandom(100))
+        files.append(p)
+    other = Catalog(setup.database)  # as a producer would, through add_file
+    for p in files:
+        other.add_file(str(p), f"produced/{p.name}", "arch")
+    wait_until(lambda: all(verified(other, p) for p in files), timeout=10)
+    assert all((far / "produced" / p.name).read_bytes() == p.read_bytes() for p in files)
+
+
+def test_retention_deletes_only_verified_deletable_files_past_their_time(setup, start_agent, tmp_path):
+    far = setup.archive(delete_local_after=1)
+    inbox = setup.rule("inbox")
+    keep = setup.rule("keep", deletable=False)
+    forever = setup.rule("forever", delete_local_after="never")
+    longer = setup.rule("longer", delete_local_after="1h")
+    agent = start_agent(setup)
+    files = {name: d / f"{name}.dat" for name, d in
+             [("inbox", inbox), ("keep", keep), ("forever", forever), ("longer", longer)]}
+    for p in files.values():
+        p.write_bytes(os.urandom(64))
+    # A file registered by a producer but never copied (its archive row stays pending).
+    unshipped = tmp_path / "unshipped.dat"
+    unshipped.write_bytes(b"x")
+    catalog = setup.catalog()
+    # A wrong md5: its copy never verifies, so it must never be deleted.
+    catalog.add_file(str(unshipped), "unshipped.dat", "arch", local_md5sum="0" * 32)
+    wait_until(lambda: not files["inbox"].exists(), timeout=15, message="expired file not deleted")
+    assert catalog.rows_for_path(str(files["inbox"]))[0].removed > 0
+    assert (far / "inbox.dat").exists()
+    wait_until(lambda: all(verified(catalog, files[n]) for n in ("keep", "forever", "longer")))
+    for _ in range(3):  # a few more housekeeping rounds must not delete them
+        agent.housekeep_once()
+    for name in ("keep", "forever", "longer"):
+        assert files[name].exists(), name
+    assert unshipped.exists()
+    assert catalog.rows_for_path(str(unshipped))[0].removed is None
+
+
+def test_a_timecode_directory_is_finalized_exactly_once_and_again_for_a_late_file(setup, start_agent):
+    far = setup.archive()
+    inbox = setup.rule(remote_path="{timecode}/{relpath}")
+    agent = start_agent(setup)
+    obs = inbox / "obs_1600000000"
+    obs.mkdir()
+    for i in range(3):
+        (obs / f"1600000{i:03d}_data.g3").write_bytes(os.urandom(200))
+    (inbox / "plots").mkdir()
+    (inbox / "plots" / "1600000500_p.png").write_bytes(b"png")
+    catalog = setup.catalog()
+
+    def finalizations():
+        return [r for r in catalog.known_files("arch", 0) if r.remote_path.endswith("_16000_finalized.yaml")]
+
+    wait_until(lambda: len(finalizations()) == 1 and finalizations()[0].verified, timeout=20)
+    for _ in range(3):
+        agent.housekeep_once()
+    assert len(finalizations()) == 1
+    fin = finalizations()[0]
+    summary = yaml.safe_load((far / fin.remote_path).read_text())
+    assert set(summary) == {"timecode", "num_files", "subdirs", "finalized_at", "finalized_until",
+                            "archive_name", "instance_id"}
+    assert summary["timecode"] == 16000
+    assert summary["num_files"] == 4
+    assert summary["subdirs"] == ["obs_1600000000", "plots"]
+    assert summary["archive_name"] == "arch"
+    assert summary["instance_id"] == "test-instance"
+    tc_now = int(time.time() // 1e5)
+    assert fin.remote_path.startswith(f"{tc_now}/suprsync/test-instance/")
+    assert fin.local_path.startswith(str(setup.file_root / str(tc_now) / "test-instance"))
+
+    # A late file reopens the directory: a newer finalization counts it.
+    (obs / "1600000999_late.g3").write_bytes(b"late")
+    wait_until(lambda: len(finalizations()) == 2 and all(r.verified for r in finalizations()), timeout=20)
+    newest = max(finalizations(), key=lambda r: r.id)
+    assert yaml.safe_load((far / newest.remote_path).read_text())["num_files"] == 5
+    tcdir = [t for t in catalog.TimecodeDir.select() if t.timecode == 16000 and t.archive_name == "arch"]
+    assert len(tcdir) == 1 and tcdir[0].finalized and tcdir[0].finalize_file_id == newest.id
+
+
+def test_the_agent_stops_cleanly_on_sigterm_and_exits_zero(setup, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    setup.archive()
+    inbox = setup.rule()
+    config = setup.write()
+    proc = subprocess.Popen([sys.executable, "-m", "watcher.cli", "run", "--config", str(config)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: setup.database.exists(), timeout=10)
+        (inbox / "f.txt").write_text("x")
+        catalog = Catalog(setup.database)
+        wait_until(lambda: verified(catalog, inbox / "f.txt"), timeout=15)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert time.monotonic() - started < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in proc.stderr.read()
