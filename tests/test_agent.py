@@ -152,21 +152,29 @@ def test_retention_deletes_only_verified_deletable_files_past_their_time(setup, 
     assert catalog.rows_for_path(str(unshipped))[0].removed is None
 
 
-def test_a_timecode_directory_is_finalized_exactly_once_and_again_for_a_late_file(setup, start_agent):
+def test_a_timecode_directory_is_finalized_exactly_once_and_again_for_a_late_file(setup, start_agent, tmp_path):
     far = setup.archive()
     inbox = setup.rule(remote_path="{timecode}/{relpath}")
-    agent = start_agent(setup)
-    obs = inbox / "obs_1600000000"
-    obs.mkdir()
+    # Housekeeping runs only when the test says, so that what is finalized is known.
+    agent = start_agent(setup, housekeeping_interval=3600)
+    # A directory of an old timecode (complete at once), moved in whole.
+    staged = tmp_path / "staged"
+    obs = staged / "obs_1600000000"
+    obs.mkdir(parents=True)
     for i in range(3):
         (obs / f"1600000{i:03d}_data.g3").write_bytes(os.urandom(200))
-    (inbox / "plots").mkdir()
-    (inbox / "plots" / "1600000500_p.png").write_bytes(b"png")
+    (staged / "plots").mkdir()
+    (staged / "plots" / "1600000500_p.png").write_bytes(b"png")
+    os.rename(staged, inbox / "batch")
+    obs = inbox / "batch" / "obs_1600000000"
     catalog = setup.catalog()
 
     def finalizations():
         return [r for r in catalog.known_files("arch", 0) if r.remote_path.endswith("_16000_finalized.yaml")]
 
+    wait_until(lambda: len(catalog.known_files("arch", 0)) == 4
+               and all(r.verified for r in catalog.known_files("arch", 0)), timeout=20)
+    agent.housekeep_once()
     wait_until(lambda: len(finalizations()) == 1 and finalizations()[0].verified, timeout=20)
     for _ in range(3):
         agent.housekeep_once()
@@ -177,7 +185,7 @@ def test_a_timecode_directory_is_finalized_exactly_once_and_again_for_a_late_fil
                             "archive_name", "instance_id"}
     assert summary["timecode"] == 16000
     assert summary["num_files"] == 4
-    assert summary["subdirs"] == ["obs_1600000000", "plots"]
+    assert summary["subdirs"] == ["batch"]
     assert summary["archive_name"] == "arch"
     assert summary["instance_id"] == "test-instance"
     tc_now = int(time.time() // 1e5)
@@ -186,6 +194,8 @@ def test_a_timecode_directory_is_finalized_exactly_once_and_again_for_a_late_fil
 
     # A late file reopens the directory: a newer finalization counts it.
     (obs / "1600000999_late.g3").write_bytes(b"late")
+    wait_until(lambda: verified(catalog, obs / "1600000999_late.g3"), timeout=20)
+    agent.housekeep_once()
     wait_until(lambda: len(finalizations()) == 2 and all(r.verified for r in finalizations()), timeout=20)
     newest = max(finalizations(), key=lambda r: r.id)
     assert yaml.safe_load((far / newest.remote_path).read_text())["num_files"] == 5

@@ -94,7 +94,7 @@ class Agent:
         self.registrar = Registrar(self.catalog, config, self.settle, self._wake,
                                    self.stop_event, self.health)
         self._observers: list = []
-        self._scan_queue: queue.Queue[str] = queue.Queue()
+        self._scan_queue: queue.Queue[tuple[str, bool]] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._overflow = _OverflowWatch(self.rescan_now)
         self.scans_done = 0
@@ -110,18 +110,19 @@ class Agent:
             if name in self.workers:
                 self.workers[name].wake.set()
 
-    def _scan_dir(self, path: str) -> None:
+    def _scan_dir(self, path: str, moved_in: bool) -> None:
         """Scan a directory that appeared (its early files had no events) off the observer thread."""
-        self._scan_queue.put(path)
+        self._scan_queue.put((path, moved_in))
 
     def _scanner(self) -> None:
         while not self.stop_event.is_set():
             try:
-                path = self._scan_queue.get(timeout=0.5)
+                path, moved_in = self._scan_queue.get(timeout=0.5)
             except queue.Empty:
                 continue
             try:
-                scan([path], list(self.config.rules), self.registrar.known, self._complete, self.settle)
+                scan([path], list(self.config.rules), self.registrar.known, self._complete,
+                     self.settle, moved_in=moved_in)
             except Exception:
                 if not self.stop_event.is_set():
                     log.exception("scan of %s failed", path)

@@ -264,12 +264,14 @@ class Catalog:
         """The newest not-removed row of each path, keyed by (path, archive)."""
         found: dict[tuple[str, str], File] = {}
         for chunk in _chunks([to_db_path(p) for p in local_paths]):
-            query = (self.File.select()
-                     .where(self.File.local_path.in_(chunk), self.File.removed.is_null())
-                     .order_by(self.File.id))
-            for row in query:
+            for row in self._active_query(chunk):
                 found[(row.local_path, row.archive_name)] = row
         return found
+
+    def _active_query(self, db_paths: list):
+        return (self.File.select()
+                .where(self.File.local_path.in_(db_paths), self.File.removed.is_null())
+                .order_by(self.File.id))
 
     def update_content(self, file_id: int, md5: str, size: int, mtime_ns: int) -> None:
         """A registered file changed: record its new content so it ships again."""
@@ -292,15 +294,16 @@ class Catalog:
 
     def pending_batch(self, archive: str, limit: int, max_attempts: int) -> list[File]:
         """The oldest files of an archive that still need a verified copy."""
-        return list(
-            self.File.select()
-            .where(self.File.archive_name == archive)
-            .where(_raw(UNVERIFIED))
-            .where(fn.coalesce(self.File.ignore, 0) == 0)
-            .where(fn.coalesce(self.File.failed_copy_attempts, 0) < max_attempts)
-            .order_by(self.File.timestamp, self.File.id)
-            .limit(limit)
-        )
+        return list(self._pending_query(archive, limit, max_attempts))
+
+    def _pending_query(self, archive: str, limit: int, max_attempts: int):
+        return (self.File.select()
+                .where(self.File.archive_name == archive)
+                .where(_raw(UNVERIFIED))
+                .where(fn.coalesce(self.File.ignore, 0) == 0)
+                .where(fn.coalesce(self.File.failed_copy_attempts, 0) < max_attempts)
+                .order_by(self.File.timestamp, self.File.id)
+                .limit(limit))
 
     def has_pending(self, archive: str, max_attempts: int) -> bool:
         return bool(self.pending_batch(archive, 1, max_attempts))
@@ -331,6 +334,10 @@ class Catalog:
     def deletable_batch(self, archive: str, now: float, default_retention: float | None,
                         min_retention: float, limit: int) -> list[File]:
         """Verified, deletable files of an archive whose retention has passed."""
+        return list(self._deletable_query(archive, now, default_retention, min_retention, limit))
+
+    def _deletable_query(self, archive: str, now: float, default_retention: float | None,
+                         min_retention: float, limit: int):
         query = (self.File.select()
                  .where(self.File.archive_name == archive)
                  .where(_raw(KEPT))
@@ -340,7 +347,7 @@ class Catalog:
             query = query.where(self.File.retain.is_null(False), self.File.timestamp + self.File.retain <= now)
         else:
             query = query.where(self.File.timestamp + fn.coalesce(self.File.retain, default_retention) <= now)
-        return list(query.order_by(self.File.timestamp).limit(limit))
+        return query.order_by(self.File.timestamp).limit(limit)
 
     def known_files(self, archive: str, min_timestamp: float) -> list[File]:
         """Every row of an archive registered after a time (socs' get_known_files)."""
@@ -447,11 +454,14 @@ class Catalog:
 
         Unlike socs, a file that is gone for good (removed) no longer holds it back.
         """
-        first = (self.File.select(self.File.timestamp)
-                 .where(self.File.archive_name == archive, _raw(UNVERIFIED),
-                        fn.coalesce(self.File.ignore, 0) == 0)
-                 .order_by(self.File.timestamp).first())
+        first = self._finalized_until_query(archive).first()
         return first.timestamp - 1 if first else now
+
+    def _finalized_until_query(self, archive: str):
+        return (self.File.select(self.File.timestamp)
+                .where(self.File.archive_name == archive, _raw(UNVERIFIED),
+                       fn.coalesce(self.File.ignore, 0) == 0)
+                .order_by(self.File.timestamp).limit(1))
 
     # -- timecode directories ------------------------------------------------
 
@@ -466,9 +476,9 @@ class Catalog:
     def derive_timecode_dirs(self, chunk: int = 10000) -> int:
         """Create timecode rows for files added since the last call, whoever added them.
 
-        Walks only rows newer than a remembered id. A new file in a directory
-        that was already finalized reopens it, so a newer finalization file
-        (counting the late file) is written. Returns rows walked.
+        Walks only rows newer than a remembered id. A file registered after a
+        directory's finalization file (a late file) reopens the directory, so
+        a newer finalization file counting it is written. Returns rows walked.
         """
         walked = 0
         while True:
@@ -478,27 +488,33 @@ class Catalog:
                             .where(self.File.id > last).order_by(self.File.id).limit(chunk).tuples())
                 if not rows:
                     return walked
-                for _id, archive, remote in rows:
-                    if timecode_of(remote) is not None:
-                        self._ensure_tcdir(archive, timecode_of(remote), reopen=not is_finalization_file(remote))
+                for file_id, archive, remote in rows:
+                    timecode = timecode_of(remote)
+                    if timecode is not None:
+                        late = None if is_finalization_file(remote) else file_id
+                        self._ensure_tcdir(archive, timecode, late)
                 self._meta_set("tcdir_scanned_id", str(rows[-1][0]))
                 walked += len(rows)
 
-    def _ensure_tcdir(self, archive: str, timecode: int, reopen: bool) -> None:
+    def _ensure_tcdir(self, archive: str, timecode: int, file_id: int | None, force: bool = False) -> None:
+        """The directory's row exists; reopen it if ``file_id`` came after its finalization."""
         row = self.TimecodeDir.get_or_none(archive_name=archive, timecode=timecode)
         if row is None:
             self.TimecodeDir.create(archive_name=archive, timecode=timecode,
-                               completed=False, synced=False, finalized=False)
-        elif reopen and row.finalized:
-            log.warning(
-                "late file in finalized timecode directory %s of %s: it will be finalized again",
-                timecode, archive)
-            self.TimecodeDir.update(synced=False, finalized=False).where(self.TimecodeDir.id == row.id).execute()
+                                    completed=False, synced=False, finalized=False)
+            return
+        late = file_id is not None and row.finalize_file_id is not None and file_id > row.finalize_file_id
+        if row.finalized and (late or force):
+            log.warning("late or changed file in finalized timecode directory %s of %s: "
+                        "it will be finalized again", timecode, archive)
+            (self.TimecodeDir.update(synced=False, finalized=False)
+             .where(self.TimecodeDir.id == row.id).execute())
 
     def reopen_timecode_dir(self, archive: str, remote_path: str) -> None:
+        """A file of a finalized directory changed: finalize it again."""
         tc = timecode_of(remote_path)
         if tc is not None and not is_finalization_file(remote_path):
-            self._ensure_tcdir(archive, tc, reopen=True)
+            self._ensure_tcdir(archive, tc, None, force=True)
 
     def newest_timecode(self, archive: str) -> int | None:
         row = (self.TimecodeDir.select(fn.MAX(self.TimecodeDir.timecode).alias("tc"))
@@ -520,10 +536,13 @@ class Catalog:
 
     def timecode_dir_has_unverified(self, archive: str, timecode: int) -> bool:
         """Whether a not-ignored file of the directory still waits for its copy."""
+        return self._tcdir_unverified_query(archive, timecode).exists()
+
+    def _tcdir_unverified_query(self, archive: str, timecode: int):
         return (self.File.select(self.File.id)
                 .where(self._in_tcdir(archive, timecode), _raw(UNVERIFIED),
                        fn.coalesce(self.File.ignore, 0) == 0)
-                .exists())
+                .limit(1))
 
     def timecode_dir_remote_paths(self, archive: str, timecode: int) -> list[str]:
         """The verified files of a directory, once each (for its finalization file)."""

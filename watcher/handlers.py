@@ -28,6 +28,7 @@ from watcher.rules import UnsafeRemotePath, match_rule
 log = logging.getLogger(__name__)
 
 Sink = Callable[[str], None]
+DirSink = Callable[[str, bool], None]  # (directory, whether it was moved in whole)
 
 
 class SettleTracker:
@@ -115,7 +116,7 @@ class WatchHandler(FileSystemEventHandler):
     """Turns one watched tree's events into complete files and files to settle."""
 
     def __init__(self, rules: list[Rule], complete: Sink, settle: SettleTracker,
-                 scan_dir: Sink):
+                 scan_dir: DirSink):
         self.rules = rules
         self.complete = complete
         self.settle = settle
@@ -144,14 +145,15 @@ class WatchHandler(FileSystemEventHandler):
         dest = os.fsdecode(event.dest_path)
         self.settle.forget(os.fsdecode(event.src_path))
         if isinstance(event, DirMovedEvent):
-            self.scan_dir(dest)
+            if dest:
+                self.scan_dir(dest, True)  # its files were moved in: complete
         elif self._rule(dest):
             self.complete(dest)
 
     def on_created(self, event: FileSystemEvent) -> None:
         path = os.fsdecode(event.src_path)
         if isinstance(event, DirCreatedEvent):
-            self.scan_dir(path)  # files made before its watch arrived
+            self.scan_dir(path, False)  # files made before its watch arrived
             return
         rule = self._rule(path)
         if rule:
@@ -189,9 +191,10 @@ def walk_files(root: str) -> Iterator[os.DirEntry]:
 
 
 def scan(roots: Iterable[str], rules: list[Rule], known: Callable[[list[str]], dict[str, tuple]],
-         complete: Sink, settle: SettleTracker, batch: int = 500) -> int:
+         complete: Sink, settle: SettleTracker, batch: int = 500, moved_in: bool = False) -> int:
     """Find files the events missed; quiet ones are complete, others settle.
 
+    Files of a directory that was ``moved_in`` whole are complete at once.
     ``known(paths)`` returns ``{path: (size, mtime_ns)}`` for registered
     paths, so unchanged registered files cost one stat and no hashing.
     Returns how many files were handed on.
@@ -208,7 +211,7 @@ def scan(roots: Iterable[str], rules: list[Rule], known: Callable[[list[str]], d
             if have is not None and have == key:
                 continue
             handed += 1
-            if wall - key[1] / 1e9 >= rule.settle:
+            if moved_in or wall - key[1] / 1e9 >= rule.settle:
                 complete(path)
             else:
                 settle.track(path, rule.settle)
