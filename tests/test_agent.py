@@ -5,9 +5,12 @@ real rsync, real SQLite; each test waits on a condition with a deadline."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import subprocess
 import time
 
+import pytest
 import yaml
 
 from tests.waiting import wait_until
@@ -140,8 +143,9 @@ def test_retention_deletes_only_verified_deletable_files_past_their_time(setup, 
     catalog = setup.catalog()
     # A wrong md5: its copy never verifies, so it must never be deleted.
     catalog.add_file(str(unshipped), "unshipped.dat", "arch", local_md5sum="0" * 32)
-    wait_until(lambda: not files["inbox"].exists(), timeout=15, message="expired file not deleted")
-    assert catalog.rows_for_path(str(files["inbox"]))[0].removed > 0
+    wait_until(lambda: [r for r in catalog.rows_for_path(str(files["inbox"])) if (r.removed or 0) > 0],
+               timeout=15, message="expired file not deleted")
+    assert not files["inbox"].exists()
     assert (far / "inbox.dat").exists()
     wait_until(lambda: all(verified(catalog, files[n]) for n in ("keep", "forever", "longer")))
     for _ in range(3):  # a few more housekeeping rounds must not delete them
@@ -227,3 +231,52 @@ def test_the_agent_stops_cleanly_on_sigterm_and_exits_zero(setup, tmp_path):
             proc.kill()
             proc.wait()
     assert "Traceback" not in proc.stderr.read()
+
+
+def test_a_rule_that_asks_for_polling_ships_without_inotify(setup, start_agent):
+    far = setup.archive()
+    inbox = setup.rule(poll=True)
+    agent = start_agent(setup)
+    from watchdog.observers.polling import PollingObserver
+    assert [type(o) for o in agent._observers] == [PollingObserver]
+    (inbox / "nfs.dat").write_bytes(b"polled")
+    catalog = setup.catalog()
+    wait_until(lambda: verified(catalog, inbox / "nfs.dat"), timeout=15)
+    assert (far / "nfs.dat").read_bytes() == b"polled"
+
+
+def _refuse_deletion(path) -> None:
+    """Make unlinking ``path`` fail, for root too (which ignores directory modes)."""
+    path.parent.chmod(0o555)
+    if os.geteuid() == 0 and subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+        path.parent.chmod(0o755)
+        pytest.skip("this file system cannot refuse root a deletion (no chattr +i)")
+
+
+def _allow_deletion(path) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+    path.parent.chmod(0o755)
+
+
+def test_a_file_that_cannot_be_deleted_is_reported_once_and_left(setup, start_agent, caplog):
+    setup.archive(delete_local_after=0.5)
+    inbox = setup.rule()
+    (inbox / "locked").mkdir()
+    keep, goes = inbox / "locked" / "keep.dat", inbox / "goes.dat"
+    keep.write_bytes(b"k")
+    goes.write_bytes(b"g")
+    agent = start_agent(setup)
+    catalog = setup.catalog()
+    wait_until(lambda: verified(catalog, keep))
+    _refuse_deletion(keep)
+    try:
+        with caplog.at_level(logging.ERROR, logger="watcher.retention"):
+            wait_until(lambda: not goes.exists(), timeout=15)
+            for _ in range(3):
+                agent.housekeep_once()
+        assert keep.exists()
+        assert catalog.rows_for_path(str(keep))[0].removed is None
+        assert len([r for r in caplog.records if "cannot delete" in r.getMessage()]) == 1
+    finally:
+        _allow_deletion(keep)

@@ -98,6 +98,7 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._overflow = _OverflowWatch(self.rescan_now)
         self.scans_done = 0
+        self._undeletable: dict[int, float] = {}  # retention's rows held back after a failed unlink
 
     # -- wiring ---------------------------------------------------------------
 
@@ -142,7 +143,7 @@ class Agent:
                         else Observer())
             handler = WatchHandler(list(self.config.rules), self._complete, self.settle, self._scan_dir)
             try:
-                observer.schedule(handler, watch, recursive=True)
+                observer.schedule(handler, watch, recursive=True, event_filter=WatchHandler.EVENTS)
                 observer.start()
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EMFILE):
@@ -253,6 +254,6 @@ class Agent:
             try:
                 with_database_retry(
                     lambda: delete_expired(self.catalog, self.config, name, self.destinations[name],
-                                           stop, now), self.health, stop)
+                                           stop, now, held=self._undeletable), self.health, stop)
             except TransferError as exc:
                 log.warning("retention for %s postponed: far side not reachable (%s)", name, exc)

@@ -89,8 +89,10 @@ def cmd_add(args) -> int:
     path = _abspath(args.local_path)
     if not os.path.isfile(path):
         raise CommandError(f"{path}: no such file")
-    row = catalog.add_file(path, args.remote_path, args.archive, args.md5,
-                           None, not args.keep)
+    try:
+        row = catalog.add_file(path, args.remote_path, args.archive, args.md5, None, not args.keep)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     print(f"registered {path} -> {args.archive}:{args.remote_path} (id {row.id}, md5 {row.local_md5sum})")
     return 0
 
@@ -208,10 +210,13 @@ def cmd_add_local_files(args) -> int:
     root = _abspath(args.root)
     if not os.path.isdir(root):
         raise CommandError(f"{root}: no such directory")
-    catalog, _ = _catalog(args, must_exist=False)
+    try:
+        catalog, _ = _catalog(args, must_exist=args.dry_run)
+    except CommandError:  # a dry run creates no catalog; nothing is registered yet
+        catalog = None
     cutoff = time.time() - args.last_edit
     found = [e for e in walk_files(root) if e.stat().st_mtime <= cutoff]
-    known = catalog.known_paths([e.path for e in found])
+    known = catalog.known_paths([e.path for e in found]) if catalog else set()
     todo = sorted((e for e in found if e.path not in known), key=lambda e: e.path)
     print(f"{len(found)} files under {root}: {len(known)} already registered, {len(todo)} to add")
     if args.dry_run:

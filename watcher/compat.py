@@ -15,6 +15,8 @@ import os
 import time
 from pathlib import Path
 
+from peewee import SQL, Case, fn
+
 from watcher.db import Catalog, File, NewFile, md5_of
 from watcher.timecode import update_timecode_dirs
 
@@ -143,13 +145,24 @@ class SupRsyncFilesManager:
         return self.catalog.finalized_until(archive_name, time.time())
 
     def get_archive_stats(self, archive_name, session=None) -> dict:
-        s = self.catalog.stats(archive_name, _NO_LIMIT, time.time())
+        """socs' numbers: 'uncopied' is every unverified, not-ignored row, and
+        'last' means the latest registration time (socs walks rows by timestamp)."""
+        F = self.catalog.File
+        mine = F.archive_name == archive_name
+        verified = SQL("(remote_md5sum IS local_md5sum)")
+        uncopied = SQL("(remote_md5sum IS NOT local_md5sum)") & (fn.coalesce(F.ignore, 0) == 0)
+        counts = (F.select(fn.COUNT(F.id).alias("files"),
+                           fn.SUM(Case(None, [(uncopied, 1)], 0)).alias("uncopied"))
+                  .where(mine).dicts().get())
+        latest = (F.timestamp.desc(), F.id.desc())
+        added = F.select(F.local_path).where(mine).order_by(*latest).first()
+        copied = F.select(F.local_path).where(mine, verified).order_by(*latest).first()
         return {
-            "finalized_until": s["finalized_until"],
-            "num_files": s["files"],
-            "uncopied_files": s["files"] - s["verified"] - s["ignored"],
-            "last_file_added": s["last_file_added"] or "",
-            "last_file_copied": s["last_file_verified"] or "",
+            "finalized_until": self.catalog.finalized_until(archive_name, time.time()),
+            "num_files": counts["files"],
+            "uncopied_files": int(counts["uncopied"] or 0),
+            "last_file_added": added.local_path if added else "",
+            "last_file_copied": copied.local_path if copied else "",
         }
 
     def create_all_timecode_dirs(self, archive_name, min_ctime=None) -> None:

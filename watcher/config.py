@@ -217,6 +217,15 @@ def _seconds(value):
     return seconds
 
 
+def _ssh_host(value):
+    # ssh would read a leading '-' as an option (-oProxyCommand=... runs a command)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a host name such as user@archive, got {value!r}")
+    if value.startswith("-") or any(c.isspace() for c in value):
+        raise ValueError(f"not a host name: {value!r} (must not start with '-' or contain spaces)")
+    return value
+
+
 def _port(value):
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
         raise ValueError(f"expected a port number, got {value!r}")
@@ -291,8 +300,11 @@ def _read_archive(r: _Reader, name: Any, data: Any) -> Archive | None:
     if not isinstance(name, str) or not name:
         r.problem(path, "an archive name must be a non-empty string")
         return None
+    if data is not None and not isinstance(data, dict):
+        r.problem(path, f"expected a mapping of archive settings, got {type(data).__name__}")
+        return None
     data = r.mapping(data, path, _ARCHIVE)
-    ssh_host = r.get(data, "ssh_host", path, _str)
+    ssh_host = r.get(data, "ssh_host", path, _ssh_host)
     basedir = r.get(data, "remote_basedir", path, _str, required=True)
     if basedir is not None and ssh_host is None:
         basedir = str(r.path(basedir))
@@ -320,11 +332,10 @@ def _read_archive(r: _Reader, name: Any, data: Any) -> Archive | None:
 
 def _read_rule(r: _Reader, i: int, data: Any, archives: dict[str, Archive]) -> Rule | None:
     path = ("rules", i)
-    data = r.mapping(data, path, _RULE)
-    if not data:
-        if not r.problems or not r.problems[-1].startswith(r.source):
-            r.problem(path, "a rule needs at least 'watch' and 'archive'")
+    if not data or not isinstance(data, dict):
+        r.problem(path, "a rule is a mapping with at least 'watch' and 'archive'")
         return None
+    data = r.mapping(data, path, _RULE)
     watch = r.get(data, "watch", path, r.path, required=True)
     if watch is not None and not watch.is_dir():
         r.problem(path + ("watch",), f"directory {str(watch)!r} does not exist")
@@ -361,6 +372,9 @@ def parse_config(text: str, source: str, base: Path) -> Config:
     """Build a Config from YAML text; relative paths resolve against ``base``."""
     data, lines = _compose(text, source)
     r = _Reader(source, lines, base)
+    if not isinstance(data, dict):
+        r.problem((), f"expected a mapping with 'archives' and 'rules', got {type(data).__name__}")
+        raise ConfigError(r.problems)
     data = r.mapping(data, (), _TOP)
     archives: dict[str, Archive] = {}
     raw_archives = data.get("archives")

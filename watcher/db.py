@@ -31,11 +31,14 @@ from peewee import (
     Model, SqliteDatabase, fn,
 )
 
+from watcher.rules import remote_path_problem
 from watcher.timecode import is_finalization_file, timecode_of
 
 log = logging.getLogger(__name__)
 
-BUSY_TIMEOUT = 10.0
+# Seconds a write waits for another process's lock before it is retried
+# (WATCHER_BUSY_TIMEOUT shortens it for the fault-injection tests).
+BUSY_TIMEOUT = float(os.environ.get("WATCHER_BUSY_TIMEOUT") or 10.0)
 _CHUNK = 500  # bound parameters per IN (...) query
 
 SOCS_DDL = (
@@ -83,6 +86,8 @@ INDEXES = (
     f"CREATE INDEX IF NOT EXISTS watcher_kept ON supersync_v0 (archive_name, timestamp) WHERE {KEPT}",
     "CREATE INDEX IF NOT EXISTS watcher_local_path ON supersync_v0 (local_path)",
     "CREATE INDEX IF NOT EXISTS watcher_remote_path ON supersync_v0 (archive_name, remote_path)",
+    # whether a timecode directory still waits for a file: cost follows its unverified files
+    f"CREATE INDEX IF NOT EXISTS watcher_unverified_path ON supersync_v0 (archive_name, remote_path) WHERE {UNVERIFIED}",
     "CREATE INDEX IF NOT EXISTS watcher_tcdir ON timecode_dirs_v0 (archive_name, timecode)",
     "CREATE TABLE IF NOT EXISTS watcher_meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
 )
@@ -217,7 +222,13 @@ class Catalog:
         self.db.close()
 
     def migrate(self) -> None:
-        """Create socs' tables if missing; add watcher's columns and indexes."""
+        """Create socs' tables if missing; add watcher's columns and indexes.
+
+        A catalog that already has them all is only read, so opening one that
+        another process holds locked (`watcher status`) does not wait for it.
+        """
+        if self._migrated():
+            return
         with self.db.atomic("IMMEDIATE"):
             for ddl in SOCS_DDL:
                 self.db.execute_sql(ddl)
@@ -227,6 +238,14 @@ class Catalog:
                     self.db.execute_sql(f'ALTER TABLE {table} ADD COLUMN "{column}" {kind}')
             for ddl in INDEXES:
                 self.db.execute_sql(ddl)
+
+    def _migrated(self) -> bool:
+        names = {row[0] for row in self.db.execute_sql("SELECT name FROM sqlite_master")}
+        wanted = {"supersync_v0", "timecode_dirs_v0"} | {ddl.split(" EXISTS ", 1)[1].split()[0] for ddl in INDEXES}
+        if not wanted <= names:
+            return False
+        return all(column in {c.name for c in self.db.get_columns(table)}
+                   for table, column, _kind in ADDED_COLUMNS)
 
     # -- registering ------------------------------------------------------
 
@@ -247,12 +266,24 @@ class Catalog:
         return self.add_files([new])[0]
 
     def add_files(self, files: Iterable[NewFile]) -> list[File]:
-        """Register many files in one transaction (one commit, not one per file)."""
+        """Register many files in one transaction (one commit, not one per file).
+
+        Raises ValueError, writing nothing, when a remote path could leave its archive.
+        """
+        files = list(files)
+        for f in files:
+            problem = remote_path_problem(f.remote_path)
+            if problem:
+                raise ValueError(f"remote path {f.remote_path!r} of {f.local_path} {problem}")
         rows = []
         with self.db.atomic("IMMEDIATE"):
             for f in files:
-                rows.append(self.File.create(
-                    local_path=f.local_path, remote_path=f.remote_path,
+                # Plain SQL: building each INSERT with peewee cost more than running it.
+                cursor = self.db.execute_sql(_INSERT_FILE, (
+                    to_db_path(f.local_path), to_db_path(f.remote_path), f.archive_name,
+                    f.local_md5sum, f.timestamp, bool(f.deletable), f.size, f.mtime_ns, f.retain))
+                rows.append(self.File(
+                    id=cursor.lastrowid, local_path=f.local_path, remote_path=f.remote_path,
                     archive_name=f.archive_name, local_md5sum=f.local_md5sum,
                     timestamp=f.timestamp, failed_copy_attempts=0,
                     deletable=f.deletable, ignore=False, size=f.size,
@@ -318,15 +349,11 @@ class Catalog:
         verified = failed = 0
         with self.db.atomic("IMMEDIATE"):
             for file_id, (sent, found) in results.items():
+                # Plain SQL, as in add_files: a batch is thousands of rows.
                 if found is not None and found == sent:
-                    n = (self.File.update(remote_md5sum=found, copied=now)
-                         .where(self.File.id == file_id, self.File.local_md5sum == sent).execute())
-                    verified += n
+                    verified += self.db.execute_sql(_RECORD_VERIFIED, (found, now, file_id, sent)).rowcount
                 else:
-                    n = (self.File.update(remote_md5sum=found,
-                                     failed_copy_attempts=fn.coalesce(self.File.failed_copy_attempts, 0) + 1)
-                         .where(self.File.id == file_id, self.File.local_md5sum == sent).execute())
-                    failed += n
+                    failed += self.db.execute_sql(_RECORD_FAILED, (found, file_id, sent)).rowcount
         return verified, failed
 
     # -- retention --------------------------------------------------------
@@ -488,11 +515,16 @@ class Catalog:
                             .where(self.File.id > last).order_by(self.File.id).limit(chunk).tuples())
                 if not rows:
                     return walked
+                # one look-up per directory, not per row: a chunk holds a few directories
+                newest: dict[tuple[str, int], int | None] = {}
                 for file_id, archive, remote in rows:
                     timecode = timecode_of(remote)
                     if timecode is not None:
                         late = None if is_finalization_file(remote) else file_id
-                        self._ensure_tcdir(archive, timecode, late)
+                        key = (archive, timecode)
+                        newest[key] = max(newest.get(key) or 0, late or 0) or None
+                for (archive, timecode), late in newest.items():
+                    self._ensure_tcdir(archive, timecode, late)
                 self._meta_set("tcdir_scanned_id", str(rows[-1][0]))
                 walked += len(rows)
 
@@ -568,6 +600,17 @@ class Catalog:
             (self.TimecodeDir.update(completed=True, synced=True, finalized=True, finalize_file_id=file.id)
              .where(self.TimecodeDir.id == tcdir_id).execute())
             return True
+
+
+_INSERT_FILE = (
+    'INSERT INTO supersync_v0 (local_path, remote_path, archive_name, local_md5sum, "timestamp", '
+    'failed_copy_attempts, deletable, "ignore", size, mtime_ns, retain) '
+    "VALUES (?, ?, ?, ?, ?, 0, ?, 0, ?, ?, ?)")
+_RECORD_VERIFIED = ("UPDATE supersync_v0 SET remote_md5sum = ?, copied = ? "
+                    "WHERE id = ? AND local_md5sum = ?")
+_RECORD_FAILED = ("UPDATE supersync_v0 SET remote_md5sum = ?, "
+                  "failed_copy_attempts = coalesce(failed_copy_attempts, 0) + 1 "
+                  "WHERE id = ? AND local_md5sum = ?")
 
 
 def _raw(sql: str):

@@ -17,7 +17,7 @@ import time
 from typing import Callable, Iterable, Iterator
 
 from watchdog.events import (
-    DirCreatedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent,
+    DirCreatedEvent, DirDeletedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent,
     FileDeletedEvent, FileModifiedEvent, FileMovedEvent, FileSystemEvent,
     FileSystemEventHandler,
 )
@@ -115,6 +115,12 @@ def _stat_key(path: str) -> tuple | None:
 class WatchHandler(FileSystemEventHandler):
     """Turns one watched tree's events into complete files and files to settle."""
 
+    # The events it handles (``event_filter`` when scheduling). Leaving out
+    # opened / closed-without-writing / attribute events keeps the agent's own
+    # reads (hashing, rsync) from flooding the queue with three events a file.
+    EVENTS = [FileClosedEvent, FileCreatedEvent, DirCreatedEvent, FileMovedEvent, DirMovedEvent,
+              FileModifiedEvent, FileDeletedEvent, DirDeletedEvent]
+
     def __init__(self, rules: list[Rule], complete: Sink, settle: SettleTracker,
                  scan_dir: DirSink):
         self.rules = rules
@@ -155,6 +161,8 @@ class WatchHandler(FileSystemEventHandler):
         if isinstance(event, DirCreatedEvent):
             self.scan_dir(path, False)  # files made before its watch arrived
             return
+        if event.is_synthetic:
+            return  # watchdog listing a directory moved in: scan_dir covers its files
         rule = self._rule(path)
         if rule:
             self.settle.track(path, rule.settle)

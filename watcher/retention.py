@@ -47,18 +47,27 @@ def _unchanged(row: File) -> bool | None:
     return (st.st_size, st.st_mtime_ns) == (row.size, row.mtime_ns)
 
 
+HOLD_UNDELETABLE = 3600.0  # seconds before a file that could not be deleted is tried again
+
+
 def delete_expired(catalog: Catalog, config: Config, archive: str, destination: Destination,
                    stop: threading.Event | None = None, now: float | None = None,
-                   limit: int = 500) -> int:
+                   limit: int = 500, held: dict[int, float] | None = None) -> int:
     """One round of deletions for an archive; returns how many files were deleted.
 
+    ``held`` maps rows that could not be deleted (permissions) to when to try
+    again, so they are reported once an hour, not every round.
     Raises TransferError when the far side cannot be checked (nothing is deleted).
     """
     now = time.time() if now is None else now
+    held = {} if held is None else held
     default, shortest = retention_bounds(config, archive)
     if shortest is None:
         return 0
-    rows = catalog.deletable_batch(archive, now, default, shortest, limit)
+    for row_id in [i for i, until in held.items() if until <= now]:
+        del held[row_id]
+    rows = [r for r in catalog.deletable_batch(archive, now, default, shortest, limit + len(held))
+            if r.id not in held][:limit]
     if not rows:
         return 0
     gone, changed, candidates = [], [], []
@@ -85,7 +94,9 @@ def delete_expired(catalog: Catalog, config: Config, archive: str, destination: 
             gone.append(row)
             continue
         except OSError as exc:
-            log.error("cannot delete %s: %s", row.local_path, exc.strerror or exc)
+            log.error("cannot delete %s: %s (trying again in %.0f s)", row.local_path,
+                      exc.strerror or exc, HOLD_UNDELETABLE)
+            held[row.id] = now + HOLD_UNDELETABLE
             continue
         deleted.append(row.id)
         log.info("deleted %s (verified on %s as %s)", row.local_path, archive, row.remote_path)

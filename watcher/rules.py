@@ -20,6 +20,17 @@ class UnsafeRemotePath(ValueError):
     """A rendered remote path that is absolute or climbs out of its archive."""
 
 
+def remote_path_problem(remote_path: str) -> str | None:
+    """Why a remote path could escape its archive's base directory, or None."""
+    if not remote_path or remote_path.startswith("/"):
+        return "is empty or absolute"
+    if ".." in remote_path.split("/"):
+        return "contains '..'"
+    if "\0" in remote_path:
+        return "contains a NUL byte"
+    return None
+
+
 @dataclass(frozen=True)
 class Match:
     rule: Rule
@@ -71,7 +82,11 @@ def template_fields(relpath: str, groups: dict[str, str], mtime: float | None) -
 
 def render_remote_path(rule: Rule, relpath: str, groups: dict[str, str], mtime: float | None) -> str:
     """Fill the rule's template; refuse a result that escapes the archive."""
-    rendered = rule.remote_path.format(**template_fields(relpath, groups, mtime))
+    fields = template_fields(relpath, groups, mtime)
+    rendered = rule.remote_path.format(**fields)
+    if (rendered.startswith("/") and not rule.remote_path.startswith("/")
+            and not any(v.startswith("/") for v in fields.values())):
+        rendered = rendered.lstrip("/")  # an empty leading field: {parent} of a top-level file
     normal = posixpath.normpath(rendered)
     if rendered.startswith("/") or normal == "." or normal.split("/")[0] == "..":
         raise UnsafeRemotePath(f"remote path {rendered!r} escapes the archive")

@@ -1,0 +1,212 @@
+"""Helpers shared by the tests that ship to an archive over ssh (tests/test_ssh_*.py,
+tests/test_hostile_names.py): an ssh Archive for the test sshd, destinations with
+their own control directory, a catalog, an injected sleep, and logging wrappers
+around the real rsync and ssh.
+
+Nothing here replaces a real part: the wrappers append one record to a log and
+exec the real binary.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.sshd import SshServer
+from watcher.config import Archive
+from watcher.db import Catalog
+from watcher.health import Health
+from watcher.rsync import Destination, make_control_dir, remove_control_dir
+from watcher.transfer import TransferWorker
+
+
+def ssh_archive(sshd: SshServer, basedir: str | os.PathLike, name: str = "arch", **options) -> Archive:
+    """An archive that ships to `basedir` on the test sshd."""
+    settings = dict(name=name, remote_basedir=str(basedir), ssh_host=sshd.ssh_target,
+                    ssh_port=sshd.port, ssh_key=str(sshd.client_key),
+                    known_hosts=str(sshd.known_hosts))
+    settings.update(options)
+    return Archive(**settings)
+
+
+def ssh_archive_options(sshd: SshServer, basedir: str | os.PathLike, **options) -> dict:
+    """The same archive as rules.yaml keys, for the `setup` fixture."""
+    return dict(remote_basedir=str(basedir), ssh_host=sshd.ssh_target, ssh_port=sshd.port,
+                ssh_key=str(sshd.client_key), known_hosts=str(sshd.known_hosts), **options)
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def processes_mentioning(text: str | os.PathLike) -> list[int]:
+    """Live (not zombie) processes whose command line contains `text`."""
+    needle = os.fsencode(text)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{entry}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if needle in cmdline and state != "Z":
+            found.append(int(entry))
+    return found
+
+
+def control_sockets(control_dir: str) -> list[str]:
+    return [e.path for e in os.scandir(control_dir) if stat.S_ISSOCK(e.stat(follow_symlinks=False).st_mode)]
+
+
+def unwritable_far_dir(sshd: SshServer, path: Path) -> Path:
+    """A far directory the ssh login user can read but not write.
+
+    As root: owned by root, mode 755 (the login user is someone else).
+    Otherwise the login user is us, so the best we can do is mode 555.
+    """
+    path.mkdir(exist_ok=True)
+    if os.geteuid() == 0:
+        os.chown(path, 0, 0)
+        path.chmod(0o755)
+    else:
+        path.chmod(0o555)
+    return path
+
+
+def make_far_dir_writable(sshd: SshServer, path: Path) -> None:
+    if os.geteuid() == 0:
+        os.chown(path, sshd.pw.pw_uid, sshd.pw.pw_gid)
+    path.chmod(0o755)
+
+
+class Sleeps:
+    """An injected sleep for TransferWorker: records each delay, waits for none,
+    and calls `on_sleep(n)` (n counts from 1) so a test can act during an outage.
+
+    More than `limit` back-offs fail the test instead of retrying for ever.
+    """
+
+    def __init__(self, on_sleep=None, limit: int = 8):
+        self.delays: list[float] = []
+        self.on_sleep = on_sleep
+        self.limit = limit
+
+    def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+        if len(self.delays) > self.limit:
+            raise AssertionError(f"the worker backed off {len(self.delays)} times")
+        if self.on_sleep:
+            self.on_sleep(len(self.delays))
+
+
+@pytest.fixture
+def destinations():
+    """Make Destinations, each with its own ssh control directory (so no test
+    reuses another's connection); their masters are stopped afterwards."""
+    made: list[tuple[Destination, str]] = []
+
+    def make(archive: Archive) -> Destination:
+        control = make_control_dir()
+        dest = Destination(archive, control)
+        made.append((dest, control))
+        return dest
+
+    yield make
+    for dest, control in made:
+        dest.close()
+        remove_control_dir(control)
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    cat = Catalog(tmp_path / "catalog.db")
+    yield cat
+    cat.close()
+
+
+@pytest.fixture
+def health(catalog):
+    h = Health(catalog.path)
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def make_worker(catalog, health, destinations):
+    """A TransferWorker driven step by step from the test thread."""
+    def make(archive: Archive, sleep=None, max_backoff: float = 60.0, stop=None) -> TransferWorker:
+        return TransferWorker(catalog, archive, destinations(archive), stop or threading.Event(),
+                              health, sleep=sleep or Sleeps(), max_backoff=max_backoff)
+    return make
+
+
+def register(catalog: Catalog, archive: str, files: dict[str, bytes], src: Path,
+             timestamp: float | None = None) -> dict[str, int]:
+    """Write each file under `src` (named by its remote path) and register it.
+
+    Returns {remote path: row id}.
+    """
+    ids = {}
+    for remote, data in files.items():
+        local = src / remote
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(data)
+        ids[remote] = catalog.add_file(str(local), remote, archive, timestamp=timestamp).id
+    return ids
+
+
+def row(catalog: Catalog, file_id: int):
+    return catalog.File.get_by_id(file_id)
+
+
+class ToolLog:
+    """Logging wrappers for `rsync` and `ssh` first on PATH.
+
+    Each call appends its argv (NUL-terminated) to a log and execs the real
+    tool, so the real rsync and ssh still run.
+    """
+
+    def __init__(self, root: Path, monkeypatch):
+        self.bin = root / "logged-bin"
+        self.bin.mkdir()
+        self.path = root / "tools.log"
+        self.path.write_bytes(b"")
+        for tool in ("rsync", "ssh"):
+            real = shutil.which(tool)
+            assert real, f"{tool} not installed"
+            script = self.bin / tool
+            script.write_text(f'#!/bin/sh\nprintf \'%s\\0\' "{tool} $*" >> "$WATCHER_TOOL_LOG"\n'
+                              f'exec {real} "$@"\n')
+            script.chmod(0o755)
+        monkeypatch.setenv("WATCHER_TOOL_LOG", str(self.path))
+        monkeypatch.setenv("PATH", f"{self.bin}{os.pathsep}{os.environ['PATH']}")
+
+    def calls(self) -> list[bytes]:
+        return [c for c in self.path.read_bytes().split(b"\0") if c]
+
+    def rsync_calls(self) -> list[bytes]:
+        return [c for c in self.calls() if c.startswith(b"rsync ")]
+
+    def ssh_calls(self) -> list[bytes]:
+        return [c for c in self.calls() if c.startswith(b"ssh ")]
+
+    def md5_calls(self) -> list[bytes]:
+        """ssh calls that run the far md5 command (not the ones rsync starts)."""
+        return [c for c in self.ssh_calls() if b"md5sum" in c]
+
+    def clear(self) -> None:
+        self.path.write_bytes(b"")
+
+
+@pytest.fixture
+def tool_log(tmp_path, monkeypatch) -> ToolLog:
+    return ToolLog(tmp_path, monkeypatch)

@@ -1,0 +1,196 @@
+"""Shipping to an archive over ssh: where files land, host keys, how many
+commands a batch costs, and the rsync options that reach the far side.
+
+Everything runs against the real sshd of tests/sshd.py with the real rsync.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from tests.test_ssh_support import (  # noqa: F401  (fixtures)
+    Sleeps, catalog, destinations, health, make_worker, md5, register, row, ssh_archive,
+    ssh_archive_options, tool_log,
+)
+from watcher.health import read_health
+from watcher.rsync import Item, TransferError, ship_batch
+
+
+def test_ssh_archive_ships_into_a_missing_remote_basedir_creating_its_directories(
+        sshd, remote_dir, tmp_path, catalog, make_worker):
+    base = remote_dir / "not" / "there" / "yet"
+    archive = ssh_archive(sshd, base)
+    files = {"top.dat": os.urandom(3000), "a/b/c/deep.dat": os.urandom(100),
+             "a/other dir/x.dat": b"", "a/b/sibling.dat": b"sibling\n"}
+    ids = register(catalog, "arch", files, tmp_path / "src")
+    worker = make_worker(archive)
+
+    assert worker.step() is True
+    assert worker.step() is False  # nothing left
+
+    for remote, data in files.items():
+        far = base / remote
+        assert far.read_bytes() == data, remote
+        assert far.stat().st_uid == sshd.pw.pw_uid  # written by the ssh login user
+        r = row(catalog, ids[remote])
+        assert r.verified and r.remote_md5sum == md5(data)
+        assert r.failed_copy_attempts == 0 and r.copied is not None
+
+
+class GaveUp(Exception):
+    """Raised by the injected sleep: the test has seen the worker back off."""
+
+
+def _give_up(n: int) -> None:
+    raise GaveUp
+
+
+def _refused(remote_dir, tmp_path, catalog, make_worker, destinations, archive) -> TransferError:
+    """Ship one file to an archive whose host key check must fail; check that
+    nothing was charged or written, and return the error."""
+    with pytest.raises(TransferError) as raised:
+        ship_batch(destinations(archive), [Item(0, __file__, "probe.py", md5(b""))])
+    ids = register(catalog, "arch", {"a.dat": b"a"}, tmp_path / "src")
+    sleeps = Sleeps(_give_up)
+    with pytest.raises(GaveUp):
+        make_worker(archive, sleep=sleeps).step()  # backs off instead of charging
+    assert len(sleeps.delays) == 1
+    r = row(catalog, ids["a.dat"])
+    assert r.failed_copy_attempts == 0 and r.remote_md5sum is None
+    assert os.listdir(remote_dir) == []
+    state = read_health(catalog.path)["archives"]["arch"]
+    assert state["degraded"] and "Host key verification failed" in state["last_error"]
+    return raised.value
+
+
+def test_a_host_key_missing_from_known_hosts_is_a_connection_error_that_charges_nothing(
+        sshd, remote_dir, tmp_path, catalog, make_worker, destinations):
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("")
+    archive = ssh_archive(sshd, remote_dir, known_hosts=str(known_hosts))
+
+    error = _refused(remote_dir, tmp_path, catalog, make_worker, destinations, archive)
+
+    assert error.kind == "connection"
+    assert "Host key verification failed" in str(error)
+    assert known_hosts.read_text() == ""  # nothing was accepted
+
+
+def test_accept_new_host_keys_ships_and_adds_the_key_to_known_hosts(
+        sshd, remote_dir, tmp_path, setup, catalog, make_worker):
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("")
+    setup.archive("arch", **ssh_archive_options(sshd, remote_dir, accept_new_host_keys=True)
+                  | {"known_hosts": str(known_hosts)})
+    archive = setup.config().archives["arch"]
+    assert archive.accept_new_host_keys
+    ids = register(catalog, "arch", {"a.dat": b"first"}, tmp_path / "src")
+
+    assert make_worker(archive).step() is True
+
+    assert row(catalog, ids["a.dat"]).verified
+    assert (remote_dir / "a.dat").read_bytes() == b"first"
+    host_key_blob = (sshd.host_key.parent / (sshd.host_key.name + ".pub")).read_text().split()[1]
+    assert host_key_blob in known_hosts.read_text()
+    # The key it wrote is good enough for strict checking from now on.
+    strict = ssh_archive(sshd, remote_dir, known_hosts=str(known_hosts))
+    ids = register(catalog, "arch", {"b.dat": b"second"}, tmp_path / "src")
+    assert make_worker(strict).step() is True
+    assert row(catalog, ids["b.dat"]).verified
+
+
+def test_a_wrong_host_key_is_refused_even_when_accepting_new_keys(
+        sshd, remote_dir, tmp_path, catalog, make_worker, destinations):
+    impostor = tmp_path / "impostor"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(impostor)], check=True)
+    blob = " ".join((tmp_path / "impostor.pub").read_text().split()[:2])
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"[{sshd.host}]:{sshd.port} {blob}\n")
+    before = known_hosts.read_text()
+    archive = ssh_archive(sshd, remote_dir, known_hosts=str(known_hosts), accept_new_host_keys=True)
+
+    error = _refused(remote_dir, tmp_path, catalog, make_worker, destinations, archive)
+
+    assert error.kind == "connection"
+    assert "has changed" in str(error) and "Host key verification failed" in str(error)
+    assert known_hosts.read_text() == before
+
+
+def test_each_batch_costs_one_rsync_call_and_one_remote_md5_command(
+        sshd, remote_dir, tmp_path, catalog, make_worker, tool_log):
+    archive = ssh_archive(sshd, remote_dir, files_per_batch=3)
+    files = {f"d{i % 3}/f{i}.dat": os.urandom(200) for i in range(6)}
+    ids = register(catalog, "arch", files, tmp_path / "src")
+    worker = make_worker(archive)
+
+    assert worker.step() is True
+    assert len(tool_log.rsync_calls()) == 1
+    assert len(tool_log.md5_calls()) == 1
+    # rsync's own ssh plus the md5 command: nothing else went over ssh.
+    assert len(tool_log.ssh_calls()) == 2
+
+    assert worker.step() is True
+    assert worker.step() is False
+    assert len(tool_log.rsync_calls()) == 2
+    assert len(tool_log.md5_calls()) == 2
+    assert all(row(catalog, i).verified for i in ids.values())
+    # File names travel on standard input, never on a command line.
+    assert not any(b"f1.dat" in call for call in tool_log.calls())
+
+
+def test_no_remote_command_runs_for_an_empty_batch(
+        sshd, remote_dir, tmp_path, catalog, make_worker, destinations, tool_log):
+    archive = ssh_archive(sshd, remote_dir)
+    dest = destinations(archive)
+
+    assert dest.far_md5([]) == {}
+    # A batch whose local files are all gone sends nothing and hashes nothing.
+    gone = [Item(1, str(tmp_path / "gone-1"), "gone-1", md5(b"")),
+            Item(2, str(tmp_path / "gone-2"), "gone-2", md5(b""))]
+    results, missing = ship_batch(dest, gone)
+    assert results == {} and missing == gone
+    # And a worker with nothing pending runs no command either.
+    assert make_worker(archive).step() is False
+
+    assert tool_log.calls() == []
+
+
+def test_a_batch_whose_files_vanished_is_marked_removed_without_any_command(
+        sshd, remote_dir, tmp_path, catalog, make_worker, tool_log):
+    archive = ssh_archive(sshd, remote_dir)
+    ids = register(catalog, "arch", {"a.dat": b"a", "b.dat": b"b"}, tmp_path / "src")
+    for name in ("a.dat", "b.dat"):
+        (tmp_path / "src" / name).unlink()
+
+    assert make_worker(archive).step() is True
+
+    assert tool_log.calls() == []
+    for file_id in ids.values():
+        r = row(catalog, file_id)
+        assert r.removed == 0 and r.failed_copy_attempts == 0
+
+
+def test_compression_bwlimit_and_chmod_reach_rsync_and_chmod_sets_far_permissions(
+        sshd, remote_dir, tmp_path, catalog, make_worker, destinations, tool_log):
+    base = sshd.make_remote_dir(remote_dir / "base")
+    base_mode = base.stat().st_mode & 0o7777
+    archive = ssh_archive(sshd, base, compression=True, bwlimit="20m", chmod="u=rw,g=r,o=")
+    args = destinations(archive).rsync_args("/tree")
+    for option in ("--compress", "--bwlimit=20m", "--perms", "--chmod=u=rw,g=r,o="):
+        assert option in args
+    plain = destinations(ssh_archive(sshd, base)).rsync_args("/tree")
+    assert not [a for a in plain if a.startswith(("--compress", "--bwlimit", "--chmod", "--perms"))]
+
+    ids = register(catalog, "arch", {"open.dat": os.urandom(5000)}, tmp_path / "src")
+    (tmp_path / "src" / "open.dat").chmod(0o606)
+    assert make_worker(archive).step() is True
+
+    assert row(catalog, ids["open.dat"]).verified
+    assert (base / "open.dat").stat().st_mode & 0o7777 == 0o640
+    # The archive's base directory keeps its own permissions.
+    assert base.stat().st_mode & 0o7777 == base_mode
+    [call] = tool_log.rsync_calls()
+    for option in (b"--compress", b"--bwlimit=20m", b"--chmod=u=rw,g=r,o="):
+        assert option in call.split(b" ")
