@@ -171,12 +171,23 @@ def bind_models(db: SqliteDatabase) -> tuple[type[File], type[TimecodeDir]]:
     return bound_file, bound_tc
 
 
+_md5_buffers = threading.local()
+
+
 def md5_of(path: str | os.PathLike) -> str:
-    """md5 of a file read in 1 MiB blocks (memory stays flat for any size)."""
+    """md5 of a file read in 1 MiB blocks (memory stays flat for any size).
+
+    Each thread reuses one buffer: allocating 1 MiB per read cost more than
+    hashing a small file (40-80 us against 18 us for 4 KiB).
+    """
+    buf = getattr(_md5_buffers, "buf", None)
+    if buf is None:
+        buf = _md5_buffers.buf = bytearray(1 << 20)
+    view = memoryview(buf)
     h = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 
@@ -584,11 +595,20 @@ class Catalog:
                         fn.coalesce(self.File.ignore, 0) == 0))
         return [r.remote_path for r in query if not is_finalization_file(r.remote_path)]
 
-    def finalize_timecode_dir(self, tcdir_id: int, local_path: Path, remote_path: str, now: float) -> bool:
-        """Register the finalization file and mark the directory, in one transaction."""
+    def finalize_timecode_dir(self, tcdir_id: int, local_path: Path, remote_path: str, now: float,
+                              num_files: int) -> bool:
+        """Register the finalization file and mark the directory, in one transaction.
+
+        Refused (False) when the directory changed since its file was written:
+        a row that slipped in would otherwise have an id below the new
+        finalization file's and never count as late.
+        """
         with self.db.atomic("IMMEDIATE"):
             row = self.TimecodeDir.get_by_id(tcdir_id)
             if row.finalized:
+                return False
+            if (self.timecode_dir_has_unverified(row.archive_name, row.timecode)
+                    or len(self.timecode_dir_remote_paths(row.archive_name, row.timecode)) != num_files):
                 return False
             st = os.stat(local_path)
             file = self.File.create(

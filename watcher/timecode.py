@@ -131,10 +131,10 @@ def update_timecode_dirs(
             subdirs_of(paths), catalog.finalized_until(archive, now), now,
         )
         checkpoint("finalizing")
-        if catalog.finalize_timecode_dir(tcdir.id, fin.local_path, fin.remote_path, now):
+        if catalog.finalize_timecode_dir(tcdir.id, fin.local_path, fin.remote_path, now, len(paths)):
             finalized += 1
             log.info("finalized %s timecode %s (%d files): %s", archive, tcdir.timecode,
                      len(paths), fin.local_path)
-        else:  # someone else finalized it meanwhile; ours is never shipped
+        else:  # finalized or changed meanwhile: ours is never shipped (next round decides)
             fin.local_path.unlink(missing_ok=True)
     return finalized

@@ -1,0 +1,328 @@
+"""Configuration: every mistake is one line naming the file, the line and the
+key, `watcher run` exits 2 without a traceback, and good files mean what the
+design says (durations, relative paths, per-rule retention)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from watcher.config import ConfigError, load_config, parse_duration
+
+GOOD = """\
+database: catalog.db
+archives:
+  arch:
+    remote_basedir: far
+    delete_local_after: 7d
+rules:
+  - watch: inbox
+    archive: arch
+    remote_path: "{timecode}/{relpath}"
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "rules.yaml") -> Path:
+    (tmp_path / "inbox").mkdir(exist_ok=True)
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def problems_of(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    return caught.value.problems
+
+
+def only_problem(path: Path) -> str:
+    problems = problems_of(path)
+    assert len(problems) == 1, problems
+    return problems[0]
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("SUPRSYNC_DB", "WATCHER_STATE_DIR")}
+    return subprocess.run([sys.executable, "-m", "watcher.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=30)
+
+
+def assert_one_line_exit_2(result: subprocess.CompletedProcess) -> str:
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1, result.stderr
+    assert result.stdout == ""
+    return lines[0]
+
+
+# -- the real command: one line on stderr, exit status 2 -------------------------
+
+
+def test_run_with_an_unknown_top_level_key_says_which_key_on_which_line_and_exits_2(tmp_path):
+    path = write(tmp_path, GOOD + "colour: blue\n")
+    line = assert_one_line_exit_2(run_cli("run", "--config", str(path), cwd=tmp_path))
+    assert f"{path}:10:" in line
+    assert "colour" in line and "unknown key" in line
+
+
+def test_run_with_an_unknown_archive_key_names_the_archive_and_the_line(tmp_path):
+    path = write(tmp_path, GOOD.replace("    delete_local_after: 7d\n",
+                                        "    delete_local_after: 7d\n    compress: true\n"))
+    line = assert_one_line_exit_2(run_cli("run", "--config", str(path), cwd=tmp_path))
+    assert f"{path}:6: archives.arch.compress: unknown key" in line
+
+
+def test_run_with_an_unknown_rule_key_names_the_rule_and_the_line(tmp_path):
+    path = write(tmp_path, GOOD + "    setle: 3\n")
+    line = assert_one_line_exit_2(run_cli("run", "--config", str(path), cwd=tmp_path))
+    assert f"{path}:10: rules[0].setle: unknown key" in line
+
+
+def test_run_with_a_rule_naming_an_unknown_archive_lists_the_known_ones(tmp_path):
+    path = write(tmp_path, GOOD.replace("archive: arch", "archive: arhc"))
+    line = assert_one_line_exit_2(run_cli("run", "--config", str(path), cwd=tmp_path))
+    assert f"{path}:8: rules[0].archive: unknown archive 'arhc' (known: arch)" in line
+
+
+def test_run_with_a_bad_duration_shows_the_value_and_the_accepted_forms(tmp_path):
+    path = write(tmp_path, GOOD.replace("delete_local_after: 7d", "delete_local_after: 3 days"))
+    line = assert_one_line_exit_2(run_cli("run", "--config", str(path), cwd=tmp_path))
+    assert f"{path}:5: archives.arch.delete_local_after:" in line
+    assert "'3 days'" in line and "7d" in line
+
+
+def test_run_with_a_missing_watch_directory_names_the_directory(tmp_path):
+    path = write(tmp_path, GOOD.replace("watch: inbox", "watch: nowhere"))
+    line = assert_one_line_exit_2(run_cli("run", "--config", str(path), cwd=tmp_path))
+    assert f"{path}:7: rules[0].watch:" in line
+    assert str(tmp_path / "nowhere") in line and "does not exist" in line
+
+
+def test_run_with_invalid_yaml_gives_the_line_of_the_syntax_error(tmp_path):
+    path = write(tmp_path, "archives:\n  arch: {remote_basedir: far\nrules: []\n")
+    line = assert_one_line_exit_2(run_cli("run", "--config", str(path), cwd=tmp_path))
+    assert line.startswith(f"watcher: {path}:")
+    assert "not valid YAML" in line
+
+
+def test_run_with_a_config_file_that_does_not_exist_says_so(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    line = assert_one_line_exit_2(run_cli("run", "--config", str(missing), cwd=tmp_path))
+    assert f"{missing}: cannot read configuration: No such file or directory" in line
+
+
+def test_run_with_an_ssh_host_that_looks_like_an_option_is_refused(tmp_path):
+    path = write(tmp_path, GOOD.replace("remote_basedir: far",
+                                        "remote_basedir: /far\n    ssh_host: -oProxyCommand=touch")
+                 .replace("    delete_local_after: 7d\n", ""))
+    line = assert_one_line_exit_2(run_cli("run", "--config", str(path), cwd=tmp_path))
+    assert f"{path}:5: archives.arch.ssh_host:" in line and "'-'" in line
+
+
+def test_every_problem_of_a_file_is_reported_each_on_its_own_line(tmp_path):
+    path = write(tmp_path, """\
+        colour: blue
+        archives:
+          arch:
+            remote_basedir: far
+            max_copy_attempts: ten
+        rules:
+          - watch: inbox
+            archive: arhc
+            remote_path: "{timecod}/{name}"
+        """)
+    result = run_cli("run", "--config", str(path), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert [line.split(": ")[1] for line in lines] == [
+        f"{path}:1", f"{path}:5", f"{path}:8", f"{path}:9"], lines
+    assert all(line.startswith("watcher: ") for line in lines)
+
+
+# -- load_config: each error one line naming the key ------------------------------
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("max_copy_attempts", '"ten"', "expected a whole number of at least 1, got 'ten'"),
+    ("max_copy_attempts", "0", "expected a whole number of at least 1, got 0"),
+    ("compression", '"yes"', "expected true or false, got 'yes'"),
+    ("ssh_port", "70000", "expected a port number, got 70000"),
+    ("remote_basedir", "[a, b]", "expected a string, got ['a', 'b']"),
+    ("copy_timeout", "-5", "-5"),
+])
+def test_a_value_of_the_wrong_type_names_the_key_and_the_value(tmp_path, key, value, message):
+    text = GOOD.replace("    remote_basedir: far\n", "" if key == "remote_basedir" else "    remote_basedir: far\n")
+    path = write(tmp_path, text.replace("    delete_local_after: 7d\n", f"    {key}: {value}\n"))
+    problem = only_problem(path)
+    assert problem.startswith(f"{path}:")
+    assert f"archives.arch.{key}: " in problem and message in problem
+
+
+@pytest.mark.parametrize("key, value", [
+    ("settle", '"soon"'), ("include", "3"), ("deletable", '"no"'), ("match", '"(unclosed"'),
+])
+def test_a_rule_value_of_the_wrong_type_names_the_rule_and_key(tmp_path, key, value):
+    path = write(tmp_path, GOOD + f"    {key}: {value}\n")
+    assert only_problem(path).startswith(f"{path}:10: rules[0].{key}: ")
+
+
+def test_a_template_field_that_does_not_exist_is_named_with_the_known_fields(tmp_path):
+    path = write(tmp_path, GOOD.replace("{timecode}/{relpath}", "{timecode}/{filename}"))
+    problem = only_problem(path)
+    assert problem.startswith(f"{path}:9: rules[0].remote_path: unknown field {{filename}}")
+    assert "relpath" in problem and "timecode" in problem
+
+
+def test_a_regex_group_is_a_template_field_of_its_own_rule(tmp_path):
+    path = write(tmp_path, GOOD.replace('"{timecode}/{relpath}"', '"{kind}/{name}"')
+                 + "    match: '(?P<kind>outputs|plots)/'\n")
+    assert load_config(path).rules[0].remote_path == "{kind}/{name}"
+
+
+@pytest.mark.parametrize("template, message", [
+    ("../{relpath}", "must not climb out of the archive with '..'"),
+    ("{timecode}/../../{name}", "must not climb out of the archive with '..'"),
+    ("/srv/{relpath}", "must be relative to the archive's remote_basedir, not absolute"),
+])
+def test_a_remote_path_template_that_could_escape_the_archive_is_refused(tmp_path, template, message):
+    path = write(tmp_path, GOOD.replace("{timecode}/{relpath}", template))
+    assert only_problem(path) == f"{path}:9: rules[0].remote_path: {message}"
+
+
+def test_a_top_level_that_is_not_a_mapping_is_one_problem(tmp_path):
+    path = write(tmp_path, "- watch: inbox\n")
+    assert "expected a mapping" in only_problem(path)
+
+
+def test_an_archive_that_is_not_a_mapping_is_one_problem(tmp_path):
+    path = write(tmp_path, GOOD.replace("  arch:\n    remote_basedir: far\n    delete_local_after: 7d\n",
+                                        "  arch: 5\n  other: {remote_basedir: far}\n")
+                 .replace("archive: arch", "archive: other"))
+    assert only_problem(path) == f"{path}:3: archives.arch: expected a mapping of archive settings, got int"
+
+
+def test_a_rule_that_is_not_a_mapping_is_one_problem(tmp_path):
+    path = write(tmp_path, GOOD + "  - inbox\n")
+    assert only_problem(path).startswith(f"{path}:10: rules[1]: ")
+
+
+def test_a_file_without_archives_says_one_is_required(tmp_path):
+    path = write(tmp_path, "rules: []\n")
+    problem = only_problem(path)
+    assert problem.startswith(f"{path}") and problem.endswith(" archives: at least one archive is required")
+
+
+def test_a_directory_given_as_the_config_file_cannot_be_read(tmp_path):
+    problem = only_problem(tmp_path)
+    assert problem == f"{tmp_path}: cannot read configuration: Is a directory"
+
+
+def test_a_config_file_that_is_not_utf8_text_is_refused(tmp_path):
+    path = tmp_path / "rules.yaml"
+    path.write_bytes(b"archives:\n  \xff\xfe: {}\n")
+    assert only_problem(path) == f"{path}: not a UTF-8 text file"
+
+
+@pytest.mark.parametrize("host", ["-oProxyCommand=touch /tmp/x", "--help", "user@host name", ""])
+def test_an_ssh_host_that_ssh_would_read_as_an_option_or_split_is_refused(tmp_path, host):
+    path = write(tmp_path, GOOD.replace("remote_basedir: far",
+                                        f"remote_basedir: /far\n    ssh_host: '{host}'"))
+    assert only_problem(path).startswith(f"{path}:5: archives.arch.ssh_host: ")
+
+
+def test_an_ordinary_ssh_host_is_accepted(tmp_path):
+    path = write(tmp_path, GOOD.replace("remote_basedir: far",
+                                        "remote_basedir: /far\n    ssh_host: cryo@archive-1.example"))
+    archive = load_config(path).archives["arch"]
+    assert archive.ssh_host == "cryo@archive-1.example" and archive.is_remote
+    assert archive.remote_basedir == "/far"
+
+
+# -- what a good file means ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, seconds", [
+    (90, 90.0), (2.5, 2.5), ("90", 90.0), ("45s", 45.0), ("30m", 1800.0), ("12h", 43200.0),
+    ("7d", 604800.0), ("2w", 1209600.0), ("1.5h", 5400.0),
+])
+def test_durations_are_seconds_or_a_number_with_a_unit(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["3 days", "7x", "-5", -5, True, None, "", "h"])
+def test_a_duration_that_is_not_one_is_refused(text):
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_durations_in_a_file_become_seconds(tmp_path):
+    path = write(tmp_path, GOOD.replace("delete_local_after: 7d", "delete_local_after: 12h\n    copy_timeout: 30m")
+                 + "    settle: 90\n")
+    config = load_config(path)
+    assert config.archives["arch"].delete_local_after == 43200.0
+    assert config.archives["arch"].copy_timeout == 1800.0
+    assert config.rules[0].settle == 90.0
+
+
+def test_relative_paths_resolve_against_the_rules_files_directory_not_the_cwd(tmp_path, monkeypatch):
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    (conf_dir / "inbox").mkdir()
+    (conf_dir / "rules.yaml").write_text(GOOD + "file_root: final\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(Path("..") / "etc" / "rules.yaml")
+    assert config.database.resolve() == conf_dir / "catalog.db"
+    assert config.file_root.resolve() == conf_dir / "final"
+    assert config.rules[0].watch.resolve() == conf_dir / "inbox"
+    assert Path(config.archives["arch"].remote_basedir).resolve() == conf_dir / "far"
+
+
+def test_a_remote_archives_basedir_is_left_as_the_far_side_path(tmp_path):
+    path = write(tmp_path, GOOD.replace("remote_basedir: far", "remote_basedir: data/far\n    ssh_host: archive"))
+    assert load_config(path).archives["arch"].remote_basedir == "data/far"
+
+
+def test_a_rule_without_retention_follows_its_archive(tmp_path):
+    rule = load_config(write(tmp_path, GOOD)).rules[0]
+    assert not rule.overrides_retention
+
+
+def test_a_rule_can_keep_its_files_longer_than_its_archive(tmp_path):
+    rule = load_config(write(tmp_path, GOOD + "    delete_local_after: 30d\n")).rules[0]
+    assert rule.overrides_retention and rule.delete_local_after == 30 * 86400.0
+
+
+@pytest.mark.parametrize("value", ["null", "never", "~"])
+def test_a_rule_can_keep_its_files_forever_while_its_archive_is_cleaned(tmp_path, value):
+    config = load_config(write(tmp_path, GOOD + f"    delete_local_after: {value}\n"))
+    assert config.archives["arch"].delete_local_after == 7 * 86400.0
+    assert config.rules[0].overrides_retention and config.rules[0].delete_local_after is None
+
+
+def test_a_rule_can_override_an_archive_that_never_deletes(tmp_path):
+    text = GOOD.replace("    delete_local_after: 7d\n", "") + "    delete_local_after: 90\n"
+    config = load_config(write(tmp_path, text))
+    assert config.archives["arch"].delete_local_after is None
+    assert config.rules[0].delete_local_after == 90.0
+
+
+def test_a_rule_with_a_bad_retention_names_the_rule(tmp_path):
+    path = write(tmp_path, GOOD + "    delete_local_after: forever\n")
+    assert only_problem(path).startswith(f"{path}:10: rules[0].delete_local_after: ")
+
+
+def test_the_shipped_default_configuration_loads_under_a_state_directory(tmp_path):
+    from watcher.config import load_default_config
+
+    config = load_default_config(tmp_path / "state")
+    assert config.database == tmp_path / "state" / "catalog.db"
+    assert [r.watch for r in config.rules] == [tmp_path / "state" / "inbox"]
+    assert (tmp_path / "state" / "inbox").is_dir()

@@ -1,0 +1,353 @@
+"""A drop-in for socs' SupRsync: its catalog, its API, its writers.
+
+Every test works on a copy of shared/fixtures/socs_suprsync_v0.db, written by
+socs 0.6.4 itself (see that directory's README for what each row is)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sqlite3
+import stat
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.waiting import wait_until
+from watcher.db import Catalog, SupRsyncFilesManager, create_file
+
+FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "socs_suprsync_v0.db"
+
+SOCS_TABLES = ("supersync_v0", "timecode_dirs_v0")
+SOCS_FILE_COLUMNS = ("id", "local_path", "local_md5sum", "archive_name", "remote_path", "timestamp",
+                     "remote_md5sum", "copied", "removed", "failed_copy_attempts", "deletable", "ignore")
+SOCS_TCDIR_COLUMNS = ("id", "timecode", "archive_name", "completed", "synced", "finalized", "finalize_file_id")
+
+# Row ids in the fixture (its README lists them).
+TS_PENDING = {24, 25, 26, 27}       # timestreams 16752, never copied
+TS_MISSING = 11                     # timestreams, local file never existed, 4 failed attempts
+TS_IGNORED = 10
+TS_REMOVED = 1
+SMURF_PENDING = {28, 29, 30}        # smurf 16752, never copied
+SMURF_SPACE = 19                    # smurf, a space in the name, 2 failed attempts
+SMURF_MISSING = 21                  # smurf, local file never existed, 4 failed attempts
+SMURF_KEEP = 20                     # smurf, deletable = 0
+FINALIZE_FILE = 23                  # the finalization file socs registered for timestreams 16750
+YEAR = 365 * 86400
+
+
+@pytest.fixture
+def socs_db(tmp_path) -> Path:
+    """A writable copy of the fixture (socs and watcher switch it to WAL, which needs the directory)."""
+    path = tmp_path / "suprsync.db"
+    shutil.copyfile(FIXTURE, path)
+    path.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    return path
+
+
+@pytest.fixture
+def srfm(socs_db):
+    manager = SupRsyncFilesManager(str(socs_db))
+    yield manager
+    manager.catalog.close()
+
+
+def raw(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(str(path), isolation_level=None)
+
+
+def table_info(path: Path, table: str) -> list[tuple]:
+    with raw(path) as db:
+        return list(db.execute(f"PRAGMA table_info({table})"))
+
+
+def contents(path: Path, table: str, columns: tuple[str, ...]) -> list[tuple]:
+    cols = ", ".join(f'"{c}"' for c in columns)
+    with raw(path) as db:
+        return list(db.execute(f"SELECT {cols} FROM {table} ORDER BY id"))
+
+
+def ids(rows) -> set[int]:
+    return {r.id for r in rows}
+
+
+# -- the catalog file --------------------------------------------------------------------
+
+
+def test_opening_a_socs_catalog_keeps_every_column_and_only_adds(socs_db):
+    before = {t: table_info(socs_db, t) for t in SOCS_TABLES}
+    Catalog(socs_db).close()
+    for table in SOCS_TABLES:
+        after = table_info(socs_db, table)
+        # (cid, name, type, notnull, default, pk): socs' columns first, unchanged
+        assert after[:len(before[table])] == before[table]
+        for added in after[len(before[table]):]:
+            assert added[3] == 0, f"{table}.{added[1]} must be nullable so socs can still insert"
+    assert [c[1] for c in before["supersync_v0"]] == list(SOCS_FILE_COLUMNS)
+
+
+def test_opening_a_socs_catalog_changes_no_row_and_adds_only_watcher_objects(socs_db):
+    with raw(socs_db) as db:
+        objects_before = set(db.execute("SELECT type, name FROM sqlite_master"))
+    files = contents(socs_db, "supersync_v0", SOCS_FILE_COLUMNS)
+    tcdirs = contents(socs_db, "timecode_dirs_v0", SOCS_TCDIR_COLUMNS)
+    assert len(files) == 30 and len(tcdirs) == 7
+    catalog = Catalog(socs_db)
+    catalog.derive_timecode_dirs()  # what the agent does first on every cycle
+    catalog.close()
+    assert contents(socs_db, "supersync_v0", SOCS_FILE_COLUMNS) == files
+    assert contents(socs_db, "timecode_dirs_v0", SOCS_TCDIR_COLUMNS) == tcdirs
+    with raw(socs_db) as db:
+        objects_after = set(db.execute("SELECT type, name FROM sqlite_master"))
+    assert objects_before <= objects_after
+    added = objects_after - objects_before
+    assert added and all(name.startswith(("watcher_", "sqlite_autoindex_watcher_")) for _kind, name in added), added
+    assert {kind for kind, _name in added} <= {"index", "table"}
+
+
+def test_socs_can_keep_inserting_with_its_own_columns_after_watcher_migrated(socs_db, tmp_path):
+    Catalog(socs_db).close()
+    # What SQLAlchemy sends for socs' create_file + add_file (Python-side defaults filled in),
+    # and for its _add_file_tcdir: socs' columns only, nothing of watcher's.
+    with raw(socs_db) as db:
+        db.execute("BEGIN")
+        db.execute(
+            "INSERT INTO supersync_v0 (local_path, local_md5sum, archive_name, remote_path, timestamp, "
+            "remote_md5sum, copied, removed, failed_copy_attempts, deletable, \"ignore\") "
+            "VALUES (?, ?, ?, ?, ?, NULL, NULL, NULL, 0, 1, 0)",
+            (str(tmp_path / "new.g3"), "a" * 32, "timestreams", "16753/obs/new.g3", 1675300000.0))
+        db.execute("INSERT INTO timecode_dirs_v0 (timecode, archive_name, completed, synced, finalized, "
+                   "finalize_file_id) VALUES (16753, 'timestreams', 0, 0, 0, NULL)")
+        db.execute("COMMIT")
+    catalog = Catalog(socs_db)
+    try:
+        pending = catalog.pending_batch("timestreams", 100, 10)
+        new = [r for r in pending if r.remote_path == "16753/obs/new.g3"]
+        assert len(new) == 1 and new[0].size is None and new[0].retain is None
+        catalog.derive_timecode_dirs()
+        assert catalog.TimecodeDir.select().where(catalog.TimecodeDir.timecode == 16753).count() == 1
+    finally:
+        catalog.close()
+
+
+# -- SupRsyncFilesManager, with socs' meaning ---------------------------------------------------
+
+
+def test_copyable_files_are_the_unverified_not_removed_not_ignored_ones_below_the_attempt_limit(srfm):
+    assert ids(srfm.get_copyable_files("timestreams")) == TS_PENDING | {TS_MISSING}
+    assert ids(srfm.get_copyable_files("timestreams", max_copy_attempts=4)) == TS_PENDING
+    assert ids(srfm.get_copyable_files("smurf")) == SMURF_PENDING | {SMURF_SPACE, SMURF_MISSING}
+    assert ids(srfm.get_copyable_files("smurf", max_copy_attempts=3)) == SMURF_PENDING | {SMURF_SPACE}
+    assert ids(srfm.get_copyable_files("smurf", max_copy_attempts=2)) == SMURF_PENDING
+    assert len(srfm.get_copyable_files("smurf", num_files=2)) == 2
+    assert srfm.get_copyable_files("no-such-archive") == []
+
+
+def test_a_removed_file_is_not_copyable_even_when_its_far_copy_differs(srfm, socs_db):
+    with raw(socs_db) as db:
+        db.execute("UPDATE supersync_v0 SET remote_md5sum = NULL WHERE id = ?", (TS_REMOVED,))
+    assert TS_REMOVED not in ids(srfm.get_copyable_files("timestreams"))
+
+
+def test_an_ignored_file_is_not_copyable_until_it_is_no_longer_ignored(srfm, socs_db):
+    assert TS_IGNORED not in ids(srfm.get_copyable_files("timestreams"))
+    with raw(socs_db) as db:
+        db.execute('UPDATE supersync_v0 SET "ignore" = 0 WHERE id = ?', (TS_IGNORED,))
+    assert TS_IGNORED in ids(srfm.get_copyable_files("timestreams"))
+
+
+def test_deletable_files_are_verified_deletable_not_removed_and_old_enough(srfm):
+    assert ids(srfm.get_deletable_files("timestreams", YEAR)) == {2, 3, 4, 5, 6, 7, 8, 9, 12, 13}
+    assert ids(srfm.get_deletable_files("smurf", YEAR)) == {14, 15, 16, 17, 18, 22}
+    # the finalization file was registered at generation time: young, until delete_after is 0
+    assert FINALIZE_FILE in ids(srfm.get_deletable_files("timestreams", 0))
+    assert SMURF_KEEP not in ids(srfm.get_deletable_files("smurf", 0))
+
+
+def test_known_files_are_every_row_of_an_archive_after_a_time_oldest_first(srfm):
+    assert len(srfm.get_known_files("timestreams")) == 18
+    assert len(srfm.get_known_files("smurf")) == 12
+    later = srfm.get_known_files("timestreams", min_ctime=1675100000)
+    assert ids(later) == {6, 7, 8, 9, 10, 11, 23, 24, 25, 26, 27}
+    assert [r.timestamp for r in later] == sorted(r.timestamp for r in later)
+
+
+def test_finalized_until_is_just_before_the_oldest_unverified_file_not_ignored(srfm):
+    assert srfm.get_finalized_until("timestreams") == 1675105600.0 - 1  # the missing file
+    assert srfm.get_finalized_until("smurf") == 1675103100.0 - 1        # the file with a space
+
+
+def test_archive_stats_match_what_socs_reports(srfm):
+    assert srfm.get_archive_stats("timestreams") == {
+        "finalized_until": 1675105599.0,
+        "num_files": 18,
+        "uncopied_files": 5,  # 4 never copied + the missing one; not the ignored one
+        "last_file_added": "/data/so/suprsync_files/17958/timestream-sync/1795840304_timestreams_16750_finalized.yaml",
+        "last_file_copied": "/data/so/suprsync_files/17958/timestream-sync/1795840304_timestreams_16750_finalized.yaml",
+    }
+    assert srfm.get_archive_stats("smurf") == {
+        "finalized_until": 1675103099.0,
+        "num_files": 12,
+        "uncopied_files": 5,
+        "last_file_added": "/data/so/data/smurf/16752/crate1slot2/1675200002_bias.txt",
+        "last_file_copied": "/data/so/data/smurf/16751/crate1slot2/1675100200_iv.npy",
+    }
+
+
+def test_an_ignored_file_that_was_verified_is_not_counted_as_uncopied(srfm, socs_db):
+    with raw(socs_db) as db:
+        db.execute('UPDATE supersync_v0 SET "ignore" = 1 WHERE id = 2')
+    assert srfm.get_archive_stats("timestreams")["uncopied_files"] == 5
+
+
+def test_rows_a_method_returned_into_a_session_are_saved_when_it_commits(srfm):
+    # SupRsyncFileHandler.copy_files' pattern: change the rows, let the session commit them.
+    with srfm.Session.begin() as session:
+        files = srfm.get_copyable_files("smurf", session=session, max_copy_attempts=3)
+        for f in files:
+            f.failed_copy_attempts += 1
+            f.copied = 1800000000.0
+    attempts = {r.id: r.failed_copy_attempts for r in srfm.get_known_files("smurf")}
+    assert attempts[SMURF_SPACE] == 3 and all(attempts[i] == 1 for i in SMURF_PENDING)
+    assert attempts[SMURF_MISSING] == 4  # not returned (over the limit), not touched
+
+
+def test_add_file_registers_a_file_and_its_timecode_dir(srfm, tmp_path):
+    local = tmp_path / "1675300000_tune.npy"
+    local.write_bytes(b"tune")
+    row = srfm.add_file(str(local), "16753/crate1slot2/1675300000_tune.npy", "smurf")
+    assert row.local_md5sum == hashlib.md5(b"tune").hexdigest()
+    assert ids(srfm.get_copyable_files("smurf")) >= {row.id}
+    srfm.create_all_timecode_dirs("smurf")
+    TC = srfm.catalog.TimecodeDir
+    assert TC.select().where(TC.archive_name == "smurf", TC.timecode == 16753).count() == 1
+
+
+def test_files_inserted_in_bulk_like_pysmurf_monitor_get_timecode_dirs_without_add_file(srfm, tmp_path):
+    files = []
+    for i in range(3):
+        local = tmp_path / f"1675400{i:03d}_x.dat"
+        local.write_bytes(b"x" * i)
+        files.append(create_file(str(local), f"16754/crate1slot2/{local.name}", "smurf",
+                                 timestamp=1675400000.0 + i))
+    files.append(create_file(str(tmp_path / "other"), "16755/crate1slot2/other", "timestreams",
+                             local_md5sum="b" * 32, deletable=False))
+    with srfm.Session.begin() as s:
+        s.add_all(files)
+    assert all(f.id is not None for f in files)
+    TC = srfm.catalog.TimecodeDir
+    assert TC.select().where(TC.timecode.in_([16754, 16755])).count() == 0  # no add_file ran
+    known = {r.remote_path: r for r in srfm.get_known_files("smurf", min_ctime=1675399999)}
+    assert set(known) == {f"16754/crate1slot2/{f.local_path.rsplit('/', 1)[1]}" for f in files[:3]}
+    assert known["16754/crate1slot2/1675400002_x.dat"].local_md5sum == hashlib.md5(b"xx").hexdigest()
+    srfm.create_all_timecode_dirs("smurf")
+    found = {(t.archive_name, t.timecode) for t in TC.select()}
+    assert {("smurf", 16754), ("timestreams", 16755)} <= found
+    assert len(found) == 9  # the fixture's 7 and these two; none twice
+
+
+def test_timecode_dirs_are_derived_by_the_agents_step_from_rows_whoever_wrote_them(socs_db, tmp_path):
+    srfm = SupRsyncFilesManager(str(socs_db))
+    with srfm.Session.begin() as s:
+        s.add(create_file(str(tmp_path / "z"), "16756/z", "smurf", local_md5sum="c" * 32))
+    srfm.catalog.close()
+    catalog = Catalog(socs_db)  # a different process's view: the agent
+    try:
+        catalog.derive_timecode_dirs()
+        TC = catalog.TimecodeDir
+        assert TC.select().where(TC.archive_name == "smurf", TC.timecode == 16756).count() == 1
+        assert catalog.derive_timecode_dirs() == 0  # nothing new: nothing walked
+    finally:
+        catalog.close()
+
+
+def test_update_all_timecode_dirs_finalizes_only_complete_synced_dirs_of_that_archive(srfm, tmp_path):
+    file_root = tmp_path / "suprsync_files"
+    srfm.update_all_timecode_dirs("smurf", str(file_root), "smurf-sync")
+    TC = srfm.catalog.TimecodeDir
+    state = {(t.archive_name, t.timecode): (t.completed, t.synced, t.finalized) for t in TC.select()}
+    # smurf 16750 is all verified; 16751 waits for two files; 16752 was never copied
+    assert state[("smurf", 16750)] == (True, True, True)
+    assert state[("smurf", 16751)][2] is False and state[("smurf", 16752)][2] is False
+    # socs' finalization of timestreams 16750 stands; that archive was not asked about
+    assert state[("timestreams", 16750)] == (True, True, True)
+    assert TC.get(TC.archive_name == "timestreams", TC.timecode == 16750).finalize_file_id == FINALIZE_FILE
+    [written] = list(file_root.rglob("*_finalized.yaml"))
+    assert written.name.endswith("_smurf_16750_finalized.yaml")
+    assert written.parent.name == "smurf-sync"
+    summary = yaml.safe_load(written.read_text())
+    assert {k: summary[k] for k in ("timecode", "num_files", "subdirs", "archive_name", "instance_id")} == {
+        "timecode": 16750, "num_files": 4, "subdirs": ["crate1slot2"], "archive_name": "smurf",
+        "instance_id": "smurf-sync"}
+    row = srfm.catalog.File.get(srfm.catalog.File.local_path == str(written))
+    assert row.archive_name == "smurf"
+    assert row.remote_path == f"{int(time.time() // 1e5)}/suprsync/smurf-sync/{written.name}"
+    srfm.update_all_timecode_dirs("smurf", str(file_root), "smurf-sync")
+    assert len(list(file_root.rglob("*_finalized.yaml"))) == 1  # finalized once
+
+
+# -- the agent on a socs catalog ---------------------------------------------------------
+
+
+def recreate_local_files(db: Path, root: Path, row_ids: set[int]) -> dict[int, bytes]:
+    """Move the fixture's /data/so/ prefix under ``root`` (as its README says) and write the
+    files of ``row_ids`` there. The generator's file contents are not kept, so each file gets
+    new content and its row the md5 of it, as socs' add_file would have recorded."""
+    written = {}
+    with raw(db) as conn:
+        conn.execute("BEGIN")
+        conn.execute("UPDATE supersync_v0 SET local_path = ? || substr(local_path, length('/data/so/') + 1) "
+                     "WHERE local_path LIKE '/data/so/%'", (f"{root}/",))
+        for file_id, local in conn.execute(
+                f"SELECT id, local_path FROM supersync_v0 WHERE id IN ({','.join('?' * len(row_ids))})",
+                sorted(row_ids)).fetchall():
+            content = f"row {file_id}: {local}\n".encode() * (file_id + 1)
+            Path(local).parent.mkdir(parents=True, exist_ok=True)
+            Path(local).write_bytes(content)
+            conn.execute("UPDATE supersync_v0 SET local_md5sum = ? WHERE id = ?",
+                         (hashlib.md5(content).hexdigest(), file_id))
+            written[file_id] = content
+        conn.execute("COMMIT")
+    return written
+
+
+def test_the_agent_ships_the_pending_rows_of_a_socs_catalog_whose_files_exist(setup, start_agent, socs_db, tmp_path):
+    shippable = TS_PENDING | SMURF_PENDING | {SMURF_SPACE}
+    content = recreate_local_files(socs_db, tmp_path / "so", shippable | {TS_IGNORED})
+    verified_before = contents(socs_db, "supersync_v0", ("id", "remote_md5sum", "copied"))
+    setup.database = socs_db
+    far = {name: setup.archive(name) for name in ("timestreams", "smurf")}
+    agent = start_agent(setup)
+    catalog = agent.catalog
+    F = catalog.File
+
+    def shipped():
+        rows = list(F.select().where(F.id.in_(sorted(shippable))))
+        return all(r.remote_md5sum == r.local_md5sum for r in rows) and rows
+
+    rows = wait_until(shipped, timeout=30, message="the socs catalog's pending rows to be verified")
+    for row in rows:
+        assert (far[row.archive_name] / row.remote_path).read_bytes() == content[row.id]
+    assert (far["smurf"] / "16751/crate1slot3/1675100400_plot final.png").exists()
+    # rows whose files never existed are recorded as found gone, and hold nothing up
+    wait_until(lambda: all(F.get_by_id(i).removed == 0 for i in (TS_MISSING, SMURF_MISSING)),
+               message="missing files to be marked removed")
+    # the ignored row is not shipped; verified rows are not shipped again
+    assert not (far["timestreams"] / F.get_by_id(TS_IGNORED).remote_path).exists()
+    assert not (far["timestreams"] / "16750").exists()
+    after = {r[0]: r[1:] for r in contents(socs_db, "supersync_v0", ("id", "remote_md5sum", "copied"))}
+    for file_id, remote_md5, copied in verified_before:
+        if file_id not in shippable | {TS_MISSING, SMURF_MISSING}:
+            assert after[file_id] == (remote_md5, copied), file_id
+    # now every old timecode dir is whole and finalized once; socs' own finalization stands
+    TC = catalog.TimecodeDir
+
+    def old_dirs_finalized():
+        old = list(TC.select().where(TC.timecode < 17000))
+        return all(t.finalized for t in old) and old
+
+    wait_until(old_dirs_finalized, timeout=20, message="the fixture's timecode dirs to be finalized")
+    assert TC.get(TC.archive_name == "timestreams", TC.timecode == 16750).finalize_file_id == FINALIZE_FILE
+    assert F.select().where(F.remote_path.endswith("_timestreams_16750_finalized.yaml")).count() == 1
