@@ -81,9 +81,12 @@ ADDED_COLUMNS = (
 # below: SQLite uses a partial index only when the query names its terms.
 UNVERIFIED = "remote_md5sum IS NOT local_md5sum AND removed IS NULL"
 KEPT = "removed IS NULL AND coalesce(deletable, 1) = 1"
+# Rows with a rule's own retention, for archives that otherwise keep everything.
+KEPT_FOR_A_TIME = f"{KEPT} AND retain IS NOT NULL"
 INDEXES = (
     f"CREATE INDEX IF NOT EXISTS watcher_unverified ON supersync_v0 (archive_name, timestamp) WHERE {UNVERIFIED}",
     f"CREATE INDEX IF NOT EXISTS watcher_kept ON supersync_v0 (archive_name, timestamp) WHERE {KEPT}",
+    f"CREATE INDEX IF NOT EXISTS watcher_kept_for_a_time ON supersync_v0 (archive_name, timestamp) WHERE {KEPT_FOR_A_TIME}",
     "CREATE INDEX IF NOT EXISTS watcher_local_path ON supersync_v0 (local_path)",
     "CREATE INDEX IF NOT EXISTS watcher_remote_path ON supersync_v0 (archive_name, remote_path)",
     # whether a timecode directory still waits for a file: cost follows its unverified files
@@ -376,13 +379,15 @@ class Catalog:
 
     def _deletable_query(self, archive: str, now: float, default_retention: float | None,
                          min_retention: float, limit: int):
+        # An archive that keeps its files has only the rows some rule expires to walk.
+        kept = KEPT_FOR_A_TIME if default_retention is None else KEPT
         query = (self.File.select()
                  .where(self.File.archive_name == archive)
-                 .where(_raw(KEPT))
+                 .where(_raw(kept))
                  .where(self.File.timestamp <= now - min_retention)
                  .where(self.File.remote_md5sum == self.File.local_md5sum))
         if default_retention is None:
-            query = query.where(self.File.retain.is_null(False), self.File.timestamp + self.File.retain <= now)
+            query = query.where(self.File.timestamp + self.File.retain <= now)
         else:
             query = query.where(self.File.timestamp + fn.coalesce(self.File.retain, default_retention) <= now)
         return query.order_by(self.File.timestamp).limit(limit)
