@@ -36,8 +36,11 @@ from watcher.handlers import SettleTracker, WatchHandler, scan
 from watcher.health import Health, with_database_retry
 from watcher.registrar import Registrar
 from watcher.retention import delete_expired
-from watcher.rsync import Destination, Stopped, TransferError, make_control_dir, remove_control_dir
-from watcher.timecode import update_timecode_dirs
+from watcher.rsync import (
+    Destination, Stopped, TransferError, make_control_dir, remove_control_dir,
+    remove_stale_batch_trees,
+)
+from watcher.timecode import remove_unregistered_finalizations, update_timecode_dirs
 from watcher.transfer import TransferWorker
 
 log = logging.getLogger(__name__)
@@ -75,10 +78,16 @@ class _OverflowWatch(logging.Handler):
             self.event.set()
 
 
+def _not_shutdown_noise(record: logging.LogRecord) -> bool:
+    """watchdog logs an ERROR when its emitter is stopped mid-read: expected at exit."""
+    return "called when the thread is inactive" not in record.getMessage()
+
+
 class Agent:
     def __init__(self, config: Config, housekeeping_interval: float = HOUSEKEEPING_INTERVAL):
         self.config = config
-        self.interval = housekeeping_interval
+        # A rescan_interval shorter than the housekeeping tick shortens the tick.
+        self.interval = min(housekeeping_interval, config.rescan_interval)
         self.stop_event = threading.Event()
         self.rescan_now = threading.Event()
         self.catalog = Catalog(config.database)
@@ -165,6 +174,8 @@ class Agent:
         for name, a in self.config.archives.items():
             where = f"{a.ssh_host}:{a.remote_basedir}" if a.is_remote else a.remote_basedir
             log.info("archive %s -> %s", name, where)
+        remove_stale_batch_trees()  # left by an agent killed mid-batch
+        remove_unregistered_finalizations(self.catalog, self.config.file_root, self.config.instance_id)
         self._thread(self.settle.run, "watcher-settle")
         self._thread(self.registrar.run, "watcher-registrar")
         self._thread(self._scanner, "watcher-scanner")
@@ -181,6 +192,7 @@ class Agent:
         self.settle.stop()
         for worker in self.workers.values():
             worker.wake.set()
+        logging.getLogger("watchdog.observers.inotify").addFilter(_not_shutdown_noise)
         for observer in self._observers:
             observer.stop()
         deadline = time.monotonic() + timeout

@@ -209,20 +209,29 @@ def scan(roots: Iterable[str], rules: list[Rule], known: Callable[[list[str]], d
     """
     handed = 0
     wall = time.time()
-    pending: list[tuple[str, tuple, Rule]] = []
+    pending: list[tuple[os.DirEntry, Rule]] = []
 
     def flush():
         nonlocal handed
-        registered = known([p for p, _, _ in pending])
-        for path, key, rule in pending:
-            have = registered.get(path)
+        registered = known([entry.path for entry, _ in pending])
+        for entry, rule in pending:
+            have = registered.get(entry.path)
+            if have is None and moved_in:
+                handed += 1  # new and moved in: complete (the registrar stats it)
+                complete(entry.path)
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            key = (st.st_size, st.st_mtime_ns)
             if have is not None and have == key:
                 continue
             handed += 1
             if moved_in or wall - key[1] / 1e9 >= rule.settle:
-                complete(path)
+                complete(entry.path)
             else:
-                settle.track(path, rule.settle)
+                settle.track(entry.path, rule.settle)
         pending.clear()
 
     for root in roots:
@@ -233,11 +242,7 @@ def scan(roots: Iterable[str], rules: list[Rule], known: Callable[[list[str]], d
                 found = None
             if found is None:
                 continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            pending.append((entry.path, (st.st_size, st.st_mtime_ns), found.rule))
+            pending.append((entry, found.rule))
             if len(pending) >= batch:
                 flush()
     if pending:

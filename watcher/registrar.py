@@ -27,6 +27,8 @@ from watcher.rules import Match, UnsafeRemotePath, match_rule
 log = logging.getLogger(__name__)
 
 BATCH = 500
+SMALL_FILE = 1 << 20  # bytes; smaller files are hashed in the registrar's own thread
+LOG_EACH = 20  # registering more files at once logs a summary line (each at DEBUG)
 
 
 class Registrar:
@@ -103,7 +105,13 @@ class Registrar:
             if row is not None and (row.size, row.mtime_ns) == (st.st_size, st.st_mtime_ns):
                 continue  # already registered as it is
             todo.append((m, st, row))
-        hashed = list(self._hashers.map(self._hash, todo))
+        # Big files go to the hashing threads; small ones are hashed here meanwhile
+        # (handing each to a thread would cost more than hashing it).
+        big = {id(job): job for job in todo if job[1].st_size > SMALL_FILE}
+        in_threads = self._hashers.map(self._hash, big.values())
+        md5s = {id(job): self._hash(job) for job in todo if id(job) not in big}
+        md5s.update(zip(big, in_threads))
+        hashed = [md5s[id(job)] for job in todo]
         new, changed = [], []
         now = time.time()
         for (m, st, row), md5 in zip(todo, hashed):
@@ -124,8 +132,13 @@ class Registrar:
 
         checkpoint("hashed")
         with_database_retry(write, self.health, self.stop)
+        # One line a file for a trickle; for a burst one line (a line a file
+        # costs more than registering it, and journald drops bursts).
+        each = logging.INFO if len(new) <= LOG_EACH else logging.DEBUG
         for f in new:
-            log.info("registered %s -> %s:%s", f.local_path, f.archive_name, f.remote_path)
+            log.log(each, "registered %s -> %s:%s", f.local_path, f.archive_name, f.remote_path)
+        if len(new) > LOG_EACH:
+            log.info("registered %d files, %s to %s", len(new), new[0].local_path, new[-1].local_path)
         archives = {f.archive_name for f in new} | {row.archive_name for row, _, _ in changed}
         if archives:
             self.wake(archives)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import shlex
 import shutil
 import tempfile
@@ -88,22 +89,38 @@ def run(argv: list[str], *, stdin: bytes | None = None, timeout: float | None = 
     # Poll, never proc.wait(timeout=...): when that sees the exit it marks the
     # command waited for without joining sh's reader threads, so stdout could
     # be read short or empty. The final proc.wait() below joins them.
-    # The poll interval grows from 2 ms so short commands return promptly.
-    pause = 0.002
-    while proc.process.is_alive()[0]:
-        time.sleep(pause)
-        pause = min(pause * 2, 0.1)
-        if stop is not None and stop.is_set():
-            _kill(proc)
-            raise Stopped(argv[0])
-        if deadline is not None and time.monotonic() > deadline:
-            _kill(proc)
-            raise TransferError("timeout", f"{argv[0]} ran longer than {timeout:g}s and was killed", argv)
+    # Between polls, wait on a pidfd (readable at the exit, so a batch's
+    # commands do not each lose up to a poll interval); else sleep 2-50 ms.
+    pidfd, pause = _pidfd(proc.process.pid), 0.002
+    try:
+        while proc.process.is_alive()[0]:
+            if pidfd is not None:
+                select.select([pidfd], [], [], 0.1)
+            else:
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
+            if stop is not None and stop.is_set():
+                _kill(proc)
+                raise Stopped(argv[0])
+            if deadline is not None and time.monotonic() > deadline:
+                _kill(proc)
+                raise TransferError("timeout", f"{argv[0]} ran longer than {timeout:g}s and was killed", argv)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
     try:
         proc.wait()
     except sh.SignalException as exc:
         raise TransferError("timeout", f"{argv[0]} was killed: {exc}", argv) from None
     return Completed(proc.exit_code, proc.stdout or b"", proc.stderr or b"")
+
+
+def _pidfd(pid: int) -> int | None:
+    """A descriptor that becomes readable when ``pid`` exits (Linux 5.3+), or None."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
 
 
 def _kill(proc) -> None:
@@ -189,7 +206,7 @@ class Destination:
         Items whose local file is gone are left out (the caller marks them).
         Raises TransferError for a connection failure or a stall.
         """
-        tree = tempfile.mkdtemp(prefix="watcher-batch-", dir=_scratch_dir())
+        tree = tempfile.mkdtemp(prefix=f"{BATCH_TREE_PREFIX}{os.getpid()}-", dir=_scratch_dir())
         try:
             sent = _lay_out(os.path.join(tree, "t"), items)
             if not sent:
@@ -246,6 +263,33 @@ def _dir_arg(path: str) -> str:
     return path + "/"
 
 
+BATCH_TREE_PREFIX = "watcher-batch-"
+
+
+def remove_stale_batch_trees() -> int:
+    """Remove batch trees whose agent is gone (killed mid-batch); returns how many."""
+    base = _scratch_dir() or tempfile.gettempdir()
+    removed = 0
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return 0
+    for name in names:
+        pid = name[len(BATCH_TREE_PREFIX):].split("-", 1)[0]
+        if not name.startswith(BATCH_TREE_PREFIX) or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # its agent (or a process that took its pid) still runs
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+        removed += 1
+    return removed
+
+
 def _scratch_dir() -> str | None:
     """Where batch trees go: a memory file system when there is one.
 
@@ -262,14 +306,17 @@ def _lay_out(tree: str, items: list[Item]) -> list[Item]:
     A remote path that could leave the base directory (a row some other
     writer inserted) is never laid out; the caller charges it.
     """
-    sent, taken = [], set()
+    sent, taken, made = [], set(), set()
     for item in items:
         if item.remote_path in taken:
             continue  # two rows for one remote name: the second waits a batch
         if not os.path.lexists(item.local_path) or remote_path_problem(item.remote_path):
             continue
         link = os.path.join(tree, item.remote_path)
-        os.makedirs(os.path.dirname(link), exist_ok=True)
+        parent = os.path.dirname(link)
+        if parent not in made:  # a batch shares few directories: make each once
+            os.makedirs(parent, exist_ok=True)
+            made.add(parent)
         os.symlink(os.path.abspath(item.local_path), link)
         taken.add(item.remote_path)
         sent.append(item)

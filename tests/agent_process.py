@@ -1,0 +1,267 @@
+"""The agent as a real subprocess, for tests that kill it.
+
+``watcher run --config FILE`` is started from the same virtualenv as the
+tests, with its log going to a file; the test can freeze it at a named
+pause point (watcher/faults.py), SIGKILL it (alone, or with the rsync it
+runs, as a power cut would), start it again, stop it with SIGTERM, freeze it
+with SIGSTOP, and read its memory and CPU use from /proc.
+
+Fixtures (import them into a test module): ``agent_processes`` hands out
+``AgentProcess`` objects for a ``Setup`` (tests/conftest.py) and makes sure
+none outlives its test; ``memory_dir`` is a tmpfs directory for tests that
+make tens of thousands of files.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import pytest
+
+from tests.waiting import wait_until
+
+T = TypeVar("T")
+
+WATCHER = Path(sys.executable).with_name("watcher")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_serial = itertools.count(1)
+
+
+def watcher_command(*args: str) -> list[str]:
+    """argv for the installed ``watcher`` script (or ``python -m watcher.cli``)."""
+    if WATCHER.exists():
+        return [str(WATCHER), *args]
+    return [sys.executable, "-m", "watcher.cli", *args]
+
+
+class AgentDied(AssertionError):
+    pass
+
+
+class AgentProcess:
+    """One deployment's agent; ``start()`` may be called again after it ended."""
+
+    def __init__(self, config: Path, database: Path, workdir: Path, env: dict[str, str] | None = None):
+        self.config = Path(config)
+        self.database = Path(database)
+        self.workdir = Path(workdir)
+        self.env = dict(env or {})
+        self.proc: subprocess.Popen | None = None
+        self.pause_file: Path | None = None
+        self.log_path: Path | None = None
+        self.logs: list[Path] = []
+
+    # -- life cycle ---------------------------------------------------------------
+
+    def start(self, pause_at: str | None = None, env: dict[str, str] | None = None) -> "AgentProcess":
+        """Start ``watcher run``; with ``pause_at`` it freezes at that pause point."""
+        assert not self.running(), "the agent is already running"
+        n = next(_serial)
+        self.log_path = self.workdir / f"agent-{n}.log"
+        self.logs.append(self.log_path)
+        full_env = {k: v for k, v in os.environ.items()
+                    if k not in ("WATCHER_PAUSE_AT", "WATCHER_PAUSE_FILE", "NOTIFY_SOCKET")}
+        full_env.update(self.env)
+        full_env.update(env or {})
+        self.pause_file = None
+        if pause_at:
+            self.pause_file = self.workdir / f"paused-{n}-{pause_at}"
+            full_env["WATCHER_PAUSE_AT"] = pause_at
+            full_env["WATCHER_PAUSE_FILE"] = str(self.pause_file)
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                watcher_command("run", "--config", str(self.config)),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=full_env, cwd=self.workdir)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "the agent was never started"
+        return self.proc.pid
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_ready(self, timeout: float = 20) -> "AgentProcess":
+        """Until the agent has written its health file and watches its directories."""
+        self.wait_for(lambda: (self._health_pid() == self.pid and "watching " in self.log()),
+                      timeout, "the agent to start")
+        return self
+
+    def wait_paused(self, timeout: float = 30) -> None:
+        """Until the agent reached its pause point (and blocks there)."""
+        assert self.pause_file is not None, "started without a pause point"
+        self.wait_for(self.pause_file.exists, timeout, f"pause file {self.pause_file.name}")
+
+    def kill(self) -> None:
+        """SIGKILL: no handler runs, nothing is cleaned up."""
+        if self.running():
+            self.proc.send_signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(10)
+
+    def kill_with_children(self) -> None:
+        """SIGKILL the agent and every process it started (rsync, ssh), as a power cut would."""
+        if not self.running():
+            return
+        self.freeze()  # so it starts nothing new while its tree is read
+        for pid in _process_tree(self.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 20) -> int:
+        """SIGTERM and wait for a clean exit; returns the exit status."""
+        if self.running():
+            self.proc.send_signal(signal.SIGCONT)  # in case it was frozen
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"the agent did not stop within {timeout}s of SIGTERM\n{self.log_tail()}")
+
+    def freeze(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.proc.wait(timeout)
+
+    # -- observing ------------------------------------------------------------------
+
+    def log(self) -> str:
+        """Everything every run of this agent logged, in order."""
+        return "".join(p.read_text(errors="replace") for p in self.logs if p.exists())
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def wait_for(self, predicate: Callable[[], T], timeout: float = 20, message: str = "") -> T:
+        """wait_until, failing at once (with the log) if the agent exits meanwhile."""
+        def check():
+            result = predicate()
+            if not result and not self.running():
+                raise AgentDied(f"the agent exited with status {self.proc.returncode} while waiting for "
+                                f"{message or 'a condition'}\n{self.log_tail()}")
+            return result
+        try:
+            return wait_until(check, timeout=timeout, interval=0.05, message=message)
+        except AgentDied:
+            raise
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- agent log ---\n{self.log_tail()}") from None
+
+    def health(self) -> dict | None:
+        from watcher.health import read_health
+        return read_health(self.database)
+
+    def _health_pid(self) -> int | None:
+        try:
+            return int(json.loads(Path(f"{self.database}-watcher.json").read_text())["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _status_kb(self, key: str) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+        raise KeyError(key)
+
+    def rss_mb(self) -> float:
+        """Resident memory now."""
+        return self._status_kb("VmRSS") / 1024
+
+    def peak_rss_mb(self) -> float:
+        """The most resident memory the process ever had (VmHWM)."""
+        return self._status_kb("VmHWM") / 1024
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the agent process (all its threads)."""
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14 and 15 of proc(5)
+
+    def cpu_use_over(self, seconds: float) -> float:
+        """Share of one core used during the next ``seconds`` (a measurement, not a wait)."""
+        before, t0 = self.cpu_seconds(), time.monotonic()
+        time.sleep(seconds)
+        return (self.cpu_seconds() - before) / (time.monotonic() - t0)
+
+
+def _process_tree(root: int) -> list[int]:
+    """root and all its descendants (children may have started sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+@pytest.fixture
+def memory_dir(tmp_path):
+    """A directory on tmpfs (/dev/shm) when there is one, else under tmp_path; removed after.
+
+    For tests that create tens of thousands of files: they test the agent's
+    handling of the flood, not how fast a disk creates and deletes inodes.
+    """
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
+        path = Path(tempfile.mkdtemp(prefix="watcher-test-", dir=shm))
+    else:
+        path = tmp_path / "many-files"
+        path.mkdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def agent_processes(tmp_path):
+    """``make(setup, **env)`` -> an AgentProcess for a Setup; all are stopped at the end.
+
+    An agent still running at the end must stop cleanly on SIGTERM (status 0).
+    """
+    made: list[AgentProcess] = []
+
+    def make(setup, **env: str) -> AgentProcess:
+        agent = AgentProcess(setup.write(), setup.database, tmp_path, env)
+        made.append(agent)
+        return agent
+
+    yield make
+    problems = []
+    for agent in made:
+        if agent.running():
+            if agent.pause_file is not None:
+                agent.kill()  # frozen at a pause point on purpose
+                continue
+            status = agent.terminate()
+            if status != 0:
+                problems.append(f"agent exited {status} on SIGTERM\n{agent.log_tail()}")
+    assert not problems, "\n".join(problems)
