@@ -50,6 +50,11 @@ def _catalog(args, must_exist: bool = True) -> tuple[Catalog, Config | None]:
     db = getattr(args, "db", None)
     if db is None and getattr(args, "config", None) is None:
         db = os.environ.get(DB_ENV)
+    if db is None and getattr(args, "config", None) is None:
+        state = default_state_dir(getattr(args, "state_dir", None))
+        if not state.is_dir():  # no agent ran here: say so rather than create its directories
+            raise CommandError(f"no catalog: {state} does not exist (give --db, --config or "
+                               f"--state-dir, or set {DB_ENV})")
     if db is None:
         config = _config(args)
         db = config.database
@@ -252,56 +257,45 @@ def build_parser() -> argparse.ArgumentParser:
         if db:
             sp.add_argument("--db", metavar="PATH", help=f"catalog file (default: $SUPRSYNC_DB or the configuration's)")
 
-    sp = sub.add_parser("run", help="run the agent until SIGTERM or SIGINT")
-    where(sp, db=False)
-    sp.set_defaults(func=cmd_run)
+    def command(name, func, help, db=True):
+        sp = sub.add_parser(name, help=help)
+        where(sp, db)
+        sp.set_defaults(func=func)
+        return sp
 
-    sp = sub.add_parser("add", help="register one file (like socs' add_file)")
+    command("run", cmd_run, "run the agent until SIGTERM or SIGINT", db=False)
+
+    sp = command("add", cmd_add, "register one file (like socs' add_file)")
     sp.add_argument("local_path")
     sp.add_argument("remote_path")
     sp.add_argument("archive")
     sp.add_argument("--md5", help="the file's md5, when already known")
     sp.add_argument("--keep", action="store_true", help="never delete the local file")
-    where(sp)
-    sp.set_defaults(func=cmd_add)
 
-    sp = sub.add_parser("status", help="per-archive counts, health and progress")
+    sp = command("status", cmd_status, "per-archive counts, health and progress")
     sp.add_argument("--json", action="store_true", help="one JSON object keyed by archive")
-    where(sp)
-    sp.set_defaults(func=cmd_status)
 
-    sp = sub.add_parser("check", help="the catalog rows of a local file")
-    sp.add_argument("path")
-    where(sp)
-    sp.set_defaults(func=cmd_check)
+    command("check", cmd_check, "the catalog rows of a local file").add_argument("path")
 
-    sp = sub.add_parser("list", help="files of an archive")
+    sp = command("list", cmd_list, "files of an archive")
     sp.add_argument("archive")
     group = sp.add_mutually_exclusive_group()
     group.add_argument("--failed", action="store_true", help="only files whose attempts are exhausted")
     group.add_argument("--pending", action="store_true", help="only files waiting for a copy")
-    where(sp)
-    sp.set_defaults(func=cmd_list)
 
-    sp = sub.add_parser("retry", help="make failed files pending again")
+    sp = command("retry", cmd_retry, "make failed files pending again")
     sp.add_argument("archive")
     sp.add_argument("paths", nargs="*", metavar="PATH")
-    where(sp)
-    sp.set_defaults(func=cmd_retry)
 
-    sp = sub.add_parser("ignore", help="stop shipping these files (and stop waiting for them)")
+    sp = command("ignore", cmd_ignore, "stop shipping these files (and stop waiting for them)")
     sp.add_argument("paths", nargs="+", metavar="PATH")
-    where(sp)
-    sp.set_defaults(func=cmd_ignore)
 
-    sp = sub.add_parser("add-local-files", help="register an existing tree once")
+    sp = command("add-local-files", cmd_add_local_files, "register an existing tree once")
     sp.add_argument("root")
     sp.add_argument("archive")
     sp.add_argument("--last-edit", type=float, default=0.0, metavar="SECONDS",
                     help="only files not modified for at least this long")
     sp.add_argument("--dry-run", action="store_true", help="only say what would be added")
-    where(sp)
-    sp.set_defaults(func=cmd_add_local_files)
     return p
 
 
