@@ -178,7 +178,7 @@ def test_a_timecode_directory_is_finalized_exactly_once_and_again_for_a_late_fil
 
     wait_until(lambda: len(catalog.known_files("arch", 0)) == 4
                and all(r.verified for r in catalog.known_files("arch", 0)), timeout=20)
-    agent.housekeep_once()
+    wait_until(agent.timecodes_once, message="housekeeping while nothing waits to be registered")
     wait_until(lambda: len(finalizations()) == 1 and finalizations()[0].verified, timeout=20)
     for _ in range(3):
         agent.housekeep_once()
@@ -199,7 +199,7 @@ def test_a_timecode_directory_is_finalized_exactly_once_and_again_for_a_late_fil
     # A late file reopens the directory: a newer finalization counts it.
     (obs / "1600000999_late.g3").write_bytes(b"late")
     wait_until(lambda: verified(catalog, obs / "1600000999_late.g3"), timeout=20)
-    agent.housekeep_once()
+    wait_until(agent.timecodes_once, message="housekeeping while nothing waits to be registered")
     wait_until(lambda: len(finalizations()) == 2 and all(r.verified for r in finalizations()), timeout=20)
     newest = max(finalizations(), key=lambda r: r.id)
     assert yaml.safe_load((far / newest.remote_path).read_text())["num_files"] == 5
@@ -280,3 +280,34 @@ def test_a_file_that_cannot_be_deleted_is_reported_once_and_left(setup, start_ag
         assert len([r for r in caplog.records if "cannot delete" in r.getMessage()]) == 1
     finally:
         _allow_deletion(keep)
+
+
+def test_a_second_file_under_a_taken_far_name_is_not_registered_and_stays(setup, start_agent, caplog):
+    far = setup.archive(delete_local_after=0.5)
+    inbox = setup.rule(remote_path="{name}")  # a template that can collide
+    start_agent(setup)
+    (inbox / "a").mkdir()
+    (inbox / "b").mkdir()
+    first, second = inbox / "a" / "same.dat", inbox / "b" / "same.dat"
+    first.write_bytes(b"first")
+    catalog = setup.catalog()
+    wait_until(lambda: catalog.rows_for_path(str(first)))
+    with caplog.at_level(logging.ERROR, logger="watcher.registrar"):
+        second.write_bytes(b"second")
+        wait_until(lambda: any("already taken" in r.getMessage() for r in caplog.records))
+    wait_until(lambda: not first.exists())  # shipped, verified, past retention: deleted
+    assert (far / "same.dat").read_bytes() == b"first"
+    assert second.read_bytes() == b"second"
+    assert catalog.rows_for_path(str(second)) == []
+
+
+def test_a_second_agent_on_the_same_catalog_refuses_to_start(setup, start_agent):
+    import sys
+    setup.archive()
+    setup.rule()
+    start_agent(setup)
+    proc = subprocess.run([sys.executable, "-m", "watcher.cli", "run", "--config", str(setup.write())],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("watcher: another watcher agent (pid ")
+    assert "Traceback" not in proc.stderr

@@ -91,17 +91,17 @@ def assert_uses_index(plan: list[str], index: str, sorted_by_index: bool = True)
 
 
 def test_the_next_batch_walks_the_index_of_unverified_files_in_order(big):
-    assert_uses_index(plan_of(big, big._pending_query("big", 1000, MAX_ATTEMPTS)), "watcher_unverified")
+    assert_uses_index(plan_of(big, big._pending_query("big", 1000, MAX_ATTEMPTS)), "watcher_pending")
 
 
-def test_files_past_retention_are_found_through_the_index_of_kept_files(big):
-    for default in (3600.0, None):
+def test_files_past_retention_are_found_through_the_index_of_deletable_files(big):
+    for default, index in ((3600.0, "watcher_deletable"), (None, "watcher_deletable_by_rule")):
         query = big._deletable_query("big", time.time(), default, 3600.0, 500)
-        assert_uses_index(plan_of(big, query), "watcher_kept")
+        assert_uses_index(plan_of(big, query), index)
 
 
-def test_finalized_until_reads_the_first_entry_of_the_unverified_index(big):
-    assert_uses_index(plan_of(big, big._finalized_until_query("big")), "watcher_unverified")
+def test_finalized_until_reads_the_first_entry_of_the_pending_index(big):
+    assert_uses_index(plan_of(big, big._finalized_until_query("big")), "watcher_pending")
 
 
 def test_a_timecode_dirs_unverified_files_are_found_through_an_index(big):

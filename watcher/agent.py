@@ -13,6 +13,7 @@ All state lives in the catalog, so stopping at any instant loses nothing.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import queue
@@ -21,6 +22,8 @@ import socket
 import threading
 import time
 import warnings
+
+from pathlib import Path
 
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
@@ -50,6 +53,7 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
 
 HOUSEKEEPING_INTERVAL = 5.0
+POLL_INTERVAL = 2.0  # seconds between snapshots of a polled tree (a full walk each)
 
 
 def sd_notify(message: str) -> None:
@@ -78,6 +82,40 @@ class _OverflowWatch(logging.Handler):
             self.event.set()
 
 
+def outermost(dirs: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """The directories not inside another of the list (a scan covers its subtree)."""
+    chosen: dict[str, bool] = {}
+    for path, moved_in in sorted(set(dirs), key=lambda d: len(d[0])):  # ancestors first
+        parent, up = path, os.path.dirname(path)
+        while up != parent and parent not in chosen:
+            parent, up = up, os.path.dirname(up)
+        if parent not in chosen:
+            chosen[path] = moved_in
+    return list(chosen.items())
+
+
+class AlreadyRunning(RuntimeError):
+    """Another agent works on the same catalog: two would finalize and delete twice."""
+
+
+def _lock_catalog(database: Path):
+    """Hold an exclusive lock beside the catalog for the agent's lifetime (freed by the kernel at any exit)."""
+    path = Path(f"{database}-watcher.lock")
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise AlreadyRunning(f"another watcher agent (pid {holder}) is running on {database}") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
 def _not_shutdown_noise(record: logging.LogRecord) -> bool:
     """watchdog logs an ERROR when its emitter is stopped mid-read: expected at exit."""
     return "called when the thread is inactive" not in record.getMessage()
@@ -90,6 +128,8 @@ class Agent:
         self.interval = min(housekeeping_interval, config.rescan_interval)
         self.stop_event = threading.Event()
         self.rescan_now = threading.Event()
+        config.database.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock_catalog(config.database)  # first: a second agent must touch nothing
         self.catalog = Catalog(config.database)
         self.health = Health(config.database)
         self._control_dir = (make_control_dir()
@@ -127,15 +167,21 @@ class Agent:
     def _scanner(self) -> None:
         while not self.stop_event.is_set():
             try:
-                path, moved_in = self._scan_queue.get(timeout=0.5)
+                queued = [self._scan_queue.get(timeout=0.5)]
             except queue.Empty:
                 continue
-            try:
-                scan([path], list(self.config.rules), self.registrar.known, self._complete,
-                     self.settle, moved_in=moved_in)
-            except Exception:
-                if not self.stop_event.is_set():
-                    log.exception("scan of %s failed", path)
+            while True:  # a tree moved in brings an event per subdirectory: scan it once
+                try:
+                    queued.append(self._scan_queue.get_nowait())
+                except queue.Empty:
+                    break
+            for path, moved_in in outermost(queued):
+                try:
+                    scan([path], list(self.config.rules), self.registrar.known, self._complete,
+                         self.settle, moved_in=moved_in)
+                except Exception:
+                    if not self.stop_event.is_set():
+                        log.exception("scan of %s failed", path)
 
     def _thread(self, target, name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -147,7 +193,7 @@ class Agent:
         for rule in self.config.rules:
             by_dir.setdefault(str(rule.watch), []).append(rule)
         for watch, rules in by_dir.items():
-            observer = (PollingObserver() if any(r.poll for r in rules)
+            observer = (PollingObserver(timeout=POLL_INTERVAL) if any(r.poll for r in rules)
                         else InotifyObserver(generate_full_events=True) if InotifyObserver
                         else Observer())
             handler = WatchHandler(list(self.config.rules), self._complete, self.settle, self._scan_dir)
@@ -183,6 +229,7 @@ class Agent:
         for name, worker in self.workers.items():
             self._thread(worker.run, f"watcher-transfer-{name}")
         self._thread(self._housekeep, "watcher-housekeeper")
+        self._thread(self._retain, "watcher-retention")
         sd_notify("READY=1")
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -208,6 +255,7 @@ class Agent:
             remove_control_dir(self._control_dir)
         self.health.close()
         self.catalog.close()
+        self._lock.close()
 
     def run(self) -> int:
         """Run until SIGTERM or SIGINT; return the exit status."""
@@ -242,7 +290,7 @@ class Agent:
                     self.rescan_now.clear()
                     self.rescan()
                     next_scan = time.monotonic() + self.config.rescan_interval
-                self.housekeep_once()
+                self.timecodes_once()
             except (Stopped, TransferError) as exc:
                 if not self.stop_event.is_set():
                     log.warning("housekeeping postponed: %s", exc)
@@ -252,16 +300,54 @@ class Agent:
                 log.exception("housekeeping failed; trying again shortly")
             self.rescan_now.wait(self.interval)
 
+    def quiet(self) -> bool:
+        """No complete file waits to be registered, and no scan is pending.
+
+        Files still settling are not waited for: one that is written forever
+        (a log) would otherwise hold every directory open; one that completes
+        later in a finalized directory is a late file and finalizes it again.
+        """
+        return self.registrar.idle() and self._scan_queue.empty()
+
+    def _retain(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.retain_once()
+            except Stopped:
+                return
+            except Exception:
+                if self.stop_event.is_set():
+                    return
+                log.exception("retention failed; trying again shortly")
+            self.stop_event.wait(self.interval)
+
     def housekeep_once(self, now: float | None = None) -> None:
         """Timecode directories, then retention, for every archive."""
+        self.timecodes_once(now)
+        self.retain_once(now)
+
+    def timecodes_once(self, now: float | None = None) -> bool:
+        """Derive and finalize timecode directories; False when postponed.
+
+        Postponed while files are still on their way into the catalog (after
+        a start or a rescan, during a burst), so that a directory is never
+        declared whole before its files were counted.
+        """
         stop = self.stop_event
         with_database_retry(self.catalog.derive_timecode_dirs, self.health, stop)
+        if not self.quiet():
+            return False
         for name in self.config.archives:
             finalized = with_database_retry(
                 lambda: update_timecode_dirs(self.catalog, name, self.config.file_root,
                                              self.config.instance_id, now), self.health, stop)
             if finalized:
                 self._wake({name})
+        return True
+
+    def retain_once(self, now: float | None = None) -> None:
+        """One round of retention for every archive (far md5 checks can take long: own thread)."""
+        stop = self.stop_event
         for name in self.config.archives:
             try:
                 with_database_retry(

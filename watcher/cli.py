@@ -78,14 +78,17 @@ def _abspath(path: str) -> str:
 
 
 def cmd_run(args) -> int:
-    from watcher.agent import Agent
+    from watcher.agent import Agent, AlreadyRunning
 
     config = _config(args)
     if not args.config:
         state = default_state_dir(args.state_dir)
         log.info("no --config: using the shipped default with state under %s", state)
         log.info("drop files into %s; they are copied to %s", state / "inbox", state / "archive")
-    agent = Agent(config)
+    try:
+        agent = Agent(config)
+    except AlreadyRunning as exc:
+        raise CommandError(str(exc)) from None
     return agent.run()
 
 
@@ -127,8 +130,9 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(report["archives"], indent=2, default=str))
         return 0
+    problem = ("LOCKED" if report["database_locked"] else "ERROR") if report["database_error"] else None
     print(f"agent: {'running' if report['agent_running'] else 'not running'}"
-          + (f"; catalog LOCKED ({report['database_error']})" if report["database_locked"] else ""))
+          + (f"; catalog {problem} ({report['database_error']})" if problem else ""))
     for name, s in report["archives"].items():
         age = s["oldest_pending_age"]
         print(f"{name}: {s['files']} files, {s['pending']} pending ({_size(s['bytes_pending'])}), "
@@ -247,7 +251,7 @@ def cmd_add_local_files(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="watcher", description="Ship new data files to an archive and prove they arrived.")
     p.add_argument("--version", action="version", version=f"watcher {__version__}")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="debug log, every command run included (-vv: sh's internals too)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def where(sp, db=True):
@@ -300,10 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(verbosity: int) -> None:
-    level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity < 2 else logging.DEBUG
+    level = logging.INFO if verbosity == 0 else logging.DEBUG
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if verbosity < 3:
+    if verbosity < 2:  # sh's own debug lines are about its internals
         logging.getLogger("sh").setLevel(logging.WARNING)
 
 

@@ -80,13 +80,16 @@ ADDED_COLUMNS = (
 # The partial indexes' WHERE clauses are repeated verbatim in the queries
 # below: SQLite uses a partial index only when the query names its terms.
 UNVERIFIED = "remote_md5sum IS NOT local_md5sum AND removed IS NULL"
-KEPT = "removed IS NULL AND coalesce(deletable, 1) = 1"
-# Rows with a rule's own retention, for archives that otherwise keep everything.
-KEPT_FOR_A_TIME = f"{KEPT} AND retain IS NOT NULL"
+# Unverified and not ignored: what the next batch and finalized_until look at.
+PENDING = f'{UNVERIFIED} AND coalesce("ignore", 0) = 0'
+# Verified, still here, deletable: the only rows retention needs to see.
+DELETABLE = "removed IS NULL AND coalesce(deletable, 1) = 1 AND remote_md5sum = local_md5sum"
+# Those with a rule's own retention, for archives that otherwise keep everything.
+DELETABLE_BY_RULE = f"{DELETABLE} AND retain IS NOT NULL"
 INDEXES = (
-    f"CREATE INDEX IF NOT EXISTS watcher_unverified ON supersync_v0 (archive_name, timestamp) WHERE {UNVERIFIED}",
-    f"CREATE INDEX IF NOT EXISTS watcher_kept ON supersync_v0 (archive_name, timestamp) WHERE {KEPT}",
-    f"CREATE INDEX IF NOT EXISTS watcher_kept_for_a_time ON supersync_v0 (archive_name, timestamp) WHERE {KEPT_FOR_A_TIME}",
+    f"CREATE INDEX IF NOT EXISTS watcher_pending ON supersync_v0 (archive_name, timestamp) WHERE {PENDING}",
+    f"CREATE INDEX IF NOT EXISTS watcher_deletable ON supersync_v0 (archive_name, timestamp) WHERE {DELETABLE}",
+    f"CREATE INDEX IF NOT EXISTS watcher_deletable_by_rule ON supersync_v0 (archive_name, timestamp) WHERE {DELETABLE_BY_RULE}",
     "CREATE INDEX IF NOT EXISTS watcher_local_path ON supersync_v0 (local_path)",
     "CREATE INDEX IF NOT EXISTS watcher_remote_path ON supersync_v0 (archive_name, remote_path)",
     # whether a timecode directory still waits for a file: cost follows its unverified files
@@ -267,13 +270,13 @@ class Catalog:
                  timestamp=None, deletable=True) -> File:
         """Register one file (socs' signature); hashes it when no md5 is given."""
         local_path = os.fspath(local_path)
-        if local_md5sum is None:
-            local_md5sum = md5_of(local_path)
-        try:
+        try:  # before hashing: a file that changes meanwhile then looks changed, and is hashed again
             st = os.stat(local_path)
             size, mtime_ns = st.st_size, st.st_mtime_ns
         except OSError:
             size = mtime_ns = None
+        if local_md5sum is None:
+            local_md5sum = md5_of(local_path)
         new = NewFile(local_path, os.fspath(remote_path), archive_name, local_md5sum,
                       time.time() if timestamp is None else timestamp,
                       True if deletable is None else bool(deletable), size, mtime_ns)
@@ -289,6 +292,11 @@ class Catalog:
             problem = remote_path_problem(f.remote_path)
             if problem:
                 raise ValueError(f"remote path {f.remote_path!r} of {f.local_path} {problem}")
+        taken = self.remote_path_owners(files)
+        if taken:
+            (archive, remote), local = next(iter(taken.items()))
+            raise ValueError(f"remote path {remote!r} of archive {archive} is already "
+                             f"taken by {local}: one far copy would overwrite the other")
         rows = []
         with self.db.atomic("IMMEDIATE"):
             for f in files:
@@ -305,6 +313,48 @@ class Catalog:
                 ))
         return rows
 
+    def remote_path_owners(self, files: list[NewFile]) -> dict[tuple[str, str], str]:
+        """Remote names these files would take from another live local file.
+
+        Two local files under one far name overwrite each other's copy, and
+        retention could then delete the one whose content is nowhere else.
+        Returns ``{(archive, remote_path): the other local path}``.
+        """
+        wanted = {(f.archive_name, f.remote_path): f.local_path for f in files}
+        taken: dict[tuple[str, str], str] = {}
+        by_archive: dict[str, list[str]] = {}
+        for archive, remote in wanted:
+            by_archive.setdefault(archive, []).append(remote)
+        for archive, remotes in by_archive.items():
+            for chunk in _chunks([to_db_path(r) for r in remotes]):
+                query = (self.File.select(self.File.remote_path, self.File.local_path)
+                         .where(self.File.archive_name == archive, self.File.remote_path.in_(chunk),
+                                self.File.removed.is_null()))
+                for row in query:
+                    if row.local_path != wanted.get((archive, row.remote_path)):
+                        taken[(archive, row.remote_path)] = row.local_path
+        seen: dict[tuple[str, str], str] = {}
+        for f in files:  # within the batch too
+            key = (f.archive_name, f.remote_path)
+            if seen.setdefault(key, f.local_path) != f.local_path:
+                taken[key] = seen[key]
+        return taken
+
+    def contested_remote_paths(self, archive: str, remote_paths: list[str]) -> set[str]:
+        """Far names that live rows of different content share (other writers can insert them).
+
+        Such a far copy proves only one of the local files; retention deletes none of them.
+        """
+        contested: set[str] = set()
+        for chunk in _chunks([to_db_path(r) for r in remote_paths]):
+            query = (self.File.select(self.File.remote_path)
+                     .where(self.File.archive_name == archive, self.File.remote_path.in_(chunk),
+                            self.File.removed.is_null())
+                     .group_by(self.File.remote_path)
+                     .having(fn.COUNT(self.File.local_md5sum.distinct()) > 1))
+            contested.update(row.remote_path for row in query)
+        return contested
+
     def active_rows(self, local_paths: list[str]) -> dict[tuple[str, str], File]:
         """The newest not-removed row of each path, keyed by (path, archive)."""
         found: dict[tuple[str, str], File] = {}
@@ -314,9 +364,10 @@ class Catalog:
         return found
 
     def _active_query(self, db_paths: list):
-        return (self.File.select()
-                .where(self.File.local_path.in_(db_paths), self.File.removed.is_null())
-                .order_by(self.File.id))
+        # Plain SQL: peewee builds an IN list of hundreds of paths slower than SQLite runs it.
+        marks = ", ".join("?" * len(db_paths))
+        return self.File.raw(f"SELECT * FROM supersync_v0 WHERE local_path IN ({marks}) "
+                             "AND removed IS NULL ORDER BY id", *db_paths)
 
     def update_content(self, file_id: int, md5: str, size: int, mtime_ns: int) -> None:
         """A registered file changed: record its new content so it ships again."""
@@ -344,8 +395,7 @@ class Catalog:
     def _pending_query(self, archive: str, limit: int, max_attempts: int):
         return (self.File.select()
                 .where(self.File.archive_name == archive)
-                .where(_raw(UNVERIFIED))
-                .where(fn.coalesce(self.File.ignore, 0) == 0)
+                .where(_raw(PENDING))
                 .where(fn.coalesce(self.File.failed_copy_attempts, 0) < max_attempts)
                 .order_by(self.File.timestamp, self.File.id)
                 .limit(limit))
@@ -380,12 +430,11 @@ class Catalog:
     def _deletable_query(self, archive: str, now: float, default_retention: float | None,
                          min_retention: float, limit: int):
         # An archive that keeps its files has only the rows some rule expires to walk.
-        kept = KEPT_FOR_A_TIME if default_retention is None else KEPT
+        kept = DELETABLE_BY_RULE if default_retention is None else DELETABLE
         query = (self.File.select()
                  .where(self.File.archive_name == archive)
                  .where(_raw(kept))
-                 .where(self.File.timestamp <= now - min_retention)
-                 .where(self.File.remote_md5sum == self.File.local_md5sum))
+                 .where(self.File.timestamp <= now - min_retention))
         if default_retention is None:
             query = query.where(self.File.timestamp + self.File.retain <= now)
         else:
@@ -406,6 +455,8 @@ class Catalog:
         with self.db.atomic("IMMEDIATE"):
             for file_id, md5 in found.items():
                 self.File.update(remote_md5sum=md5).where(self.File.id == file_id).execute()
+                row = self.File.get_by_id(file_id)
+                self.reopen_timecode_dir(row.archive_name, row.remote_path)  # it is no longer whole
 
     # -- operator commands ------------------------------------------------
 
@@ -502,8 +553,7 @@ class Catalog:
 
     def _finalized_until_query(self, archive: str):
         return (self.File.select(self.File.timestamp)
-                .where(self.File.archive_name == archive, _raw(UNVERIFIED),
-                       fn.coalesce(self.File.ignore, 0) == 0)
+                .where(self.File.archive_name == archive, _raw(PENDING))
                 .order_by(self.File.timestamp).limit(1))
 
     # -- timecode directories ------------------------------------------------
@@ -534,11 +584,13 @@ class Catalog:
                 # one look-up per directory, not per row: a chunk holds a few directories
                 newest: dict[tuple[str, int], int | None] = {}
                 for file_id, archive, remote in rows:
+                    remote = os.fsdecode(remote) if isinstance(remote, bytes) else remote
                     timecode = timecode_of(remote)
-                    if timecode is not None:
-                        late = None if is_finalization_file(remote) else file_id
+                    # A finalization file makes no directory of its own: an idle
+                    # archive would otherwise finalize an empty one every day.
+                    if timecode is not None and not is_finalization_file(remote):
                         key = (archive, timecode)
-                        newest[key] = max(newest.get(key) or 0, late or 0) or None
+                        newest[key] = max(newest.get(key, 0), file_id)
                 for (archive, timecode), late in newest.items():
                     self._ensure_tcdir(archive, timecode, late)
                 self._meta_set("tcdir_scanned_id", str(rows[-1][0]))
@@ -578,27 +630,35 @@ class Catalog:
     def set_tcdir_flags(self, tcdir_id: int, **flags) -> None:
         self.TimecodeDir.update(**flags).where(self.TimecodeDir.id == tcdir_id).execute()
 
-    def _in_tcdir(self, archive: str, timecode: int):
+    def _in_tcdir(self, archive: str, timecode: int, blob: bool = False):
+        """Rows under ``{timecode}/``, as a range of one index. Non-UTF-8 names
+        are stored as BLOBs, which sort apart from text: ``blob`` asks for those."""
         lo, hi = f"{timecode}/", f"{timecode}0"  # '0' sorts right after '/'
-        return (self.File.archive_name == archive) & (self.File.remote_path >= lo) & (self.File.remote_path < hi)
+        rp = self.File.remote_path
+        if blob:
+            return (self.File.archive_name == archive) & (rp >= SQL("?", [lo.encode()])) & (rp < SQL("?", [hi.encode()]))
+        return (self.File.archive_name == archive) & (rp >= lo) & (rp < hi)
 
     def timecode_dir_has_unverified(self, archive: str, timecode: int) -> bool:
         """Whether a not-ignored file of the directory still waits for its copy."""
-        return self._tcdir_unverified_query(archive, timecode).exists()
+        return any(self._tcdir_unverified_query(archive, timecode, blob).exists() for blob in (False, True))
 
-    def _tcdir_unverified_query(self, archive: str, timecode: int):
+    def _tcdir_unverified_query(self, archive: str, timecode: int, blob: bool = False):
         return (self.File.select(self.File.id)
-                .where(self._in_tcdir(archive, timecode), _raw(UNVERIFIED),
+                .where(self._in_tcdir(archive, timecode, blob), _raw(UNVERIFIED),
                        fn.coalesce(self.File.ignore, 0) == 0)
                 .limit(1))
 
     def timecode_dir_remote_paths(self, archive: str, timecode: int) -> list[str]:
         """The verified files of a directory, once each (for its finalization file)."""
-        query = (self.File.select(self.File.remote_path).distinct()
-                 .where(self._in_tcdir(archive, timecode),
-                        self.File.remote_md5sum == self.File.local_md5sum,
-                        fn.coalesce(self.File.ignore, 0) == 0))
-        return [r.remote_path for r in query if not is_finalization_file(r.remote_path)]
+        paths = []
+        for blob in (False, True):
+            query = (self.File.select(self.File.remote_path).distinct()
+                     .where(self._in_tcdir(archive, timecode, blob),
+                            self.File.remote_md5sum == self.File.local_md5sum,
+                            fn.coalesce(self.File.ignore, 0) == 0))
+            paths += [r.remote_path for r in query if not is_finalization_file(r.remote_path)]
+        return paths
 
     def finalize_timecode_dir(self, tcdir_id: int, local_path: Path, remote_path: str, now: float,
                               num_files: int) -> bool:

@@ -89,10 +89,14 @@ def with_database_retry(work: Callable[[], T], health: Health | None, stop: thre
     """Run catalog work, waiting out a lock held longer than the busy timeout."""
 
     def before_sleep(state) -> None:
+        # A lock is waited out; so is any other catalog error (a full disk, an
+        # I/O error), named for what it is: the agent must outlive both.
         error = str(state.outcome.exception())
-        log.warning("catalog busy (%s); retrying in %.0f s", error, state.upcoming_sleep)
+        locked = "locked" in error or "busy" in error
+        log.warning("catalog %s (%s); retrying in %.0f s", "busy" if locked else "unavailable",
+                    error, state.upcoming_sleep)
         if health:
-            health.database(True, error)
+            health.database(locked, error)
 
     retrying = Retrying(
         retry=retry_if_exception_type(OperationalError),

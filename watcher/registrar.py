@@ -46,6 +46,7 @@ class Registrar:
         self._lock = threading.Lock()
         self._hashers = ThreadPoolExecutor(hash_threads, thread_name_prefix="watcher-hash")
         self._reported: set[str] = set()
+        self._busy = False
 
     def submit(self, path: str) -> None:
         """Hand over a complete file (thread-safe; a path already waiting is not queued twice)."""
@@ -56,8 +57,9 @@ class Registrar:
         self._queue.put(path)
 
     def idle(self) -> bool:
+        """Nothing waiting and nothing being registered (timecode directories may be judged)."""
         with self._lock:
-            return not self._queued
+            return not self._queued and not self._busy
 
     def known(self, paths: list[str]) -> dict[str, tuple]:
         """(size, mtime_ns) of registered paths, for scans."""
@@ -68,8 +70,18 @@ class Registrar:
         try:
             while not self.stop.is_set():
                 batch = self._take()
-                if batch:
+                if not batch:
+                    continue
+                try:
                     self.register(batch)
+                except Exception:  # the catalog keeps nothing of it; scans will hand it over again
+                    if self.stop.is_set():
+                        return
+                    log.exception("registering %d files failed; they are retried by the next scan",
+                                  len(batch))
+                finally:
+                    with self._lock:
+                        self._busy = False
         finally:
             self._hashers.shutdown(wait=False, cancel_futures=True)
 
@@ -86,6 +98,7 @@ class Registrar:
                 break
         with self._lock:
             self._queued.difference_update(batch)
+            self._busy = True
         return batch
 
     def register(self, paths: list[str]) -> int:
@@ -123,10 +136,12 @@ class Registrar:
                 new.append(self._new_file(m, st, md5, now))
 
         def write():
+            nonlocal new
             for row, md5, st in changed:
                 if md5 != row.local_md5sum:
                     log.info("%s changed after it was registered; it will be shipped again", row.local_path)
                 self.catalog.update_content(row.id, md5, st.st_size, st.st_mtime_ns)
+            new = self._without_collisions(new)
             if new:
                 self.catalog.add_files(new)
 
@@ -143,6 +158,23 @@ class Registrar:
         if archives:
             self.wake(archives)
         return len(new) + len(changed)
+
+    def _without_collisions(self, new: list[NewFile]) -> list[NewFile]:
+        """Leave out files whose far name another local file already has (reported once each).
+
+        They stay on disk, unregistered, until the rules give them names of their own.
+        """
+        taken = self.catalog.remote_path_owners(new)
+        kept = []
+        for f in new:
+            owner = taken.get((f.archive_name, f.remote_path))
+            if owner is None or owner == f.local_path:
+                kept.append(f)
+            elif f.local_path not in self._reported:
+                self._reported.add(f.local_path)
+                log.error("not registering %s: its far name %s:%s is already taken by %s",
+                          f.local_path, f.archive_name, f.remote_path, owner)
+        return kept
 
     def _match(self, path: str) -> tuple[Match, os.stat_result] | None:
         try:

@@ -70,8 +70,15 @@ def delete_expired(catalog: Catalog, config: Config, archive: str, destination: 
             if r.id not in held][:limit]
     if not rows:
         return 0
+    contested = catalog.contested_remote_paths(archive, [r.remote_path for r in rows])
     gone, changed, candidates = [], [], []
     for row in rows:
+        if row.remote_path in contested:
+            if row.id not in held:
+                log.error("not deleting %s: other files of different content are registered under "
+                          "the same far name %s:%s", row.local_path, archive, row.remote_path)
+            held[row.id] = now + HOLD_UNDELETABLE
+            continue
         state = _unchanged(row)
         (gone if state is None else candidates if state else changed).append(row)
     far = destination.far_md5([r.remote_path for r in candidates], stop,
