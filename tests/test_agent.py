@@ -8,6 +8,7 @@ import hashlib
 import logging
 import os
 import subprocess
+import threading
 import time
 
 import pytest
@@ -246,16 +247,17 @@ def test_a_rule_that_asks_for_polling_ships_without_inotify(setup, start_agent):
 
 
 def _refuse_deletion(path) -> None:
-    """Make unlinking ``path`` fail, for root too (which ignores directory modes)."""
+    """Make unlinking ``path`` (or creating it) fail, for root too (which ignores directory modes)."""
     path.parent.chmod(0o555)
-    if os.geteuid() == 0 and subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+    target = path if path.exists() else path.parent
+    if os.geteuid() == 0 and subprocess.run(["chattr", "+i", str(target)], capture_output=True).returncode:
         path.parent.chmod(0o755)
         pytest.skip("this file system cannot refuse root a deletion (no chattr +i)")
 
 
 def _allow_deletion(path) -> None:
     if os.geteuid() == 0:
-        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+        subprocess.run(["chattr", "-i", str(path if path.exists() else path.parent)], capture_output=True)
     path.parent.chmod(0o755)
 
 
@@ -311,3 +313,37 @@ def test_a_second_agent_on_the_same_catalog_refuses_to_start(setup, start_agent)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("watcher: another watcher agent (pid ")
     assert "Traceback" not in proc.stderr
+
+
+def test_a_batch_of_which_nothing_arrives_blames_the_archive_and_charges_no_file(setup, tmp_path):
+    from watcher.rsync import Destination
+    from watcher.transfer import TransferWorker
+
+    far = setup.archive(files_per_batch=4)
+    far.mkdir()
+    setup.rule()
+    config = setup.config()
+    catalog = setup.catalog()
+    for i in range(4):
+        p = tmp_path / f"f{i}.dat"
+        p.write_bytes(os.urandom(100))
+        catalog.add_file(str(p), f"d/f{i}.dat", "arch")
+    _refuse_deletion(far / "x")  # the archive's base directory takes no new entry
+    pauses = []
+    stop = threading.Event()
+    worker = TransferWorker(catalog, config.archives["arch"], Destination(config.archives["arch"]),
+                            stop, sleep=pauses.append)
+    try:
+        assert worker.step() and worker.step()
+        attempts = [r.failed_copy_attempts for r in catalog.known_files("arch", 0)]
+        assert attempts == [0, 0, 0, 0]  # two batches (4, then 2 files) charged nothing
+        assert pauses == [1.0, 2.0]
+        assert worker.step()  # a batch of one is the file's own: charged
+        assert sorted(r.failed_copy_attempts for r in catalog.known_files("arch", 0)) == [0, 0, 0, 1]
+    finally:
+        _allow_deletion(far / "x")
+    while worker.step():  # room again: everything ships, at full batch size
+        if all(r.verified for r in catalog.known_files("arch", 0)):
+            break
+    assert all(r.verified for r in catalog.known_files("arch", 0))
+    assert worker._batch_size == 4

@@ -326,3 +326,174 @@ def test_the_shipped_default_configuration_loads_under_a_state_directory(tmp_pat
     assert config.database == tmp_path / "state" / "catalog.db"
     assert [r.watch for r in config.rules] == [tmp_path / "state" / "inbox"]
     assert (tmp_path / "state" / "inbox").is_dir()
+
+
+# -- paths that overlap would loop or lose data ---------------------------------------
+
+
+def test_a_local_archive_inside_a_watched_directory_is_refused_naming_the_rule(tmp_path):
+    path = write(tmp_path, GOOD.replace("remote_basedir: far", "remote_basedir: inbox/far"))
+    problem = only_problem(path)
+    assert problem.startswith(f"{path}:4: archives.arch.remote_basedir: "
+                              f"'{tmp_path / 'inbox' / 'far'}' is inside rules[0].watch "
+                              f"('{tmp_path / 'inbox'}', line 7)"), problem
+    assert "shipped again" in problem
+
+
+def test_a_local_archive_that_is_the_watched_directory_itself_is_refused(tmp_path):
+    path = write(tmp_path, GOOD.replace("remote_basedir: far", "remote_basedir: inbox"))
+    problem = only_problem(path)
+    assert problem.startswith(f"{path}:4: archives.arch.remote_basedir: ")
+    assert "is the same directory as rules[0].watch" in problem
+
+
+def test_a_local_archive_that_contains_a_watched_directory_is_refused(tmp_path):
+    (tmp_path / "far" / "incoming").mkdir(parents=True)
+    path = write(tmp_path, GOOD.replace("watch: inbox", "watch: far/incoming"))
+    problem = only_problem(path)
+    assert problem.startswith(f"{path}:4: archives.arch.remote_basedir: ")
+    assert "contains rules[0].watch" in problem and "delete the only copy" in problem
+
+
+def test_an_archive_reached_through_a_symlink_into_the_watched_directory_is_refused(tmp_path):
+    (tmp_path / "inbox" / "copies").mkdir(parents=True)
+    (tmp_path / "shortcut").symlink_to(tmp_path / "inbox" / "copies")
+    path = write(tmp_path, GOOD.replace("remote_basedir: far", "remote_basedir: shortcut/far"))
+    assert "is inside rules[0].watch" in only_problem(path)
+
+
+def test_an_overlap_with_any_rule_is_refused_not_only_with_the_archives_own_rules(tmp_path):
+    (tmp_path / "other").mkdir()
+    path = write(tmp_path, GOOD.replace("remote_basedir: far", "remote_basedir: other/far")
+                 + "  - watch: other\n    archive: arch\n")
+    assert "is inside rules[1].watch" in only_problem(path)
+
+
+def test_a_local_archive_beside_a_watched_directory_with_a_longer_name_is_accepted(tmp_path):
+    path = write(tmp_path, GOOD.replace("remote_basedir: far", "remote_basedir: inbox-archive"))
+    assert load_config(path).archives["arch"].remote_basedir == str(tmp_path / "inbox-archive")
+
+
+def test_a_remote_archives_basedir_may_equal_a_local_watched_path(tmp_path):
+    path = write(tmp_path, GOOD.replace("remote_basedir: far",
+                                        f"remote_basedir: {tmp_path / 'inbox'}\n    ssh_host: archive"))
+    assert load_config(path).archives["arch"].is_remote
+
+
+def test_a_file_root_inside_a_watched_directory_is_refused(tmp_path):
+    path = write(tmp_path, GOOD + "file_root: inbox/finalization\n")
+    problem = only_problem(path)
+    assert problem.startswith(f"{path}:10: file_root: '{tmp_path / 'inbox' / 'finalization'}' "
+                              f"is inside rules[0].watch ('{tmp_path / 'inbox'}', line 7): "), problem
+
+
+def test_a_catalog_inside_a_watched_directory_is_refused(tmp_path):
+    path = write(tmp_path, GOOD.replace("database: catalog.db", "database: inbox/catalog.db")
+                 + f"file_root: {tmp_path / 'finalization'}\n")
+    problem = only_problem(path)
+    assert problem.startswith(f"{path}:1: database: '{tmp_path / 'inbox' / 'catalog.db'}' "
+                              "is inside rules[0].watch"), problem
+    assert "catalog" in problem.split(": ", 3)[3]
+
+
+def test_a_rules_file_kept_in_its_own_watched_directory_reports_every_default_that_overlaps(tmp_path):
+    path = write(tmp_path, """\
+        archives:
+          arch:
+            remote_basedir: far
+        rules:
+          - watch: .
+            archive: arch
+        """)
+    problems = problems_of(path)
+    assert [p.split(": ")[1] for p in problems] == [
+        "archives.arch.remote_basedir", "database", "file_root"], problems
+    assert all("inside rules[0].watch" in p for p in problems), problems
+
+
+# -- settle, ssh_key, known_hosts ----------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["0", "0.05", '"0s"'])
+def test_a_settle_shorter_than_a_tenth_of_a_second_is_refused_with_the_minimum(tmp_path, value):
+    path = write(tmp_path, GOOD + f"    settle: {value}\n")
+    problem = only_problem(path)
+    assert problem.startswith(f"{path}:10: rules[0].settle: expected at least 0.1 s"), problem
+
+
+def test_a_settle_of_a_tenth_of_a_second_is_accepted(tmp_path):
+    assert load_config(write(tmp_path, GOOD + "    settle: 0.1\n")).rules[0].settle == 0.1
+
+
+def ssh_archive(key_lines: str) -> str:
+    return GOOD.replace("remote_basedir: far", "remote_basedir: /far\n    ssh_host: archive\n" + key_lines)
+
+
+def test_an_ssh_key_that_does_not_exist_is_named(tmp_path):
+    path = write(tmp_path, ssh_archive("    ssh_key: keys/id_ed25519"))
+    assert only_problem(path) == (
+        f"{path}:6: archives.arch.ssh_key: file '{tmp_path / 'keys' / 'id_ed25519'}' does not exist")
+
+
+def test_an_ssh_key_that_is_a_directory_is_refused(tmp_path):
+    (tmp_path / "keys").mkdir()
+    path = write(tmp_path, ssh_archive("    ssh_key: keys"))
+    assert only_problem(path) == f"{path}:6: archives.arch.ssh_key: '{tmp_path / 'keys'}' is not a file"
+
+
+def test_an_ssh_key_that_exists_is_accepted(tmp_path):
+    (tmp_path / "id_ed25519").write_text("key\n")
+    path = write(tmp_path, ssh_archive("    ssh_key: id_ed25519"))
+    assert load_config(path).archives["arch"].ssh_key == str(tmp_path / "id_ed25519")
+
+
+def test_a_missing_known_hosts_file_is_refused_when_new_host_keys_are_not_accepted(tmp_path):
+    path = write(tmp_path, ssh_archive("    known_hosts: known_hosts"))
+    problem = only_problem(path)
+    assert problem.startswith(f"{path}:6: archives.arch.known_hosts: "
+                              f"file '{tmp_path / 'known_hosts'}' does not exist"), problem
+    assert "accept_new_host_keys" in problem
+
+
+def test_a_missing_known_hosts_file_is_accepted_when_new_host_keys_are(tmp_path):
+    path = write(tmp_path, ssh_archive("    known_hosts: known_hosts\n    accept_new_host_keys: true"))
+    assert load_config(path).archives["arch"].known_hosts == str(tmp_path / "known_hosts")
+
+
+def test_a_known_hosts_file_in_a_missing_directory_is_refused_even_when_new_keys_are_accepted(tmp_path):
+    path = write(tmp_path, ssh_archive("    known_hosts: ssh/known_hosts\n    accept_new_host_keys: true"))
+    problem = only_problem(path)
+    assert problem.startswith(f"{path}:6: archives.arch.known_hosts: directory '{tmp_path / 'ssh'}'")
+    assert "does not exist" in problem
+
+
+def test_an_existing_known_hosts_file_is_accepted(tmp_path):
+    (tmp_path / "known_hosts").write_text("")
+    path = write(tmp_path, ssh_archive("    known_hosts: known_hosts"))
+    assert load_config(path).archives["arch"].known_hosts == str(tmp_path / "known_hosts")
+
+
+def test_run_reports_overlaps_settle_and_ssh_files_together_one_line_each_and_exits_2(tmp_path):
+    path = write(tmp_path, """\
+        archives:
+          here:
+            remote_basedir: inbox/copies
+          there:
+            remote_basedir: /far
+            ssh_host: archive
+            ssh_key: missing_key
+            known_hosts: missing_known_hosts
+        rules:
+          - watch: inbox
+            archive: here
+            settle: 0
+        file_root: final
+        """)
+    result = run_cli("run", "--config", str(path), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert sorted(line.split(": ")[1:3] for line in lines) == sorted([
+        [f"{path}:3", "archives.here.remote_basedir"],
+        [f"{path}:7", "archives.there.ssh_key"],
+        [f"{path}:8", "archives.there.known_hosts"],
+        [f"{path}:12", "rules[0].settle"]]), lines

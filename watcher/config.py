@@ -11,7 +11,7 @@ import os
 import re
 import socket
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,10 +82,6 @@ class Config:
     rules: tuple[Rule, ...]
     rescan_interval: float = 300.0
     source: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def retention(self, archive: str) -> float | None:
-        return self.archives[archive].delete_local_after
 
 
 def parse_duration(value: Any) -> float:
@@ -217,6 +213,17 @@ def _seconds(value):
     return seconds
 
 
+MIN_SETTLE = 0.1
+
+
+def _settle(value):
+    seconds = parse_duration(value)
+    if seconds < MIN_SETTLE:
+        raise ValueError(f"expected at least {MIN_SETTLE} s of quiet before a file counts as "
+                         f"complete, got {value!r}")
+    return seconds
+
+
 def _ssh_host(value):
     # ssh would read a leading '-' as an option (-oProxyCommand=... runs a command)
     if not isinstance(value, str) or not value.strip():
@@ -295,6 +302,57 @@ _RULE = {
 }
 
 
+def _unreadable_file(path: Path) -> str | None:
+    """What stops ``path`` being read as a file, or None."""
+    if not path.exists():
+        return f"file {str(path)!r} does not exist"
+    if not path.is_file():
+        return f"{str(path)!r} is not a file"
+    if not os.access(path, os.R_OK):
+        return f"file {str(path)!r} cannot be read (permission denied)"
+    return None
+
+
+def _inside(inner: str, outer: str) -> bool:
+    return Path(inner).is_relative_to(Path(outer))
+
+
+def _check_overlaps(r: _Reader, archives: dict[str, Archive], watched: list[tuple[int, Path]],
+                    database: Path, file_root: Path) -> None:
+    """Refuse archives, catalogs and finalization directories inside watched trees
+    (they would be shipped again forever) and watched trees inside archives (retention
+    would delete the only copy)."""
+    real = [(i, watch, os.path.realpath(watch)) for i, watch in watched]
+
+    def rule_name(i: int, watch: Path) -> str:
+        line = r.lines.get(("rules", i, "watch"))
+        return f"rules[{i}].watch ({str(watch)!r}{f', line {line}' if line else ''})"
+
+    for name, archive in archives.items():
+        if archive.is_remote or not archive.remote_basedir:
+            continue
+        base = os.path.realpath(archive.remote_basedir)
+        for i, watch, real_watch in real:
+            if base == real_watch:
+                why = (f"is the same directory as {rule_name(i, watch)}: every copy would be "
+                       "shipped again, forever")
+            elif _inside(base, real_watch):
+                why = f"is inside {rule_name(i, watch)}: every copy would be shipped again, forever"
+            elif _inside(real_watch, base):
+                why = (f"contains {rule_name(i, watch)}: the archive would hold the watched files "
+                       "themselves, and retention would delete the only copy")
+            else:
+                continue
+            r.problem(("archives", name, "remote_basedir"), f"{archive.remote_basedir!r} {why}")
+    for key, where, what in (
+            ("database", database, "the catalog would be registered and shipped as data"),
+            ("file_root", file_root, "finalization files would be registered twice, once by that rule")):
+        real_where = os.path.realpath(where)
+        for i, watch, real_watch in real:
+            if _inside(real_where, real_watch):
+                r.problem((key,), f"{str(where)!r} is inside {rule_name(i, watch)}: {what}")
+
+
 def _read_archive(r: _Reader, name: Any, data: Any) -> Archive | None:
     path = ("archives", name)
     if not isinstance(name, str) or not name:
@@ -309,7 +367,21 @@ def _read_archive(r: _Reader, name: Any, data: Any) -> Archive | None:
     if basedir is not None and ssh_host is None:
         basedir = str(r.path(basedir))
     ssh_key = r.get(data, "ssh_key", path, r.path)
+    if ssh_key is not None:
+        wrong = _unreadable_file(ssh_key)
+        if wrong:
+            r.problem(path + ("ssh_key",), wrong)
     known_hosts = r.get(data, "known_hosts", path, r.path)
+    accept_new = r.get(data, "accept_new_host_keys", path, _bool, False)
+    if known_hosts is not None:
+        if accept_new:
+            if not known_hosts.parent.is_dir():
+                r.problem(path + ("known_hosts",), f"directory {str(known_hosts.parent)!r} "
+                          "(where new host keys would be written) does not exist")
+        elif not known_hosts.exists():
+            r.problem(path + ("known_hosts",), f"file {str(known_hosts)!r} does not exist, so ssh "
+                      "would refuse every connection (add the host's key to it, or set "
+                      "accept_new_host_keys: true)")
     retention = r.get(data, "delete_local_after", path, parse_duration)
     return Archive(
         name=name,
@@ -318,7 +390,7 @@ def _read_archive(r: _Reader, name: Any, data: Any) -> Archive | None:
         ssh_key=str(ssh_key) if ssh_key else None,
         ssh_port=r.get(data, "ssh_port", path, _port),
         known_hosts=str(known_hosts) if known_hosts else None,
-        accept_new_host_keys=r.get(data, "accept_new_host_keys", path, _bool, False),
+        accept_new_host_keys=accept_new,
         delete_local_after=retention,
         max_copy_attempts=r.get(data, "max_copy_attempts", path, _positive_int, 10),
         copy_timeout=r.get(data, "copy_timeout", path, _seconds, 60.0),
@@ -361,7 +433,7 @@ def _read_rule(r: _Reader, i: int, data: Any, archives: dict[str, Archive]) -> R
         match=match,
         remote_path=template,
         deletable=r.get(data, "deletable", path, _bool, True),
-        settle=r.get(data, "settle", path, parse_duration, 2.0),
+        settle=r.get(data, "settle", path, _settle, 2.0),
         poll=r.get(data, "poll", path, _bool, False),
         overrides_retention=overrides,
         delete_local_after=retention,
@@ -392,15 +464,20 @@ def parse_config(text: str, source: str, base: Path) -> Config:
     if not isinstance(raw_rules, list):
         r.problem(("rules",), "expected a list of rules")
         raw_rules = []
+    watched: list[tuple[int, Path]] = []  # the rules whose watch directory is real
     for i, value in enumerate(raw_rules):
         rule = _read_rule(r, i, value, archives)
         if rule:
             rules.append(rule)
+            if isinstance(value.get("watch"), str) and value["watch"] and rule.watch.is_dir():
+                watched.append((i, rule.watch))
     database = r.get(data, "database", (), r.path, base / "suprsync.db")
+    file_root = r.get(data, "file_root", (), r.path, database.parent / "finalization")
+    _check_overlaps(r, archives, watched, database, file_root)
     config = Config(
         instance_id=r.get(data, "instance_id", (), _str) or socket.gethostname(),
         database=database,
-        file_root=r.get(data, "file_root", (), r.path, database.parent / "finalization"),
+        file_root=file_root,
         archives=archives,
         rules=tuple(rules),
         rescan_interval=r.get(data, "rescan_interval", (), _seconds, 300.0),

@@ -200,17 +200,17 @@ class Destination:
 
     # -- running them ------------------------------------------------------------
 
-    def send(self, items: list[Item], stop: threading.Event | None = None) -> list[Item]:
-        """Copy a batch with one rsync call; return the items handed to rsync.
+    def send(self, items: list[Item], stop: threading.Event | None = None) -> tuple[list[Item], list[Item]]:
+        """Copy a batch with one rsync call; return (items handed to rsync, items refused).
 
-        Items whose local file is gone are left out (the caller marks them).
+        Items whose local file is gone are in neither (the caller marks them).
         Raises TransferError for a connection failure or a stall.
         """
         tree = tempfile.mkdtemp(prefix=f"{BATCH_TREE_PREFIX}{os.getpid()}-", dir=_scratch_dir())
         try:
-            sent = _lay_out(os.path.join(tree, "t"), items)
+            sent, refused = _lay_out(os.path.join(tree, "t"), items)
             if not sent:
-                return sent
+                return sent, refused
             argv = self.rsync_args(tree)
             # "t/./": rsync skips --files-from lines that start with '#' or ';',
             # and "/./" ends the part not sent (a leading "./" would send ".").
@@ -223,7 +223,7 @@ class Destination:
                 # check that follows charges exactly those files.
                 log.warning("rsync exited %d for %d files: %s", result.exit_code,
                             len(sent), _tail(result.stderr))
-            return sent
+            return sent, refused
         finally:
             shutil.rmtree(tree, ignore_errors=True)
 
@@ -300,27 +300,38 @@ def _scratch_dir() -> str | None:
     return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
 
 
-def _lay_out(tree: str, items: list[Item]) -> list[Item]:
+def _lay_out(tree: str, items: list[Item]) -> tuple[list[Item], list[Item]]:
     """Symlinks named as the remote paths, pointing at the local files.
 
-    A remote path that could leave the base directory (a row some other
-    writer inserted) is never laid out; the caller charges it.
+    Returns (laid out, refused). A remote path that could leave the base
+    directory or clashes with another of the batch (``a`` beside ``a/b``: a
+    row some other writer inserted) is refused, for the caller to charge; a
+    file that is gone is in neither list.
     """
-    sent, taken, made = [], set(), set()
+    sent, refused, taken, made = [], [], set(), set()
     for item in items:
         if item.remote_path in taken:
             continue  # two rows for one remote name: the second waits a batch
-        if not os.path.lexists(item.local_path) or remote_path_problem(item.remote_path):
+        if not os.path.lexists(item.local_path):
             continue
+        problem = remote_path_problem(item.remote_path)
         link = os.path.join(tree, item.remote_path)
-        parent = os.path.dirname(link)
-        if parent not in made:  # a batch shares few directories: make each once
-            os.makedirs(parent, exist_ok=True)
-            made.add(parent)
-        os.symlink(os.path.abspath(item.local_path), link)
+        try:
+            if problem:
+                raise ValueError(problem)
+            parent = os.path.dirname(link)
+            if parent not in made:  # a batch shares few directories: make each once
+                os.makedirs(parent, exist_ok=True)
+                made.add(parent)
+            os.symlink(os.path.abspath(item.local_path), link)
+        except (OSError, ValueError) as exc:
+            log.error("refusing to ship %s as %r: %s", item.local_path, item.remote_path,
+                      getattr(exc, "strerror", None) or exc)
+            refused.append(item)
+            continue
         taken.add(item.remote_path)
         sent.append(item)
-    return sent
+    return sent, refused
 
 
 def parse_md5sum_z(output: bytes) -> dict[str, str]:
@@ -358,15 +369,11 @@ def ship_batch(dest: Destination, items: list[Item], stop: threading.Event | Non
     Returns ``({id: (md5 sent, far md5 or None)}, items whose local file was gone)``.
     Raises TransferError when the connection fails; nothing is then charged.
     """
-    sent = dest.send(items, stop)
+    sent, refused = dest.send(items, stop)
     checkpoint("copied")
-    sent_ids = {i.id for i in sent}
-    missing = [i for i in items if i.id not in sent_ids and not os.path.lexists(i.local_path)]
+    handled = {i.id for i in sent} | {i.id for i in refused}
+    missing = [i for i in items if i.id not in handled and not os.path.lexists(i.local_path)]
     far = dest.far_md5([i.remote_path for i in sent], stop, sum(i.size or 0 for i in sent))
     results = {i.id: (i.local_md5sum, far.get(i.remote_path)) for i in sent}
-    for item in items:
-        problem = remote_path_problem(item.remote_path)
-        if problem:
-            log.error("refusing to ship %s: remote path %r %s", item.local_path, item.remote_path, problem)
-            results[item.id] = (item.local_md5sum, None)  # charged, so it ends failed
+    results.update({i.id: (i.local_md5sum, None) for i in refused})  # charged, so they end failed
     return results, missing

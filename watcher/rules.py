@@ -28,6 +28,8 @@ def remote_path_problem(remote_path: str) -> str | None:
         return "contains '..'"
     if "\0" in remote_path:
         return "contains a NUL byte"
+    if posixpath.normpath(remote_path) != remote_path:
+        return "is not in normal form (no '//', './' or trailing '/')"
     return None
 
 

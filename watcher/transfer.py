@@ -10,26 +10,36 @@ retries the same batch, the archive shows as degraded, nothing is charged.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Callable
 
-from peewee import OperationalError
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
 from watcher.config import Archive
 from watcher.db import Catalog
 from watcher.faults import checkpoint
 from watcher.health import Health, with_database_retry
-from watcher.rsync import Destination, Item, Stopped, TransferError, ship_batch
+from watcher.rsync import Destination, Item, TransferError, ship_batch
 
 log = logging.getLogger(__name__)
 
 IDLE_WAIT = 2.0  # seconds between looks for rows that other processes added
 
 
+def _size(row) -> int | None:
+    """Bytes of a row's file; rows socs wrote have none recorded (they size md5 timeouts)."""
+    if row.size is not None:
+        return row.size
+    try:
+        return os.stat(row.local_path).st_size
+    except OSError:
+        return None
+
+
 def items_of(rows) -> list[Item]:
-    return [Item(r.id, r.local_path, r.remote_path, r.local_md5sum, r.size) for r in rows]
+    return [Item(r.id, r.local_path, r.remote_path, r.local_md5sum, _size(r)) for r in rows]
 
 
 class TransferWorker:
@@ -44,6 +54,8 @@ class TransferWorker:
         self.wake = threading.Event()
         self._sleep = sleep or stop.wait
         self._max_backoff = max_backoff
+        self._batch_size = archive.files_per_batch
+        self._trouble = 0  # batches in a row of which nothing arrived
 
     def _before_sleep(self, state) -> None:
         error = state.outcome.exception()
@@ -69,12 +81,16 @@ class TransferWorker:
         """Ship one batch; False when nothing was pending."""
         a = self.archive
         rows = with_database_retry(
-            lambda: self.catalog.pending_batch(a.name, a.files_per_batch, a.max_copy_attempts),
+            lambda: self.catalog.pending_batch(a.name, self._batch_size, a.max_copy_attempts),
             self.health, self.stop)
         if not rows:
             return False
         items = items_of(rows)
         results, missing = self._ship(items)
+        if len(results) > 1 and not any(found == sent for sent, found in results.values()):
+            self._archive_trouble(len(results))
+            return True
+        self._batch_size, self._trouble = a.files_per_batch, 0
         if self.health:
             self.health.recovered(a.name)
         checkpoint("verified")
@@ -95,20 +111,29 @@ class TransferWorker:
                                 item.local_path, a.name, item.remote_path, sent, found)
         return True
 
+    def _archive_trouble(self, count: int) -> None:
+        """Not one file of a batch arrived: blame the archive (a full disk, an
+        unwritable base directory), not the files. Nothing is charged; the
+        worker backs off and tries again with half the batch, so that a
+        batch of one, whose failure is charged, ends a run of files that
+        really are hopeless and one bad file never holds up the others."""
+        self._trouble += 1
+        pause = min(self._max_backoff, 2.0 ** (self._trouble - 1))
+        self._batch_size = max(1, count // 2)
+        message = f"none of {count} files arrived intact; trying {self._batch_size} in {pause:.0f} s"
+        log.warning("archive %s: %s", self.archive.name, message)
+        if self.health:
+            self.health.degraded(self.archive.name, message)
+        self._sleep(pause)
+
     def run(self) -> None:
         while not self.stop.is_set():
             self.wake.clear()
             try:
                 worked = self.step()
-            except Stopped:
-                return
-            except TransferError:
-                if self.stop.is_set():
-                    return
-                raise
-            except OperationalError:
-                return  # only when stopping while the catalog was locked
             except Exception:  # keep the agent alive; the catalog still has the work
+                if self.stop.is_set():
+                    return  # stopping: a command was abandoned, or a retry gave up
                 log.exception("transfer of archive %s failed; retrying shortly", self.archive.name)
                 self.stop.wait(5)
                 continue
