@@ -347,3 +347,27 @@ def test_a_batch_of_which_nothing_arrives_blames_the_archive_and_charges_no_file
             break
     assert all(r.verified for r in catalog.known_files("arch", 0))
     assert worker._batch_size == 4
+
+
+def test_a_whole_batch_missing_locally_is_not_marked_gone_at_once(setup, tmp_path):
+    from watcher.rsync import Destination
+    from watcher.transfer import TransferWorker
+
+    setup.archive(files_per_batch=4)
+    setup.rule()
+    config = setup.config()
+    catalog = setup.catalog()
+    for i in range(4):  # registered, then their disk "goes away"
+        p = tmp_path / f"m{i}.dat"
+        p.write_bytes(b"x")
+        catalog.add_file(str(p), f"m{i}.dat", "arch")
+        p.unlink()
+    pauses = []
+    worker = TransferWorker(catalog, config.archives["arch"], Destination(config.archives["arch"]),
+                            threading.Event(), sleep=pauses.append)
+    assert worker.step() and worker.step()  # 4, then 2 missing: an unmounted disk, not deleted data
+    assert [r.removed for r in catalog.known_files("arch", 0)] == [None] * 4
+    assert worker.step()  # a batch of one is marked as before
+    assert sorted(r.removed is not None for r in catalog.known_files("arch", 0)) == [False] * 3 + [True]
+    assert worker.step()  # and the next whole batch waits longer: the trouble goes on
+    assert pauses == [1.0, 2.0, 4.0]

@@ -221,7 +221,8 @@ class Agent:
             where = f"{a.ssh_host}:{a.remote_basedir}" if a.is_remote else a.remote_basedir
             log.info("archive %s -> %s", name, where)
         remove_stale_batch_trees()  # left by an agent killed mid-batch
-        remove_unregistered_finalizations(self.catalog, self.config.file_root, self.config.instance_id)
+        remove_unregistered_finalizations(self.catalog, self.config.file_root, self.config.instance_id,
+                                          list(self.config.archives))
         self._thread(self.settle.run, "watcher-settle")
         self._thread(self.registrar.run, "watcher-registrar")
         self._thread(self._scanner, "watcher-scanner")

@@ -491,6 +491,15 @@ class Catalog:
                 count += self.File.update(ignore=True).where(self.File.local_path.in_(chunk)).execute()
             return count
 
+    def known_remote_paths(self, archive: str, remote_paths: list[str]) -> set[str]:
+        """Which of these far names rows of an archive have."""
+        known: set[str] = set()
+        for chunk in _chunks([to_db_path(p) for p in remote_paths]):
+            for row in self.File.select(self.File.remote_path).where(
+                    self.File.archive_name == archive, self.File.remote_path.in_(chunk)):
+                known.add(row.remote_path)
+        return known
+
     def known_paths(self, local_paths: list[str]) -> set[str]:
         """Which of these paths have any row (for registering a tree once)."""
         known: set[str] = set()

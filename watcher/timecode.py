@@ -93,24 +93,28 @@ def write_finalization(
     return Finalization(local, f"{tc_now}/suprsync/{instance_id}/{name}", summary)
 
 
-def remove_unregistered_finalizations(catalog: "Catalog", file_root: Path, instance_id: str) -> int:
+def remove_unregistered_finalizations(catalog: "Catalog", file_root: Path, instance_id: str,
+                                      archives: list[str]) -> int:
     """Delete this instance's finalization files that never made it into the catalog.
 
     A crash between writing one and registering it leaves it behind; it
-    would never be shipped, and a newer one replaces it. Run at start, when
-    this instance writes none. Returns how many were removed.
+    would never be shipped, and a newer one replaces it. Files are matched
+    by far name (the local one may be spelled another way by socs). Run at
+    start, when this instance writes none. Returns how many were removed.
     """
-    found = [p for p in Path(file_root).glob(f"*/{instance_id}/*")
-             if p.name.endswith(FINALIZED_SUFFIX) or p.name.endswith(FINALIZED_SUFFIX + ".tmp")]
-    if not found:
-        return 0
-    known = catalog.known_paths([str(p) for p in found])
     removed = 0
-    for path in found:
-        if str(path) not in known:
-            path.unlink(missing_ok=True)
-            removed += 1
-            log.info("removed %s: written before a crash, never registered", path)
+    for archive in archives:
+        named = re.compile(rf"^\.?\d+_{re.escape(archive)}_\d{{5}}{re.escape(FINALIZED_SUFFIX)}(\.tmp)?$")
+        found = {f"{p.parent.parent.name}/suprsync/{instance_id}/{p.name}": p
+                 for p in Path(file_root).glob(f"*/{instance_id}/*") if named.match(p.name)}
+        if not found:
+            continue
+        known = catalog.known_remote_paths(archive, list(found))
+        for remote, path in found.items():
+            if remote not in known:
+                path.unlink(missing_ok=True)
+                removed += 1
+                log.info("removed %s: written before a crash, never registered", path)
     return removed
 
 

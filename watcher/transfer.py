@@ -88,11 +88,18 @@ class TransferWorker:
         items = items_of(rows)
         results, missing = self._ship(items)
         if len(results) > 1 and not any(found == sent for sent, found in results.values()):
-            self._archive_trouble(len(results))
+            self._archive_trouble(len(results), "none of {} files arrived intact")
             return True
-        self._batch_size, self._trouble = a.files_per_batch, 0
-        if self.health:
-            self.health.recovered(a.name)
+        if len(missing) > 1 and len(missing) == len(items):
+            # A whole batch gone at once is more likely an unmounted disk than
+            # deleted data: mark none; a batch of one is marked as usual.
+            self._archive_trouble(len(missing), "none of {} files is on the local disk (unmounted?)")
+            return True
+        self._batch_size = a.files_per_batch
+        if any(found == sent for sent, found in results.values()):
+            self._trouble = 0  # only a file that arrived proves the archive well
+            if self.health:
+                self.health.recovered(a.name)
         checkpoint("verified")
         now = time.time()
         verified, failed = with_database_retry(
@@ -111,7 +118,7 @@ class TransferWorker:
                                 item.local_path, a.name, item.remote_path, sent, found)
         return True
 
-    def _archive_trouble(self, count: int) -> None:
+    def _archive_trouble(self, count: int, what: str) -> None:
         """Not one file of a batch arrived: blame the archive (a full disk, an
         unwritable base directory), not the files. Nothing is charged; the
         worker backs off and tries again with half the batch, so that a
@@ -120,7 +127,7 @@ class TransferWorker:
         self._trouble += 1
         pause = min(self._max_backoff, 2.0 ** (self._trouble - 1))
         self._batch_size = max(1, count // 2)
-        message = f"none of {count} files arrived intact; trying {self._batch_size} in {pause:.0f} s"
+        message = f"{what.format(count)}; trying {self._batch_size} in {pause:.0f} s"
         log.warning("archive %s: %s", self.archive.name, message)
         if self.health:
             self.health.degraded(self.archive.name, message)
