@@ -157,14 +157,20 @@ def test_no_remote_command_runs_for_an_empty_batch(
     assert tool_log.calls() == []
 
 
-def test_a_batch_whose_files_vanished_is_marked_removed_without_any_command(
+def test_files_that_vanished_run_no_command_and_are_marked_removed_one_batch_of_one_at_a_time(
         sshd, remote_dir, tmp_path, catalog, make_worker, tool_log):
     archive = ssh_archive(sshd, remote_dir)
     ids = register(catalog, "arch", {"a.dat": b"a", "b.dat": b"b"}, tmp_path / "src")
     for name in ("a.dat", "b.dat"):
         (tmp_path / "src" / name).unlink()
+    worker = make_worker(archive)
 
-    assert make_worker(archive).step() is True
+    # A whole batch gone looks like an unmounted disk: nothing is marked yet.
+    assert worker.step() is True
+    assert [row(catalog, i).removed for i in ids.values()] == [None, None]
+    # A batch of one is marked as usual, then the other.
+    assert worker.step() is True
+    assert worker.step() is True
 
     assert tool_log.calls() == []
     for file_id in ids.values():

@@ -177,7 +177,8 @@ class Destination:
         """
         a = self.archive
         args = ["rsync", "--recursive", "--copy-links", "--times", "--omit-dir-times",
-                "--ignore-times", "--mkpath", "--secluded-args", "--files-from=-", "--from0",
+                "--ignore-times", "--mkpath", "-s",  # -s: --secluded-args (--protect-args before 3.2.7)
+                "--files-from=-", "--from0",
                 f"--timeout={max(1, int(a.copy_timeout))}"]
         if a.chmod:
             args += ["--perms", f"--chmod={a.chmod}"]
