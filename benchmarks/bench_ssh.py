@@ -1,0 +1,411 @@
+#!/usr/bin/env python3
+"""Benchmark: watcher over loopback ssh against the plain tools, in one run.
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/bench_ssh.py            # full sizes (about 2 min)
+    .venv/bin/python benchmarks/bench_ssh.py --quick    # small sizes, for development
+
+Everything it writes (data, watched tree, far side, catalog) goes under one
+work directory in /dev/shm unless --workdir says otherwise (see the README:
+this machine's disk makes file creation randomly slow), removed at the end.
+
+It starts its own throw-away sshd on 127.0.0.1 (tests/sshd.py's SshServer;
+as root it logs in as the unprivileged `watchertest`), and measures:
+
+A. plain tools per data set: one `rsync -a` of the tree over ssh, one local
+   md5 pass (find | xargs md5sum) and one remote md5 pass (ssh ... find |
+   xargs md5sum), each a new ssh connection, run one after the other;
+B. watcher, in-process (watcher.agent.Agent, INFO logging to a file as
+   `watcher run` does): the clock starts when the prepared directory (built
+   outside the watched tree on the same file system) is moved into the
+   watched tree with os.rename, and stops when the catalog shows every file
+   verified (remote_md5sum = local_md5sum);
+C. `cp -r` of a tree into the watched tree while the agent runs: the total
+   from the start of cp, and the time from cp's exit until all are verified;
+D. one 1 MiB file written into a watched directory, against one cold
+   `rsync` of it plus one cold `ssh ... md5sum` of it (median of repeats).
+
+Nothing here is a pass/fail test: the numbers depend on the machine and on
+whatever else runs on it.  See benchmarks/README.md for recorded results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+if os.environ.get("WATCHER_SRC"):  # measure another copy of the package (e.g. an older commit)
+    sys.path.insert(0, os.environ["WATCHER_SRC"])
+
+import yaml  # noqa: E402
+
+from tests.sshd import SshServer, force_rmtree  # noqa: E402
+from watcher.agent import Agent  # noqa: E402
+from watcher.config import load_config  # noqa: E402
+
+KiB, MiB = 1 << 10, 1 << 20
+POLL = 0.02            # seconds between catalog polls
+FILES_PER_DIR = 1000   # data sets are trees of directories of this many files
+
+# lsyncd (copies, verifies nothing) from the start of a `cp -r` on this machine.
+LSYNCD_REFERENCE = {2000: 1.9, 20000: 15.0}
+
+
+@dataclass
+class DataSet:
+    name: str
+    count: int
+    size: int
+    target: float  # watcher / plain tools must stay within this
+
+    @property
+    def label(self) -> str:
+        size = f"{self.size // MiB} MiB" if self.size >= MiB else f"{self.size // KiB} KiB"
+        return f"{self.count:,} x {size}"
+
+
+FULL = [DataSet("small", 2000, 16 * KiB, 1.5),
+        DataSet("many", 20000, 4 * KiB, 1.5),
+        DataSet("large", 4, 256 * MiB, 1.25)]
+QUICK = [DataSet("small", 2000, 16 * KiB, 1.5),
+         DataSet("many", 2000, 4 * KiB, 1.5),
+         DataSet("large", 2, 64 * MiB, 1.25)]
+CP_FULL = [DataSet("cp-2k", 2000, 16 * KiB, 0), DataSet("cp-20k", 20000, 4 * KiB, 0)]
+CP_QUICK = [DataSet("cp-2k", 2000, 16 * KiB, 0), DataSet("cp-5k", 5000, 4 * KiB, 0)]
+
+
+@dataclass
+class Row:
+    scenario: str
+    data: str
+    plain: float | None
+    watcher: float
+    target: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float | None:
+        return self.watcher / self.plain if self.plain else None
+
+
+def make_tree(root: Path, count: int, size: int) -> Path:
+    """`count` files of `size` random bytes, FILES_PER_DIR to a directory."""
+    root.mkdir(parents=True)
+    chunk = os.urandom(64 * MiB + 4096) if size > MiB else b""
+    for i in range(count):
+        d = root / f"d{i // FILES_PER_DIR:03d}"
+        if i % FILES_PER_DIR == 0:
+            d.mkdir()
+        with open(d / f"f{i:06d}.dat", "wb") as f:
+            if not chunk:
+                f.write(os.urandom(size))
+                continue
+            left, n = size, 0
+            while left > 0:
+                part = min(left, 64 * MiB)
+                off = (i * 7919 + n * 104729) % 4096  # no two files alike
+                f.write(chunk[off:off + part])
+                left -= part
+                n += 1
+    return root
+
+
+def run(argv: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, check=True, **kw)
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        # Everything (data, watched tree, far side, watcher's temporary
+        # symlink trees, via TMPDIR) goes under one work directory.
+        self.work = Path(tempfile.mkdtemp(prefix="watcher-bench-", dir=args.workdir))
+        self.work.chmod(0o755)  # the far dirs below it belong to the ssh login user
+        os.environ["TMPDIR"] = str(self.work)
+        tempfile.tempdir = str(self.work)
+        if args.no_lease:
+            import watcher.handlers
+            watcher.handlers.closed_for_writing = lambda path: False
+        self.server = SshServer()
+        self.rows: list[Row] = []
+        self.log_file = self.work / "agent.log"
+        handler = logging.FileHandler(self.log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+        logging.getLogger().setLevel(logging.DEBUG if args.debug_log else logging.INFO)
+        logging.getLogger("sh").setLevel(logging.WARNING)
+        logging.getLogger("peewee").setLevel(logging.INFO)  # not a line per query
+
+    # -- plain tools --------------------------------------------------------------
+
+    def ssh(self) -> list[str]:
+        return ["ssh", *self.server.ssh_options()]
+
+    def remote_md5_pass(self, remote: Path) -> bytes:
+        script = f"cd {shlex.quote(str(remote))} && find . -type f -print0 | xargs -0 md5sum"
+        return run([*self.ssh(), "--", self.server.ssh_target, script], stdout=subprocess.PIPE).stdout
+
+    def plain_tools(self, tree: Path, remote: Path) -> tuple[float, list[str]]:
+        """rsync -a of the tree, then a local and a remote md5 pass."""
+        t0 = time.monotonic()
+        run(["rsync", "-a", "-e", self.server.rsync_rsh(), "--", f"{tree}/",
+             f"{self.server.ssh_target}:{remote}/"])
+        t1 = time.monotonic()
+        local = subprocess.run(f"find {shlex.quote(str(tree))} -type f -print0 | xargs -0 md5sum",
+                               shell=True, check=True, stdout=subprocess.PIPE).stdout
+        t2 = time.monotonic()
+        far = self.remote_md5_pass(remote)
+        t3 = time.monotonic()
+        assert local.count(b"\n") == far.count(b"\n"), "plain tools: file counts differ"
+        return t3 - t0, [f"rsync {t1 - t0:.2f}", f"md5 local {t2 - t1:.2f}", f"md5 far {t3 - t2:.2f}"]
+
+    # -- watcher ------------------------------------------------------------------
+
+    def start_agent(self, name: str) -> tuple[Agent, Path, Path, Path]:
+        """A fresh catalog, inbox and far directory; the agent started and scanned."""
+        base = self.work / name
+        inbox = base / "inbox"
+        inbox.mkdir(parents=True)
+        remote = self.server.remote_root()
+        archive = {"remote_basedir": str(remote), "ssh_host": self.server.ssh_target,
+                   "ssh_key": str(self.server.client_key), "ssh_port": self.server.port,
+                   "known_hosts": str(self.server.known_hosts)}
+        if self.args.batch:
+            archive["files_per_batch"] = self.args.batch
+        rule = {"watch": str(inbox), "archive": "far"}
+        if self.args.settle is not None:
+            rule["settle"] = self.args.settle
+        rules = {"instance_id": "bench", "database": str(base / "catalog.db"),
+                 "file_root": str(base / "finalization"), "archives": {"far": archive},
+                 "rules": [rule]}
+        path = base / "rules.yaml"
+        path.write_text(yaml.safe_dump(rules, sort_keys=False))
+        agent = Agent(load_config(path))
+        agent.start()
+        wait(lambda: agent.scans_done >= 1, 30, "the agent's start-up scan")
+        return agent, inbox, remote, base / "catalog.db"
+
+    def wait_verified(self, db: Path, count: int, timeout: float) -> tuple[float, float]:
+        """Poll the catalog until `count` rows are verified; (registered at, verified at)."""
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        registered = None
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                rows, done = con.execute(
+                    "SELECT count(*), coalesce(sum(remote_md5sum = local_md5sum), 0) "
+                    "FROM supersync_v0").fetchone()
+                now = time.monotonic()
+                if registered is None and rows >= count:
+                    registered = now
+                if done >= count:
+                    return registered, now
+                if now > deadline:
+                    raise TimeoutError(f"only {done} of {count} files verified after {timeout:.0f}s "
+                                       f"(see {self.log_file})")
+                time.sleep(POLL)
+        finally:
+            con.close()
+
+    @staticmethod
+    def far_files(remote: Path) -> int:
+        return sum(len(files) for _, _, files in os.walk(remote))
+
+    # -- scenarios ---------------------------------------------------------------
+
+    def scenario_a_b(self, ds: DataSet) -> None:
+        say(f"A/B {ds.label}: preparing")
+        staging = self.work / f"staging-{ds.name}"
+        tree = make_tree(staging / ds.name, ds.count, ds.size)
+        run(["sync"])
+        plain_remote = self.server.remote_root()
+        say(f"A   {ds.label}: plain tools")
+        plain, parts = self.plain_tools(tree, plain_remote)
+        agent, inbox, remote, db = self.start_agent(f"b-{ds.name}")
+        try:
+            say(f"B   {ds.label}: watcher")
+            t0 = time.monotonic()
+            os.rename(tree, inbox / ds.name)
+            registered, verified = self.wait_verified(db, ds.count, timeout=max(120, 40 * plain))
+        finally:
+            agent.stop()
+        far = self.far_files(remote)
+        assert far == ds.count, f"{far} files on the far side, expected {ds.count}"
+        self.rows.append(Row("B move-in", ds.label, plain, verified - t0, ds.target,
+                             parts + [f"watcher: all registered at {registered - t0:.2f}"]))
+        self.report(self.rows[-1])
+
+    def scenario_c(self, ds: DataSet) -> None:
+        say(f"C   {ds.label}: preparing")
+        src = make_tree(self.work / f"src-{ds.name}" / ds.name, ds.count, ds.size)
+        run(["sync"])
+        agent, inbox, remote, db = self.start_agent(f"c-{ds.name}")
+        try:
+            say(f"C   {ds.label}: cp -r into the watched tree")
+            t0 = time.monotonic()
+            run(["cp", "-r", "--", str(src), str(inbox / ds.name)])
+            landed = time.monotonic()
+            registered, verified = self.wait_verified(db, ds.count, timeout=300)
+        finally:
+            agent.stop()
+        far = self.far_files(remote)
+        assert far == ds.count, f"{far} files on the far side, expected {ds.count}"
+        ref = LSYNCD_REFERENCE.get(ds.count)
+        notes = [f"cp took {landed - t0:.2f}", f"verified {verified - landed:.2f} after cp exited",
+                 f"all registered at {registered - t0:.2f}"]
+        self.rows.append(Row("C cp -r", ds.label, ref, verified - t0, 1.0 if ref else None,
+                             notes + ([f"reference: lsyncd {ref} s, copy only"] if ref else [])))
+        self.report(self.rows[-1])
+
+    def scenario_d(self, repeats: int) -> None:
+        say(f"D   1 MiB x {repeats}: single files")
+        src_dir = self.work / "d-src"
+        src_dir.mkdir()
+        plain_times, watcher_times = [], []
+        agent, inbox, remote, db = self.start_agent("d")
+        try:
+            for i in range(repeats):
+                data = os.urandom(MiB)
+                # plain: one cold rsync of the file, one cold ssh md5sum of it
+                src = src_dir / f"single-{i}.dat"
+                src.write_bytes(data)
+                plain_remote = self.server.remote_root()
+                t0 = time.monotonic()
+                run(["rsync", "-a", "-e", self.server.rsync_rsh(), "--", str(src),
+                     f"{self.server.ssh_target}:{plain_remote}/"])
+                out = run([*self.ssh(), "--", self.server.ssh_target,
+                           f"md5sum -- {shlex.quote(str(plain_remote / src.name))}"],
+                          stdout=subprocess.PIPE).stdout
+                plain_times.append(time.monotonic() - t0)
+                assert out.split()[0].decode() == md5_hex(data)
+                # watcher: the same bytes written into the watched directory
+                t0 = time.monotonic()
+                with open(inbox / f"single-{i}.dat", "wb") as f:
+                    f.write(data)
+                _, verified = self.wait_verified(db, i + 1, timeout=60)
+                watcher_times.append(verified - t0)
+        finally:
+            agent.stop()
+        plain, watch = statistics.median(plain_times), statistics.median(watcher_times)
+        self.rows.append(Row("D one file", "1 MiB", plain, watch, 1.5, [
+            "plain " + " ".join(f"{t:.3f}" for t in plain_times),
+            "watcher " + " ".join(f"{t:.3f}" for t in watcher_times),
+            "(medians of the repeats; the first watcher file opens the shared ssh connection)"]))
+        self.report(self.rows[-1])
+
+    # -- output -------------------------------------------------------------------
+
+    def report(self, row: Row) -> None:
+        ratio = f"{row.ratio:.2f}x" if row.ratio else "-"
+        say(f"    -> watcher {row.watcher:.2f} s, plain {fmt(row.plain)} s, ratio {ratio}; "
+            + "; ".join(row.notes))
+
+    def table(self) -> str:
+        head = ("scenario", "data", "plain tools s", "watcher s", "ratio", "target", "")
+        lines = [head]
+        for r in self.rows:
+            if r.target and r.ratio is not None:
+                verdict = "ok" if r.ratio <= r.target else "MISSED"
+                target = f"<= {r.target:g}x"
+            else:
+                verdict, target = "", "-"
+            lines.append((r.scenario, r.data, fmt(r.plain), f"{r.watcher:.2f}",
+                          f"{r.ratio:.2f}x" if r.ratio is not None else "-", target, verdict))
+        widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+        out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
+        out.insert(1, "  ".join("-" * w for w in widths))
+        out.append("")
+        for r in self.rows:
+            out.append(f"{r.scenario} {r.data}: " + "; ".join(r.notes))
+        return "\n".join(out)
+
+    def main(self) -> None:
+        args = self.args
+        sets = QUICK if args.quick else FULL
+        cps = CP_QUICK if args.quick else CP_FULL
+        if args.only:
+            sets = [d for d in sets if d.name in args.only]
+            cps = [d for d in cps if d.name in args.only]
+        self.server.start()
+        started = time.monotonic()
+        try:
+            if "B" in args.scenarios:
+                for ds in sets:
+                    self.scenario_a_b(ds)
+            if "C" in args.scenarios:
+                for ds in cps:
+                    self.scenario_c(ds)
+            if "D" in args.scenarios:
+                self.scenario_d(args.repeats)
+        finally:
+            self.server.cleanup()
+            # Nothing is deleted before the end: on an ext4 without a journal
+            # (this machine's), inodes freed in the last 30 s make new ones slow.
+            if not args.keep:
+                force_rmtree(self.work)
+        print()
+        print(f"watcher {describe_machine()}; total {time.monotonic() - started:.0f} s")
+        print(self.table())
+
+
+def md5_hex(data: bytes) -> str:
+    import hashlib
+    return hashlib.md5(data).hexdigest()
+
+
+def wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(POLL)
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def describe_machine() -> str:
+    import watcher
+    load = os.getloadavg()[0]
+    return (f"from {Path(watcher.__file__).parent} on {os.cpu_count()} cores, "
+            f"load average {load:.1f} at the end")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small data sets, for development")
+    p.add_argument("--scenarios", default="BCD",
+                   help="which of B (A+B: plain tools and move-in), C (cp -r), D (one file) to run")
+    p.add_argument("--only", nargs="*", help="data set names to run (small many large cp-2k cp-20k ...)")
+    p.add_argument("--repeats", type=int, default=5, help="single-file repeats in D")
+    p.add_argument("--batch", type=int, help="files_per_batch for the archive (default: watcher's)")
+    p.add_argument("--settle", type=float, help="the rule's settle seconds (default: watcher's)")
+    p.add_argument("--workdir", default="/dev/shm",
+                   help="where the data, the watched tree and the far side go (default /dev/shm; "
+                   "see README for why, and for runs on disk with --workdir /var/tmp)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (agent.log)")
+    p.add_argument("--debug-log", action="store_true", help="agent log at DEBUG level")
+    p.add_argument("--no-lease", action="store_true", help="experiment: scans never check for writers")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    Bench(parse_args()).main()
