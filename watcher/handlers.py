@@ -9,6 +9,7 @@ lost events (queue overflow, the agent down) are found by scans.
 
 from __future__ import annotations
 
+import fcntl
 import heapq
 import logging
 import os
@@ -102,6 +103,33 @@ class SettleTracker:
                 deadline = self._clock() + settle
                 self._state[path] = (deadline, settle, now_key)
                 heapq.heappush(self._heap, (deadline, path))
+
+
+def closed_for_writing(path: str) -> bool:
+    """True when no process has the file open for writing, as far as we can tell.
+
+    A read lease is granted only then. A file found by a scan (its events
+    were missed) that is closed counts as closed after writing; one that is
+    still open will send its close event, as its directory is watched by now.
+    Only the file's owner (or root) may take a lease, and not on every file
+    system: then False, and the file settles as before. No owner is set for
+    lease-break signals, and the lease is dropped at once.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
+        return False
+    try:
+        fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_RDLCK)
+        fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_UNLCK)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+_F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 
 
 def _stat_key(path: str) -> tuple | None:
@@ -228,7 +256,7 @@ def scan(roots: Iterable[str], rules: list[Rule], known: Callable[[list[str]], d
             if have is not None and have == key:
                 continue
             handed += 1
-            if moved_in or wall - key[1] / 1e9 >= rule.settle:
+            if moved_in or wall - key[1] / 1e9 >= rule.settle or closed_for_writing(entry.path):
                 complete(entry.path)
             else:
                 settle.track(entry.path, rule.settle)
