@@ -55,13 +55,19 @@ def test_a_non_utf8_name_keeps_its_timecode_directory_open_until_verified(catalo
     assert catalog.timecode_dir_remote_paths("arch", 16000) == [name]
 
 
-def test_finalization_files_make_no_timecode_directory_of_their_own(catalog, tmp_path):
+def shipped_and_finalized(catalog, tmp_path):
+    """One verified file in timecode directory 16000, and the directory finalized."""
     data = tmp_path / "d.g3"
     data.write_bytes(b"d")
     row = catalog.add_file(str(data), "16000/d.g3", "arch")
     catalog.record_transfer({row.id: (row.local_md5sum, row.local_md5sum)}, time.time())
     catalog.derive_timecode_dirs()
     assert update_timecode_dirs(catalog, "arch", tmp_path / "fin", "inst") == 1
+    return row
+
+
+def test_finalization_files_make_no_timecode_directory_of_their_own(catalog, tmp_path):
+    shipped_and_finalized(catalog, tmp_path)
     catalog.derive_timecode_dirs()
     # only the data directory: the finalization file's own directory would
     # otherwise be finalized empty two timecodes later, and so on forever
@@ -69,12 +75,7 @@ def test_finalization_files_make_no_timecode_directory_of_their_own(catalog, tmp
 
 
 def test_a_far_copy_found_missing_reopens_its_finalized_directory(catalog, tmp_path):
-    data = tmp_path / "d.g3"
-    data.write_bytes(b"d")
-    row = catalog.add_file(str(data), "16000/d.g3", "arch")
-    catalog.record_transfer({row.id: (row.local_md5sum, row.local_md5sum)}, time.time())
-    catalog.derive_timecode_dirs()
-    update_timecode_dirs(catalog, "arch", tmp_path / "fin", "inst")
+    row = shipped_and_finalized(catalog, tmp_path)
     assert not catalog.open_timecode_dirs("arch")
     catalog.mark_unverified({row.id: None})
     assert [t.timecode for t in catalog.open_timecode_dirs("arch")] == [16000]
