@@ -1,6 +1,6 @@
 """A drop-in for socs' SupRsync: its catalog, its API, its writers.
 
-Every test works on a copy of shared/fixtures/socs_suprsync_v0.db, written by
+Every test works on a copy of tests/fixtures/socs_suprsync_v0.db (from shared/fixtures), written by
 socs 0.6.4 itself (see that directory's README for what each row is)."""
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import yaml
 from tests.waiting import wait_until
 from watcher.db import Catalog, SupRsyncFilesManager, create_file
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "socs_suprsync_v0.db"
+# A copy of shared/fixtures (see tests/fixtures/README.md), so a clone tests on its own.
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "socs_suprsync_v0.db"
 
 SOCS_TABLES = ("supersync_v0", "timecode_dirs_v0")
 SOCS_FILE_COLUMNS = ("id", "local_path", "local_md5sum", "archive_name", "remote_path", "timestamp",
