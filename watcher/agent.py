@@ -129,7 +129,7 @@ class Agent:
         self.stop_event = threading.Event()
         self.rescan_now = threading.Event()
         config.database.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = _lock_catalog(config.database)  # first: a second agent must touch nothing
+        self._catalog_lock = _lock_catalog(config.database)  # first: a second agent must touch nothing
         self.catalog = Catalog(config.database)
         self.health = Health(config.database)
         self._control_dir = (make_control_dir()
@@ -256,7 +256,7 @@ class Agent:
             remove_control_dir(self._control_dir)
         self.health.close()
         self.catalog.close()
-        self._lock.close()
+        self._catalog_lock.close()
 
     def run(self) -> int:
         """Run until SIGTERM or SIGINT; return the exit status."""

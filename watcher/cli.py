@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--state-dir", metavar="DIR",
                         help="where the shipped default keeps its data (default: ./watcher-data, or $WATCHER_STATE_DIR)")
         if db:
-            sp.add_argument("--db", metavar="PATH", help=f"catalog file (default: $SUPRSYNC_DB or the configuration's)")
+            sp.add_argument("--db", metavar="PATH", help="catalog file (default: --config's database, then $SUPRSYNC_DB)")
 
     def command(name, func, help, db=True):
         sp = sub.add_parser(name, help=help)

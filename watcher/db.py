@@ -232,7 +232,6 @@ class Catalog:
         )
         # Models of this catalog's own, so two catalogs in one process never mix.
         self.File, self.TimecodeDir = bind_models(self.db)
-        self._lock = threading.Lock()
         self.migrate()
 
     def close(self) -> None:
@@ -399,9 +398,6 @@ class Catalog:
                 .where(fn.coalesce(self.File.failed_copy_attempts, 0) < max_attempts)
                 .order_by(self.File.timestamp, self.File.id)
                 .limit(limit))
-
-    def has_pending(self, archive: str, max_attempts: int) -> bool:
-        return bool(self.pending_batch(archive, 1, max_attempts))
 
     def record_transfer(self, results: dict[int, tuple[str, str | None]], now: float) -> tuple[int, int]:
         """Store far md5 sums of a batch: ``{id: (md5 sent, md5 found or None)}``.
