@@ -391,6 +391,13 @@ class Catalog:
         """The oldest files of an archive that still need a verified copy."""
         return list(self._pending_query(archive, limit, max_attempts))
 
+    def pending_rows(self, archive: str, limit: int, max_attempts: int) -> list[tuple]:
+        """pending_batch as (id, local_path, remote_path, local_md5sum, size) tuples:
+        the transfer worker's query, without building a model object per row."""
+        F = self.File
+        return list(self._pending_query(archive, limit, max_attempts)
+                    .select(F.id, F.local_path, F.remote_path, F.local_md5sum, F.size).tuples())
+
     def _pending_query(self, archive: str, limit: int, max_attempts: int):
         return (self.File.select()
                 .where(self.File.archive_name == archive)

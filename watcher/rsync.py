@@ -369,11 +369,22 @@ def ship_batch(dest: Destination, items: list[Item], stop: threading.Event | Non
     Returns ``({id: (md5 sent, far md5 or None)}, items whose local file was gone)``.
     Raises TransferError when the connection fails; nothing is then charged.
     """
+    sent, refused, missing = send_batch(dest, items, stop)
+    far = dest.far_md5([i.remote_path for i in sent], stop, sum(i.size or 0 for i in sent))
+    return batch_results(sent, refused, far), missing
+
+
+def send_batch(dest: Destination, items: list[Item], stop: threading.Event | None = None) -> tuple[list[Item], list[Item], list[Item]]:
+    """The copy half of ship_batch: (items handed to rsync, items refused, items gone)."""
     sent, refused = dest.send(items, stop)
     checkpoint("copied")
     handled = {i.id for i in sent} | {i.id for i in refused}
     missing = [i for i in items if i.id not in handled and not os.path.lexists(i.local_path)]
-    far = dest.far_md5([i.remote_path for i in sent], stop, sum(i.size or 0 for i in sent))
+    return sent, refused, missing
+
+
+def batch_results(sent: list[Item], refused: list[Item], far: dict[str, str]) -> dict[int, tuple[str, str | None]]:
+    """The check half of ship_batch, given the far md5 sums: ``{id: (md5 sent, far md5 or None)}``."""
     results = {i.id: (i.local_md5sum, far.get(i.remote_path)) for i in sent}
     results.update({i.id: (i.local_md5sum, None) for i in refused})  # charged, so they end failed
-    return results, missing
+    return results

@@ -5,6 +5,12 @@ when none is left the worker waits on its wake event (set by the registrar,
 or a timeout that picks up rows other processes added), never spinning.
 A connection failure is not the files' fault: tenacity backs off and
 retries the same batch, the archive shows as degraded, nothing is charged.
+
+run() overlaps batches: while the far md5 of one batch runs (on a helper
+thread, over its own session of the shared ssh connection), the next batch,
+which leaves out the rows in flight and their remote paths, is laid out and
+copied; results are recorded in order. In trouble it goes one batch at a
+time. step() ships and records one batch, start to end.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Callable
 
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
@@ -21,7 +29,7 @@ from watcher.config import Archive
 from watcher.db import Catalog
 from watcher.faults import checkpoint
 from watcher.health import Health, with_database_retry
-from watcher.rsync import Destination, Item, TransferError, ship_batch
+from watcher.rsync import Destination, Item, TransferError, batch_results, send_batch, ship_batch
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +50,24 @@ def items_of(rows) -> list[Item]:
     return [Item(r.id, r.local_path, r.remote_path, r.local_md5sum, _size(r)) for r in rows]
 
 
+def _stat_size(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
+@dataclass
+class _InFlight:
+    """A batch copied whose far md5 is running."""
+
+    items: list[Item]
+    sent: list[Item]
+    refused: list[Item]
+    missing: list[Item]
+    far: Future
+
+
 class TransferWorker:
     def __init__(self, catalog: Catalog, archive: Archive, destination: Destination,
                  stop: threading.Event, health: Health | None = None,
@@ -56,6 +82,8 @@ class TransferWorker:
         self._max_backoff = max_backoff
         self._batch_size = archive.files_per_batch
         self._trouble = 0  # batches in a row of which nothing arrived
+        self._in_flight: _InFlight | None = None  # run()'s batch being checked
+        self._checker: ThreadPoolExecutor | None = None
 
     def _before_sleep(self, state) -> None:
         error = state.outcome.exception()
@@ -66,8 +94,8 @@ class TransferWorker:
         if self.health:
             self.health.degraded(self.archive.name, str(error))
 
-    def _ship(self, items: list[Item]):
-        retrying = Retrying(
+    def _retrying(self) -> Retrying:
+        return Retrying(
             retry=retry_if_exception_type(TransferError),
             wait=wait_exponential(multiplier=1, min=1, max=self._max_backoff),
             stop=lambda state: self.stop.is_set(),
@@ -75,26 +103,97 @@ class TransferWorker:
             before_sleep=self._before_sleep,
             reraise=True,
         )
-        return retrying(ship_batch, self.destination, items, self.stop)
+
+    def _ship(self, items: list[Item]):
+        return self._retrying()(ship_batch, self.destination, items, self.stop)
+
+    def _fetch(self, in_flight: _InFlight | None = None) -> list[Item]:
+        """The next batch: the oldest pending rows, less those in flight and
+        any row for a remote path in flight (it waits, so that no copy
+        overwrites a far file while that file is being hashed)."""
+        a = self.archive
+        skip_ids: set[int] = set()
+        skip_paths: set[str] = set()
+        if in_flight is not None:
+            skip_ids = {i.id for i in in_flight.items}
+            skip_paths = {i.remote_path for i in in_flight.items}
+        rows = with_database_retry(
+            lambda: self.catalog.pending_rows(a.name, self._batch_size + len(skip_ids),
+                                              a.max_copy_attempts),
+            self.health, self.stop)
+        items = []
+        for file_id, local_path, remote_path, md5, size in rows:
+            if file_id in skip_ids or remote_path in skip_paths:
+                continue
+            items.append(Item(file_id, local_path, remote_path, md5,
+                              size if size is not None else _stat_size(local_path)))
+            if len(items) >= self._batch_size:
+                break
+        return items
 
     def step(self) -> bool:
-        """Ship one batch; False when nothing was pending."""
-        a = self.archive
-        rows = with_database_retry(
-            lambda: self.catalog.pending_batch(a.name, self._batch_size, a.max_copy_attempts),
-            self.health, self.stop)
-        if not rows:
+        """Ship and record one batch; False when nothing was pending."""
+        if self._in_flight is not None:
+            self._finish_in_flight()
+            return True
+        items = self._fetch()
+        if not items:
             return False
-        items = items_of(rows)
         results, missing = self._ship(items)
+        self._conclude(items, results, missing)
+        return True
+
+    def _pipelined_step(self) -> bool:
+        """Copy the next batch while the previous one is checked, then record
+        the previous one; False when nothing was pending or in flight."""
+        previous = self._in_flight
+        if previous is not None and self._trouble:
+            self._finish_in_flight()  # in trouble: one batch at a time
+            return True
+        items = self._fetch(previous)
+        if not items:
+            if previous is None:
+                return False
+            self._finish_in_flight()
+            return True
+        sent, refused, missing = self._retrying()(send_batch, self.destination, items, self.stop)
+        if self._checker is None:
+            self._checker = ThreadPoolExecutor(1, f"watcher-check-{self.archive.name}")
+        far = self._checker.submit(self.destination.far_md5, [i.remote_path for i in sent],
+                                   self.stop, sum(i.size or 0 for i in sent))
+        batch = _InFlight(items, sent, refused, missing, far)
+        try:
+            if previous is not None:
+                self._finish_in_flight()
+        finally:
+            self._in_flight = batch
+        return True
+
+    def _finish_in_flight(self) -> None:
+        """Wait for the in-flight batch's far md5 and record it."""
+        batch, self._in_flight = self._in_flight, None
+        try:
+            far = batch.far.result()
+        except TransferError:
+            # The connection failed during the check: copy and check the
+            # batch again, backing off as for any connection failure.
+            results, missing = self._ship(batch.items)
+        else:
+            results, missing = batch_results(batch.sent, batch.refused, far), batch.missing
+        self._conclude(batch.items, results, missing)
+
+    def _conclude(self, items: list[Item], results: dict[int, tuple[str, str | None]],
+                  missing: list[Item]) -> None:
+        """Judge and record one shipped batch."""
+        a = self.archive
         if len(results) > 1 and not any(found == sent for sent, found in results.values()):
             self._archive_trouble(len(results), "none of {} files arrived intact")
-            return True
+            return
         if len(missing) > 1 and len(missing) == len(items):
             # A whole batch gone at once is more likely an unmounted disk than
             # deleted data: mark none; a batch of one is marked as usual.
             self._archive_trouble(len(missing), "none of {} files is on the local disk (unmounted?)")
-            return True
+            return
         self._batch_size = a.files_per_batch
         if any(found == sent for sent, found in results.values()):
             self._trouble = 0  # only a file that arrived proves the archive well
@@ -116,7 +215,6 @@ class TransferWorker:
                 if item.id in results and found != sent:
                     log.warning("%s -> %s:%s not verified (local md5 %s, far md5 %s)",
                                 item.local_path, a.name, item.remote_path, sent, found)
-        return True
 
     def _archive_trouble(self, count: int, what: str) -> None:
         """Not one file of a batch arrived: blame the archive (a full disk, an
@@ -134,10 +232,18 @@ class TransferWorker:
         self._sleep(pause)
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            if self._checker is not None:
+                self._checker.shutdown(wait=True)  # a far md5 left running ends with stop
+                self._checker = None
+
+    def _run(self) -> None:
         while not self.stop.is_set():
             self.wake.clear()
             try:
-                worked = self.step()
+                worked = self._pipelined_step()
             except Exception:  # keep the agent alive; the catalog still has the work
                 if self.stop.is_set():
                     return  # stopping: a command was abandoned, or a retry gave up
