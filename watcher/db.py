@@ -111,6 +111,10 @@ def to_db_path(path: str | os.PathLike) -> str | bytes:
         return os.fsencode(path)
 
 
+def _from_db_path(value):
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
 class PathField(Field):
     """A VARCHAR column that also keeps non-UTF-8 file names byte-exact."""
 
@@ -281,10 +285,12 @@ class Catalog:
                       True if deletable is None else bool(deletable), size, mtime_ns)
         return self.add_files([new])[0]
 
-    def add_files(self, files: Iterable[NewFile]) -> list[File]:
+    def add_files(self, files: Iterable[NewFile], rows: bool = True) -> list[File]:
         """Register many files in one transaction (one commit, not one per file).
 
-        Raises ValueError, writing nothing, when a remote path could leave its archive.
+        Returns the new rows (none with ``rows=False``, for a caller that does
+        not read them). Raises ValueError, writing nothing, when a remote path
+        could leave its archive.
         """
         files = list(files)
         for f in files:
@@ -296,21 +302,22 @@ class Catalog:
             (archive, remote), local = next(iter(taken.items()))
             raise ValueError(f"remote path {remote!r} of archive {archive} is already "
                              f"taken by {local}: one far copy would overwrite the other")
-        rows = []
+        made = []
         with self.db.atomic("IMMEDIATE"):
             for f in files:
                 # Plain SQL: building each INSERT with peewee cost more than running it.
                 cursor = self.db.execute_sql(_INSERT_FILE, (
                     to_db_path(f.local_path), to_db_path(f.remote_path), f.archive_name,
                     f.local_md5sum, f.timestamp, bool(f.deletable), f.size, f.mtime_ns, f.retain))
-                rows.append(self.File(
-                    id=cursor.lastrowid, local_path=f.local_path, remote_path=f.remote_path,
-                    archive_name=f.archive_name, local_md5sum=f.local_md5sum,
-                    timestamp=f.timestamp, failed_copy_attempts=0,
-                    deletable=f.deletable, ignore=False, size=f.size,
-                    mtime_ns=f.mtime_ns, retain=f.retain,
-                ))
-        return rows
+                if rows:
+                    made.append(self.File(
+                        id=cursor.lastrowid, local_path=f.local_path, remote_path=f.remote_path,
+                        archive_name=f.archive_name, local_md5sum=f.local_md5sum,
+                        timestamp=f.timestamp, failed_copy_attempts=0,
+                        deletable=f.deletable, ignore=False, size=f.size,
+                        mtime_ns=f.mtime_ns, retain=f.retain,
+                    ))
+        return made
 
     def remote_path_owners(self, files: list[NewFile]) -> dict[tuple[str, str], str]:
         """Remote names these files would take from another live local file.
@@ -326,12 +333,15 @@ class Catalog:
             by_archive.setdefault(archive, []).append(remote)
         for archive, remotes in by_archive.items():
             for chunk in _chunks([to_db_path(r) for r in remotes]):
-                query = (self.File.select(self.File.remote_path, self.File.local_path)
-                         .where(self.File.archive_name == archive, self.File.remote_path.in_(chunk),
-                                self.File.removed.is_null()))
-                for row in query:
-                    if row.local_path != wanted.get((archive, row.remote_path)):
-                        taken[(archive, row.remote_path)] = row.local_path
+                # Plain SQL, as in _active_query: peewee builds a long IN list slowly.
+                marks = ", ".join("?" * len(chunk))
+                cursor = self.db.execute_sql(
+                    "SELECT remote_path, local_path FROM supersync_v0 WHERE archive_name = ? "
+                    f"AND remote_path IN ({marks}) AND removed IS NULL", (archive, *chunk))
+                for remote, local in cursor.fetchall():
+                    remote, local = _from_db_path(remote), _from_db_path(local)
+                    if local != wanted.get((archive, remote)):
+                        taken[(archive, remote)] = local
         seen: dict[tuple[str, str], str] = {}
         for f in files:  # within the batch too
             key = (f.archive_name, f.remote_path)
@@ -394,9 +404,12 @@ class Catalog:
     def pending_rows(self, archive: str, limit: int, max_attempts: int) -> list[tuple]:
         """pending_batch as (id, local_path, remote_path, local_md5sum, size) tuples:
         the transfer worker's query, without building a model object per row."""
-        F = self.File
-        return list(self._pending_query(archive, limit, max_attempts)
-                    .select(F.id, F.local_path, F.remote_path, F.local_md5sum, F.size).tuples())
+        cursor = self.db.execute_sql(
+            "SELECT id, local_path, remote_path, local_md5sum, size FROM supersync_v0 "
+            f"WHERE archive_name = ? AND {PENDING} AND coalesce(failed_copy_attempts, 0) < ? "
+            "ORDER BY timestamp, id LIMIT ?", (archive, max_attempts, limit))
+        return [(i, _from_db_path(local), _from_db_path(remote), md5, size)
+                for i, local, remote, md5, size in cursor.fetchall()]
 
     def _pending_query(self, archive: str, limit: int, max_attempts: int):
         return (self.File.select()

@@ -143,7 +143,7 @@ class Registrar:
                 self.catalog.update_content(row.id, md5, st.st_size, st.st_mtime_ns)
             new = self._without_collisions(new)
             if new:
-                self.catalog.add_files(new)
+                self.catalog.add_files(new, rows=False)
 
         checkpoint("hashed")
         with_database_retry(write, self.health, self.stop)
