@@ -6,11 +6,13 @@ that a template may ask for (``{timecode}`` of a path with no ctime in it).
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
+import re
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
-from typing import Iterable
+from fnmatch import translate
+from typing import Callable, Iterable
 
 from watcher.config import Rule
 from watcher.timecode import find_ctime
@@ -49,18 +51,27 @@ def relative_to(path: str, root: str) -> str | None:
     return path[len(root):]
 
 
+@functools.lru_cache(maxsize=256)
+def _any_glob(patterns: tuple[str, ...]) -> Callable[[str], object]:
+    """One compiled regular expression that matches what any of the globs
+    matches (as fnmatchcase): a file is matched once, not once per glob."""
+    if not patterns:
+        return lambda text: None
+    return re.compile("|".join(f"(?:{translate(p)})" for p in patterns)).match
+
+
 def _glob_hits(relpath: str, patterns: Iterable[str]) -> bool:
     # A pattern matches the whole relative path or any single component, so
     # that '.*' excludes hidden files in subdirectories too.
-    parts = relpath.split("/")
-    return any(fnmatchcase(relpath, p) or any(fnmatchcase(c, p) for c in parts) for p in patterns)
+    hits = _any_glob(tuple(patterns))
+    return bool(hits(relpath)) or any(hits(c) for c in relpath.split("/"))
 
 
 def is_selected(relpath: str, rule: Rule) -> bool:
     """Whether the rule's include and exclude globs keep this path."""
     name = relpath.rsplit("/", 1)[-1]
-    included = any(fnmatchcase(relpath, p) or fnmatchcase(name, p) for p in rule.include)
-    return included and not _glob_hits(relpath, rule.exclude)
+    included = _any_glob(tuple(rule.include))
+    return bool(included(relpath) or included(name)) and not _glob_hits(relpath, rule.exclude)
 
 
 def template_fields(relpath: str, groups: dict[str, str], mtime: float | None) -> dict[str, str]:
