@@ -47,7 +47,7 @@ class Archive:
     max_copy_attempts: int = 10
     copy_timeout: float = 60.0
     cmd_timeout: float = 5.0
-    files_per_batch: int = 1000
+    files_per_batch: int = 5000
     compression: bool = False
     bwlimit: str | None = None
     chmod: str | None = None
@@ -395,7 +395,7 @@ def _read_archive(r: _Reader, name: Any, data: Any) -> Archive | None:
         max_copy_attempts=r.get(data, "max_copy_attempts", path, _positive_int, 10),
         copy_timeout=r.get(data, "copy_timeout", path, _seconds, 60.0),
         cmd_timeout=r.get(data, "cmd_timeout", path, _seconds, 5.0),
-        files_per_batch=r.get(data, "files_per_batch", path, _positive_int, 1000),
+        files_per_batch=r.get(data, "files_per_batch", path, _positive_int, 5000),
         compression=r.get(data, "compression", path, _bool, False),
         bwlimit=r.get(data, "bwlimit", path, _bwlimit),
         chmod=r.get(data, "chmod", path, _chmod),
