@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 
 import pytest
 
@@ -14,6 +15,7 @@ from tests.test_ssh_support import (  # noqa: F401  (fixtures)
     Sleeps, catalog, destinations, health, make_worker, md5, register, row, ssh_archive,
     ssh_archive_options, tool_log,
 )
+from tests.waiting import wait_until
 from watcher.health import read_health
 from watcher.rsync import Item, TransferError, ship_batch
 
@@ -138,6 +140,31 @@ def test_each_batch_costs_one_rsync_call_and_one_remote_md5_command(
     assert all(row(catalog, i).verified for i in ids.values())
     # File names travel on standard input, never on a command line.
     assert not any(b"f1.dat" in call for call in tool_log.calls())
+
+
+def test_the_running_worker_overlaps_batches_yet_copies_and_checks_each_row_once(
+        sshd, remote_dir, tmp_path, catalog, make_worker, tool_log):
+    archive = ssh_archive(sshd, remote_dir, files_per_batch=2)
+    files = {f"d{i % 2}/f{i}.dat": os.urandom(300) for i in range(7)}
+    ids = register(catalog, "arch", files, tmp_path / "src")
+    stop = threading.Event()
+    worker = make_worker(archive, stop=stop)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        wait_until(lambda: all(row(catalog, i).verified for i in ids.values()), timeout=20,
+                   message="not every file was verified")
+    finally:
+        stop.set()
+        worker.wake.set()
+        thread.join(10)
+    assert not thread.is_alive()
+    # Batches of 2, 2, 2, 1: a row in flight is never fetched again, none is left out.
+    assert len(tool_log.rsync_calls()) == 4
+    assert len(tool_log.md5_calls()) == 4
+    for remote, data in files.items():
+        assert (remote_dir / remote).read_bytes() == data
+        assert row(catalog, ids[remote]).failed_copy_attempts == 0
 
 
 def test_no_remote_command_runs_for_an_empty_batch(
