@@ -36,21 +36,8 @@ log = logging.getLogger(__name__)
 IDLE_WAIT = 2.0  # seconds between looks for rows that other processes added
 
 
-def _size(row) -> int | None:
-    """Bytes of a row's file; rows socs wrote have none recorded (they size md5 timeouts)."""
-    if row.size is not None:
-        return row.size
-    try:
-        return os.stat(row.local_path).st_size
-    except OSError:
-        return None
-
-
-def items_of(rows) -> list[Item]:
-    return [Item(r.id, r.local_path, r.remote_path, r.local_md5sum, _size(r)) for r in rows]
-
-
 def _stat_size(path: str) -> int | None:
+    """Bytes of a file whose row has none recorded (socs wrote it): it sizes md5 timeouts."""
     try:
         return os.stat(path).st_size
     except OSError:
