@@ -30,7 +30,7 @@ def test_a_scan_completes_a_fresh_closed_file_at_once_and_lets_an_open_one_settl
     with open(tmp_path / "open.dat", "wb") as writer:
         writer.write(b"still writing")
         writer.flush()
-        handed = scan([str(tmp_path)], [rule], lambda paths: {}, completed.append, settle)
+        handed = scan([str(tmp_path)], [rule], lambda paths: {}, completed.extend, settle)
         assert handed == 2
         assert completed == [str(tmp_path / "closed.dat")]  # fresh, but nobody writes it
         assert len(settle) == 1  # the open one waits for quiet (or its close event)

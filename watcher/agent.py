@@ -155,6 +155,10 @@ class Agent:
         self.settle.forget(path)
         self.registrar.submit(path)
 
+    def _complete_many(self, paths: list[str]) -> None:
+        self.settle.forget_many(paths)
+        self.registrar.submit_many(paths)
+
     def _wake(self, archives: set[str]) -> None:
         for name in archives:
             if name in self.workers:
@@ -177,7 +181,7 @@ class Agent:
                     break
             for path, moved_in in outermost(queued):
                 try:
-                    scan([path], list(self.config.rules), self.registrar.known, self._complete,
+                    scan([path], list(self.config.rules), self.registrar.known, self._complete_many,
                          self.settle, moved_in=moved_in)
                 except Exception:
                     if not self.stop_event.is_set():
@@ -277,9 +281,12 @@ class Agent:
 
     def rescan(self) -> int:
         roots = sorted({str(r.watch) for r in self.config.rules})
-        found = scan(roots, list(self.config.rules), self.registrar.known, self._complete, self.settle)
+        found = scan(roots, list(self.config.rules), self.registrar.known, self._complete_many,
+                     self.settle)
         self.scans_done += 1
-        if found:
+        if self.scans_done == 1:  # says when the agent has caught up with what it missed
+            log.info("start-up scan done: %d new or changed files", found)
+        elif found:
             log.info("scan found %d new or changed files", found)
         return found
 

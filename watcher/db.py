@@ -22,9 +22,8 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 from peewee import (
     SQL, AutoField, BooleanField, Case, CharField, Field, FloatField, IntegerField,
@@ -185,20 +184,30 @@ _md5_buffers = threading.local()
 
 
 def md5_of(path: str | os.PathLike) -> str:
-    """md5 of a file read in 1 MiB blocks (memory stays flat for any size).
+    """md5 of a file read in 1 MiB blocks (memory stays flat for any size)."""
+    return md5_and_stat(path)[0]
 
-    Each thread reuses one buffer: allocating 1 MiB per read cost more than
-    hashing a small file (40-80 us against 18 us for 4 KiB).
+
+def md5_and_stat(path: str | os.PathLike) -> tuple[str, os.stat_result]:
+    """md5 of a file, and its stat taken through the same open file once read.
+
+    Each thread reuses one 1 MiB buffer: allocating it per read cost more
+    than hashing a small file (40-80 us against 18 us for 4 KiB). A plain
+    descriptor (no file object) and fstat keep a small file at one open,
+    two reads, one fstat and one close.
     """
     buf = getattr(_md5_buffers, "buf", None)
     if buf is None:
         buf = _md5_buffers.buf = bytearray(1 << 20)
     view = memoryview(buf)
     h = hashlib.md5()
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        while n := os.readv(fd, (buf,)):
             h.update(view[:n])
-    return h.hexdigest()
+        return h.hexdigest(), os.fstat(fd)
+    finally:
+        os.close(fd)
 
 
 def _chunks(items: list, size: int = _CHUNK) -> Iterator[list]:
@@ -206,9 +215,11 @@ def _chunks(items: list, size: int = _CHUNK) -> Iterator[list]:
         yield items[i:i + size]
 
 
-@dataclass(frozen=True)
-class NewFile:
-    """A file to register: what ``add_file`` takes, plus what watcher knows."""
+class NewFile(NamedTuple):
+    """A file to register: what ``add_file`` takes, plus what watcher knows.
+
+    A named tuple: a burst builds tens of thousands of them.
+    """
 
     local_path: str
     remote_path: str
@@ -219,6 +230,18 @@ class NewFile:
     size: int | None = None
     mtime_ns: int | None = None
     retain: float | None = None
+
+
+class Registered(NamedTuple):
+    """What the registrar and scans need of a live row."""
+
+    id: int
+    local_path: str
+    archive_name: str
+    remote_path: str
+    local_md5sum: str
+    size: int | None
+    mtime_ns: int | None
 
 
 class Catalog:
@@ -290,34 +313,52 @@ class Catalog:
 
         Returns the new rows (none with ``rows=False``, for a caller that does
         not read them). Raises ValueError, writing nothing, when a remote path
-        could leave its archive.
+        could leave its archive or is another live local file's.
         """
         files = list(files)
         for f in files:
             problem = remote_path_problem(f.remote_path)
             if problem:
                 raise ValueError(f"remote path {f.remote_path!r} of {f.local_path} {problem}")
-        taken = self.remote_path_owners(files)
-        if taken:
-            (archive, remote), local = next(iter(taken.items()))
-            raise ValueError(f"remote path {remote!r} of archive {archive} is already "
-                             f"taken by {local}: one far copy would overwrite the other")
-        made = []
         with self.db.atomic("IMMEDIATE"):
+            taken = self.remote_path_owners(files)
+            if taken:
+                (archive, remote), local = next(iter(taken.items()))
+                raise ValueError(f"remote path {remote!r} of archive {archive} is already "
+                                 f"taken by {local}: one far copy would overwrite the other")
+            if not rows:
+                self._insert(files)
+                return []
+            made = []
             for f in files:
-                # Plain SQL: building each INSERT with peewee cost more than running it.
-                cursor = self.db.execute_sql(_INSERT_FILE, (
-                    to_db_path(f.local_path), to_db_path(f.remote_path), f.archive_name,
-                    f.local_md5sum, f.timestamp, bool(f.deletable), f.size, f.mtime_ns, f.retain))
-                if rows:
-                    made.append(self.File(
-                        id=cursor.lastrowid, local_path=f.local_path, remote_path=f.remote_path,
-                        archive_name=f.archive_name, local_md5sum=f.local_md5sum,
-                        timestamp=f.timestamp, failed_copy_attempts=0,
-                        deletable=f.deletable, ignore=False, size=f.size,
-                        mtime_ns=f.mtime_ns, retain=f.retain,
-                    ))
+                cursor = self.db.execute_sql(_INSERT_FILE, _insert_params(f))
+                made.append(self.File(
+                    id=cursor.lastrowid, local_path=f.local_path, remote_path=f.remote_path,
+                    archive_name=f.archive_name, local_md5sum=f.local_md5sum,
+                    timestamp=f.timestamp, failed_copy_attempts=0,
+                    deletable=f.deletable, ignore=False, size=f.size,
+                    mtime_ns=f.mtime_ns, retain=f.retain,
+                ))
         return made
+
+    def register_files(self, files: list[NewFile]) -> dict[tuple[str, str], str]:
+        """Insert, in one transaction, the files whose far name no other live
+        local file has; return the others' ``{(archive, remote_path): owner}``.
+
+        Of files sharing one far name within the list, the first is inserted.
+        The caller (the agent's registrar) has checked the remote paths.
+        """
+        with self.db.atomic("IMMEDIATE"):
+            taken = self.remote_path_owners(files)
+            self._insert([f for f in files
+                          if taken.get((f.archive_name, f.remote_path), f.local_path) == f.local_path])
+        return taken
+
+    def _insert(self, files: list[NewFile]) -> None:
+        # Plain SQL, one call for the lot: building each INSERT with peewee,
+        # or even running it through execute_sql, cost more than SQLite's work.
+        if files:
+            self.db.cursor().executemany(_INSERT_FILE, map(_insert_params, files))
 
     def remote_path_owners(self, files: list[NewFile]) -> dict[tuple[str, str], str]:
         """Remote names these files would take from another live local file.
@@ -333,7 +374,7 @@ class Catalog:
             by_archive.setdefault(archive, []).append(remote)
         for archive, remotes in by_archive.items():
             for chunk in _chunks([to_db_path(r) for r in remotes]):
-                # Plain SQL, as in _active_query: peewee builds a long IN list slowly.
+                # Plain SQL, as in active_rows: peewee builds a long IN list slowly.
                 marks = ", ".join("?" * len(chunk))
                 cursor = self.db.execute_sql(
                     "SELECT remote_path, local_path FROM supersync_v0 WHERE archive_name = ? "
@@ -364,19 +405,16 @@ class Catalog:
             contested.update(row.remote_path for row in query)
         return contested
 
-    def active_rows(self, local_paths: list[str]) -> dict[tuple[str, str], File]:
+    def active_rows(self, local_paths: list[str]) -> dict[tuple[str, str], Registered]:
         """The newest not-removed row of each path, keyed by (path, archive)."""
-        found: dict[tuple[str, str], File] = {}
+        found: dict[tuple[str, str], Registered] = {}
         for chunk in _chunks([to_db_path(p) for p in local_paths]):
-            for row in self._active_query(chunk):
+            # Plain SQL and tuples: peewee builds an IN list of hundreds of
+            # paths, and a model object per row, slower than SQLite runs it.
+            for row in self.db.execute_sql(_active_rows_sql(len(chunk)), chunk).fetchall():
+                row = Registered(row[0], _from_db_path(row[1]), row[2], _from_db_path(row[3]), *row[4:])
                 found[(row.local_path, row.archive_name)] = row
         return found
-
-    def _active_query(self, db_paths: list):
-        # Plain SQL: peewee builds an IN list of hundreds of paths slower than SQLite runs it.
-        marks = ", ".join("?" * len(db_paths))
-        return self.File.raw(f"SELECT * FROM supersync_v0 WHERE local_path IN ({marks}) "
-                             "AND removed IS NULL ORDER BY id", *db_paths)
 
     def update_content(self, file_id: int, md5: str, size: int, mtime_ns: int) -> None:
         """A registered file changed: record its new content so it ships again."""
@@ -426,14 +464,17 @@ class Catalog:
         longer the one sent) is left pending and not charged an attempt.
         Returns (verified, failed) counts.
         """
+        good = [(found, now, file_id, sent) for file_id, (sent, found) in results.items()
+                if found is not None and found == sent]
+        bad = [(found, file_id, sent) for file_id, (sent, found) in results.items()
+               if found is None or found != sent]
         verified = failed = 0
         with self.db.atomic("IMMEDIATE"):
-            for file_id, (sent, found) in results.items():
-                # Plain SQL, as in add_files: a batch is thousands of rows.
-                if found is not None and found == sent:
-                    verified += self.db.execute_sql(_RECORD_VERIFIED, (found, now, file_id, sent)).rowcount
-                else:
-                    failed += self.db.execute_sql(_RECORD_FAILED, (found, file_id, sent)).rowcount
+            # Plain SQL, one call each, as in _insert: a batch is thousands of rows.
+            if good:
+                verified = self.db.cursor().executemany(_RECORD_VERIFIED, good).rowcount
+            if bad:
+                failed = self.db.cursor().executemany(_RECORD_FAILED, bad).rowcount
         return verified, failed
 
     # -- retention --------------------------------------------------------
@@ -710,6 +751,17 @@ class Catalog:
             (self.TimecodeDir.update(completed=True, synced=True, finalized=True, finalize_file_id=file.id)
              .where(self.TimecodeDir.id == tcdir_id).execute())
             return True
+
+
+def _active_rows_sql(count: int) -> str:
+    return ("SELECT id, local_path, archive_name, remote_path, local_md5sum, size, mtime_ns "
+            f"FROM supersync_v0 WHERE local_path IN ({', '.join('?' * count)}) "
+            "AND removed IS NULL ORDER BY id")
+
+
+def _insert_params(f: NewFile) -> tuple:
+    return (to_db_path(f.local_path), to_db_path(f.remote_path), f.archive_name, f.local_md5sum,
+            f.timestamp, bool(f.deletable), f.size, f.mtime_ns, f.retain)
 
 
 _INSERT_FILE = (

@@ -24,11 +24,12 @@ from watchdog.events import (
 )
 
 from watcher.config import Rule
-from watcher.rules import UnsafeRemotePath, match_rule
+from watcher.rules import select_rule
 
 log = logging.getLogger(__name__)
 
 Sink = Callable[[str], None]
+BatchSink = Callable[[list[str]], None]
 DirSink = Callable[[str, bool], None]  # (directory, whether it was moved in whole)
 
 
@@ -58,6 +59,12 @@ class SettleTracker:
     def forget(self, path: str) -> None:
         with self._cond:
             self._state.pop(path, None)
+
+    def forget_many(self, paths: list[str]) -> None:
+        with self._cond:
+            if self._state:
+                for path in paths:
+                    self._state.pop(path, None)
 
     def __len__(self) -> int:
         return len(self._state)
@@ -157,13 +164,14 @@ class WatchHandler(FileSystemEventHandler):
         self.scan_dir = scan_dir
 
     def _rule(self, path: str) -> Rule | None:
-        try:
-            found = match_rule(path, self.rules, mtime=0.0)
-        except UnsafeRemotePath:
-            return self.rules[0]  # let the registrar report it once
-        return found.rule if found else None
+        found = select_rule(path, self.rules)  # an unsafe remote path: the registrar reports it
+        return found[0] if found else None
 
     def dispatch(self, event: FileSystemEvent) -> None:
+        if event.is_synthetic:
+            # watchdog listing what a directory moved into (or within) the tree
+            # holds: that directory's own move event scans all of it, once.
+            return
         try:
             super().dispatch(event)
         except Exception:  # one odd event must never stop the observer
@@ -189,8 +197,6 @@ class WatchHandler(FileSystemEventHandler):
         if isinstance(event, DirCreatedEvent):
             self.scan_dir(path, False)  # files made before its watch arrived
             return
-        if event.is_synthetic:
-            return  # watchdog listing a directory moved in: scan_dir covers its files
         rule = self._rule(path)
         if rule:
             self.settle.track(path, rule.settle)
@@ -227,13 +233,15 @@ def walk_files(root: str) -> Iterator[os.DirEntry]:
 
 
 def scan(roots: Iterable[str], rules: list[Rule], known: Callable[[list[str]], dict[str, tuple]],
-         complete: Sink, settle: SettleTracker, batch: int = 500, moved_in: bool = False) -> int:
+         complete: BatchSink, settle: SettleTracker, batch: int = 500, moved_in: bool = False) -> int:
     """Find files the events missed; quiet ones are complete, others settle.
 
-    Files of a directory that was ``moved_in`` whole are complete at once.
-    ``known(paths)`` returns ``{path: (size, mtime_ns)}`` for registered
-    paths, so unchanged registered files cost one stat and no hashing.
-    Returns how many files were handed on.
+    Files of a directory that was ``moved_in`` whole are complete at once,
+    and handed on without a look at the catalog: the registrar skips those
+    it has registered as they are. Otherwise ``known(paths)`` returns
+    ``{path: (size, mtime_ns)}`` for registered paths, so that unchanged
+    registered files cost one stat and no hashing. ``complete`` takes a list
+    of paths. Returns how many files were handed on.
     """
     handed = 0
     wall = time.time()
@@ -241,36 +249,35 @@ def scan(roots: Iterable[str], rules: list[Rule], known: Callable[[list[str]], d
 
     def flush():
         nonlocal handed
-        registered = known([entry.path for entry, _ in pending])
-        for entry, rule in pending:
-            have = registered.get(entry.path)
-            if have is None and moved_in:
-                handed += 1  # new and moved in: complete (the registrar stats it)
-                complete(entry.path)
-                continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            key = (st.st_size, st.st_mtime_ns)
-            if have is not None and have == key:
-                continue
-            handed += 1
-            if moved_in or wall - key[1] / 1e9 >= rule.settle or closed_for_writing(entry.path):
-                complete(entry.path)
-            else:
-                settle.track(entry.path, rule.settle)
+        done = []
+        if moved_in:
+            done = [entry.path for entry, _ in pending]
+        else:
+            registered = known([entry.path for entry, _ in pending])
+            for entry, rule in pending:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                key = (st.st_size, st.st_mtime_ns)
+                if registered.get(entry.path) == key:
+                    continue
+                if wall - key[1] / 1e9 >= rule.settle or closed_for_writing(entry.path):
+                    done.append(entry.path)
+                else:
+                    handed += 1
+                    settle.track(entry.path, rule.settle)
+        if done:
+            handed += len(done)
+            complete(done)
         pending.clear()
 
     for root in roots:
         for entry in walk_files(root):
-            try:
-                found = match_rule(entry.path, rules, mtime=0.0)
-            except UnsafeRemotePath:
-                found = None
+            found = select_rule(entry.path, rules)
             if found is None:
                 continue
-            pending.append((entry, found.rule))
+            pending.append((entry, found[0]))
             if len(pending) >= batch:
                 flush()
     if pending:

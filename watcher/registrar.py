@@ -9,26 +9,37 @@ one stat; one whose content changed is hashed again and ships again.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
-import queue
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, NamedTuple
 
-from watcher.config import Config
-from watcher.db import Catalog, NewFile, md5_of
+from watcher.config import Config, Rule
+from watcher.db import Catalog, NewFile, Registered, md5_and_stat
 from watcher.faults import checkpoint
 from watcher.handlers import SettleTracker
 from watcher.health import Health, with_database_retry
-from watcher.rules import Match, UnsafeRemotePath, match_rule
+from watcher.rules import UnsafeRemotePath, remote_path_problem, render_remote_path, select_rule
 
 log = logging.getLogger(__name__)
 
 BATCH = 500
 SMALL_FILE = 1 << 20  # bytes; smaller files are hashed in the registrar's own thread
 LOG_EACH = 20  # registering more files at once logs a summary line (each at DEBUG)
+
+
+class Candidate(NamedTuple):
+    """A complete file, its rule, and its stat before hashing."""
+
+    path: str
+    rule: Rule
+    relpath: str
+    groups: dict[str, str]
+    stat: os.stat_result
 
 
 class Registrar:
@@ -41,24 +52,29 @@ class Registrar:
         self.wake = wake
         self.stop = stop
         self.health = health
-        self._queue: queue.Queue[str] = queue.Queue()
+        self._waiting: collections.deque[str] = collections.deque()
         self._queued: set[str] = set()
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self._hashers = ThreadPoolExecutor(hash_threads, thread_name_prefix="watcher-hash")
         self._reported: set[str] = set()
         self._busy = False
 
     def submit(self, path: str) -> None:
         """Hand over a complete file (thread-safe; a path already waiting is not queued twice)."""
-        with self._lock:
-            if path in self._queued:
-                return
-            self._queued.add(path)
-        self._queue.put(path)
+        self.submit_many((path,))
+
+    def submit_many(self, paths) -> None:
+        """Hand over complete files at once (a scan's batch: one lock, not one per file)."""
+        with self._cond:
+            fresh = [p for p in paths if p not in self._queued]
+            if fresh:
+                self._queued.update(fresh)
+                self._waiting.extend(fresh)
+                self._cond.notify()
 
     def idle(self) -> bool:
         """Nothing waiting and nothing being registered (timecode directories may be judged)."""
-        with self._lock:
+        with self._cond:
             return not self._queued and not self._busy
 
     def known(self, paths: list[str]) -> dict[str, tuple]:
@@ -80,78 +96,70 @@ class Registrar:
                     log.exception("registering %d files failed; they are retried by the next scan",
                                   len(batch))
                 finally:
-                    with self._lock:
+                    with self._cond:
                         self._busy = False
         finally:
             self._hashers.shutdown(wait=False, cancel_futures=True)
 
     def _take(self) -> list[str]:
-        try:
-            first = self._queue.get(timeout=0.5)
-        except queue.Empty:
-            return []
-        batch = [first]
-        while len(batch) < BATCH:
-            try:
-                batch.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        with self._lock:
+        with self._cond:
+            if not self._waiting:
+                self._cond.wait(0.5)
+            waiting = self._waiting
+            batch = [waiting.popleft() for _ in range(min(BATCH, len(waiting)))]
             self._queued.difference_update(batch)
-            self._busy = True
+            self._busy = bool(batch)
         return batch
 
     def register(self, paths: list[str]) -> int:
         """Register or refresh these paths; return how many rows were written."""
-        matches: list[tuple[Match, os.stat_result]] = []
-        for path in paths:
-            found = self._match(path)
-            if found:
-                matches.append(found)
-        if not matches:
+        found = [c for c in map(self._candidate, paths) if c is not None]
+        if not found:
             return 0
         existing = with_database_retry(
-            lambda: self.catalog.active_rows([m.local_path for m, _ in matches]), self.health, self.stop)
-        todo = []
-        for m, st in matches:
-            row = existing.get((m.local_path, m.rule.archive))
-            if row is not None and (row.size, row.mtime_ns) == (st.st_size, st.st_mtime_ns):
+            lambda: self.catalog.active_rows([c.path for c in found]), self.health, self.stop)
+        todo: list[tuple[Candidate, Registered | None]] = []
+        for c in found:
+            row = existing.get((c.path, c.rule.archive))
+            if row is not None and (row.size, row.mtime_ns) == (c.stat.st_size, c.stat.st_mtime_ns):
                 continue  # already registered as it is
-            todo.append((m, st, row))
+            todo.append((c, row))
         # Big files go to the hashing threads; small ones are hashed here meanwhile
         # (handing each to a thread would cost more than hashing it).
-        big = {id(job): job for job in todo if job[1].st_size > SMALL_FILE}
-        in_threads = self._hashers.map(self._hash, big.values())
-        md5s = {id(job): self._hash(job) for job in todo if id(job) not in big}
-        md5s.update(zip(big, in_threads))
-        hashed = [md5s[id(job)] for job in todo]
+        big = [c for c, _ in todo if c.stat.st_size > SMALL_FILE]
+        in_threads = self._hashers.map(self._hash, big)
+        md5s = {c.path: self._hash(c) for c, _ in todo if c.stat.st_size <= SMALL_FILE}
+        md5s.update(zip((c.path for c in big), in_threads))
         new, changed = [], []
         now = time.time()
-        for (m, st, row), md5 in zip(todo, hashed):
+        for c, row in todo:
+            md5 = md5s[c.path]
             if md5 is None:
                 continue
             if row is not None:
-                changed.append((row, md5, st))
+                changed.append((row, md5, c.stat))
             else:
-                new.append(self._new_file(m, st, md5, now))
+                f = self._new_file(c, md5, now)
+                if f is not None:
+                    new.append(f)
 
         def write():
-            nonlocal new
             for row, md5, st in changed:
                 if md5 != row.local_md5sum:
                     log.info("%s changed after it was registered; it will be shipped again", row.local_path)
                 self.catalog.update_content(row.id, md5, st.st_size, st.st_mtime_ns)
-            new = self._without_collisions(new)
-            if new:
-                self.catalog.add_files(new, rows=False)
+            return self.catalog.register_files(new) if new else {}
 
         checkpoint("hashed")
-        with_database_retry(write, self.health, self.stop)
+        taken = with_database_retry(write, self.health, self.stop)
+        if taken:
+            new = self._report_collisions(new, taken)
         # One line a file for a trickle; for a burst one line (a line a file
         # costs more than registering it, and journald drops bursts).
         each = logging.INFO if len(new) <= LOG_EACH else logging.DEBUG
-        for f in new:
-            log.log(each, "registered %s -> %s:%s", f.local_path, f.archive_name, f.remote_path)
+        if log.isEnabledFor(each):
+            for f in new:
+                log.log(each, "registered %s -> %s:%s", f.local_path, f.archive_name, f.remote_path)
         if len(new) > LOG_EACH:
             log.info("registered %d files, %s to %s", len(new), new[0].local_path, new[-1].local_path)
         archives = {f.archive_name for f in new} | {row.archive_name for row, _, _ in changed}
@@ -159,16 +167,16 @@ class Registrar:
             self.wake(archives)
         return len(new) + len(changed)
 
-    def _without_collisions(self, new: list[NewFile]) -> list[NewFile]:
-        """Leave out files whose far name another local file already has (reported once each).
+    def _report_collisions(self, new: list[NewFile], taken: dict[tuple[str, str], str]) -> list[NewFile]:
+        """Report (once each) files left out because another local file has their far name;
+        return those registered.
 
         They stay on disk, unregistered, until the rules give them names of their own.
         """
-        taken = self.catalog.remote_path_owners(new)
         kept = []
         for f in new:
-            owner = taken.get((f.archive_name, f.remote_path))
-            if owner is None or owner == f.local_path:
+            owner = taken.get((f.archive_name, f.remote_path), f.local_path)
+            if owner == f.local_path:
                 kept.append(f)
             elif f.local_path not in self._reported:
                 self._reported.add(f.local_path)
@@ -176,40 +184,44 @@ class Registrar:
                           f.local_path, f.archive_name, f.remote_path, owner)
         return kept
 
-    def _match(self, path: str) -> tuple[Match, os.stat_result] | None:
+    def _candidate(self, path: str) -> Candidate | None:
         try:
             st = os.stat(path)
         except OSError:
             return None  # gone before it could be registered
-        try:
-            found = match_rule(path, self.config.rules, mtime=st.st_mtime)
-        except UnsafeRemotePath as exc:
-            if path not in self._reported:
-                self._reported.add(path)
-                log.error("not registering %s: %s", path, exc)
-            return None
-        return (found, st) if found else None
+        if not stat.S_ISREG(st.st_mode):
+            return None  # a directory, a fifo (reading it would block), a socket
+        found = select_rule(path, self.config.rules)
+        return Candidate(path, *found, st) if found else None
 
-    def _hash(self, job) -> str | None:
+    def _hash(self, c: Candidate) -> str | None:
         """md5 of a file that stays unchanged while it is read; else None (and it settles again)."""
-        m, st, _row = job
         try:
-            md5 = md5_of(m.local_path)
-            after = os.stat(m.local_path)
+            md5, after = md5_and_stat(c.path)
         except OSError as exc:
-            log.warning("cannot read %s: %s", m.local_path, exc.strerror or exc)
+            log.warning("cannot read %s: %s", c.path, exc.strerror or exc)
             return None
-        if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
-            self.settle.track(m.local_path, m.rule.settle)
+        if (after.st_ino, after.st_size, after.st_mtime_ns) != (c.stat.st_ino, c.stat.st_size, c.stat.st_mtime_ns):
+            self.settle.track(c.path, c.rule.settle)
             return None
         return md5
 
-    def _new_file(self, m: Match, st: os.stat_result, md5: str, now: float) -> NewFile:
-        rule = m.rule
+    def _new_file(self, c: Candidate, md5: str, now: float) -> NewFile | None:
+        rule = c.rule
+        try:
+            remote = render_remote_path(rule, c.relpath, c.groups, c.stat.st_mtime)
+            problem = remote_path_problem(remote)
+            if problem:
+                raise UnsafeRemotePath(f"remote path {remote!r} {problem}")
+        except UnsafeRemotePath as exc:
+            if c.path not in self._reported:
+                self._reported.add(c.path)
+                log.error("not registering %s: %s", c.path, exc)
+            return None
         keep_forever = rule.overrides_retention and rule.delete_local_after is None
         return NewFile(
-            local_path=m.local_path, remote_path=m.remote_path, archive_name=rule.archive,
+            local_path=c.path, remote_path=remote, archive_name=rule.archive,
             local_md5sum=md5, timestamp=now, deletable=rule.deletable and not keep_forever,
-            size=st.st_size, mtime_ns=st.st_mtime_ns,
+            size=c.stat.st_size, mtime_ns=c.stat.st_mtime_ns,
             retain=rule.delete_local_after if rule.overrides_retention else None,
         )

@@ -60,18 +60,26 @@ def _any_glob(patterns: tuple[str, ...]) -> Callable[[str], object]:
     return re.compile("|".join(f"(?:{translate(p)})" for p in patterns)).match
 
 
-def _glob_hits(relpath: str, patterns: Iterable[str]) -> bool:
+def _glob_hits(relpath: str, patterns: tuple[str, ...]) -> bool:
     # A pattern matches the whole relative path or any single component, so
     # that '.*' excludes hidden files in subdirectories too.
-    hits = _any_glob(tuple(patterns))
-    return bool(hits(relpath)) or any(hits(c) for c in relpath.split("/"))
+    hits = _any_glob(patterns)
+    parent, _, name = relpath.rpartition("/")
+    return bool(hits(relpath) or hits(name)) or (bool(parent) and _dir_hits(parent, patterns))
+
+
+@functools.lru_cache(maxsize=4096)
+def _dir_hits(parent: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a component of a directory matches: once per directory, not once per file in it."""
+    hits = _any_glob(patterns)
+    return any(hits(c) for c in parent.split("/"))
 
 
 def is_selected(relpath: str, rule: Rule) -> bool:
     """Whether the rule's include and exclude globs keep this path."""
     name = relpath.rsplit("/", 1)[-1]
     included = _any_glob(tuple(rule.include))
-    return bool(included(relpath) or included(name)) and not _glob_hits(relpath, rule.exclude)
+    return bool(included(relpath) or included(name)) and not _glob_hits(relpath, tuple(rule.exclude))
 
 
 def template_fields(relpath: str, groups: dict[str, str], mtime: float | None) -> dict[str, str]:
@@ -108,13 +116,10 @@ def render_remote_path(rule: Rule, relpath: str, groups: dict[str, str], mtime: 
     return normal
 
 
-def match_rule(path: str, rules: Iterable[Rule], mtime: float | None = None) -> Match | None:
-    """The first rule that takes this absolute path, with its remote path.
-
-    ``mtime`` is only read when a template needs it and is not given.
-    Raises UnsafeRemotePath when the matching rule would place it outside
-    its archive.
-    """
+def select_rule(path: str, rules: Iterable[Rule]) -> tuple[Rule, str, dict[str, str]] | None:
+    """The first rule that takes this absolute path, with its relative path
+    and ``match`` groups; the remote path is not rendered (scans and events
+    only need to know whether a file is wanted)."""
     for rule in rules:
         relpath = relative_to(path, str(rule.watch))
         if not relpath or not is_selected(relpath, rule):
@@ -125,11 +130,25 @@ def match_rule(path: str, rules: Iterable[Rule], mtime: float | None = None) -> 
             if not found:
                 continue
             groups = found.groupdict()
-        if mtime is None and "ctime" not in groups and find_ctime(relpath) is None:
-            try:
-                mtime = os.stat(path).st_mtime
-            except OSError:
-                mtime = None
-        remote = render_remote_path(rule, relpath, groups, mtime)
-        return Match(rule=rule, local_path=path, relpath=relpath, remote_path=remote)
+        return rule, relpath, groups
     return None
+
+
+def match_rule(path: str, rules: Iterable[Rule], mtime: float | None = None) -> Match | None:
+    """The first rule that takes this absolute path, with its remote path.
+
+    ``mtime`` is only read when a template needs it and is not given.
+    Raises UnsafeRemotePath when the matching rule would place it outside
+    its archive.
+    """
+    found = select_rule(path, rules)
+    if found is None:
+        return None
+    rule, relpath, groups = found
+    if mtime is None and "ctime" not in groups and find_ctime(relpath) is None:
+        try:
+            mtime = os.stat(path).st_mtime
+        except OSError:
+            mtime = None
+    remote = render_remote_path(rule, relpath, groups, mtime)
+    return Match(rule=rule, local_path=path, relpath=relpath, remote_path=remote)
