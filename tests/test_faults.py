@@ -223,7 +223,8 @@ def test_power_cut_during_a_transfer_leaves_no_partial_file_under_a_final_name(s
     (.name.XXXXXX) stays beside it; nothing ever ships or reads it.
     """
     far = setup.archive(bwlimit="300")  # KiB/s: the copy takes seconds
-    inbox = setup.rule()
+    # A far name that is not the end of the local path: shipped through a batch symlink tree.
+    inbox = setup.rule(remote_path="renamed/{name}")
     local = write_files(inbox, {"big.dat": os.urandom(3 << 20)})
     agent = agent_processes(setup).start()
 
@@ -231,10 +232,10 @@ def test_power_cut_during_a_transfer_leaves_no_partial_file_under_a_final_name(s
         return [name for name in far_files(far) if os.path.basename(name).startswith(".")] if far.exists() else []
 
     temps = agent.wait_for(temporary_files, message="rsync's temporary file in the archive")
-    assert not (far / "big.dat").exists()
+    assert not (far / "renamed" / "big.dat").exists()
     killed = agent.pid
     agent.kill_with_children()
-    assert not (far / "big.dat").exists(), "a partial file under the final name"
+    assert not (far / "renamed" / "big.dat").exists(), "a partial file under the final name"
     assert batch_trees_of(killed), "the killed agent's batch tree should still be there"
 
     del setup.archives["arch"]["bwlimit"]
@@ -242,8 +243,8 @@ def test_power_cut_during_a_transfer_leaves_no_partial_file_under_a_final_name(s
     agent.start().wait_ready()
     assert not batch_trees_of(killed), "the new agent did not clear the killed one's batch tree"
     agent.wait_for(lambda: one_verified_row_each(setup.database, list(local)), message="big.dat shipped")
-    assert (far / "big.dat").read_bytes() == local[str(inbox / "big.dat")]
-    assert set(far_files(far)) <= {"big.dat", *temps}
+    assert (far / "renamed" / "big.dat").read_bytes() == local[str(inbox / "big.dat")]
+    assert set(far_files(far)) <= {"renamed/big.dat", *temps}
     assert len(rows(setup.database)) == 1
 
 

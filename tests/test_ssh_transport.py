@@ -17,7 +17,7 @@ from tests.test_ssh_support import (  # noqa: F401  (fixtures)
 )
 from tests.waiting import wait_until
 from watcher.health import read_health
-from watcher.rsync import Item, TransferError, ship_batch
+from watcher.rsync import Item, TransferError, _Listing, ship_batch
 
 
 def test_ssh_archive_ships_into_a_missing_remote_basedir_creating_its_directories(
@@ -39,6 +39,56 @@ def test_ssh_archive_ships_into_a_missing_remote_basedir_creating_its_directorie
         r = row(catalog, ids[remote])
         assert r.verified and r.remote_md5sum == md5(data)
         assert r.failed_copy_attempts == 0 and r.copied is not None
+
+
+def test_a_file_named_by_the_end_of_its_local_path_is_sent_from_where_it_lies_others_by_symlink(tmp_path):
+    inbox = tmp_path / "inbox"
+    here, hashed, elsewhere = inbox / "1700000000" / "a.dat", inbox / "#b.dat", inbox / "c.dat"
+    for path in (here, hashed, elsewhere):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    direct = [Item(1, str(here), "1700000000/a.dat", md5(b"x")),
+              Item(2, str(hashed), "#b.dat", md5(b"x")),
+              Item(3, str(tmp_path / "gone.dat"), "gone.dat", md5(b"x"))]
+    renamed = Item(4, str(elsewhere), "renamed/c.dat", md5(b"x"))
+
+    with _Listing() as listing:  # all from one directory: short lines, relative to it
+        sent, refused = listing.add_all(direct)
+        assert listing._tree is None
+        assert listing.source_and_data() == (f"{inbox}/", b"1700000000/a.dat\0./#b.dat\0")
+    assert [i.id for i in sent] == [1, 2] and refused == []  # the gone file is in neither
+
+    with _Listing() as listing:  # mixed: relative to /, each line cut with /./
+        sent, refused = listing.add_all(direct + [renamed])
+        tree = listing._tree
+        source, data = listing.source_and_data()
+        assert source == "/"
+        assert data.split(b"\0") == [os.fsencode(f"{str(inbox)[1:]}/./1700000000/a.dat"),
+                                     os.fsencode(f"{str(inbox)[1:]}/./#b.dat"),
+                                     os.fsencode(f"{tree[1:]}/t/./renamed/c.dat"), b""]
+        assert os.readlink(os.path.join(tree, "t", "renamed", "c.dat")) == str(elsewhere)
+    assert [i.id for i in sent] == [1, 2, 4]
+    assert not os.path.exists(tree)
+
+
+def test_one_rsync_call_ships_files_listed_where_they_lie_and_renamed_ones_together(
+        sshd, remote_dir, tmp_path, catalog, make_worker, tool_log):
+    src = tmp_path / "src"
+    same = {"a/same.dat": os.urandom(1000), "#b.dat": b"hash", "-c.dat": b"dash"}
+    ids = register(catalog, "arch", same, src)
+    (src / "x").mkdir()
+    (src / "x" / "local.dat").write_bytes(b"renamed")
+    renamed = catalog.add_file(str(src / "x" / "local.dat"), "y/far.dat", "arch").id
+
+    assert make_worker(ssh_archive(sshd, remote_dir)).step() is True
+
+    for remote, data in same.items():
+        assert (remote_dir / remote).read_bytes() == data
+        assert row(catalog, ids[remote]).verified
+    assert (remote_dir / "y" / "far.dat").read_bytes() == b"renamed"
+    assert row(catalog, renamed).verified
+    assert sorted(os.listdir(remote_dir)) == sorted(["#b.dat", "-c.dat", "a", "y"])
+    assert len(tool_log.rsync_calls()) == 1
 
 
 class GaveUp(Exception):
@@ -210,20 +260,25 @@ def test_compression_bwlimit_and_chmod_reach_rsync_and_chmod_sets_far_permission
     base = sshd.make_remote_dir(remote_dir / "base")
     base_mode = base.stat().st_mode & 0o7777
     archive = ssh_archive(sshd, base, compression=True, bwlimit="20m", chmod="u=rw,g=r,o=")
-    args = destinations(archive).rsync_args("/tree")
+    args = destinations(archive).rsync_args("/")
     for option in ("--compress", "--bwlimit=20m", "--perms", "--chmod=u=rw,g=r,o="):
         assert option in args
-    plain = destinations(ssh_archive(sshd, base)).rsync_args("/tree")
+    plain = destinations(ssh_archive(sshd, base)).rsync_args("/")
     assert not [a for a in plain if a.startswith(("--compress", "--bwlimit", "--chmod", "--perms"))]
 
-    ids = register(catalog, "arch", {"open.dat": os.urandom(5000)}, tmp_path / "src")
+    ids = register(catalog, "arch", {"open.dat": os.urandom(5000), "sub/deep.dat": b"deep"},
+                   tmp_path / "src")
     (tmp_path / "src" / "open.dat").chmod(0o606)
+    (tmp_path / "src" / "sub").chmod(0o700)
     assert make_worker(archive).step() is True
 
-    assert row(catalog, ids["open.dat"]).verified
+    assert row(catalog, ids["open.dat"]).verified and row(catalog, ids["sub/deep.dat"]).verified
     assert (base / "open.dat").stat().st_mode & 0o7777 == 0o640
-    # The archive's base directory keeps its own permissions.
+    assert (base / "sub" / "deep.dat").stat().st_mode & 0o7777 == 0o640
+    # Directories keep the far side's defaults: the base directory its own
+    # permissions, a new one not the local one's, nor chmod's (u=rw: unusable).
     assert base.stat().st_mode & 0o7777 == base_mode
+    assert (base / "sub").stat().st_mode & 0o7777 == 0o755
     [call] = tool_log.rsync_calls()
     for option in (b"--compress", b"--bwlimit=20m", b"--chmod=u=rw,g=r,o="):
         assert option in call.split(b" ")

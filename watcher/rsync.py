@@ -1,8 +1,10 @@
 """Move a batch to its destination and read back the far side's md5 sums.
 
-One rsync call carries a whole batch: a temporary tree of symlinks laid out
-as the remote paths is copied with ``rsync -L``, so any local name can go to
-any remote name. Then one command reads the md5 of every file of the batch,
+One rsync call carries a whole batch, its files listed NUL-separated on
+standard input: a file whose remote path is the end of its local path is
+sent from where it lies, any other through a symlink named as its remote
+path in a temporary tree (``rsync -L``), so any local name can go to any
+remote name. Then one command reads the md5 of every file of the batch,
 the paths going NUL-separated on standard input (never through a shell or
 an option parser). A local destination is hashed in-process.
 
@@ -166,17 +168,21 @@ class Destination:
                      "-o", "ControlPersist=60"]
         return args
 
-    def rsync_args(self, tree: str) -> list[str]:
-        """One rsync call that copies a symlink tree into the base directory.
+    def rsync_args(self, source: str) -> list[str]:
+        """One rsync call that copies the files listed on its standard input
+        (``--files-from``, NUL-separated, relative to ``source``; see
+        ``_Listing``) into the base directory.
 
-        The tree's files are named NUL-separated on standard input
-        (``--files-from``), so the tree's root is not sent as an entry and
-        the base directory's own permissions are never changed (with
-        ``--perms`` it would get the temporary tree's mode plus ``chmod``).
+        ``--no-implied-dirs``: no directory is sent as an entry, so far
+        directories are made with the far side's defaults and existing ones,
+        the base directory included, keep their permissions (with ``--perms``
+        they would get a local directory's mode plus ``chmod``, and a
+        ``chmod`` such as ``u=rw`` would leave them unusable).
         """
         a = self.archive
         args = ["rsync", "--recursive", "--copy-links", "--times", "--omit-dir-times",
-                "--ignore-times", "--mkpath", "-s",  # -s: --secluded-args (--protect-args before 3.2.7)
+                "--ignore-times", "--mkpath", "--no-implied-dirs",
+                "-s",  # -s: --secluded-args (--protect-args before 3.2.7)
                 "--files-from=-", "--from0",
                 f"--timeout={max(1, int(a.copy_timeout))}"]
         if a.chmod:
@@ -190,7 +196,7 @@ class Destination:
             dest = f"{a.ssh_host}:{_dir_arg(a.remote_basedir)}"
         else:
             dest = _dir_arg(a.remote_basedir)
-        return args + ["--", tree.rstrip("/") + "/", dest]
+        return args + ["--", source, dest]
 
     def remote_md5_args(self) -> list[str]:
         """A far command that hashes the NUL-separated paths on its standard input."""
@@ -206,26 +212,21 @@ class Destination:
         Items whose local file is gone are in neither (the caller marks them).
         Raises TransferError for a connection failure or a stall.
         """
-        tree = tempfile.mkdtemp(prefix=f"{BATCH_TREE_PREFIX}{os.getpid()}-", dir=_scratch_dir())
-        try:
-            sent, refused = _lay_out(os.path.join(tree, "t"), items)
+        with _Listing() as listing:
+            sent, refused = listing.add_all(items)
             if not sent:
                 return sent, refused
-            argv = self.rsync_args(tree)
-            # "t/./": rsync skips --files-from lines that start with '#' or ';',
-            # and "/./" ends the part not sent (a leading "./" would send ".").
-            listing = b"".join(b"t/./" + os.fsencode(i.remote_path) + b"\0" for i in sent)
-            result = run(argv, stdin=listing, stop=stop)
-            if result.exit_code in CONNECTION_EXIT_CODES:
-                raise TransferError("connection", f"rsync exited {result.exit_code}: {_tail(result.stderr)}", argv)
-            if result.exit_code != 0:
-                # Some files failed (permissions, disk full, vanished): the md5
-                # check that follows charges exactly those files.
-                log.warning("rsync exited %d for %d files: %s", result.exit_code,
-                            len(sent), _tail(result.stderr))
-            return sent, refused
-        finally:
-            shutil.rmtree(tree, ignore_errors=True)
+            source, names = listing.source_and_data()
+            argv = self.rsync_args(source)
+            result = run(argv, stdin=names, stop=stop)
+        if result.exit_code in CONNECTION_EXIT_CODES:
+            raise TransferError("connection", f"rsync exited {result.exit_code}: {_tail(result.stderr)}", argv)
+        if result.exit_code != 0:
+            # Some files failed (permissions, disk full, vanished): the md5
+            # check that follows charges exactly those files.
+            log.warning("rsync exited %d for %d files: %s", result.exit_code,
+                        len(sent), _tail(result.stderr))
+        return sent, refused
 
     def far_md5(self, remote_paths: list[str], stop: threading.Event | None = None,
                 total_bytes: int = 0) -> dict[str, str]:
@@ -300,38 +301,93 @@ def _scratch_dir() -> str | None:
     return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
 
 
-def _lay_out(tree: str, items: list[Item]) -> tuple[list[Item], list[Item]]:
-    """Symlinks named as the remote paths, pointing at the local files.
+class _Listing:
+    """The file list of one rsync call, and the symlink tree some entries need.
 
-    Returns (laid out, refused). A remote path that could leave the base
-    directory or clashes with another of the batch (``a`` beside ``a/b``: a
-    row some other writer inserted) is refused, for the caller to charge; a
-    file that is gone is in neither list.
+    A file whose local path ends in its remote path (the default
+    ``{relpath}`` template) is sent from where it lies: from ``/data/inbox``
+    as ``1700000000/a.dat``. Any other file gets a symlink named as its
+    remote path in a temporary tree (copied with ``--copy-links``): any
+    local name can go to any remote name. A use as a context manager removes
+    the tree.
+
+    rsync reads ``--files-from`` one byte per system call, so the list is
+    kept short: when every file comes from one directory, that directory is
+    rsync's source and each line is just the remote path; otherwise the
+    source is ``/`` and each line is ``dir/./remote path`` (``/./`` marks
+    where the part sent begins).
     """
-    sent, refused, taken, made = [], [], set(), set()
-    for item in items:
-        if item.remote_path in taken:
-            continue  # two rows for one remote name: the second waits a batch
-        if not os.path.lexists(item.local_path):
-            continue
-        problem = remote_path_problem(item.remote_path)
-        link = os.path.join(tree, item.remote_path)
-        try:
-            if problem:
-                raise ValueError(problem)
-            parent = os.path.dirname(link)
-            if parent not in made:  # a batch shares few directories: make each once
-                os.makedirs(parent, exist_ok=True)
-                made.add(parent)
-            os.symlink(os.path.abspath(item.local_path), link)
-        except (OSError, ValueError) as exc:
-            log.error("refusing to ship %s as %r: %s", item.local_path, item.remote_path,
-                      getattr(exc, "strerror", None) or exc)
-            refused.append(item)
-            continue
-        taken.add(item.remote_path)
-        sent.append(item)
-    return sent, refused
+
+    def __init__(self):
+        self._entries: list[tuple[str, str]] = []  # (source directory, remote path)
+        self._tree: str | None = None
+        self._made: set[str] = set()
+        self._taken: set[str] = set()
+
+    def __enter__(self) -> "_Listing":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._tree is not None:
+            shutil.rmtree(self._tree, ignore_errors=True)
+
+    def source_and_data(self) -> tuple[str, bytes]:
+        """rsync's source directory and its NUL-separated ``--files-from`` list."""
+        bases = {base for base, _ in self._entries}
+        if len(bases) == 1:
+            # A line starting with "#" or ";" would be a comment to rsync; "./"
+            # keeps it a name (--no-implied-dirs: "." itself is not sent).
+            return bases.pop() + "/", b"".join(
+                (b"./" if rel.startswith(("#", ";")) else b"") + os.fsencode(rel) + b"\0"
+                for _, rel in self._entries)
+        return "/", b"".join(os.fsencode(base[1:]) + b"/./" + os.fsencode(rel) + b"\0"
+                             for base, rel in self._entries)
+
+    def add_all(self, items: list[Item]) -> tuple[list[Item], list[Item]]:
+        """List a batch; return (listed, refused).
+
+        A remote path that could leave the base directory or clashes with
+        another of the batch (``a`` beside ``a/b``: a row some other writer
+        inserted) is refused, for the caller to charge; a file that is gone
+        is in neither list.
+        """
+        sent, refused = [], []
+        for item in items:
+            if item.remote_path in self._taken:
+                continue  # two rows for one remote name: the second waits a batch
+            if not os.path.lexists(item.local_path):
+                continue
+            try:
+                problem = remote_path_problem(item.remote_path)
+                if problem:
+                    raise ValueError(problem)
+                self._add(item)
+            except (OSError, ValueError) as exc:
+                log.error("refusing to ship %s as %r: %s", item.local_path, item.remote_path,
+                          getattr(exc, "strerror", None) or exc)
+                refused.append(item)
+                continue
+            self._taken.add(item.remote_path)
+            sent.append(item)
+        return sent, refused
+
+    def _add(self, item: Item) -> None:
+        local, remote = item.local_path, item.remote_path
+        head = local[:len(local) - len(remote)]
+        if (len(head) > 1 and head.endswith("/") and local.endswith(remote)
+                and local.startswith("/") and not local.startswith(("/#", "/;"))
+                and os.path.normpath(local) == local):
+            self._entries.append((head[:-1], remote))
+            return
+        if self._tree is None:
+            self._tree = tempfile.mkdtemp(prefix=f"{BATCH_TREE_PREFIX}{os.getpid()}-", dir=_scratch_dir())
+        link = os.path.join(self._tree, "t", remote)
+        parent = os.path.dirname(link)
+        if parent not in self._made:  # a batch shares few directories: make each once
+            os.makedirs(parent, exist_ok=True)
+            self._made.add(parent)
+        os.symlink(os.path.abspath(local), link)
+        self._entries.append((os.path.join(self._tree, "t"), remote))
 
 
 def parse_md5sum_z(output: bytes) -> dict[str, str]:
