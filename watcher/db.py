@@ -643,14 +643,16 @@ class Catalog:
         while True:
             with self.db.atomic("IMMEDIATE"):
                 last = int(self._meta_get("tcdir_scanned_id", "0"))
-                rows = list(self.File.select(self.File.id, self.File.archive_name, self.File.remote_path)
-                            .where(self.File.id > last).order_by(self.File.id).limit(chunk).tuples())
+                # Plain SQL and tuples: a burst brings tens of thousands of rows.
+                rows = self.db.execute_sql(
+                    "SELECT id, archive_name, remote_path FROM supersync_v0 WHERE id > ? "
+                    "ORDER BY id LIMIT ?", (last, chunk)).fetchall()
                 if not rows:
                     return walked
                 # one look-up per directory, not per row: a chunk holds a few directories
                 newest: dict[tuple[str, int], int | None] = {}
                 for file_id, archive, remote in rows:
-                    remote = os.fsdecode(remote) if isinstance(remote, bytes) else remote
+                    remote = _from_db_path(remote)
                     timecode = timecode_of(remote)
                     # A finalization file makes no directory of its own: an idle
                     # archive would otherwise finalize an empty one every day.
