@@ -29,9 +29,25 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 try:  # Linux: report a move from outside the tree as a move, not a bare creation
-    from watchdog.observers.inotify import InotifyObserver
+    from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver
 except ImportError:  # pragma: no cover - other platforms
     InotifyObserver = None
+else:
+    class _Emitter(InotifyFullEmitter):
+        """Full inotify events without watchdog's synthetic ones (its listing of
+        a directory moved into or within the tree): that directory's own move
+        event has it scanned, and a tree of 20,000 files would queue and
+        dispatch 20,000 events the handler ignores."""
+
+        def queue_event(self, event) -> None:
+            if not event.is_synthetic:
+                super().queue_event(event)
+
+    def _inotify_observer():
+        observer = InotifyObserver(generate_full_events=True)
+        if hasattr(observer, "_emitter_class"):  # else the handler ignores them instead
+            observer._emitter_class = _Emitter
+        return observer
 
 from watcher.config import Config
 from watcher.db import Catalog
@@ -198,7 +214,7 @@ class Agent:
             by_dir.setdefault(str(rule.watch), []).append(rule)
         for watch, rules in by_dir.items():
             observer = (PollingObserver(timeout=POLL_INTERVAL) if any(r.poll for r in rules)
-                        else InotifyObserver(generate_full_events=True) if InotifyObserver
+                        else _inotify_observer() if InotifyObserver
                         else Observer())
             handler = WatchHandler(list(self.config.rules), self._complete, self.settle, self._scan_dir)
             try:
