@@ -48,15 +48,14 @@ def test_a_file_named_by_the_end_of_its_local_path_is_sent_from_where_it_lies_ot
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
     direct = [Item(1, str(here), "1700000000/a.dat", md5(b"x")),
-              Item(2, str(hashed), "#b.dat", md5(b"x")),
-              Item(3, str(tmp_path / "gone.dat"), "gone.dat", md5(b"x"))]
+              Item(2, str(hashed), "#b.dat", md5(b"x"))]
     renamed = Item(4, str(elsewhere), "renamed/c.dat", md5(b"x"))
 
     with _Listing() as listing:  # all from one directory: short lines, relative to it
         sent, refused = listing.add_all(direct)
         assert listing._tree is None
         assert listing.source_and_data() == (f"{inbox}/", b"1700000000/a.dat\0./#b.dat\0")
-    assert [i.id for i in sent] == [1, 2] and refused == []  # the gone file is in neither
+    assert [i.id for i in sent] == [1, 2] and refused == []
 
     with _Listing() as listing:  # mixed: relative to /, each line cut with /./
         sent, refused = listing.add_all(direct + [renamed])
@@ -217,24 +216,28 @@ def test_the_running_worker_overlaps_batches_yet_copies_and_checks_each_row_once
         assert row(catalog, ids[remote]).failed_copy_attempts == 0
 
 
-def test_no_remote_command_runs_for_an_empty_batch(
+def test_no_remote_command_runs_for_an_empty_batch_and_files_gone_are_missing_not_charged(
         sshd, remote_dir, tmp_path, catalog, make_worker, destinations, tool_log):
     archive = ssh_archive(sshd, remote_dir)
     dest = destinations(archive)
 
     assert dest.far_md5([]) == {}
-    # A batch whose local files are all gone sends nothing and hashes nothing.
+    # A worker with nothing pending runs no command either.
+    assert make_worker(archive).step() is False
+    assert tool_log.calls() == []
+
+    # Files are looked for on the local disk only when they were not
+    # verified: a batch whose files are all gone is sent (rsync finds
+    # nothing), and they come back missing, not charged.
     gone = [Item(1, str(tmp_path / "gone-1"), "gone-1", md5(b"")),
             Item(2, str(tmp_path / "gone-2"), "gone-2", md5(b""))]
     results, missing = ship_batch(dest, gone)
     assert results == {} and missing == gone
-    # And a worker with nothing pending runs no command either.
-    assert make_worker(archive).step() is False
-
-    assert tool_log.calls() == []
+    assert len(tool_log.rsync_calls()) == 1 and len(tool_log.md5_calls()) == 1
+    assert os.listdir(remote_dir) == []
 
 
-def test_files_that_vanished_run_no_command_and_are_marked_removed_one_batch_of_one_at_a_time(
+def test_files_that_vanished_are_marked_removed_one_batch_of_one_at_a_time(
         sshd, remote_dir, tmp_path, catalog, make_worker, tool_log):
     archive = ssh_archive(sshd, remote_dir)
     ids = register(catalog, "arch", {"a.dat": b"a", "b.dat": b"b"}, tmp_path / "src")
@@ -249,7 +252,9 @@ def test_files_that_vanished_run_no_command_and_are_marked_removed_one_batch_of_
     assert worker.step() is True
     assert worker.step() is True
 
-    assert tool_log.calls() == []
+    # Each try is one rsync call and one far md5 call; nothing arrives.
+    assert len(tool_log.rsync_calls()) == 3 and len(tool_log.md5_calls()) == 3
+    assert os.listdir(remote_dir) == []
     for file_id in ids.values():
         r = row(catalog, file_id)
         assert r.removed == 0 and r.failed_copy_attempts == 0

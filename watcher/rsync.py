@@ -209,7 +209,6 @@ class Destination:
     def send(self, items: list[Item], stop: threading.Event | None = None) -> tuple[list[Item], list[Item]]:
         """Copy a batch with one rsync call; return (items handed to rsync, items refused).
 
-        Items whose local file is gone are in neither (the caller marks them).
         Raises TransferError for a connection failure or a stall.
         """
         with _Listing() as listing:
@@ -348,15 +347,13 @@ class _Listing:
 
         A remote path that could leave the base directory or clashes with
         another of the batch (``a`` beside ``a/b``: a row some other writer
-        inserted) is refused, for the caller to charge; a file that is gone
-        is in neither list.
+        inserted) is refused, for the caller to charge. Whether a file is
+        still there is only asked of those that fail (``batch_results``).
         """
         sent, refused = [], []
         for item in items:
             if item.remote_path in self._taken:
                 continue  # two rows for one remote name: the second waits a batch
-            if not os.path.lexists(item.local_path):
-                continue
             try:
                 problem = remote_path_problem(item.remote_path)
                 if problem:
@@ -425,22 +422,35 @@ def ship_batch(dest: Destination, items: list[Item], stop: threading.Event | Non
     Returns ``({id: (md5 sent, far md5 or None)}, items whose local file was gone)``.
     Raises TransferError when the connection fails; nothing is then charged.
     """
-    sent, refused, missing = send_batch(dest, items, stop)
+    sent, refused = send_batch(dest, items, stop)
     far = dest.far_md5([i.remote_path for i in sent], stop, sum(i.size or 0 for i in sent))
-    return batch_results(sent, refused, far), missing
+    return batch_results(sent, refused, far)
 
 
-def send_batch(dest: Destination, items: list[Item], stop: threading.Event | None = None) -> tuple[list[Item], list[Item], list[Item]]:
-    """The copy half of ship_batch: (items handed to rsync, items refused, items gone)."""
+def send_batch(dest: Destination, items: list[Item], stop: threading.Event | None = None) -> tuple[list[Item], list[Item]]:
+    """The copy half of ship_batch: (items handed to rsync, items refused)."""
     sent, refused = dest.send(items, stop)
     checkpoint("copied")
-    handled = {i.id for i in sent} | {i.id for i in refused}
-    missing = [i for i in items if i.id not in handled and not os.path.lexists(i.local_path)]
-    return sent, refused, missing
+    return sent, refused
 
 
-def batch_results(sent: list[Item], refused: list[Item], far: dict[str, str]) -> dict[int, tuple[str, str | None]]:
-    """The check half of ship_batch, given the far md5 sums: ``{id: (md5 sent, far md5 or None)}``."""
-    results = {i.id: (i.local_md5sum, far.get(i.remote_path)) for i in sent}
-    results.update({i.id: (i.local_md5sum, None) for i in refused})  # charged, so they end failed
-    return results
+def batch_results(sent: list[Item], refused: list[Item], far: dict[str, str]) -> tuple[dict[int, tuple[str, str | None]], list[Item]]:
+    """The check half of ship_batch, given the far md5 sums: ``({id: (md5 sent,
+    far md5 or None)}, items whose local file was gone)``.
+
+    Only a file that was not verified is looked for on the local disk: one
+    that is gone is not charged (the caller marks it removed).
+    """
+    results, missing = {}, []
+    for item in sent:
+        found = far.get(item.remote_path)
+        if found != item.local_md5sum and not os.path.lexists(item.local_path):
+            missing.append(item)
+        else:
+            results[item.id] = (item.local_md5sum, found)
+    for item in refused:  # charged, so they end failed
+        if os.path.lexists(item.local_path):
+            results[item.id] = (item.local_md5sum, None)
+        else:
+            missing.append(item)
+    return results, missing

@@ -51,7 +51,6 @@ class _InFlight:
     items: list[Item]
     sent: list[Item]
     refused: list[Item]
-    missing: list[Item]
     far: Future
 
 
@@ -143,12 +142,12 @@ class TransferWorker:
                 return False
             self._finish_in_flight()
             return True
-        sent, refused, missing = self._retrying()(send_batch, self.destination, items, self.stop)
+        sent, refused = self._retrying()(send_batch, self.destination, items, self.stop)
         if self._checker is None:
             self._checker = ThreadPoolExecutor(1, f"watcher-check-{self.archive.name}")
         far = self._checker.submit(self.destination.far_md5, [i.remote_path for i in sent],
                                    self.stop, sum(i.size or 0 for i in sent))
-        batch = _InFlight(items, sent, refused, missing, far)
+        batch = _InFlight(items, sent, refused, far)
         try:
             if previous is not None:
                 self._finish_in_flight()
@@ -166,7 +165,7 @@ class TransferWorker:
             # batch again, backing off as for any connection failure.
             results, missing = self._ship(batch.items)
         else:
-            results, missing = batch_results(batch.sent, batch.refused, far), batch.missing
+            results, missing = batch_results(batch.sent, batch.refused, far)
         self._conclude(batch.items, results, missing)
 
     def _conclude(self, items: list[Item], results: dict[int, tuple[str, str | None]],
