@@ -349,6 +349,29 @@ def test_a_batch_of_which_nothing_arrives_blames_the_archive_and_charges_no_file
     assert worker._batch_size == 4
 
 
+def test_a_batch_stops_growing_at_batch_bytes_yet_always_holds_one_file(setup, tmp_path, monkeypatch):
+    import watcher.transfer
+    from watcher.rsync import Destination
+    from watcher.transfer import TransferWorker
+
+    monkeypatch.setattr(watcher.transfer, "BATCH_BYTES", 150_000)
+    setup.archive(files_per_batch=100)
+    setup.rule()
+    config = setup.config()
+    catalog = setup.catalog()
+    for i, size in enumerate((400_000, 100_000, 100_000, 100_000)):
+        p = tmp_path / f"f{i}.dat"
+        p.write_bytes(os.urandom(size))
+        catalog.add_file(str(p), f"f{i}.dat", "arch", timestamp=1000.0 + i)
+    worker = TransferWorker(catalog, config.archives["arch"], Destination(config.archives["arch"]),
+                            threading.Event())
+    verified = []
+    while worker.step():
+        verified.append(sum(r.verified for r in catalog.known_files("arch", 0)))
+    # The big file alone, then two small ones (200,000 bytes reach the cap), then the last.
+    assert verified == [1, 3, 4]
+
+
 def test_a_whole_batch_missing_locally_is_not_marked_gone_at_once(setup, tmp_path):
     from watcher.rsync import Destination
     from watcher.transfer import TransferWorker

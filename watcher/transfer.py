@@ -34,6 +34,10 @@ from watcher.rsync import Destination, Item, TransferError, batch_results, send_
 log = logging.getLogger(__name__)
 
 IDLE_WAIT = 2.0  # seconds between looks for rows that other processes added
+# A batch stops growing once it holds this many bytes (it always holds one
+# file), so that big files are copied one batch after another while the
+# far md5 of the previous batch runs, instead of hashed all after all are copied.
+BATCH_BYTES = 256 << 20
 
 
 def _stat_size(path: str) -> int | None:
@@ -96,7 +100,8 @@ class TransferWorker:
     def _fetch(self, in_flight: _InFlight | None = None) -> list[Item]:
         """The next batch: the oldest pending rows, less those in flight and
         any row for a remote path in flight (it waits, so that no copy
-        overwrites a far file while that file is being hashed)."""
+        overwrites a far file while that file is being hashed), up to
+        ``files_per_batch`` files or BATCH_BYTES bytes."""
         a = self.archive
         skip_ids: set[int] = set()
         skip_paths: set[str] = set()
@@ -107,13 +112,15 @@ class TransferWorker:
             lambda: self.catalog.pending_rows(a.name, self._batch_size + len(skip_ids),
                                               a.max_copy_attempts),
             self.health, self.stop)
-        items = []
+        items, total = [], 0
         for file_id, local_path, remote_path, md5, size in rows:
             if file_id in skip_ids or remote_path in skip_paths:
                 continue
-            items.append(Item(file_id, local_path, remote_path, md5,
-                              size if size is not None else _stat_size(local_path)))
-            if len(items) >= self._batch_size:
+            if size is None:
+                size = _stat_size(local_path)
+            items.append(Item(file_id, local_path, remote_path, md5, size))
+            total += size or 0
+            if len(items) >= self._batch_size or total >= BATCH_BYTES:
                 break
         return items
 
