@@ -387,7 +387,8 @@ class AgentRun:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "watcher.cli", *(["-v"] if debug else []),
                  "run", "--config", str(config)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                cwd=config.parent)  # not the checkout: "-m" puts the working directory first
 
     def said(self, text: str) -> bool:
         if self.proc.poll() is not None:
