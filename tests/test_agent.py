@@ -303,6 +303,29 @@ def test_a_second_file_under_a_taken_far_name_is_not_registered_and_stays(setup,
     assert catalog.rows_for_path(str(second)) == []
 
 
+def test_one_registration_batch_keeps_the_first_file_of_a_far_name_and_skips_a_fifo(setup, caplog):
+    from watcher.handlers import SettleTracker
+    from watcher.registrar import Registrar
+
+    setup.archive()
+    inbox = setup.rule(remote_path="{name}")  # a template that can collide
+    (inbox / "a").mkdir()
+    (inbox / "b").mkdir()
+    first, second, fifo = inbox / "a" / "same.dat", inbox / "b" / "same.dat", inbox / "pipe.dat"
+    first.write_bytes(b"first")
+    second.write_bytes(b"second")
+    os.mkfifo(fifo)  # reading it would block the registrar for good
+    catalog = setup.catalog()
+    registrar = Registrar(catalog, setup.config(), SettleTracker(lambda path: None),
+                          lambda archives: None, threading.Event())
+    with caplog.at_level(logging.ERROR, logger="watcher.registrar"):
+        assert registrar.register([str(first), str(second), str(fifo)]) == 1
+    [row] = catalog.rows_for_path(str(first))
+    assert row.remote_path == "same.dat"
+    assert catalog.rows_for_path(str(second)) == [] and catalog.rows_for_path(str(fifo)) == []
+    assert any(f"already taken by {first}" in r.getMessage() for r in caplog.records)
+
+
 def test_a_second_agent_on_the_same_catalog_refuses_to_start(setup, start_agent):
     import sys
     setup.archive()

@@ -201,7 +201,7 @@ def md5_and_stat(path: str | os.PathLike) -> tuple[str, os.stat_result]:
         buf = _md5_buffers.buf = bytearray(1 << 20)
     view = memoryview(buf)
     h = hashlib.md5()
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a fifo put there meanwhile: no hang
     try:
         while n := os.readv(fd, (buf,)):
             h.update(view[:n])
