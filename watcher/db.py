@@ -189,7 +189,8 @@ def md5_of(path: str | os.PathLike) -> str:
 
 
 def md5_and_stat(path: str | os.PathLike) -> tuple[str, os.stat_result]:
-    """md5 of a file, and its stat taken through the same open file once read.
+    """md5 of a file, and its stat taken through the same open file once read
+    (so it describes the file that was read, even if the path was replaced).
 
     Each thread reuses one 1 MiB buffer: allocating it per read cost more
     than hashing a small file (40-80 us against 18 us for 4 KiB). A plain
@@ -361,17 +362,17 @@ class Catalog:
             self.db.cursor().executemany(_INSERT_FILE, map(_insert_params, files))
 
     def remote_path_owners(self, files: list[NewFile]) -> dict[tuple[str, str], str]:
-        """Remote names these files would take from another live local file.
+        """Remote names these files would take from another local file.
 
         Two local files under one far name overwrite each other's copy, and
         retention could then delete the one whose content is nowhere else.
-        Returns ``{(archive, remote_path): the other local path}``.
+        Returns ``{(archive, remote_path): the local path that keeps it}``:
+        another file's live row, or else the first of these files to name it.
         """
-        wanted = {(f.archive_name, f.remote_path): f.local_path for f in files}
-        taken: dict[tuple[str, str], str] = {}
-        by_archive: dict[str, list[str]] = {}
-        for archive, remote in wanted:
-            by_archive.setdefault(archive, []).append(remote)
+        by_archive: dict[str, set[str]] = {}
+        for f in files:
+            by_archive.setdefault(f.archive_name, set()).add(f.remote_path)
+        holders: dict[tuple[str, str], set[str]] = {}  # live local files of each far name
         for archive, remotes in by_archive.items():
             for chunk in _chunks([to_db_path(r) for r in remotes]):
                 # Plain SQL, as in active_rows: peewee builds a long IN list slowly.
@@ -380,14 +381,18 @@ class Catalog:
                     "SELECT remote_path, local_path FROM supersync_v0 WHERE archive_name = ? "
                     f"AND remote_path IN ({marks}) AND removed IS NULL", (archive, *chunk))
                 for remote, local in cursor.fetchall():
-                    remote, local = _from_db_path(remote), _from_db_path(local)
-                    if local != wanted.get((archive, remote)):
-                        taken[(archive, remote)] = local
-        seen: dict[tuple[str, str], str] = {}
-        for f in files:  # within the batch too
+                    holders.setdefault((archive, _from_db_path(remote)), set()).add(_from_db_path(local))
+        taken: dict[tuple[str, str], str] = {}
+        first: dict[tuple[str, str], str] = {}
+        for f in files:
             key = (f.archive_name, f.remote_path)
-            if seen.setdefault(key, f.local_path) != f.local_path:
-                taken[key] = seen[key]
+            others = holders.get(key, set()) - {f.local_path}
+            if others:  # a live row of another file: it keeps the name
+                taken[key] = min(others)
+                continue
+            owner = first.setdefault(key, f.local_path)  # within the list: the first keeps it
+            if owner != f.local_path:
+                taken.setdefault(key, owner)
         return taken
 
     def contested_remote_paths(self, archive: str, remote_paths: list[str]) -> set[str]:
