@@ -326,6 +326,19 @@ def test_one_registration_batch_keeps_the_first_file_of_a_far_name_and_skips_a_f
     assert any(f"already taken by {first}" in r.getMessage() for r in caplog.records)
 
 
+def test_a_file_under_nested_watched_directories_is_registered_once(setup, start_agent):
+    setup.archive()
+    setup.rule("data")
+    inner = setup.rule("data/inner")  # the start-up scan walks both roots: it meets the file twice
+    path = inner / "x.dat"
+    path.write_bytes(b"once")
+    start_agent(setup)
+    catalog = setup.catalog()
+    wait_until(lambda: [r.verified for r in catalog.rows_for_path(str(path))] == [True],
+               message="x.dat shipped")
+    assert len(catalog.rows_for_path(str(path))) == 1
+
+
 def test_a_second_agent_on_the_same_catalog_refuses_to_start(setup, start_agent):
     import sys
     setup.archive()

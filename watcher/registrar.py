@@ -66,10 +66,13 @@ class Registrar:
     def submit_many(self, paths) -> None:
         """Hand over complete files at once (a scan's batch: one lock, not one per file)."""
         with self._cond:
-            fresh = [p for p in paths if p not in self._queued]
-            if fresh:
-                self._queued.update(fresh)
-                self._waiting.extend(fresh)
+            queued, waiting = self._queued, self._waiting
+            before = len(waiting)
+            for path in paths:  # nested roots can list one path twice
+                if path not in queued:
+                    queued.add(path)
+                    waiting.append(path)
+            if len(waiting) > before:
                 self._cond.notify()
 
     def idle(self) -> bool:
@@ -113,35 +116,37 @@ class Registrar:
 
     def register(self, paths: list[str]) -> int:
         """Register or refresh these paths; return how many rows were written."""
-        found = [c for c in map(self._candidate, paths) if c is not None]
+        found = [c for c in map(self._candidate, dict.fromkeys(paths)) if c is not None]
         if not found:
             return 0
         existing = with_database_retry(
             lambda: self.catalog.active_rows([c.path for c in found]), self.health, self.stop)
-        todo: list[tuple[Candidate, Registered | None]] = []
+        todo: list[tuple[Candidate, Registered | None, str | None]] = []  # remote path of a new file
         for c in found:
             row = existing.get((c.path, c.rule.archive))
-            if row is not None and (row.size, row.mtime_ns) == (c.stat.st_size, c.stat.st_mtime_ns):
-                continue  # already registered as it is
-            todo.append((c, row))
+            if row is None:
+                remote = self._remote_path(c)  # before hashing: an unsafe one is never hashed
+                if remote is not None:
+                    todo.append((c, None, remote))
+            elif (row.size, row.mtime_ns) != (c.stat.st_size, c.stat.st_mtime_ns):
+                todo.append((c, row, None))
+            # else: already registered as it is
         # Big files go to the hashing threads; small ones are hashed here meanwhile
         # (handing each to a thread would cost more than hashing it).
-        big = [c for c, _ in todo if c.stat.st_size > SMALL_FILE]
+        big = [c for c, _, _ in todo if c.stat.st_size > SMALL_FILE]
         in_threads = self._hashers.map(self._hash, big)
-        md5s = {c.path: self._hash(c) for c, _ in todo if c.stat.st_size <= SMALL_FILE}
+        md5s = {c.path: self._hash(c) for c, _, _ in todo if c.stat.st_size <= SMALL_FILE}
         md5s.update(zip((c.path for c in big), in_threads))
         new, changed = [], []
         now = time.time()
-        for c, row in todo:
+        for c, row, remote in todo:
             md5 = md5s[c.path]
             if md5 is None:
                 continue
             if row is not None:
                 changed.append((row, md5, c.stat))
             else:
-                f = self._new_file(c, md5, now)
-                if f is not None:
-                    new.append(f)
+                new.append(self._new_file(c, remote, md5, now))
 
         def write():
             for row, md5, st in changed:
@@ -195,7 +200,13 @@ class Registrar:
         return Candidate(path, *found, st) if found else None
 
     def _hash(self, c: Candidate) -> str | None:
-        """md5 of a file that stays unchanged while it is read; else None (and it settles again)."""
+        """md5 of a file found unchanged once read (same inode, size and
+        modification time as before); else None, and it settles again.
+
+        A file renamed over this path while it is read is not seen here
+        (the open descriptor still reads the old one), but its move event
+        hands the path over again and the new content is hashed then.
+        """
         try:
             md5, after = md5_and_stat(c.path)
         except OSError as exc:
@@ -206,10 +217,10 @@ class Registrar:
             return None
         return md5
 
-    def _new_file(self, c: Candidate, md5: str, now: float) -> NewFile | None:
-        rule = c.rule
+    def _remote_path(self, c: Candidate) -> str | None:
+        """The far name a new file gets; None (reported once) when it would be unsafe."""
         try:
-            remote = render_remote_path(rule, c.relpath, c.groups, c.stat.st_mtime)
+            remote = render_remote_path(c.rule, c.relpath, c.groups, c.stat.st_mtime)
             problem = remote_path_problem(remote)
             if problem:
                 raise UnsafeRemotePath(f"remote path {remote!r} {problem}")
@@ -218,6 +229,10 @@ class Registrar:
                 self._reported.add(c.path)
                 log.error("not registering %s: %s", c.path, exc)
             return None
+        return remote
+
+    def _new_file(self, c: Candidate, remote: str, md5: str, now: float) -> NewFile:
+        rule = c.rule
         keep_forever = rule.overrides_retention and rule.delete_local_after is None
         return NewFile(
             local_path=c.path, remote_path=remote, archive_name=rule.archive,
