@@ -385,6 +385,36 @@ def test_a_batch_of_which_nothing_arrives_blames_the_archive_and_charges_no_file
     assert worker._batch_size == 4
 
 
+def test_a_big_file_alone_in_its_batch_is_not_charged_for_a_failing_archive_at_first(
+        setup, tmp_path, monkeypatch):
+    import watcher.transfer
+    from watcher.rsync import Destination
+    from watcher.transfer import TransferWorker
+
+    monkeypatch.setattr(watcher.transfer, "BATCH_BYTES", 1000)
+    far = setup.archive(files_per_batch=4)
+    far.mkdir()
+    setup.rule()
+    config = setup.config()
+    catalog = setup.catalog()
+    for i in range(2):  # each fills a batch by itself
+        p = tmp_path / f"big{i}.dat"
+        p.write_bytes(os.urandom(2000))
+        catalog.add_file(str(p), f"d/big{i}.dat", "arch")
+    _refuse_deletion(far / "x")  # the archive's base directory takes no new entry
+    pauses = []
+    worker = TransferWorker(catalog, config.archives["arch"], Destination(config.archives["arch"]),
+                            threading.Event(), sleep=pauses.append)
+    try:
+        assert worker.step()  # cut short by the byte cap: blames the archive, like a whole batch
+        assert [r.failed_copy_attempts for r in catalog.known_files("arch", 0)] == [0, 0]
+        assert pauses == [1.0]
+        assert worker.step()  # then a batch of one: the file's own, charged
+        assert sorted(r.failed_copy_attempts for r in catalog.known_files("arch", 0)) == [0, 1]
+    finally:
+        _allow_deletion(far / "x")
+
+
 def test_a_batch_stops_growing_at_batch_bytes_yet_always_holds_one_file(setup, tmp_path, monkeypatch):
     import watcher.transfer
     from watcher.rsync import Destination

@@ -179,10 +179,15 @@ class TransferWorker:
                   missing: list[Item]) -> None:
         """Judge and record one shipped batch."""
         a = self.archive
-        if len(results) > 1 and not any(found == sent for sent, found in results.values()):
+        # A batch the byte cap ended counts as a batch of several files: big
+        # files travel alone, and the first try of one says no more about the
+        # file than a whole batch would (trouble halves it to a batch of one).
+        capped = len(items) < self._batch_size and sum(i.size or 0 for i in items) >= BATCH_BYTES
+        if ((len(results) > 1 or capped) and results
+                and not any(found == sent for sent, found in results.values())):
             self._archive_trouble(len(results), "none of {} files arrived intact")
             return
-        if len(missing) > 1 and len(missing) == len(items):
+        if (len(missing) > 1 or capped) and missing and not results:
             # A whole batch gone at once is more likely an unmounted disk than
             # deleted data: mark none; a batch of one is marked as usual.
             self._archive_trouble(len(missing), "none of {} files is on the local disk (unmounted?)")
