@@ -271,13 +271,16 @@ def test_compression_bwlimit_and_chmod_reach_rsync_and_chmod_sets_far_permission
     plain = destinations(ssh_archive(sshd, base)).rsync_args("/")
     assert not [a for a in plain if a.startswith(("--compress", "--bwlimit", "--chmod", "--perms"))]
 
-    ids = register(catalog, "arch", {"open.dat": os.urandom(5000), "sub/deep.dat": b"deep"},
-                   tmp_path / "src")
+    # All from one directory: rsync's source is that directory, and names
+    # starting with "#" or ";" are listed as "./#..." (never a comment).
+    ids = register(catalog, "arch", {"open.dat": os.urandom(5000), "sub/deep.dat": b"deep",
+                                     "#hash.dat": b"h", ";semi.dat": b"s"}, tmp_path / "src")
     (tmp_path / "src" / "open.dat").chmod(0o606)
     (tmp_path / "src" / "sub").chmod(0o700)
     assert make_worker(archive).step() is True
 
-    assert row(catalog, ids["open.dat"]).verified and row(catalog, ids["sub/deep.dat"]).verified
+    assert all(row(catalog, i).verified for i in ids.values())
+    assert sorted(os.listdir(base)) == ["#hash.dat", ";semi.dat", "open.dat", "sub"]
     assert (base / "open.dat").stat().st_mode & 0o7777 == 0o640
     assert (base / "sub" / "deep.dat").stat().st_mode & 0o7777 == 0o640
     # Directories keep the far side's defaults: the base directory its own

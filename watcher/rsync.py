@@ -177,10 +177,12 @@ class Destination:
         directories are made with the far side's defaults and existing ones,
         the base directory included, keep their permissions (with ``--perms``
         they would get a local directory's mode plus ``chmod``, and a
-        ``chmod`` such as ``u=rw`` would leave them unusable).
+        ``chmod`` such as ``u=rw`` would leave them unusable). No
+        ``--recursive``: a listed path that became a directory is not copied
+        with its contents under a file's far name.
         """
         a = self.archive
-        args = ["rsync", "--recursive", "--copy-links", "--times", "--omit-dir-times",
+        args = ["rsync", "--copy-links", "--times", "--omit-dir-times",
                 "--ignore-times", "--mkpath", "--no-implied-dirs",
                 "-s",  # -s: --secluded-args (--protect-args before 3.2.7)
                 "--files-from=-", "--from0",
@@ -345,10 +347,12 @@ class _Listing:
     def add_all(self, items: list[Item]) -> tuple[list[Item], list[Item]]:
         """List a batch; return (listed, refused).
 
-        A remote path that could leave the base directory or clashes with
-        another of the batch (``a`` beside ``a/b``: a row some other writer
-        inserted) is refused, for the caller to charge. Whether a file is
-        still there is only asked of those that fail (``batch_results``).
+        A remote path that could leave the base directory is refused, for
+        the caller to charge, and so is one that clashes with another of a
+        symlink tree (``a`` beside ``a/b``: a row some other writer inserted);
+        a file sent from where it lies with such a clash fails on the far
+        side and is charged by the md5 check. Whether a file is still there
+        is only asked of those that fail (``batch_results``).
         """
         sent, refused = [], []
         for item in items:
