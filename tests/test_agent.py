@@ -385,8 +385,9 @@ def test_a_batch_of_which_nothing_arrives_blames_the_archive_and_charges_no_file
     assert worker._batch_size == 4
 
 
-def test_a_big_file_alone_in_its_batch_is_not_charged_for_a_failing_archive_at_first(
-        setup, tmp_path, monkeypatch):
+def _big_files_worker(setup, tmp_path, monkeypatch, pipelined=False):
+    """Two files, each above a lowered BATCH_BYTES, pending for a local archive; a
+    worker whose back-off pauses are recorded instead of slept."""
     import watcher.transfer
     from watcher.rsync import Destination
     from watcher.transfer import TransferWorker
@@ -397,22 +398,65 @@ def test_a_big_file_alone_in_its_batch_is_not_charged_for_a_failing_archive_at_f
     setup.rule()
     config = setup.config()
     catalog = setup.catalog()
-    for i in range(2):  # each fills a batch by itself
+    for i in range(2):
         p = tmp_path / f"big{i}.dat"
         p.write_bytes(os.urandom(2000))
-        catalog.add_file(str(p), f"d/big{i}.dat", "arch")
-    _refuse_deletion(far / "x")  # the archive's base directory takes no new entry
+        catalog.add_file(str(p), f"d/big{i}.dat", "arch", timestamp=1000.0 + i)
     pauses = []
     worker = TransferWorker(catalog, config.archives["arch"], Destination(config.archives["arch"]),
                             threading.Event(), sleep=pauses.append)
+    return far, catalog, worker, pauses
+
+
+def _attempts(catalog) -> dict[str, int]:
+    return {os.path.basename(r.local_path): r.failed_copy_attempts for r in catalog.known_files("arch", 0)}
+
+
+def test_a_big_file_alone_in_its_batch_is_tried_with_the_next_before_the_archive_is_blamed(
+        setup, tmp_path, monkeypatch):
+    far, catalog, worker, pauses = _big_files_worker(setup, tmp_path, monkeypatch)
+    _refuse_deletion(far / "x")  # the archive's base directory takes no new entry
     try:
-        assert worker.step()  # cut short by the byte cap: blames the archive, like a whole batch
-        assert [r.failed_copy_attempts for r in catalog.known_files("arch", 0)] == [0, 0]
-        assert pauses == [1.0]
-        assert worker.step()  # then a batch of one: the file's own, charged
-        assert sorted(r.failed_copy_attempts for r in catalog.known_files("arch", 0)) == [0, 1]
+        assert worker.step()  # big0 alone (the byte cap): nothing charged, tried again at once
+        assert _attempts(catalog) == {"big0.dat": 0, "big1.dat": 0} and pauses == []
+        assert worker.step()  # with big1: nothing arrives, the archive is blamed
+        assert _attempts(catalog) == {"big0.dat": 0, "big1.dat": 0} and pauses == [1.0]
+        assert worker.step()  # then a batch of one, the file's own: charged
+        assert _attempts(catalog) == {"big0.dat": 1, "big1.dat": 0}
     finally:
         _allow_deletion(far / "x")
+
+
+def test_a_big_file_that_fails_alone_while_the_next_arrives_is_charged_without_a_pause(
+        setup, tmp_path, monkeypatch):
+    far, catalog, worker, pauses = _big_files_worker(setup, tmp_path, monkeypatch)
+    (far / "d" / "big0.dat").mkdir(parents=True)  # a directory in the way of big0 only
+    (far / "d" / "big0.dat" / "keep").write_bytes(b"")
+    assert worker.step()  # big0 alone: not charged yet
+    assert _attempts(catalog) == {"big0.dat": 0, "big1.dat": 0}
+    assert worker.step()  # with big1, which arrives: big0's failure is its own
+    assert _attempts(catalog) == {"big0.dat": 1, "big1.dat": 0}
+    assert [r.verified for r in catalog.known_files("arch", 0)] == [False, True]
+    assert pauses == []
+
+
+def test_the_running_worker_also_tries_a_failed_big_file_with_the_next_before_blaming_the_archive(
+        setup, tmp_path, monkeypatch):
+    far, catalog, worker, pauses = _big_files_worker(setup, tmp_path, monkeypatch)
+    _refuse_deletion(far / "x")
+    try:
+        for _ in range(20):  # run()'s steps: a batch is copied while the one before is checked
+            worker._pipelined_step()
+            if any(_attempts(catalog).values()):
+                break
+        # Blamed once both failed together; the first charge is then the
+        # oldest file's, alone in a batch of one.
+        assert pauses == [1.0]
+        assert _attempts(catalog) == {"big0.dat": 1, "big1.dat": 0}
+    finally:
+        _allow_deletion(far / "x")
+        if worker._checker is not None:
+            worker._checker.shutdown(wait=True)
 
 
 def test_a_batch_stops_growing_at_batch_bytes_yet_always_holds_one_file(setup, tmp_path, monkeypatch):
@@ -436,6 +480,28 @@ def test_a_batch_stops_growing_at_batch_bytes_yet_always_holds_one_file(setup, t
         verified.append(sum(r.verified for r in catalog.known_files("arch", 0)))
     # The big file alone, then two small ones (200,000 bytes reach the cap), then the last.
     assert verified == [1, 3, 4]
+
+
+def test_a_batch_missing_locally_save_a_row_held_back_is_not_marked_gone_at_once(setup, tmp_path):
+    from watcher.rsync import Destination
+    from watcher.transfer import TransferWorker
+
+    setup.archive(files_per_batch=4)
+    setup.rule()
+    config = setup.config()
+    catalog = setup.catalog()
+    for name in ("x.dat", "y.dat"):
+        catalog.add_file(str(tmp_path / name), name, "arch", local_md5sum="0" * 32)
+    # Another writer (socs) gave x.dat's far name to a second row: the batch holds it back.
+    catalog.db.execute_sql(
+        "INSERT INTO supersync_v0 (local_path, local_md5sum, archive_name, remote_path, timestamp) "
+        "VALUES (?, ?, 'arch', 'x.dat', 1)", (str(tmp_path / "x2.dat"), "1" * 32))
+    pauses = []
+    worker = TransferWorker(catalog, config.archives["arch"], Destination(config.archives["arch"]),
+                            threading.Event(), sleep=pauses.append)
+    assert worker.step()  # every file handed to rsync is gone: an unmounted disk, not deleted data
+    assert [r.removed for r in catalog.known_files("arch", 0)] == [None] * 3
+    assert pauses == [1.0]
 
 
 def test_a_whole_batch_missing_locally_is_not_marked_gone_at_once(setup, tmp_path):

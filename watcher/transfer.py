@@ -37,6 +37,9 @@ IDLE_WAIT = 2.0  # seconds between looks for rows that other processes added
 # A batch stops growing once it holds this many bytes (it always holds one
 # file), so that big files are copied one batch after another while the
 # far md5 of the previous batch runs, instead of hashed all after all are copied.
+# A batch the cap ended that fails as a whole is tried again at once without
+# the cap, with the files after it: they tell a failing archive (nothing
+# arrives: back off, nothing charged) from a failing file (the others arrive).
 BATCH_BYTES = 256 << 20
 
 
@@ -53,6 +56,7 @@ class _InFlight:
     """A batch copied whose far md5 is running."""
 
     items: list[Item]
+    capped: bool
     sent: list[Item]
     refused: list[Item]
     far: Future
@@ -72,6 +76,7 @@ class TransferWorker:
         self._max_backoff = max_backoff
         self._batch_size = archive.files_per_batch
         self._trouble = 0  # batches in a row of which nothing arrived
+        self._uncap_next = False  # the next batch ignores BATCH_BYTES (see there)
         self._in_flight: _InFlight | None = None  # run()'s batch being checked
         self._checker: ThreadPoolExecutor | None = None
 
@@ -97,11 +102,12 @@ class TransferWorker:
     def _ship(self, items: list[Item]):
         return self._retrying()(ship_batch, self.destination, items, self.stop)
 
-    def _fetch(self, in_flight: _InFlight | None = None) -> list[Item]:
+    def _fetch(self, in_flight: _InFlight | None = None) -> tuple[list[Item], bool]:
         """The next batch: the oldest pending rows, less those in flight and
         any row for a remote path in flight (it waits, so that no copy
         overwrites a far file while that file is being hashed), up to
-        ``files_per_batch`` files or BATCH_BYTES bytes."""
+        ``files_per_batch`` files or BATCH_BYTES bytes; and whether the
+        byte cap ended it."""
         a = self.archive
         skip_ids: set[int] = set()
         skip_paths: set[str] = set()
@@ -112,7 +118,9 @@ class TransferWorker:
             lambda: self.catalog.pending_rows(a.name, self._batch_size + len(skip_ids),
                                               a.max_copy_attempts),
             self.health, self.stop)
-        items, total = [], 0
+        cap = None if self._uncap_next else BATCH_BYTES
+        self._uncap_next = False
+        items, total, capped = [], 0, False
         for file_id, local_path, remote_path, md5, size in rows:
             if file_id in skip_ids or remote_path in skip_paths:
                 continue
@@ -120,30 +128,35 @@ class TransferWorker:
                 size = _stat_size(local_path)
             items.append(Item(file_id, local_path, remote_path, md5, size))
             total += size or 0
-            if len(items) >= self._batch_size or total >= BATCH_BYTES:
+            if len(items) >= self._batch_size:
                 break
-        return items
+            if cap is not None and total >= cap:
+                capped = True
+                break
+        return items, capped
 
     def step(self) -> bool:
         """Ship and record one batch; False when nothing was pending."""
         if self._in_flight is not None:
             self._finish_in_flight()
             return True
-        items = self._fetch()
+        items, capped = self._fetch()
         if not items:
             return False
         results, missing = self._ship(items)
-        self._conclude(items, results, missing)
+        self._conclude(items, results, missing, capped)
         return True
 
     def _pipelined_step(self) -> bool:
         """Copy the next batch while the previous one is checked, then record
         the previous one; False when nothing was pending or in flight."""
         previous = self._in_flight
-        if previous is not None and self._trouble:
-            self._finish_in_flight()  # in trouble: one batch at a time
+        if previous is not None and (self._trouble or self._uncap_next):
+            # In trouble, or about to try a failed batch again with the files
+            # after it: one batch at a time, so none of them is in flight.
+            self._finish_in_flight()
             return True
-        items = self._fetch(previous)
+        items, capped = self._fetch(previous)
         if not items:
             if previous is None:
                 return False
@@ -154,7 +167,7 @@ class TransferWorker:
             self._checker = ThreadPoolExecutor(1, f"watcher-check-{self.archive.name}")
         far = self._checker.submit(self.destination.far_md5, [i.remote_path for i in sent],
                                    self.stop, sum(i.size or 0 for i in sent))
-        batch = _InFlight(items, sent, refused, far)
+        batch = _InFlight(items, capped, sent, refused, far)
         try:
             if previous is not None:
                 self._finish_in_flight()
@@ -173,21 +186,24 @@ class TransferWorker:
             results, missing = self._ship(batch.items)
         else:
             results, missing = batch_results(batch.sent, batch.refused, far)
-        self._conclude(batch.items, results, missing)
+        self._conclude(batch.items, results, missing, batch.capped)
 
     def _conclude(self, items: list[Item], results: dict[int, tuple[str, str | None]],
-                  missing: list[Item]) -> None:
-        """Judge and record one shipped batch."""
+                  missing: list[Item], capped: bool = False) -> None:
+        """Judge and record one shipped batch (``capped``: BATCH_BYTES ended it)."""
         a = self.archive
-        # A batch the byte cap ended counts as a batch of several files: big
-        # files travel alone, and the first try of one says no more about the
-        # file than a whole batch would (trouble halves it to a batch of one).
-        capped = len(items) < self._batch_size and sum(i.size or 0 for i in items) >= BATCH_BYTES
-        if ((len(results) > 1 or capped) and results
-                and not any(found == sent for sent, found in results.values())):
+        nothing_arrived = bool(results) and not any(found == sent for sent, found in results.values())
+        if capped and (nothing_arrived or (missing and not results)):
+            # Big files travel alone: one failing says nothing yet about
+            # whose fault it is. Try it again at once with the files after it.
+            self._uncap_next = True
+            log.info("archive %s: a batch of %d big files failed as a whole; trying it again "
+                     "with the files after it", a.name, len(items))
+            return
+        if len(results) > 1 and nothing_arrived:
             self._archive_trouble(len(results), "none of {} files arrived intact")
             return
-        if (len(missing) > 1 or capped) and missing and not results:
+        if len(missing) > 1 and not results:
             # A whole batch gone at once is more likely an unmounted disk than
             # deleted data: mark none; a batch of one is marked as usual.
             self._archive_trouble(len(missing), "none of {} files is on the local disk (unmounted?)")
