@@ -177,12 +177,14 @@ class Destination:
         directories are made with the far side's defaults and existing ones,
         the base directory included, keep their permissions (with ``--perms``
         they would get a local directory's mode plus ``chmod``, and a
-        ``chmod`` such as ``u=rw`` would leave them unusable). No
-        ``--recursive``: a listed path that became a directory is not copied
-        with its contents under a file's far name.
+        ``chmod`` such as ``u=rw`` would leave them unusable).
+        ``--no-dirs`` (``--files-from`` implies ``--dirs``) and no
+        ``--recursive``: a listed path that has become a directory is
+        skipped, neither copied with its contents nor made an empty
+        directory under a file's far name; the md5 check charges it.
         """
         a = self.archive
-        args = ["rsync", "--copy-links", "--times", "--omit-dir-times",
+        args = ["rsync", "--no-dirs", "--copy-links", "--times", "--omit-dir-times",
                 "--ignore-times", "--mkpath", "--no-implied-dirs",
                 "-s",  # -s: --secluded-args (--protect-args before 3.2.7)
                 "--files-from=-", "--from0",
