@@ -44,6 +44,9 @@ def test_registering_keeps_a_far_name_with_its_live_owner_or_the_first_file_of_t
     rows = {r.remote_path: r.local_path for r in catalog.known_files("arch", 0)}
     assert rows == {"16000/x.g3": "/data/owner.g3", "16000/y.g3": "/data/c.g3"}
     assert len(catalog.known_files("arch", 0)) == 2
+    # A file listed twice is registered once.
+    assert catalog.register_files([new("/data/e.g3", "16000/z.g3"), new("/data/e.g3", "16000/z.g3")]) == {}
+    assert [r.local_path for r in catalog.known_files("arch", 0)].count("/data/e.g3") == 1
 
 
 def test_far_names_shared_by_different_content_are_contested(catalog):

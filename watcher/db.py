@@ -346,9 +346,14 @@ class Catalog:
         """Insert, in one transaction, the files whose far name no other live
         local file has; return the others' ``{(archive, remote_path): owner}``.
 
-        Of files sharing one far name within the list, the first is inserted.
+        Of files sharing one far name within the list, the first is inserted;
+        a file listed twice for one archive is inserted once (its first entry).
         The caller (the agent's registrar) has checked the remote paths.
         """
+        first: dict[tuple[str, str], NewFile] = {}
+        for f in files:
+            first.setdefault((f.local_path, f.archive_name), f)
+        files = list(first.values())
         with self.db.atomic("IMMEDIATE"):
             taken = self.remote_path_owners(files)
             self._insert([f for f in files
@@ -388,7 +393,7 @@ class Catalog:
             key = (f.archive_name, f.remote_path)
             others = holders.get(key, set()) - {f.local_path}
             if others:  # a live row of another file: it keeps the name
-                taken[key] = min(others)
+                taken.setdefault(key, min(others))
                 continue
             owner = first.setdefault(key, f.local_path)  # within the list: the first keeps it
             if owner != f.local_path:
