@@ -351,24 +351,36 @@ def test_a_second_agent_on_the_same_catalog_refuses_to_start(setup, start_agent)
     assert "Traceback" not in proc.stderr
 
 
-def test_a_batch_of_which_nothing_arrives_blames_the_archive_and_charges_no_file(setup, tmp_path):
+def _worker_with_pending(setup, tmp_path, files: dict[str, int], files_per_batch: int = 4):
+    """A local archive and a rule; ``files`` ({remote path: size}) written under
+    tmp_path and registered, oldest first; a transfer worker whose back-off
+    pauses are recorded instead of slept. Returns (far, catalog, worker, pauses)."""
     from watcher.rsync import Destination
     from watcher.transfer import TransferWorker
 
-    far = setup.archive(files_per_batch=4)
+    far = setup.archive(files_per_batch=files_per_batch)
     far.mkdir()
     setup.rule()
     config = setup.config()
     catalog = setup.catalog()
-    for i in range(4):
-        p = tmp_path / f"f{i}.dat"
-        p.write_bytes(os.urandom(100))
-        catalog.add_file(str(p), f"d/f{i}.dat", "arch")
-    _refuse_deletion(far / "x")  # the archive's base directory takes no new entry
+    for i, (remote, size) in enumerate(files.items()):
+        p = tmp_path / os.path.basename(remote)
+        p.write_bytes(os.urandom(size))
+        catalog.add_file(str(p), remote, "arch", timestamp=1000.0 + i)
     pauses = []
-    stop = threading.Event()
     worker = TransferWorker(catalog, config.archives["arch"], Destination(config.archives["arch"]),
-                            stop, sleep=pauses.append)
+                            threading.Event(), sleep=pauses.append)
+    return far, catalog, worker, pauses
+
+
+def _attempts(catalog) -> dict[str, int]:
+    return {os.path.basename(r.local_path): r.failed_copy_attempts for r in catalog.known_files("arch", 0)}
+
+
+def test_a_batch_of_which_nothing_arrives_blames_the_archive_and_charges_no_file(setup, tmp_path):
+    far, catalog, worker, pauses = _worker_with_pending(
+        setup, tmp_path, {f"d/f{i}.dat": 100 for i in range(4)})
+    _refuse_deletion(far / "x")  # the archive's base directory takes no new entry
     try:
         assert worker.step() and worker.step()
         attempts = [r.failed_copy_attempts for r in catalog.known_files("arch", 0)]
@@ -385,31 +397,12 @@ def test_a_batch_of_which_nothing_arrives_blames_the_archive_and_charges_no_file
     assert worker._batch_size == 4
 
 
-def _big_files_worker(setup, tmp_path, monkeypatch, pipelined=False):
-    """Two files, each above a lowered BATCH_BYTES, pending for a local archive; a
-    worker whose back-off pauses are recorded instead of slept."""
+def _big_files_worker(setup, tmp_path, monkeypatch):
+    """Two files pending, each above a lowered BATCH_BYTES."""
     import watcher.transfer
-    from watcher.rsync import Destination
-    from watcher.transfer import TransferWorker
 
     monkeypatch.setattr(watcher.transfer, "BATCH_BYTES", 1000)
-    far = setup.archive(files_per_batch=4)
-    far.mkdir()
-    setup.rule()
-    config = setup.config()
-    catalog = setup.catalog()
-    for i in range(2):
-        p = tmp_path / f"big{i}.dat"
-        p.write_bytes(os.urandom(2000))
-        catalog.add_file(str(p), f"d/big{i}.dat", "arch", timestamp=1000.0 + i)
-    pauses = []
-    worker = TransferWorker(catalog, config.archives["arch"], Destination(config.archives["arch"]),
-                            threading.Event(), sleep=pauses.append)
-    return far, catalog, worker, pauses
-
-
-def _attempts(catalog) -> dict[str, int]:
-    return {os.path.basename(r.local_path): r.failed_copy_attempts for r in catalog.known_files("arch", 0)}
+    return _worker_with_pending(setup, tmp_path, {"d/big0.dat": 2000, "d/big1.dat": 2000})
 
 
 def test_a_big_file_alone_in_its_batch_is_tried_with_the_next_before_the_archive_is_blamed(
@@ -461,20 +454,11 @@ def test_the_running_worker_also_tries_a_failed_big_file_with_the_next_before_bl
 
 def test_a_batch_stops_growing_at_batch_bytes_yet_always_holds_one_file(setup, tmp_path, monkeypatch):
     import watcher.transfer
-    from watcher.rsync import Destination
-    from watcher.transfer import TransferWorker
 
     monkeypatch.setattr(watcher.transfer, "BATCH_BYTES", 150_000)
-    setup.archive(files_per_batch=100)
-    setup.rule()
-    config = setup.config()
-    catalog = setup.catalog()
-    for i, size in enumerate((400_000, 100_000, 100_000, 100_000)):
-        p = tmp_path / f"f{i}.dat"
-        p.write_bytes(os.urandom(size))
-        catalog.add_file(str(p), f"f{i}.dat", "arch", timestamp=1000.0 + i)
-    worker = TransferWorker(catalog, config.archives["arch"], Destination(config.archives["arch"]),
-                            threading.Event())
+    _, catalog, worker, _ = _worker_with_pending(
+        setup, tmp_path, {"f0.dat": 400_000, "f1.dat": 100_000, "f2.dat": 100_000, "f3.dat": 100_000},
+        files_per_batch=100)
     verified = []
     while worker.step():
         verified.append(sum(r.verified for r in catalog.known_files("arch", 0)))
@@ -483,43 +467,22 @@ def test_a_batch_stops_growing_at_batch_bytes_yet_always_holds_one_file(setup, t
 
 
 def test_a_batch_missing_locally_save_a_row_held_back_is_not_marked_gone_at_once(setup, tmp_path):
-    from watcher.rsync import Destination
-    from watcher.transfer import TransferWorker
-
-    setup.archive(files_per_batch=4)
-    setup.rule()
-    config = setup.config()
-    catalog = setup.catalog()
-    for name in ("x.dat", "y.dat"):
-        catalog.add_file(str(tmp_path / name), name, "arch", local_md5sum="0" * 32)
+    _, catalog, worker, pauses = _worker_with_pending(setup, tmp_path, {"x.dat": 1, "y.dat": 1})
     # Another writer (socs) gave x.dat's far name to a second row: the batch holds it back.
     catalog.db.execute_sql(
         "INSERT INTO supersync_v0 (local_path, local_md5sum, archive_name, remote_path, timestamp) "
         "VALUES (?, ?, 'arch', 'x.dat', 1)", (str(tmp_path / "x2.dat"), "1" * 32))
-    pauses = []
-    worker = TransferWorker(catalog, config.archives["arch"], Destination(config.archives["arch"]),
-                            threading.Event(), sleep=pauses.append)
+    for name in ("x.dat", "y.dat"):
+        (tmp_path / name).unlink()
     assert worker.step()  # every file handed to rsync is gone: an unmounted disk, not deleted data
     assert [r.removed for r in catalog.known_files("arch", 0)] == [None] * 3
     assert pauses == [1.0]
 
 
 def test_a_whole_batch_missing_locally_is_not_marked_gone_at_once(setup, tmp_path):
-    from watcher.rsync import Destination
-    from watcher.transfer import TransferWorker
-
-    setup.archive(files_per_batch=4)
-    setup.rule()
-    config = setup.config()
-    catalog = setup.catalog()
+    _, catalog, worker, pauses = _worker_with_pending(setup, tmp_path, {f"m{i}.dat": 1 for i in range(4)})
     for i in range(4):  # registered, then their disk "goes away"
-        p = tmp_path / f"m{i}.dat"
-        p.write_bytes(b"x")
-        catalog.add_file(str(p), f"m{i}.dat", "arch")
-        p.unlink()
-    pauses = []
-    worker = TransferWorker(catalog, config.archives["arch"], Destination(config.archives["arch"]),
-                            threading.Event(), sleep=pauses.append)
+        (tmp_path / f"m{i}.dat").unlink()
     assert worker.step() and worker.step()  # 4, then 2 missing: an unmounted disk, not deleted data
     assert [r.removed for r in catalog.known_files("arch", 0)] == [None] * 4
     assert worker.step()  # a batch of one is marked as before
