@@ -309,12 +309,12 @@ class Catalog:
                       True if deletable is None else bool(deletable), size, mtime_ns)
         return self.add_files([new])[0]
 
-    def add_files(self, files: Iterable[NewFile], rows: bool = True) -> list[File]:
+    def add_files(self, files: Iterable[NewFile]) -> list[File]:
         """Register many files in one transaction (one commit, not one per file).
 
-        Returns the new rows (none with ``rows=False``, for a caller that does
-        not read them). Raises ValueError, writing nothing, when a remote path
-        could leave its archive or is another live local file's.
+        Returns the new rows. Raises ValueError, writing nothing, when a
+        remote path could leave its archive or is another live local file's.
+        (The agent's registrar uses register_files, which skips those instead.)
         """
         files = list(files)
         for f in files:
@@ -327,9 +327,6 @@ class Catalog:
                 (archive, remote), local = next(iter(taken.items()))
                 raise ValueError(f"remote path {remote!r} of archive {archive} is already "
                                  f"taken by {local}: one far copy would overwrite the other")
-            if not rows:
-                self._insert(files)
-                return []
             made = []
             for f in files:
                 cursor = self.db.execute_sql(_INSERT_FILE, _insert_params(f))
