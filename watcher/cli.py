@@ -119,6 +119,9 @@ def _status(args) -> dict:
         state = health.get("archives", {}).get(name)
         stats["degraded"] = bool(state and state.get("degraded"))
         stats["last_error"] = state.get("last_error") if state else None
+        problems = health.get("problems", {}).get(name, {})
+        stats["problems"] = {kind: entry["count"] for kind, entry in problems.items()}
+        stats["problem_messages"] = {kind: entry["message"] for kind, entry in problems.items()}
         out[name] = stats
     db_state = health.get("database", {})
     return {"archives": out, "agent_running": bool(health), "database_locked": bool(db_state.get("locked")),
@@ -128,6 +131,8 @@ def _status(args) -> dict:
 def cmd_status(args) -> int:
     report = _status(args)
     if args.json:
+        for stats in report["archives"].values():
+            del stats["problem_messages"]
         print(json.dumps(report["archives"], indent=2, default=str))
         return 0
     problem = ("LOCKED" if report["database_locked"] else "ERROR") if report["database_error"] else None
@@ -142,6 +147,8 @@ def cmd_status(args) -> int:
               + (f"; DEGRADED: {s['last_error']}" if s["degraded"] else ""))
         print(f"  finalized until {_when(s['finalized_until'])}; last added {s['last_file_added']}; "
               f"last verified {s['last_file_verified']}")
+        for kind, n in sorted(s["problems"].items()):
+            print(f"  PROBLEM: {n} {kind}; latest: {s['problem_messages'][kind]}")
     if not report["archives"]:
         print("no archives")
     return 0

@@ -30,7 +30,8 @@ class Health:
         self.path = health_path(database)
         self._lock = threading.Lock()
         self._state: dict = {"pid": os.getpid(), "started": time.time(),
-                             "archives": {}, "database": {"locked": False}}
+                             "archives": {}, "database": {"locked": False}, "problems": {}}
+        self._subjects: dict[tuple[str, str], set[str]] = {}  # (archive, kind) -> subjects
         self._write()
 
     def _write(self) -> None:
@@ -66,6 +67,50 @@ class Health:
                 return
             self._state["database"] = {"locked": locked, "last_error": error, "since": since}
             self._write()
+
+    def problem(self, archives, kind: str, subject: str, message: str) -> None:
+        """A condition that degrades service without stopping it (a symlink not
+        shipped, an unreadable directory, a lost watch): one WARNING the first
+        time a subject shows it, and a count per archive for `watcher status`.
+
+        ``kind`` is a short plural noun (``symlinks``); ``message`` says what
+        is wrong and what to do. ``archives`` is one name or several.
+        """
+        archives = [archives] if isinstance(archives, str) else list(archives)
+        new = False
+        with self._lock:
+            for archive in archives:
+                subjects = self._subjects.setdefault((archive, kind), set())
+                if subject in subjects:
+                    continue
+                new = True
+                subjects.add(subject)
+                entry = self._state["problems"].setdefault(archive, {}).setdefault(
+                    kind, {"count": 0, "example": None, "message": None})
+                entry.update(count=len(subjects), example=subject, message=message)
+            if new:
+                self._write()
+        if new:
+            log.warning("%s", message)
+
+    def solved(self, archives, kind: str, subject: str) -> None:
+        """A subject no longer shows the problem (the watch came back, the link went)."""
+        archives = [archives] if isinstance(archives, str) else list(archives)
+        with self._lock:
+            changed = False
+            for archive in archives:
+                subjects = self._subjects.get((archive, kind))
+                if not subjects or subject not in subjects:
+                    continue
+                subjects.discard(subject)
+                changed = True
+                section = self._state["problems"][archive]
+                if subjects:
+                    section[kind]["count"] = len(subjects)
+                else:
+                    del section[kind]
+            if changed:
+                self._write()
 
     def close(self) -> None:
         try:
