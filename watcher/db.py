@@ -691,9 +691,12 @@ class Catalog:
         if tc is not None and not is_finalization_file(remote_path):
             self._ensure_tcdir(archive, tc, None, force=True)
 
-    def newest_timecode(self, archive: str) -> int | None:
+    def newest_timecode(self, archive: str, until: int) -> int | None:
+        """The newest timecode directory of an archive up to ``until`` (now's):
+        a future one (a bogus row, a clock ahead) must not hide the real newest."""
         row = (self.TimecodeDir.select(fn.MAX(self.TimecodeDir.timecode).alias("tc"))
-               .where(self.TimecodeDir.archive_name == archive).dicts().get())
+               .where(self.TimecodeDir.archive_name == archive, self.TimecodeDir.timecode <= until)
+               .dicts().get())
         return row["tc"]
 
     def open_timecode_dirs(self, archive: str) -> list[TimecodeDir]:

@@ -1,10 +1,11 @@
 """Timecode directories: extraction, completion rules, finalization files.
 
 A timecode is the first five digits of a ten-digit unix time, about one a
-day. A directory is *complete* when its archive has a file in a newer one,
-or when more than a whole timecode has passed since it; *synced* when every
-file of it in that archive is verified; then a small YAML file says so and is
-shipped like any other file (socs-compatible names and keys).
+day. A directory is *complete* when its archive has a file in a newer one
+that is not in the future, or when more than a whole timecode has passed
+since it; *synced* when every file of it in that archive is verified; then a
+small YAML file says so and is shipped like any other file (socs-compatible
+names and keys).
 """
 
 from __future__ import annotations
@@ -128,23 +129,37 @@ def subdirs_of(remote_paths: list[str]) -> list[str]:
     return sorted(found)
 
 
-def is_complete(timecode: int, newest_timecode: int, now: float) -> bool:
-    return newest_timecode > timecode or timecode_now(now) - timecode > 1
+def is_complete(timecode: int, newest_timecode: int | None, now: float) -> bool:
+    """Whether a directory expects no more files: its archive has a newer one
+    that is not in the future, or more than a whole timecode has passed.
+
+    A directory in the future (a bogus path, a clock far ahead, whoever
+    registered it) makes no other complete early, and is not complete
+    itself before its own time.
+    """
+    newer = newest_timecode is not None and timecode < newest_timecode <= timecode_now(now)
+    return newer or timecode_now(now) - timecode > 1
 
 
 def update_timecode_dirs(
     catalog: "Catalog", archive: str, file_root: Path, instance_id: str,
     now: float | None = None,
 ) -> int:
-    """Advance every open timecode directory of an archive; return how many were finalized."""
+    """Advance every open timecode directory of an archive; return how many were finalized.
+
+    Completion is judged again each time, not taken from the stored flag: a
+    flag set because of a future directory (by socs or an older watcher)
+    would finalize a directory again after every new file. The flag is
+    corrected for socs' readers.
+    """
     now = time.time() if now is None else now
-    newest = catalog.newest_timecode(archive)
+    newest = catalog.newest_timecode(archive, timecode_now(now))
     finalized = 0
     for tcdir in catalog.open_timecode_dirs(archive):
-        if not tcdir.completed and newest is not None and is_complete(tcdir.timecode, newest, now):
-            catalog.set_tcdir_flags(tcdir.id, completed=True)
-            tcdir.completed = True
-        if not tcdir.completed:
+        complete = is_complete(tcdir.timecode, newest, now)
+        if bool(tcdir.completed) != complete:
+            catalog.set_tcdir_flags(tcdir.id, completed=complete)
+        if not complete:
             continue
         if catalog.timecode_dir_has_unverified(archive, tcdir.timecode):
             continue
