@@ -1,7 +1,8 @@
 """Which rule a path matches and the remote path it gets.
 
 Pure functions over a path and the rules; no I/O except the modification time
-that a template may ask for (``{timecode}`` of a path with no ctime in it).
+that a template may ask for (``{timecode}`` of a path with no ctime in it),
+and the clock when no ``now`` is given.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import functools
 import os
 import posixpath
 import re
+import time
 from dataclasses import dataclass
 from fnmatch import translate
 from typing import Callable, Iterable
 
 from watcher.config import Rule
-from watcher.timecode import find_ctime
+from watcher.timecode import find_ctime, is_ctime, plausible_time
 
 
 class UnsafeRemotePath(ValueError):
@@ -82,28 +84,47 @@ def is_selected(relpath: str, rule: Rule) -> bool:
     return bool(included(relpath) or included(name)) and not _glob_hits(relpath, tuple(rule.exclude))
 
 
-def template_fields(relpath: str, groups: dict[str, str], mtime: float | None) -> dict[str, str]:
-    """The values a remote_path template may use for this file."""
+def _path_ctime(relpath: str, groups: dict[str, str], now: float) -> str | None:
+    """The ctime a path names: the ``match`` regex's ``ctime`` group when it
+    captured one, else the first ten-digit number; None when that is no
+    plausible time (see timecode.plausible_time)."""
+    captured = groups.get("ctime")
+    if captured:
+        return captured if is_ctime(captured, now) else None
+    return find_ctime(relpath, now)
+
+
+def template_fields(relpath: str, groups: dict[str, str], mtime: float | None,
+                    now: float | None = None) -> dict[str, str]:
+    """The values a remote_path template may use for this file.
+
+    ``{ctime}`` (and ``{timecode}``, its first five digits) is the time the
+    path names if plausible, else the file's modification time if plausible,
+    else ``now`` (registration): a number that is no time, or a clock far
+    off, never puts a file in a timecode directory of the far future.
+    """
+    now = time.time() if now is None else now
     parent, _, name = relpath.rpartition("/")
     stem, dot, suffix = name.rpartition(".")
     if not stem:  # no dot, or a dot-file such as '.bashrc'
         stem, suffix = name, ""
     else:
         suffix = dot + suffix
-    ctime = groups.get("ctime") or find_ctime(relpath)
+    ctime = _path_ctime(relpath, groups, now)
     if ctime is None:
-        ctime = str(int(mtime if mtime is not None else 0))
+        ctime = str(int(mtime if mtime is not None and plausible_time(mtime, now) else now))
     fields = {
         "relpath": relpath, "name": name, "stem": stem, "suffix": suffix,
         "parent": parent, "ctime": ctime, "timecode": ctime[:5],
     }
-    fields.update({k: (v or "") for k, v in groups.items()})
+    fields.update({k: (v or "") for k, v in groups.items() if k != "ctime"})
     return fields
 
 
-def render_remote_path(rule: Rule, relpath: str, groups: dict[str, str], mtime: float | None) -> str:
+def render_remote_path(rule: Rule, relpath: str, groups: dict[str, str], mtime: float | None,
+                       now: float | None = None) -> str:
     """Fill the rule's template; refuse a result that escapes the archive."""
-    fields = template_fields(relpath, groups, mtime)
+    fields = template_fields(relpath, groups, mtime, now)
     rendered = rule.remote_path.format(**fields)
     if (rendered.startswith("/") and not rule.remote_path.startswith("/")
             and not any(v.startswith("/") for v in fields.values())):
@@ -134,7 +155,8 @@ def select_rule(path: str, rules: Iterable[Rule]) -> tuple[Rule, str, dict[str, 
     return None
 
 
-def match_rule(path: str, rules: Iterable[Rule], mtime: float | None = None) -> Match | None:
+def match_rule(path: str, rules: Iterable[Rule], mtime: float | None = None,
+               now: float | None = None) -> Match | None:
     """The first rule that takes this absolute path, with its remote path.
 
     ``mtime`` is only read when a template needs it and is not given.
@@ -145,10 +167,11 @@ def match_rule(path: str, rules: Iterable[Rule], mtime: float | None = None) -> 
     if found is None:
         return None
     rule, relpath, groups = found
-    if mtime is None and "ctime" not in groups and find_ctime(relpath) is None:
+    now = time.time() if now is None else now
+    if mtime is None and _path_ctime(relpath, groups, now) is None:
         try:
             mtime = os.stat(path).st_mtime
         except OSError:
             mtime = None
-    remote = render_remote_path(rule, relpath, groups, mtime)
+    remote = render_remote_path(rule, relpath, groups, mtime, now)
     return Match(rule=rule, local_path=path, relpath=relpath, remote_path=remote)

@@ -28,19 +28,49 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TEMPLATE_FIELDS = ("relpath", "name", "stem", "suffix", "parent", "timecode", "ctime")
-_CTIME = re.compile(r"(?<!\d)(\d{10})(?!\d)")
-_TIMECODE_DIR = re.compile(r"^(\d{5})/")
+# ASCII digits only: directories are looked up by their text ("17960/"),
+# which another spelling of the same number would never match.
+_CTIME = re.compile(r"(?<![0-9])([0-9]{10})(?![0-9])")
+_TIMECODE_DIR = re.compile(r"^([1-9][0-9]{4})/")
 FINALIZED_SUFFIX = "_finalized.yaml"
+# One timecode: a producer's clock ahead of ours, or local time taken for
+# UTC (14 hours at most), is still a time, and a file then lands at most in
+# the next directory. Further out, a number is no time of this data.
+FUTURE_TOLERANCE = 1e5
 
 
-def find_ctime(relpath: str) -> str | None:
-    """The first ten-digit unix time in a path, as text, or None."""
-    found = _CTIME.search(relpath)
-    return found.group(1) if found else None
+def plausible_time(t: float, now: float) -> bool:
+    """Whether a unix time may name a timecode directory.
+
+    From 2001-09-09 on: only a ten-digit time has its timecode as its first
+    five digits, and ten digits with a leading zero would name a directory
+    ("09466/") that the catalog, looking directories up by their number,
+    never finds. Up to one timecode after ``now``: further out, a phone
+    number or a clock set to 2100 would put files in a directory that stays
+    open for a century.
+    """
+    return 1e9 <= t <= now + FUTURE_TOLERANCE
+
+
+def is_ctime(text: str, now: float) -> bool:
+    """Whether text (a path's number, a regex group) is a plausible ten-digit unix time."""
+    return bool(_CTIME.fullmatch(text)) and plausible_time(int(text), now)
+
+
+def find_ctime(relpath: str, now: float) -> str | None:
+    """The first ten-digit number in a path that is a plausible unix time, as text, or None."""
+    for found in _CTIME.finditer(relpath):
+        if plausible_time(int(found.group(1)), now):
+            return found.group(1)
+    return None
 
 
 def timecode_of(remote_path: str) -> int | None:
-    """The timecode directory a remote path lies in, or None."""
+    """The timecode directory a remote path lies in, or None.
+
+    A future one counts (its rows exist and are finalized in their time);
+    one with a leading zero does not (see plausible_time).
+    """
     found = _TIMECODE_DIR.match(remote_path) if isinstance(remote_path, str) else None
     return int(found.group(1)) if found else None
 
