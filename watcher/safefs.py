@@ -1,0 +1,184 @@
+"""Open, check and unlink files beneath a root without ever following a symlink.
+
+Every component below the root is opened relative to its parent's
+descriptor with ``O_NOFOLLOW``, so what is read, shipped or deleted is
+what lies in the tree at that moment: a symlink anywhere below the root
+(``ln -s /etc/shadow x``, a data directory moved away and replaced by a
+link) stops the walk with ``SymlinkInPath`` instead of leading out of the
+tree. The root itself may be a symlink (``/data`` often is).
+
+A file's identity is what a user cannot forge cheaply: device, inode,
+size, modification and status-change times (``cp -p``, ``rsync -t`` and
+``touch -d`` restore an mtime, but setting it changes the ctime).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+from typing import NamedTuple
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a fifo put in a file's place must not hang the agent.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+
+
+class SymlinkInPath(OSError):
+    """A component below the root is a symlink: the path is not followed."""
+
+    def __init__(self, path: str):
+        super().__init__(errno.ELOOP, "a component is a symlink, not followed", path)
+
+
+class Identity(NamedTuple):
+    """What a file was when it was hashed."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> "Identity":
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def root_of(path: str, roots) -> str:
+    """The longest of ``roots`` that contains ``path``; else the path's own directory
+    (a file registered through the API from elsewhere: only its name is not followed)."""
+    best = ""
+    for root in roots:
+        root = str(root).rstrip("/") or "/"
+        prefix = root if root == "/" else root + "/"
+        if path.startswith(prefix) and len(root) > len(best):
+            best = root
+    return best or (os.path.dirname(path) or "/")
+
+
+def split_beneath(path: str, root: str) -> tuple[str, str]:
+    """(directory relative to root, file name) of a path inside ``root``."""
+    prefix = root if root.endswith("/") else root + "/"
+    if not path.startswith(prefix):
+        raise ValueError(f"{path} is not below {root}")
+    rel = path[len(prefix):]
+    parent, _, name = rel.rpartition("/")
+    if not name or name in (".", "..") or any(p in ("", ".", "..") for p in parent.split("/") if parent):
+        raise ValueError(f"{path} is not a plain path below {root}")
+    return parent, name
+
+
+class Beneath:
+    """Directory descriptors below one root, opened once each without following
+    links and kept until ``close()`` (a batch of files shares few directories).
+
+    Thread-safe for lookups of directories already opened; open them from one thread.
+    """
+
+    def __init__(self, root: str):
+        self.root = root
+        self._dirs: dict[str, int] = {}
+
+    def __enter__(self) -> "Beneath":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        dirs, self._dirs = self._dirs, {}
+        for fd in dirs.values():
+            os.close(fd)
+
+    def dir_fd(self, reldir: str) -> int:
+        """A descriptor of ``root/reldir``; SymlinkInPath when a component is a link."""
+        fd = self._dirs.get(reldir)
+        if fd is not None:
+            return fd
+        if not reldir:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        else:
+            parent, _, name = reldir.rpartition("/")
+            at = self.dir_fd(parent)
+            try:
+                fd = os.open(name, _DIR_FLAGS, dir_fd=at)
+            except OSError as exc:
+                if exc.errno in (errno.ENOTDIR, errno.ELOOP) and _is_link(name, at):
+                    raise SymlinkInPath(os.path.join(self.root, reldir)) from None
+                raise
+        self._dirs[reldir] = fd
+        return fd
+
+    def open(self, path: str) -> int:
+        """A read-only descriptor of a file below the root, opened without
+        following any link; SymlinkInPath when one is in the way."""
+        parent, name = split_beneath(path, self.root)
+        at = self.dir_fd(parent)
+        try:
+            return os.open(name, _FILE_FLAGS, dir_fd=at)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP and _is_link(name, at):
+                raise SymlinkInPath(path) from None
+            raise
+
+    def lstat(self, path: str) -> os.stat_result:
+        """The stat of the entry itself (a symlink is a symlink)."""
+        parent, name = split_beneath(path, self.root)
+        return os.stat(name, dir_fd=self.dir_fd(parent), follow_symlinks=False)
+
+    def unlink_if(self, path: str, expected: Identity) -> bool:
+        """Unlink the entry at ``path`` if it still is the file of ``expected``
+        (same device and inode, unchanged); False, touching nothing, otherwise."""
+        parent, name = split_beneath(path, self.root)
+        at = self.dir_fd(parent)
+        st = os.stat(name, dir_fd=at, follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode) or Identity.of(st) != expected:
+            return False
+        os.unlink(name, dir_fd=at)
+        return True
+
+
+def _is_link(name: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def open_beneath(path: str, root: str) -> int:
+    """One file opened below ``root`` without following links (see Beneath.open)."""
+    with Beneath(root) as b:
+        return b.open(path)
+
+
+_F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
+
+
+class WriterCheck:
+    """Answers of ``hold_against_writers``."""
+
+    FREE = "free"          # nobody has it open for writing; a read lease now holds writers off
+    WRITING = "writing"    # someone has it open for writing
+    UNKNOWN = "unknown"    # a lease is not permitted (not the owner, no CAP_LEASE) or not supported
+
+
+def hold_against_writers(fd: int) -> str:
+    """Take a read lease on an open file: granted only while no process has
+    it open for writing, and while held, an open for writing waits for us
+    (up to the kernel's lease-break time). ``release_lease`` ends it."""
+    try:
+        fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_RDLCK)
+        return WriterCheck.FREE
+    except OSError as exc:
+        if exc.errno == errno.EAGAIN:
+            return WriterCheck.WRITING
+        return WriterCheck.UNKNOWN
+
+
+def release_lease(fd: int) -> None:
+    try:
+        fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_UNLCK)
+    except OSError:
+        pass
