@@ -294,7 +294,7 @@ def test_a_second_file_under_a_taken_far_name_is_not_registered_and_stays(setup,
     first.write_bytes(b"first")
     catalog = setup.catalog()
     wait_until(lambda: catalog.rows_for_path(str(first)))
-    with caplog.at_level(logging.ERROR, logger="watcher.registrar"):
+    with caplog.at_level(logging.WARNING):
         second.write_bytes(b"second")
         wait_until(lambda: any("already taken" in r.getMessage() for r in caplog.records))
     wait_until(lambda: not first.exists())  # shipped, verified, past retention: deleted
@@ -318,7 +318,7 @@ def test_one_registration_batch_keeps_the_first_file_of_a_far_name_and_skips_a_f
     catalog = setup.catalog()
     registrar = Registrar(catalog, setup.config(), SettleTracker(lambda path: None),
                           lambda archives: None, threading.Event())
-    with caplog.at_level(logging.ERROR, logger="watcher.registrar"):
+    with caplog.at_level(logging.WARNING, logger="watcher.registrar"):
         assert registrar.register([str(first), str(second), str(fifo)]) == 1
     [row] = catalog.rows_for_path(str(first))
     assert row.remote_path == "same.dat"

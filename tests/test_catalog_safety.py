@@ -38,14 +38,14 @@ def test_a_far_name_already_taken_by_another_local_file_is_refused(catalog):
 def test_registering_keeps_a_far_name_with_its_live_owner_or_the_first_file_of_the_list(catalog):
     catalog.add_files([new("/data/owner.g3", "16000/x.g3")])
     taken = catalog.register_files([new("/data/a.g3", "16000/x.g3"), new("/data/b.g3", "16000/x.g3"),
-                                    new("/data/c.g3", "16000/y.g3"), new("/data/d.g3", "16000/y.g3")])
+                                    new("/data/c.g3", "16000/y.g3"), new("/data/d.g3", "16000/y.g3")]).taken
     # x.g3 stays with its live owner: neither file of the list gets it; y.g3 goes to the first.
     assert taken == {("arch", "16000/x.g3"): "/data/owner.g3", ("arch", "16000/y.g3"): "/data/c.g3"}
     rows = {r.remote_path: r.local_path for r in catalog.known_files("arch", 0)}
     assert rows == {"16000/x.g3": "/data/owner.g3", "16000/y.g3": "/data/c.g3"}
     assert len(catalog.known_files("arch", 0)) == 2
     # A file listed twice is registered once.
-    assert catalog.register_files([new("/data/e.g3", "16000/z.g3"), new("/data/e.g3", "16000/z.g3")]) == {}
+    assert catalog.register_files([new("/data/e.g3", "16000/z.g3"), new("/data/e.g3", "16000/z.g3")]).taken == {}
     assert [r.local_path for r in catalog.known_files("arch", 0)].count("/data/e.g3") == 1
 
 

@@ -18,7 +18,7 @@ from watcher import __version__
 from watcher.config import (
     Config, ConfigError, default_state_dir, load_config, load_default_config,
 )
-from watcher.db import Catalog, md5_of
+from watcher.db import Catalog
 
 log = logging.getLogger("watcher")
 
@@ -220,7 +220,7 @@ def cmd_ignore(args) -> int:
 def cmd_add_local_files(args) -> int:
     from tqdm import tqdm
 
-    from watcher.db import NewFile
+    from watcher.db import NewFile, hash_with_identity, identity_columns
     from watcher.handlers import walk_files
 
     root = _abspath(args.root)
@@ -241,9 +241,9 @@ def cmd_add_local_files(args) -> int:
         return 0
     batch: list[NewFile] = []
     for e in tqdm(todo, unit="file", disable=None):
-        st = e.stat()
-        batch.append(NewFile(e.path, os.path.relpath(e.path, root), args.archive, md5_of(e.path),
-                             time.time(), True, st.st_size, st.st_mtime_ns))
+        md5, identity = hash_with_identity(e.path)
+        batch.append(NewFile(e.path, os.path.relpath(e.path, root), args.archive, md5,
+                             time.time(), True, **identity_columns(identity)))
         if len(batch) >= 500:
             catalog.add_files(batch)
             batch.clear()

@@ -61,13 +61,9 @@ class Session:
     def commit(self) -> None:
         new = []
         for f in self._new:
-            try:
-                st = os.stat(f.local_path)
-                size, mtime_ns = st.st_size, st.st_mtime_ns
-            except OSError:
-                size = mtime_ns = None
+            # No identity: the producer's md5 is checked by hashing before any deletion.
             new.append(NewFile(f.local_path, f.remote_path, f.archive_name, f.local_md5sum,
-                               f.timestamp, f.deletable is not False, size, mtime_ns))
+                               f.timestamp, f.deletable is not False))
         with self._catalog.db.atomic("IMMEDIATE"):
             rows = self._catalog.add_files(new) if new else []
             for obj, row in zip(self._new, rows):

@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 from peewee import (
     SQL, AutoField, BooleanField, Case, CharField, Field, FloatField, IntegerField,
@@ -31,6 +31,7 @@ from peewee import (
 )
 
 from watcher.rules import remote_path_problem
+from watcher.safefs import Identity
 from watcher.timecode import is_finalization_file, timecode_of
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,9 @@ ADDED_COLUMNS = (
     ("supersync_v0", "size", "INTEGER"),      # bytes when hashed
     ("supersync_v0", "mtime_ns", "INTEGER"),  # modification time when hashed
     ("supersync_v0", "retain", "FLOAT"),      # a rule's own retention, seconds
+    ("supersync_v0", "dev", "INTEGER"),       # with ino and ctime_ns: which file was hashed
+    ("supersync_v0", "ino", "INTEGER"),
+    ("supersync_v0", "ctime_ns", "INTEGER"),
 )
 
 # The partial indexes' WHERE clauses are repeated verbatim in the queries
@@ -149,6 +153,9 @@ class File(_Base):
     size = IntegerField(null=True)
     mtime_ns = IntegerField(null=True)
     retain = FloatField(null=True)
+    dev = IntegerField(null=True)
+    ino = IntegerField(null=True)
+    ctime_ns = IntegerField(null=True)
 
     class Meta:
         table_name = "supersync_v0"
@@ -156,6 +163,24 @@ class File(_Base):
     @property
     def verified(self) -> bool:
         return self.remote_md5sum is not None and self.remote_md5sum == self.local_md5sum
+
+    @property
+    def identity(self) -> Identity | None:
+        return identity_of_row(self)
+
+
+def identity_of_row(row) -> Identity | None:
+    """The identity recorded when the row's file was hashed; None for rows
+    written by socs (or an older watcher), whose file is then hashed again."""
+    found = Identity(row.dev, row.ino, row.size, row.mtime_ns, row.ctime_ns)
+    return None if None in found else found
+
+
+def identity_columns(identity: Identity | None) -> dict:
+    """Column values of an identity, for NewFile(...) and updates."""
+    if identity is None:
+        return {"size": None, "mtime_ns": None, "dev": None, "ino": None, "ctime_ns": None}
+    return identity._asdict()
 
 
 class TimecodeDir(_Base):
@@ -197,18 +222,33 @@ def md5_and_stat(path: str | os.PathLike) -> tuple[str, os.stat_result]:
     descriptor (no file object) and fstat keep a small file at one open,
     two reads, one fstat and one close.
     """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a fifo put there meanwhile: no hang
+    try:
+        return md5_of_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def hash_with_identity(path: str) -> tuple[str, Identity | None]:
+    """md5 of a file and its identity, or None for the identity when the file
+    changed while it was read (it is then hashed again before any deletion)."""
+    before = Identity.of(os.stat(path))
+    md5, after = md5_and_stat(path)
+    return md5, (before if Identity.of(after) == before else None)
+
+
+def md5_of_fd(fd: int) -> tuple[str, os.stat_result]:
+    """md5 of an open file read from its start, and its fstat once read."""
     buf = getattr(_md5_buffers, "buf", None)
     if buf is None:
         buf = _md5_buffers.buf = bytearray(1 << 20)
     view = memoryview(buf)
     h = hashlib.md5()
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a fifo put there meanwhile: no hang
-    try:
-        while n := os.readv(fd, (buf,)):
-            h.update(view[:n])
-        return h.hexdigest(), os.fstat(fd)
-    finally:
-        os.close(fd)
+    offset = 0
+    while n := os.preadv(fd, (buf,), offset):
+        h.update(view[:n])
+        offset += n
+    return h.hexdigest(), os.fstat(fd)
 
 
 def _chunks(items: list, size: int = _CHUNK) -> Iterator[list]:
@@ -231,6 +271,27 @@ class NewFile(NamedTuple):
     size: int | None = None
     mtime_ns: int | None = None
     retain: float | None = None
+    dev: int | None = None
+    ino: int | None = None
+    ctime_ns: int | None = None
+
+
+class Claims(NamedTuple):
+    """Which far names a list of new files may have (Catalog.claim_remote_paths)."""
+
+    taken: dict[tuple[str, str], str]      # (archive, remote path) -> the local file that keeps it
+    versioned: dict[tuple[str, str], str]  # (local path, archive) -> the far name it gets instead
+
+    def keeps(self, f: "NewFile") -> bool:
+        """Whether ``f`` may have its far name (possibly as a version)."""
+        return self.taken.get((f.archive_name, f.remote_path), f.local_path) == f.local_path
+
+    def apply(self, files: list["NewFile"]) -> list["NewFile"]:
+        """The files with their version names."""
+        if not self.versioned:
+            return files
+        return [f._replace(remote_path=self.versioned.get((f.local_path, f.archive_name), f.remote_path))
+                for f in files]
 
 
 class Registered(NamedTuple):
@@ -243,6 +304,13 @@ class Registered(NamedTuple):
     local_md5sum: str
     size: int | None
     mtime_ns: int | None
+    dev: int | None
+    ino: int | None
+    ctime_ns: int | None
+
+    @property
+    def identity(self) -> Identity | None:
+        return identity_of_row(self)
 
 
 class Catalog:
@@ -297,16 +365,12 @@ class Catalog:
                  timestamp=None, deletable=True) -> File:
         """Register one file (socs' signature); hashes it when no md5 is given."""
         local_path = os.fspath(local_path)
-        try:  # before hashing: a file that changes meanwhile then looks changed, and is hashed again
-            st = os.stat(local_path)
-            size, mtime_ns = st.st_size, st.st_mtime_ns
-        except OSError:
-            size = mtime_ns = None
+        identity = None  # an md5 we did not compute is checked by hashing before any deletion
         if local_md5sum is None:
-            local_md5sum = md5_of(local_path)
+            local_md5sum, identity = hash_with_identity(local_path)
         new = NewFile(local_path, os.fspath(remote_path), archive_name, local_md5sum,
                       time.time() if timestamp is None else timestamp,
-                      True if deletable is None else bool(deletable), size, mtime_ns)
+                      True if deletable is None else bool(deletable), **identity_columns(identity))
         return self.add_files([new])[0]
 
     def add_files(self, files: Iterable[NewFile]) -> list[File]:
@@ -314,7 +378,10 @@ class Catalog:
 
         Returns the new rows. Raises ValueError, writing nothing, when a
         remote path could leave its archive or is another live local file's.
-        (The agent's registrar uses register_files, which skips those instead.)
+        A far name whose verified copy holds other content of a file that is
+        gone is never overwritten: the file gets a version name (see
+        claim_remote_paths). (The agent's registrar uses register_files,
+        which skips refused files instead.)
         """
         files = list(files)
         for f in files:
@@ -322,11 +389,12 @@ class Catalog:
             if problem:
                 raise ValueError(f"remote path {f.remote_path!r} of {f.local_path} {problem}")
         with self.db.atomic("IMMEDIATE"):
-            taken = self.remote_path_owners(files)
-            if taken:
-                (archive, remote), local = next(iter(taken.items()))
+            claims = self.claim_remote_paths(files)
+            if claims.taken:
+                (archive, remote), local = next(iter(claims.taken.items()))
                 raise ValueError(f"remote path {remote!r} of archive {archive} is already "
                                  f"taken by {local}: one far copy would overwrite the other")
+            files = claims.apply(files)
             made = []
             for f in files:
                 cursor = self.db.execute_sql(_INSERT_FILE, _insert_params(f))
@@ -335,27 +403,40 @@ class Catalog:
                     archive_name=f.archive_name, local_md5sum=f.local_md5sum,
                     timestamp=f.timestamp, failed_copy_attempts=0,
                     deletable=f.deletable, ignore=False, size=f.size,
-                    mtime_ns=f.mtime_ns, retain=f.retain,
+                    mtime_ns=f.mtime_ns, retain=f.retain, dev=f.dev, ino=f.ino, ctime_ns=f.ctime_ns,
                 ))
         return made
 
-    def register_files(self, files: list[NewFile]) -> dict[tuple[str, str], str]:
+    def register_files(self, files: list[NewFile],
+                       vanished: Callable[[str], bool] | None = None) -> "Claims":
         """Insert, in one transaction, the files whose far name no other live
-        local file has; return the others' ``{(archive, remote_path): owner}``.
+        local file has (under a version name where claim_remote_paths gives
+        one); return the claims, whose ``taken`` are the files left out.
 
         Of files sharing one far name within the list, the first is inserted;
         a file listed twice for one archive is inserted once (its first entry).
         The caller (the agent's registrar) has checked the remote paths.
+        A live row holding a wanted name whose file ``vanished(path)`` says is
+        gone (its directory renamed) is marked removed first, as the transfer
+        would mark it, and the name is claimed again.
         """
         first: dict[tuple[str, str], NewFile] = {}
         for f in files:
             first.setdefault((f.local_path, f.archive_name), f)
         files = list(first.values())
         with self.db.atomic("IMMEDIATE"):
-            taken = self.remote_path_owners(files)
-            self._insert([f for f in files
-                          if taken.get((f.archive_name, f.remote_path), f.local_path) == f.local_path])
-        return taken
+            claims = self.claim_remote_paths(files)
+            listed = {f.local_path for f in files}
+            gone = [(archive, remote, owner) for (archive, remote), owner in claims.taken.items()
+                    if vanished is not None and owner not in listed and vanished(owner)]
+            if gone:
+                self.db.cursor().executemany(
+                    "UPDATE supersync_v0 SET removed = 0 WHERE archive_name = ? AND remote_path = ? "
+                    "AND local_path = ? AND removed IS NULL",
+                    [(a, to_db_path(r), to_db_path(o)) for a, r, o in gone])
+                claims = self.claim_remote_paths(files)
+            self._insert(claims.apply([f for f in files if claims.keeps(f)]))
+        return claims
 
     def _insert(self, files: list[NewFile]) -> None:
         # Plain SQL, one call for the lot: building each INSERT with peewee,
@@ -363,29 +444,41 @@ class Catalog:
         if files:
             self.db.cursor().executemany(_INSERT_FILE, map(_insert_params, files))
 
-    def remote_path_owners(self, files: list[NewFile]) -> dict[tuple[str, str], str]:
-        """Remote names these files would take from another local file.
+    def claim_remote_paths(self, files: list[NewFile]) -> "Claims":
+        """Which far names these files may have.
 
-        Two local files under one far name overwrite each other's copy, and
-        retention could then delete the one whose content is nowhere else.
-        Returns ``{(archive, remote_path): the local path that keeps it}``:
-        another file's live row, or else the first of these files to name it.
+        Two live local files under one far name overwrite each other's copy,
+        and retention could then delete the one whose content is nowhere
+        else: the name stays with another file's live row, or else with the
+        first of these files to name it (``taken``). A far name whose latest
+        verified copy belongs to a file that is gone (deleted by retention,
+        or vanished) holds the only copy of that content: a file of other
+        content gets ``name.~N~`` instead (N from 2, the first no row has),
+        as GNU cp numbers its backups; the same content keeps the name.
         """
         by_archive: dict[str, set[str]] = {}
         for f in files:
             by_archive.setdefault(f.archive_name, set()).add(f.remote_path)
         holders: dict[tuple[str, str], set[str]] = {}  # live local files of each far name
+        kept: dict[tuple[str, str], str] = {}  # md5 of the far copy a gone file left
         for archive, remotes in by_archive.items():
             for chunk in _chunks([to_db_path(r) for r in remotes]):
                 # Plain SQL, as in active_rows: peewee builds a long IN list slowly.
                 marks = ", ".join("?" * len(chunk))
                 cursor = self.db.execute_sql(
-                    "SELECT remote_path, local_path FROM supersync_v0 WHERE archive_name = ? "
-                    f"AND remote_path IN ({marks}) AND removed IS NULL", (archive, *chunk))
-                for remote, local in cursor.fetchall():
-                    holders.setdefault((archive, _from_db_path(remote)), set()).add(_from_db_path(local))
+                    "SELECT remote_path, local_path, removed IS NULL, local_md5sum FROM supersync_v0 "
+                    f"WHERE archive_name = ? AND remote_path IN ({marks}) "
+                    "AND (removed IS NULL OR remote_md5sum = local_md5sum) ORDER BY id",
+                    (archive, *chunk))
+                for remote, local, live, md5 in cursor.fetchall():
+                    key = (archive, _from_db_path(remote))
+                    if live:
+                        holders.setdefault(key, set()).add(_from_db_path(local))
+                    else:
+                        kept[key] = md5  # the newest verified copy is what lies there
         taken: dict[tuple[str, str], str] = {}
         first: dict[tuple[str, str], str] = {}
+        versioned: dict[tuple[str, str], str] = {}
         for f in files:
             key = (f.archive_name, f.remote_path)
             others = holders.get(key, set()) - {f.local_path}
@@ -395,7 +488,23 @@ class Catalog:
             owner = first.setdefault(key, f.local_path)  # within the list: the first keeps it
             if owner != f.local_path:
                 taken.setdefault(key, owner)
-        return taken
+            elif key in kept and kept[key] != f.local_md5sum and not holders.get(key):
+                versioned[(f.local_path, f.archive_name)] = self._next_version(
+                    f.archive_name, f.remote_path, {g.remote_path for g in files})
+        return Claims(taken, versioned)
+
+    def _next_version(self, archive: str, remote_path: str, avoid: set[str]) -> str:
+        """``remote_path.~N~`` with the smallest N >= 2 that no row of the archive has."""
+        stem = f"{remote_path}.~"
+        cursor = self.db.execute_sql(
+            "SELECT remote_path FROM supersync_v0 WHERE archive_name = ? "
+            "AND remote_path >= ? AND remote_path < ?",
+            (archive, to_db_path(stem), to_db_path(remote_path + ".\x7f")))
+        used = {_from_db_path(r) for (r,) in cursor.fetchall()} | avoid
+        n = 2
+        while f"{stem}{n}~" in used:
+            n += 1
+        return f"{stem}{n}~"
 
     def contested_remote_paths(self, archive: str, remote_paths: list[str]) -> set[str]:
         """Far names that live rows of different content share (other writers can insert them).
@@ -423,12 +532,13 @@ class Catalog:
                 found[(row.local_path, row.archive_name)] = row
         return found
 
-    def update_content(self, file_id: int, md5: str, size: int, mtime_ns: int) -> None:
-        """A registered file changed: record its new content so it ships again."""
+    def update_content(self, file_id: int, md5: str, identity: Identity) -> None:
+        """A registered file changed (or was touched): record what it is now;
+        new content ships again, same content keeps its far copy's proof."""
         with self.db.atomic("IMMEDIATE"):
             row = self.File.get_by_id(file_id)
             changed = row.local_md5sum != md5
-            (self.File.update(local_md5sum=md5, size=size, mtime_ns=mtime_ns,
+            (self.File.update(local_md5sum=md5, **identity._asdict(),
                          **({"failed_copy_attempts": 0} if changed else {}))
              .where(self.File.id == file_id).execute())
             if changed:
@@ -753,12 +863,12 @@ class Catalog:
             if (self.timecode_dir_has_unverified(row.archive_name, row.timecode)
                     or len(self.timecode_dir_remote_paths(row.archive_name, row.timecode)) != num_files):
                 return False
-            st = os.stat(local_path)
+            md5, st = md5_and_stat(local_path)
             file = self.File.create(
                 local_path=str(local_path), remote_path=remote_path,
-                archive_name=row.archive_name, local_md5sum=md5_of(local_path),
+                archive_name=row.archive_name, local_md5sum=md5,
                 timestamp=now, failed_copy_attempts=0, deletable=True, ignore=False,
-                size=st.st_size, mtime_ns=st.st_mtime_ns,
+                **Identity.of(st)._asdict(),
             )
             (self.TimecodeDir.update(completed=True, synced=True, finalized=True, finalize_file_id=file.id)
              .where(self.TimecodeDir.id == tcdir_id).execute())
@@ -766,20 +876,21 @@ class Catalog:
 
 
 def _active_rows_sql(count: int) -> str:
-    return ("SELECT id, local_path, archive_name, remote_path, local_md5sum, size, mtime_ns "
+    return ("SELECT id, local_path, archive_name, remote_path, local_md5sum, size, mtime_ns, "
+            "dev, ino, ctime_ns "
             f"FROM supersync_v0 WHERE local_path IN ({', '.join('?' * count)}) "
             "AND removed IS NULL ORDER BY id")
 
 
 def _insert_params(f: NewFile) -> tuple:
     return (to_db_path(f.local_path), to_db_path(f.remote_path), f.archive_name, f.local_md5sum,
-            f.timestamp, bool(f.deletable), f.size, f.mtime_ns, f.retain)
+            f.timestamp, bool(f.deletable), f.size, f.mtime_ns, f.retain, f.dev, f.ino, f.ctime_ns)
 
 
 _INSERT_FILE = (
     'INSERT INTO supersync_v0 (local_path, remote_path, archive_name, local_md5sum, "timestamp", '
-    'failed_copy_attempts, deletable, "ignore", size, mtime_ns, retain) '
-    "VALUES (?, ?, ?, ?, ?, 0, ?, 0, ?, ?, ?)")
+    'failed_copy_attempts, deletable, "ignore", size, mtime_ns, retain, dev, ino, ctime_ns) '
+    "VALUES (?, ?, ?, ?, ?, 0, ?, 0, ?, ?, ?, ?, ?, ?)")
 _RECORD_VERIFIED = ("UPDATE supersync_v0 SET remote_md5sum = ?, copied = ? "
                     "WHERE id = ? AND local_md5sum = ?")
 _RECORD_FAILED = ("UPDATE supersync_v0 SET remote_md5sum = ?, "

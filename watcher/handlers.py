@@ -9,13 +9,14 @@ lost events (queue overflow, the agent down) are found by scans.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import heapq
 import logging
 import os
 import threading
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 from watchdog.events import (
     DirCreatedEvent, DirDeletedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent,
@@ -25,6 +26,7 @@ from watchdog.events import (
 
 from watcher.config import Rule
 from watcher.rules import select_rule
+from watcher.safefs import Identity
 
 log = logging.getLogger(__name__)
 
@@ -213,39 +215,144 @@ class WatchHandler(FileSystemEventHandler):
             self.settle.forget(os.fsdecode(event.src_path))
 
 
-def walk_files(root: str) -> Iterator[os.DirEntry]:
-    """Every regular file below ``root`` (no symlinks followed), depth first."""
-    stack = [root]
-    while stack:
-        top = stack.pop()
+Problem = Callable[[str, str, str, "str | None"], None]  # (kind, path, message, archive or None: all)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class Found(NamedTuple):
+    """A regular file a walk met, with its own stat (taken beside its directory's descriptor)."""
+
+    path: str
+    st: os.stat_result
+
+    def stat(self, follow_symlinks: bool = False) -> os.stat_result:
+        return self.st
+
+
+def walk_files(root: str, problem: Problem | None = None,
+               listed: Callable[[str, os.stat_result], None] | None = None) -> Iterator[Found]:
+    """Every regular file below ``root``, depth first, never through a symlink.
+
+    Each directory is opened beside its parent's descriptor with O_NOFOLLOW,
+    so one swapped for a link while the walk runs is not entered either (the
+    root itself may be a link). ``problem`` hears of each symlink and each
+    directory that cannot be read; ``listed(path, stat)`` of each directory
+    read (the agent checks that it has an inotify watch).
+    """
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        _unreadable(problem, root, exc)
+        return
+    stack: list[tuple[str, int, list[str]]] = []  # (directory, its descriptor, subdirectories left)
+    try:
+        path = root
+        while True:
+            if fd is not None:
+                names: list[str] = []
+                stack.append((path, fd, names))
+                yield from _list(path, fd, names, problem, listed)
+            if not stack:
+                return
+            parent, parent_fd, names = stack[-1]
+            if not names:
+                os.close(parent_fd)
+                stack.pop()
+                fd = None
+                continue
+            path = os.path.join(parent, names.pop())
+            fd = _open_dir(path, parent_fd, problem)
+    finally:
+        for _, dir_fd, _ in stack:
+            os.close(dir_fd)
+
+
+def _list(path: str, fd: int, subdirs: list[str], problem: Problem | None, listed) -> Iterator[Found]:
+    """Yield the regular files of one open directory; add its subdirectories' names to ``subdirs``."""
+    try:
+        if listed is not None:
+            listed(path, os.fstat(fd))
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        subdirs.append(entry.name)
+                    elif entry.is_file(follow_symlinks=False):
+                        yield Found(os.path.join(path, entry.name), entry.stat(follow_symlinks=False))
+                    elif entry.is_symlink() and problem is not None:
+                        link = os.path.join(path, entry.name)
+                        problem("symlinks", link, f"{link} is a symlink: not followed and not shipped; "
+                                "put the data itself in the tree", None)
+                except PermissionError as exc:  # listed, but not searchable
+                    _unreadable(problem, path, exc)
+                except OSError:
+                    continue
+    except OSError as exc:
+        _unreadable(problem, path, exc)
+
+
+def _open_dir(path: str, parent_fd: int, problem: Problem | None) -> int | None:
+    try:
+        return os.open(os.path.basename(path), _DIR_FLAGS, dir_fd=parent_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # gone, or swapped for a link
+            _unreadable(problem, path, exc)
+        return None
+
+
+def _unreadable(problem: Problem | None, path: str, exc: OSError) -> None:
+    if problem is None:
+        log.debug("cannot scan %s: %s", path, exc)
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        problem("unreadable directories", path,
+                f"cannot read directory {path} ({exc.strerror}): nothing below it is shipped; give the "
+                "agent's user read and search permission on it", None)
+    elif exc.errno != errno.ENOENT:
+        problem("unreadable directories", path, f"cannot read directory {path} ({exc.strerror}): "
+                "nothing below it is shipped until a rescan can read it", None)
+
+
+def polling_listdir(root: str) -> Callable[[str], list[os.DirEntry]]:
+    """A ``listdir`` for watchdog's polling snapshots that enters no directory
+    through a symlink below ``root`` (it already stats entries with os.lstat,
+    so it recurses only into real directories; this closes the gap between
+    that stat and the listing)."""
+
+    def listdir(path: str) -> list[os.DirEntry]:
         try:
-            with os.scandir(top) as entries:
-                for entry in entries:
-                    try:
-                        if entry.is_dir(follow_symlinks=False):
-                            stack.append(entry.path)
-                        elif entry.is_file(follow_symlinks=False):
-                            yield entry
-                    except OSError:
-                        continue
+            fd = os.open(path, _DIR_FLAGS if path != root else _DIR_FLAGS & ~os.O_NOFOLLOW)
         except OSError as exc:
-            log.debug("cannot scan %s: %s", top, exc)
+            if exc.errno == errno.ELOOP:  # a link now: what a vanished directory looks like to the snapshot
+                raise NotADirectoryError(errno.ENOTDIR, exc.strerror, path) from None
+            raise
+        try:
+            with os.scandir(fd) as entries:
+                return list(entries)  # only names are used
+        finally:
+            os.close(fd)
+
+    return listdir
 
 
 def scan(roots: Iterable[str], rules: list[Rule], known: Callable[[list[str]], dict[str, tuple]],
-         complete: BatchSink, settle: SettleTracker, batch: int = 500, moved_in: bool = False) -> int:
+         complete: BatchSink, settle: SettleTracker, batch: int = 500, moved_in: bool = False,
+         problem: Problem | None = None,
+         listed: Callable[[str, os.stat_result], None] | None = None) -> int:
     """Find files the events missed; quiet ones are complete, others settle.
 
     Files of a directory that was ``moved_in`` whole are complete at once,
     and handed on without a look at the catalog: the registrar skips those
     it has registered as they are. Otherwise ``known(paths)`` returns
-    ``{path: (size, mtime_ns)}`` for registered paths, so that unchanged
+    ``{path: Identity}`` for registered paths, so that unchanged
     registered files cost one stat and no hashing. ``complete`` takes a list
     of paths. Returns how many files were handed on.
+
+    Symlinks a rule would have taken are never handed on: they go to
+    ``problem``, with unreadable directories (see walk_files for ``listed``).
     """
     handed = 0
     wall = time.time()
-    pending: list[tuple[os.DirEntry, Rule]] = []
+    pending: list[tuple[Found, Rule]] = []
 
     def flush():
         nonlocal handed
@@ -259,10 +366,9 @@ def scan(roots: Iterable[str], rules: list[Rule], known: Callable[[list[str]], d
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue
-                key = (st.st_size, st.st_mtime_ns)
-                if registered.get(entry.path) == key:
+                if registered.get(entry.path) == Identity.of(st):
                     continue
-                if wall - key[1] / 1e9 >= rule.settle or closed_for_writing(entry.path):
+                if wall - st.st_mtime_ns / 1e9 >= rule.settle or closed_for_writing(entry.path):
                     done.append(entry.path)
                 else:
                     handed += 1
@@ -272,8 +378,16 @@ def scan(roots: Iterable[str], rules: list[Rule], known: Callable[[list[str]], d
             complete(done)
         pending.clear()
 
+    def met(kind: str, path: str, message: str, archive: str | None) -> None:
+        if kind == "symlinks":
+            found = select_rule(path, rules)
+            if found is None:
+                return
+            archive = found[0].archive
+        problem(kind, path, message, archive)
+
     for root in roots:
-        for entry in walk_files(root):
+        for entry in walk_files(root, met if problem else None, listed):
             found = select_rule(entry.path, rules)
             if found is None:
                 continue

@@ -3,13 +3,17 @@
 Handlers and scans hand over paths; this thread matches each to its rule,
 hashes it (checking it did not change while being read), and commits a
 whole batch in one transaction, then wakes the archives' transfer workers.
-A file already registered with the same size and modification time costs
-one stat; one whose content changed is hashed again and ships again.
+A file already registered with the same identity (device, inode, size,
+mtime and ctime) costs one stat; any other is hashed again, and ships again
+if its content changed. Files are looked up and opened below their watch
+root without following any symlink (safefs): a symlink is reported, never
+registered.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import stat
@@ -19,11 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NamedTuple
 
 from watcher.config import Config, Rule
-from watcher.db import Catalog, NewFile, Registered, md5_and_stat
+from watcher.db import Catalog, Claims, NewFile, Registered, identity_columns, md5_of_fd
 from watcher.faults import checkpoint
 from watcher.handlers import SettleTracker
 from watcher.health import Health, with_database_retry
 from watcher.rules import UnsafeRemotePath, remote_path_problem, render_remote_path, select_rule
+from watcher.safefs import Beneath, Identity, SymlinkInPath
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +85,10 @@ class Registrar:
         with self._cond:
             return not self._queued and not self._busy
 
-    def known(self, paths: list[str]) -> dict[str, tuple]:
-        """(size, mtime_ns) of registered paths, for scans."""
+    def known(self, paths: list[str]) -> dict[str, Identity | None]:
+        """The recorded identity of registered paths, for scans."""
         rows = with_database_retry(lambda: self.catalog.active_rows(paths), self.health, self.stop)
-        return {path: (row.size, row.mtime_ns) for (path, _archive), row in rows.items()}
+        return {path: row.identity for (path, _archive), row in rows.items()}
 
     def run(self) -> None:
         try:
@@ -116,7 +121,15 @@ class Registrar:
 
     def register(self, paths: list[str]) -> int:
         """Register or refresh these paths; return how many rows were written."""
-        found = [c for c in map(self._candidate, dict.fromkeys(paths)) if c is not None]
+        trees: dict[str, Beneath] = {}  # a watch root's directories, opened once for the batch
+        try:
+            return self._register(paths, trees)
+        finally:
+            for tree in trees.values():
+                tree.close()
+
+    def _register(self, paths: list[str], trees: dict[str, Beneath]) -> int:
+        found = [c for c in (self._candidate(p, trees) for p in dict.fromkeys(paths)) if c is not None]
         if not found:
             return 0
         existing = with_database_retry(
@@ -128,14 +141,14 @@ class Registrar:
                 remote = self._remote_path(c)  # before hashing: an unsafe one is never hashed
                 if remote is not None:
                     todo.append((c, None, remote))
-            elif (row.size, row.mtime_ns) != (c.stat.st_size, c.stat.st_mtime_ns):
+            elif row.identity != Identity.of(c.stat):
                 todo.append((c, row, None))
             # else: already registered as it is
         # Big files go to the hashing threads; small ones are hashed here meanwhile
         # (handing each to a thread would cost more than hashing it).
         big = [c for c, _, _ in todo if c.stat.st_size > SMALL_FILE]
-        in_threads = self._hashers.map(self._hash, big)
-        md5s = {c.path: self._hash(c) for c, _, _ in todo if c.stat.st_size <= SMALL_FILE}
+        in_threads = self._hashers.map(lambda c: self._hash(c, trees), big)
+        md5s = {c.path: self._hash(c, trees) for c, _, _ in todo if c.stat.st_size <= SMALL_FILE}
         md5s.update(zip((c.path for c in big), in_threads))
         new, changed = [], []
         now = time.time()
@@ -152,13 +165,12 @@ class Registrar:
             for row, md5, st in changed:
                 if md5 != row.local_md5sum:
                     log.info("%s changed after it was registered; it will be shipped again", row.local_path)
-                self.catalog.update_content(row.id, md5, st.st_size, st.st_mtime_ns)
-            return self.catalog.register_files(new) if new else {}
+                self.catalog.update_content(row.id, md5, Identity.of(st))
+            return self.catalog.register_files(new, vanished=_vanished) if new else Claims({}, {})
 
         checkpoint("hashed")
-        taken = with_database_retry(write, self.health, self.stop)
-        if taken:
-            new = self._report_collisions(new, taken)
+        claims = with_database_retry(write, self.health, self.stop)
+        new = self._report_claims(new, claims)
         # One line a file for a trickle; for a burst one line (a line a file
         # costs more than registering it, and journald drops bursts).
         each = logging.INFO if len(new) <= LOG_EACH else logging.DEBUG
@@ -172,49 +184,95 @@ class Registrar:
             self.wake(archives)
         return len(new) + len(changed)
 
-    def _report_collisions(self, new: list[NewFile], taken: dict[tuple[str, str], str]) -> list[NewFile]:
-        """Report (once each) files left out because another local file has their far name;
-        return those registered.
+    def _report_claims(self, new: list[NewFile], claims: Claims) -> list[NewFile]:
+        """Report files left out because another local file has their far name
+        (once each, and as a problem in `watcher status`), and files given a
+        version name; return those registered, under their far names.
 
-        They stay on disk, unregistered, until the rules give them names of their own.
+        Files left out stay on disk, unregistered, until the rules give them
+        names of their own or the other file is gone.
         """
         kept = []
         for f in new:
-            owner = taken.get((f.archive_name, f.remote_path), f.local_path)
-            if owner == f.local_path:
-                kept.append(f)
-            elif f.local_path not in self._reported:
-                self._reported.add(f.local_path)
-                log.error("not registering %s: its far name %s:%s is already taken by %s",
-                          f.local_path, f.archive_name, f.remote_path, owner)
+            owner = claims.taken.get((f.archive_name, f.remote_path), f.local_path)
+            if owner != f.local_path:
+                self._problem(f.archive_name, "far names taken", f.local_path,
+                              f"not registering {f.local_path}: its far name {f.archive_name}:"
+                              f"{f.remote_path} is already taken by {owner}; change the rule's "
+                              "remote_path so that each file gets a name of its own")
+                continue
+            version = claims.versioned.get((f.local_path, f.archive_name))
+            if version is not None:
+                log.warning("%s: the far copy %s:%s is the only copy of an earlier file of that "
+                            "name; shipping this one as %s", f.local_path, f.archive_name,
+                            f.remote_path, version)
+                f = f._replace(remote_path=version)
+            kept.append(f)
         return kept
 
-    def _candidate(self, path: str) -> Candidate | None:
+    def _problem(self, archive: str, kind: str, path: str, message: str) -> None:
+        if self.health is not None:
+            self.health.problem(archive, kind, path, message)
+        elif path not in self._reported:
+            self._reported.add(path)
+            log.warning("%s", message)
+
+    def _candidate(self, path: str, trees: dict[str, Beneath]) -> Candidate | None:
+        found = select_rule(path, self.config.rules)
+        if not found:
+            return None
+        rule = found[0]
+        root = str(rule.watch)
+        tree = trees.get(root) or trees.setdefault(root, Beneath(root))
         try:
-            st = os.stat(path)
-        except OSError:
+            st = tree.lstat(path)
+        except SymlinkInPath as exc:
+            self._symlink(rule, exc.filename)
+            return None
+        except (OSError, ValueError):
             return None  # gone before it could be registered
+        if stat.S_ISLNK(st.st_mode):
+            self._symlink(rule, path)
+            return None
         if not stat.S_ISREG(st.st_mode):
             return None  # a directory, a fifo (reading it would block), a socket
-        found = select_rule(path, self.config.rules)
-        return Candidate(path, *found, st) if found else None
+        return Candidate(path, *found, st)
 
-    def _hash(self, c: Candidate) -> str | None:
-        """md5 of a file found unchanged once read (same inode, size and
-        modification time as before); else None, and it settles again.
+    def _symlink(self, rule: Rule, path: str) -> None:
+        self._problem(rule.archive, "symlinks", path,
+                      f"{path} is a symlink (or lies below one) in watched tree {rule.watch}: "
+                      "symlinks are never followed or shipped; put the file itself there if it "
+                      "should be shipped")
+
+    def _hash(self, c: Candidate, trees: dict[str, Beneath]) -> str | None:
+        """md5 of a file found unchanged once read (the identity it had before
+        it was read); else None, and it settles again. The file is opened
+        below its watch root without following links.
 
         A file renamed over this path while it is read is not seen here
         (the open descriptor still reads the old one), but its move event
         hands the path over again and the new content is hashed then.
         """
         try:
-            md5, after = md5_and_stat(c.path)
-        except OSError as exc:
-            log.warning("cannot read %s: %s", c.path, exc.strerror or exc)
+            fd = trees[str(c.rule.watch)].open(c.path)
+            try:
+                md5, after = md5_of_fd(fd)
+            finally:
+                os.close(fd)
+        except SymlinkInPath as exc:
+            self._symlink(c.rule, exc.filename)
             return None
-        if (after.st_ino, after.st_size, after.st_mtime_ns) != (c.stat.st_ino, c.stat.st_size, c.stat.st_mtime_ns):
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                self._problem(c.rule.archive, "unreadable files", c.path,
+                              f"cannot read {c.path}: {exc.strerror or exc}; it is not shipped "
+                              "until the agent may read it")
+            return None
+        if Identity.of(after) != Identity.of(c.stat):
             self.settle.track(c.path, c.rule.settle)
             return None
+        if self.health is not None:
+            self.health.solved(c.rule.archive, "unreadable files", c.path)
         return md5
 
     def _remote_path(self, c: Candidate) -> str | None:
@@ -237,6 +295,11 @@ class Registrar:
         return NewFile(
             local_path=c.path, remote_path=remote, archive_name=rule.archive,
             local_md5sum=md5, timestamp=now, deletable=rule.deletable and not keep_forever,
-            size=c.stat.st_size, mtime_ns=c.stat.st_mtime_ns,
             retain=rule.delete_local_after if rule.overrides_retention else None,
+            **identity_columns(Identity.of(c.stat)),
         )
+
+
+def _vanished(path: str) -> bool:
+    """Whether nothing is left at a path (a registered file whose directory was renamed)."""
+    return not os.path.lexists(path)
