@@ -1,23 +1,30 @@
 """Delete local files whose retention has passed, and only those that are safe.
 
 A file is deleted only when the catalog says verified, its retention has
-passed, its size and modification time are still what was hashed, and the
-far copy still has the same md5 when checked just before (one batched
-command over the shared connection). A far copy that is gone or differs is
-shipped again instead; a local file that changed is hashed again and ships.
+passed, it is still what was hashed (device, inode, size, mtime and ctime,
+opened below its root without following any symlink), no process has it
+open for writing (a read lease, held while it is unlinked), and the far
+copy still has the same md5 when checked just before (one batched command
+over the shared connection). A far copy that is gone or differs is shipped
+again instead; a local file that changed is hashed again and ships.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 
 from watcher.config import Config
-from watcher.db import Catalog, File, md5_of
+from watcher.db import Catalog, File, md5_of_fd
 from watcher.faults import checkpoint
+from watcher.health import Health
 from watcher.rsync import Destination
+from watcher.safefs import (
+    Beneath, Identity, SymlinkInPath, WriterCheck, hold_against_writers, release_lease, root_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,33 +38,21 @@ def retention_bounds(config: Config, archive: str) -> tuple[float | None, float 
     return default, (min(candidates) if candidates else None)
 
 
-def _unchanged(row: File) -> bool | None:
-    """Whether the local file is still what was hashed; None when it is gone."""
-    try:
-        st = os.stat(row.local_path)
-    except FileNotFoundError:
-        return None
-    except OSError:
-        return False
-    if row.size is None or row.mtime_ns is None:  # written by socs: hash it once
-        try:
-            return md5_of(row.local_path) == row.local_md5sum
-        except OSError:
-            return False
-    return (st.st_size, st.st_mtime_ns) == (row.size, row.mtime_ns)
-
-
 HOLD_UNDELETABLE = 3600.0  # seconds before a file that could not be deleted is tried again
+WRITER_RECHECK = 60.0  # seconds before a file held open for writing is looked at again
+WRITERS_UNKNOWN = "files whose writers cannot be checked"
 
 
 def delete_expired(catalog: Catalog, config: Config, archive: str, destination: Destination,
                    stop: threading.Event | None = None, now: float | None = None,
-                   limit: int = 500, held: dict[int, float] | None = None) -> int:
+                   limit: int = 500, held: dict[int, float] | None = None,
+                   health: Health | None = None) -> int:
     """One round of deletions for an archive; returns how many files were deleted.
 
-    ``held`` maps rows that could not be deleted (permissions) to when to try
-    again, so they are reported once an hour, not every round.
-    Raises TransferError when the far side cannot be checked (nothing is deleted).
+    ``held`` maps rows that could not be deleted (permissions, a symlink in
+    the way, a writer) to when to try again, so they are reported once, not
+    every round. Raises TransferError when the far side cannot be checked
+    (nothing is deleted).
     """
     now = time.time() if now is None else now
     held = {} if held is None else held
@@ -70,56 +65,154 @@ def delete_expired(catalog: Catalog, config: Config, archive: str, destination: 
             if r.id not in held][:limit]
     if not rows:
         return 0
-    contested = catalog.contested_remote_paths(archive, [r.remote_path for r in rows])
-    gone, changed, candidates = [], [], []
-    for row in rows:
-        if row.remote_path in contested:
-            if row.id not in held:
-                log.error("not deleting %s: other files of different content are registered under "
-                          "the same far name %s:%s", row.local_path, archive, row.remote_path)
-            held[row.id] = now + HOLD_UNDELETABLE
-            continue
-        state = _unchanged(row)
-        (gone if state is None else candidates if state else changed).append(row)
-    far = destination.far_md5([r.remote_path for r in candidates], stop,
-                              sum(r.size or 0 for r in candidates))
-    deleted, differs = [], {}
-    for row in candidates:
-        if far.get(row.remote_path) != row.local_md5sum:
-            differs[row.id] = far.get(row.remote_path)
-            log.warning("far copy of %s (%s:%s) is %s; shipping it again instead of deleting",
-                        row.local_path, archive, row.remote_path,
-                        "missing" if far.get(row.remote_path) is None else "different")
-            continue
-        if _unchanged(row) is not True:  # changed in the meantime: leave it
-            changed.append(row)
-            continue
-        checkpoint("deleting")
+    with _Round(catalog, config, archive, now, held, health) as round_:
+        return round_.run(rows, destination, stop)
+
+
+class _Round:
+    """One retention round: the files it opened (below their roots, without
+    following links) stay open until it ends, so what is checked is what is
+    deleted."""
+
+    def __init__(self, catalog: Catalog, config: Config, archive: str, now: float,
+                 held: dict[int, float], health: Health | None):
+        self.catalog, self.archive, self.now, self.held, self.health = catalog, archive, now, held, health
+        self.roots = [str(r.watch) for r in config.rules] + [str(config.file_root)]
+        self.trees: dict[str, Beneath] = {}
+        self.fds: list[int] = []
+
+    def __enter__(self) -> "_Round":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        for tree in self.trees.values():
+            tree.close()
+
+    def _tree(self, path: str) -> Beneath:
+        root = root_of(path, self.roots)
+        return self.trees.get(root) or self.trees.setdefault(root, Beneath(root))
+
+    def _hold(self, row: File, seconds: float, level: int, message: str, kind: str | None = None) -> None:
+        """Leave a row for ``seconds``, saying why once (and counting it, for a problem)."""
+        if row.id not in self.held:
+            if kind and self.health is not None:
+                self.health.problem(self.archive, kind, row.local_path, message)
+            else:
+                log.log(level, "%s", message)
+        self.held[row.id] = self.now + seconds
+
+    def _open(self, row: File) -> tuple[int, Identity] | str:
+        """The row's file opened and found to be what was hashed, with its
+        identity; else what it is instead: "gone", "changed" or "held"."""
         try:
-            os.unlink(row.local_path)
-        except FileNotFoundError:
-            gone.append(row)
-            continue
-        except OSError as exc:
-            log.error("cannot delete %s: %s (trying again in %.0f s)", row.local_path,
-                      exc.strerror or exc, HOLD_UNDELETABLE)
-            held[row.id] = now + HOLD_UNDELETABLE
-            continue
-        deleted.append(row.id)
-        log.info("deleted %s (verified on %s as %s)", row.local_path, archive, row.remote_path)
-    if deleted:
-        catalog.mark_removed(deleted, time.time())
-    if gone:
-        catalog.mark_missing([r.id for r in gone])
-        for row in gone:
-            log.warning("%s was already gone; marked removed", row.local_path)
-    if differs:
-        catalog.mark_unverified(differs)
-    for row in changed:
-        try:
-            st = os.stat(row.local_path)
-            catalog.update_content(row.id, md5_of(row.local_path), st.st_size, st.st_mtime_ns)
+            fd = self._tree(row.local_path).open(row.local_path)
+        except SymlinkInPath as exc:
+            self._hold(row, HOLD_UNDELETABLE, logging.WARNING,
+                       f"not deleting {row.local_path}: {exc.filename} is a symlink, which is never "
+                       "followed; the file stays in the catalog until the path is plain again",
+                       kind="symlinks")
+            return "held"
+        except (FileNotFoundError, NotADirectoryError):
+            return "gone"
+        except (OSError, ValueError) as exc:
+            self._hold(row, HOLD_UNDELETABLE, logging.ERROR,
+                       f"cannot open {row.local_path} to delete it: {getattr(exc, 'strerror', None) or exc}")
+            return "held"
+        self.fds.append(fd)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return "gone"  # a directory or fifo took its name: the file is not here
+        identity = row.identity
+        if identity is None:  # an md5 the agent did not compute (socs, the API): hash it once
+            md5, st = md5_of_fd(fd)
+            if md5 != row.local_md5sum:
+                self._record_change(row, md5, st)
+                return "changed"
+            identity = Identity.of(st)
+        elif Identity.of(st) != identity:
+            self._record_change(row, *md5_of_fd(fd))
+            return "changed"
+        return fd, identity
+
+    def _record_change(self, row: File, md5: str, st: os.stat_result) -> None:
+        """The file is not what was hashed: record what it is; new content ships again."""
+        self.catalog.update_content(row.id, md5, Identity.of(st))
+        if md5 != row.local_md5sum:
             log.warning("%s changed after it was shipped; it will be shipped again", row.local_path)
+
+    def run(self, rows: list[File], destination: Destination, stop: threading.Event | None) -> int:
+        archive = self.archive
+        contested = self.catalog.contested_remote_paths(archive, [r.remote_path for r in rows])
+        gone, candidates = [], []
+        for row in rows:
+            if row.remote_path in contested:
+                self._hold(row, HOLD_UNDELETABLE, logging.ERROR,
+                           f"not deleting {row.local_path}: other files of different content are "
+                           f"registered under the same far name {archive}:{row.remote_path}")
+                continue
+            opened = self._open(row)
+            if opened == "gone":
+                gone.append(row)
+            elif not isinstance(opened, str):
+                candidates.append((row, *opened))
+        far = destination.far_md5([r.remote_path for r, _, _ in candidates], stop,
+                                  sum(r.size or 0 for r, _, _ in candidates))
+        deleted, differs = [], {}
+        for row, fd, identity in candidates:
+            found = far.get(row.remote_path)
+            if found != row.local_md5sum:
+                differs[row.id] = found
+                log.warning("far copy of %s (%s:%s) is %s; shipping it again instead of deleting",
+                            row.local_path, archive, row.remote_path,
+                            "missing" if found is None else "different")
+                continue
+            checkpoint("deleting")
+            if self._delete(row, fd, identity):
+                deleted.append(row.id)
+                if self.health is not None:
+                    for kind in ("symlinks", WRITERS_UNKNOWN):
+                        self.health.solved(archive, kind, row.local_path)
+                log.info("deleted %s (verified on %s as %s)", row.local_path, archive, row.remote_path)
+        if deleted:
+            self.catalog.mark_removed(deleted, time.time())
+        if gone:
+            self.catalog.mark_missing([r.id for r in gone])
+            for row in gone:
+                log.warning("%s was already gone; marked removed", row.local_path)
+        if differs:
+            self.catalog.mark_unverified(differs)
+        return len(deleted)
+
+    def _delete(self, row: File, fd: int, identity: Identity) -> bool:
+        """Unlink a file nobody writes to that is still what was hashed."""
+        writers = hold_against_writers(fd)
+        try:
+            if writers == WriterCheck.WRITING:
+                self._hold(row, WRITER_RECHECK, logging.INFO,
+                           f"not deleting {row.local_path} yet: a process has it open for writing")
+                return False
+            if writers == WriterCheck.UNKNOWN:
+                self._hold(row, HOLD_UNDELETABLE, logging.WARNING,
+                           f"not deleting {row.local_path}: cannot tell whether a process writes to "
+                           "it (a lease needs the file's owner or CAP_LEASE: give the agent "
+                           "AmbientCapabilities=CAP_LEASE)", kind=WRITERS_UNKNOWN)
+                return False
+            st = os.fstat(fd)
+            if Identity.of(st) != identity:  # written to before our lease
+                self._record_change(row, *md5_of_fd(fd))
+                return False
+            if not self._tree(row.local_path).unlink_if(row.local_path, identity):
+                log.warning("not deleting %s: another file took its name", row.local_path)
+                return False
+            return True
+        except (FileNotFoundError, NotADirectoryError):
+            return False  # gone meanwhile: the next round marks it
         except OSError as exc:
-            log.error("cannot read %s: %s", row.local_path, exc.strerror or exc)
-    return len(deleted)
+            self._hold(row, HOLD_UNDELETABLE, logging.ERROR,
+                       f"cannot delete {row.local_path}: {exc.strerror or exc} "
+                       f"(trying again in {HOLD_UNDELETABLE:.0f} s)")
+            return False
+        finally:
+            release_lease(fd)
