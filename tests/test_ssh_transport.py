@@ -41,32 +41,33 @@ def test_ssh_archive_ships_into_a_missing_remote_basedir_creating_its_directorie
         assert r.failed_copy_attempts == 0 and r.copied is not None
 
 
-def test_a_file_named_by_the_end_of_its_local_path_is_sent_from_where_it_lies_others_by_symlink(tmp_path):
+def test_every_listed_file_is_a_link_to_a_descriptor_of_the_file_opened_without_following_links(tmp_path):
     inbox = tmp_path / "inbox"
     here, hashed, elsewhere = inbox / "1700000000" / "a.dat", inbox / "#b.dat", inbox / "c.dat"
     for path in (here, hashed, elsewhere):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
-    direct = [Item(1, str(here), "1700000000/a.dat", md5(b"x")),
-              Item(2, str(hashed), "#b.dat", md5(b"x"))]
-    renamed = Item(4, str(elsewhere), "renamed/c.dat", md5(b"x"))
+    (tmp_path / "secret").write_bytes(b"secret")
+    (inbox / "link.dat").symlink_to(tmp_path / "secret")
+    (inbox / "linked_dir").symlink_to(inbox / "1700000000")
+    items = [Item(1, str(here), "1700000000/a.dat", md5(b"x")),
+             Item(2, str(hashed), "#b.dat", md5(b"x")),
+             Item(3, str(elsewhere), "renamed/c.dat", md5(b"x")),
+             Item(4, str(inbox / "link.dat"), "link.dat", md5(b"x")),
+             Item(5, str(inbox / "linked_dir" / "a.dat"), "d/a.dat", md5(b"x"))]
 
-    with _Listing() as listing:  # all from one directory: short lines, relative to it
-        sent, refused = listing.add_all(direct)
-        assert listing._tree is None
-        assert listing.source_and_data() == (f"{inbox}/", b"1700000000/a.dat\0./#b.dat\0")
-    assert [i.id for i in sent] == [1, 2] and refused == []
-
-    with _Listing() as listing:  # mixed: relative to /, each line cut with /./
-        sent, refused = listing.add_all(direct + [renamed])
+    with _Listing((str(inbox),)) as listing:
+        sent, refused = listing.add_all(items)
         tree = listing._tree
         source, data = listing.source_and_data()
-        assert source == "/"
-        assert data.split(b"\0") == [os.fsencode(f"{str(inbox)[1:]}/./1700000000/a.dat"),
-                                     os.fsencode(f"{str(inbox)[1:]}/./#b.dat"),
-                                     os.fsencode(f"{tree[1:]}/t/./renamed/c.dat"), b""]
-        assert os.readlink(os.path.join(tree, "t", "renamed", "c.dat")) == str(elsewhere)
-    assert [i.id for i in sent] == [1, 2, 4]
+        assert source == f"{tree}/t/"
+        assert data == b"1700000000/a.dat\0./#b.dat\0renamed/c.dat\0"  # '#' would be a comment
+        for fd, remote, path in zip(listing.fds, ["1700000000/a.dat", "#b.dat", "renamed/c.dat"],
+                                    [here, hashed, elsewhere]):
+            assert os.readlink(os.path.join(tree, "t", remote)) == f"/proc/self/fd/{fd}"
+            assert os.path.samestat(os.fstat(fd), os.stat(path))
+    assert [i.id for i in sent] == [1, 2, 3]
+    assert [i.id for i in refused] == [4, 5]  # a symlink, and a path through one
     assert not os.path.exists(tree)
 
 
@@ -226,14 +227,13 @@ def test_no_remote_command_runs_for_an_empty_batch_and_files_gone_are_missing_no
     assert make_worker(archive).step() is False
     assert tool_log.calls() == []
 
-    # Files are looked for on the local disk only when they were not
-    # verified: a batch whose files are all gone is sent (rsync finds
-    # nothing), and they come back missing, not charged.
+    # A batch whose files are all gone runs no command either (each file
+    # is opened before it is listed), and they come back missing, not charged.
     gone = [Item(1, str(tmp_path / "gone-1"), "gone-1", md5(b"")),
             Item(2, str(tmp_path / "gone-2"), "gone-2", md5(b""))]
     results, missing = ship_batch(dest, gone)
     assert results == {} and missing == gone
-    assert len(tool_log.rsync_calls()) == 1 and len(tool_log.md5_calls()) == 1
+    assert tool_log.calls() == []
     assert os.listdir(remote_dir) == []
 
 
@@ -252,8 +252,8 @@ def test_files_that_vanished_are_marked_removed_one_batch_of_one_at_a_time(
     assert worker.step() is True
     assert worker.step() is True
 
-    # Each try is one rsync call and one far md5 call; nothing arrives.
-    assert len(tool_log.rsync_calls()) == 3 and len(tool_log.md5_calls()) == 3
+    # A file that cannot be opened is not sent: no command runs at all.
+    assert tool_log.calls() == []
     assert os.listdir(remote_dir) == []
     for file_id in ids.values():
         r = row(catalog, file_id)

@@ -1,10 +1,10 @@
 """Move a batch to its destination and read back the far side's md5 sums.
 
 One rsync call carries a whole batch, its files listed NUL-separated on
-standard input: a file whose remote path is the end of its local path is
-sent from where it lies, any other through a symlink named as its remote
-path in a temporary tree (``rsync -L``), so any local name can go to any
-remote name. Then one command reads the md5 of every file of the batch,
+standard input: each file, opened by the agent without following any
+symlink, stands in a temporary tree as a link named as its remote path to
+the descriptor rsync inherits (see ``_Listing``), so any local name can go
+to any remote name and nothing but the opened file is read. Then one command reads the md5 of every file of the batch,
 the paths going NUL-separated on standard input (never through a shell or
 an option parser). A local destination is hashed in-process.
 
@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import select
+import stat
 import shlex
 import shutil
 import tempfile
@@ -27,9 +29,10 @@ from dataclasses import dataclass
 import sh
 
 from watcher.config import Archive
-from watcher.db import md5_of
+from watcher.db import md5_of_fd
 from watcher.faults import checkpoint
 from watcher.rules import remote_path_problem
+from watcher.safefs import Beneath, root_of
 
 log = logging.getLogger(__name__)
 
@@ -76,27 +79,32 @@ class Completed:
 
 
 def run(argv: list[str], *, stdin: bytes | None = None, timeout: float | None = None,
-        stop: threading.Event | None = None) -> Completed:
+        stop: threading.Event | None = None, pass_fds: list[int] = ()) -> Completed:
     """Run a command once (through sh, plain pipes), abandoning it when ``stop`` is set.
 
     Raises TransferError("timeout") when it runs longer than ``timeout`` (the
     whole process group is killed) and Stopped when the agent stops first.
+    ``pass_fds``: descriptors the command inherits (at the same numbers).
     """
     log.debug("running %r", argv)
     deadline = None if timeout is None else time.monotonic() + timeout
     proc = sh.Command(argv[0])(
         *argv[1:], _in=stdin, _bg=True, _bg_exc=False, _tty_out=False,
-        _ok_code=list(range(256)), _return_cmd=True, _new_session=True)
+        _ok_code=list(range(256)), _return_cmd=True, _new_session=True,
+        **({"_pass_fds": set(pass_fds), "_preexec_fn": _inheritable(pass_fds)} if pass_fds else {}))
     # Poll, never proc.wait(timeout=...): when that sees the exit it marks the
     # command waited for without joining sh's reader threads, so stdout could
     # be read short or empty. The final proc.wait() below joins them.
     # Between polls, wait on a pidfd (readable at the exit, so a batch's
     # commands do not each lose up to a poll interval); else sleep 2-50 ms.
     pidfd, pause = _pidfd(proc.process.pid), 0.002
+    poller = select.poll()  # not select(): a batch's descriptors push numbers past 1024
+    if pidfd is not None:
+        poller.register(pidfd, select.POLLIN)
     try:
         while proc.process.is_alive()[0]:
             if pidfd is not None:
-                select.select([pidfd], [], [], 0.1)
+                poller.poll(100)
             else:
                 time.sleep(pause)
                 pause = min(pause * 2, 0.05)
@@ -114,6 +122,15 @@ def run(argv: list[str], *, stdin: bytes | None = None, timeout: float | None = 
     except sh.SignalException as exc:
         raise TransferError("timeout", f"{argv[0]} was killed: {exc}", argv) from None
     return Completed(proc.exit_code, proc.stdout or b"", proc.stderr or b"")
+
+
+def _inheritable(fds: list[int]):
+    """Run in the child before exec: keep these descriptors across it (they
+    are opened close-on-exec, so no other command inherits them)."""
+    def clear_cloexec():
+        for fd in fds:
+            os.set_inheritable(fd, True)
+    return clear_cloexec
 
 
 def _pidfd(pid: int) -> int | None:
@@ -143,9 +160,14 @@ def _tail(data: bytes, limit: int = 400) -> str:
 class Destination:
     """Where an archive's files go: a local directory, or a directory over ssh."""
 
-    def __init__(self, archive: Archive, control_dir: str | None = None):
+    def __init__(self, archive: Archive, control_dir: str | None = None,
+                 local_roots: tuple[str, ...] = ()):
+        """``local_roots``: the watched trees (and where finalization files are
+        written); no symlink below one is followed when a file is sent."""
         self.archive = archive
         self._control_dir = control_dir
+        self._roots = tuple(str(r) for r in local_roots)
+        self._max_files = _descriptor_budget()
 
     # -- building commands (pure) --------------------------------------------
 
@@ -182,6 +204,9 @@ class Destination:
         ``--recursive``: a listed path that has become a directory is
         skipped, neither copied with its contents nor made an empty
         directory under a file's far name; the md5 check charges it.
+        ``--copy-links`` follows the listing's own links, each to a
+        descriptor of a file the agent opened; the source is always that
+        private tree, never a watched one.
         """
         a = self.archive
         args = ["rsync", "--no-dirs", "--copy-links", "--times", "--omit-dir-times",
@@ -215,13 +240,13 @@ class Destination:
 
         Raises TransferError for a connection failure or a stall.
         """
-        with _Listing() as listing:
+        with _Listing(self._roots, self._max_files) as listing:
             sent, refused = listing.add_all(items)
             if not sent:
                 return sent, refused
             source, names = listing.source_and_data()
             argv = self.rsync_args(source)
-            result = run(argv, stdin=names, stop=stop)
+            result = run(argv, stdin=names, stop=stop, pass_fds=listing.fds)
         if result.exit_code in CONNECTION_EXIT_CODES:
             raise TransferError("connection", f"rsync exited {result.exit_code}: {_tail(result.stderr)}", argv)
         if result.exit_code != 0:
@@ -305,92 +330,106 @@ def _scratch_dir() -> str | None:
 
 
 class _Listing:
-    """The file list of one rsync call, and the symlink tree some entries need.
+    """The file list of one rsync call, laid out as the remote paths.
 
-    A file whose local path ends in its remote path (the default
-    ``{relpath}`` template) is sent from where it lies: from ``/data/inbox``
-    as ``1700000000/a.dat``. Any other file gets a symlink named as its
-    remote path in a temporary tree (copied with ``--copy-links``): any
-    local name can go to any remote name. A use as a context manager removes
-    the tree.
-
-    rsync reads ``--files-from`` one byte per system call, so the list is
-    kept short: when every file comes from one directory, that directory is
-    rsync's source and each line is just the remote path; otherwise the
-    source is ``/`` and each line is ``dir/./remote path`` (``/./`` marks
-    where the part sent begins).
+    Each file is opened by the agent below its root without following any
+    symlink (safefs), and stands in a private temporary tree as a symlink
+    named as its remote path to ``/proc/self/fd/N``, a descriptor rsync
+    inherits. rsync follows only those links (``--copy-links``): each leads
+    to the very file the agent opened, whatever has been renamed or
+    replaced in the watched tree since, so no symlink of the tree is ever
+    followed, and any local name can go to any remote name. A use as a
+    context manager closes the descriptors and removes the tree.
     """
 
-    def __init__(self):
-        self._entries: list[tuple[str, str]] = []  # (source directory, remote path)
+    def __init__(self, roots: tuple[str, ...] = (), max_files: int | None = None):
+        self._roots = roots
+        self._max_files = max_files
+        self._remotes: list[str] = []
         self._tree: str | None = None
         self._made: set[str] = set()
         self._taken: set[str] = set()
+        self._dirs: dict[str, Beneath] = {}
+        self.fds: list[int] = []
 
     def __enter__(self) -> "_Listing":
         return self
 
     def __exit__(self, *exc) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        for tree in self._dirs.values():
+            tree.close()
         if self._tree is not None:
             shutil.rmtree(self._tree, ignore_errors=True)
 
     def source_and_data(self) -> tuple[str, bytes]:
         """rsync's source directory and its NUL-separated ``--files-from`` list."""
-        bases = {base for base, _ in self._entries}
-        if len(bases) == 1:
-            # A line starting with "#" or ";" would be a comment to rsync; "./"
-            # keeps it a name (--no-implied-dirs: "." itself is not sent).
-            return bases.pop() + "/", b"".join(
-                (b"./" if rel.startswith(("#", ";")) else b"") + os.fsencode(rel) + b"\0"
-                for _, rel in self._entries)
-        return "/", b"".join(os.fsencode(base[1:]) + b"/./" + os.fsencode(rel) + b"\0"
-                             for base, rel in self._entries)
+        # A line starting with "#" or ";" would be a comment to rsync; "./"
+        # keeps it a name (--no-implied-dirs: "." itself is not sent).
+        return os.path.join(self._tree, "t") + "/", b"".join(
+            (b"./" if rel.startswith(("#", ";")) else b"") + os.fsencode(rel) + b"\0"
+            for rel in self._remotes)
 
     def add_all(self, items: list[Item]) -> tuple[list[Item], list[Item]]:
         """List a batch; return (listed, refused).
 
         A remote path that could leave the base directory is refused, for
-        the caller to charge, and so is one that clashes with another of a
-        symlink tree (``a`` beside ``a/b``: a row some other writer inserted);
-        a file sent from where it lies with such a clash fails on the far
-        side and is charged by the md5 check. Whether a file is still there
-        is only asked of those that fail (``batch_results``).
+        the caller to charge, and so is a file that cannot be opened (gone:
+        ``batch_results`` tells), is no regular file, or lies below a
+        symlink, and a remote path that clashes with another of the batch
+        (``a`` beside ``a/b``: a row some other writer inserted). Files past
+        ``max_files`` (descriptors) wait for a later batch.
         """
         sent, refused = [], []
         for item in items:
             if item.remote_path in self._taken:
                 continue  # two rows for one remote name: the second waits a batch
+            if self._max_files is not None and len(self.fds) >= self._max_files:
+                break
             try:
                 problem = remote_path_problem(item.remote_path)
                 if problem:
                     raise ValueError(problem)
                 self._add(item)
             except (OSError, ValueError) as exc:
-                log.error("refusing to ship %s as %r: %s", item.local_path, item.remote_path,
-                          getattr(exc, "strerror", None) or exc)
+                if not isinstance(exc, FileNotFoundError):
+                    log.error("refusing to ship %s as %r: %s", item.local_path, item.remote_path,
+                              getattr(exc, "strerror", None) or exc)
                 refused.append(item)
                 continue
             self._taken.add(item.remote_path)
             sent.append(item)
         return sent, refused
 
+    def _open(self, path: str) -> int:
+        root = root_of(path, self._roots)
+        tree = self._dirs.get(root) or self._dirs.setdefault(root, Beneath(root))
+        fd = tree.open(path)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError("not a regular file")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def _add(self, item: Item) -> None:
-        local, remote = item.local_path, item.remote_path
-        head = local[:len(local) - len(remote)]
-        if (len(head) > 1 and head.endswith("/") and local.endswith(remote)
-                and local.startswith("/") and not local.startswith(("/#", "/;"))
-                and os.path.normpath(local) == local):
-            self._entries.append((head[:-1], remote))
-            return
         if self._tree is None:
             self._tree = tempfile.mkdtemp(prefix=f"{BATCH_TREE_PREFIX}{os.getpid()}-", dir=_scratch_dir())
-        link = os.path.join(self._tree, "t", remote)
+        link = os.path.join(self._tree, "t", item.remote_path)
         parent = os.path.dirname(link)
         if parent not in self._made:  # a batch shares few directories: make each once
             os.makedirs(parent, exist_ok=True)
             self._made.add(parent)
-        os.symlink(os.path.abspath(local), link)
-        self._entries.append((os.path.join(self._tree, "t"), remote))
+        fd = self._open(item.local_path)
+        try:
+            os.symlink(f"/proc/self/fd/{fd}", link)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fds.append(fd)
+        self._remotes.append(item.remote_path)
 
 
 def parse_md5sum_z(output: bytes) -> dict[str, str]:
@@ -404,13 +443,39 @@ def parse_md5sum_z(output: bytes) -> dict[str, str]:
 
 
 def _local_md5(basedir: str, remote_paths: list[str]) -> dict[str, str]:
+    """md5 of the far files of a local archive, opened below the base
+    directory without following links (a link there proves nothing)."""
     found = {}
-    for path in remote_paths:
-        try:
-            found[path] = md5_of(os.path.join(basedir, path))
-        except OSError:
-            pass
+    with Beneath(basedir.rstrip("/") or "/") as tree:
+        for path in remote_paths:
+            try:
+                fd = tree.open(os.path.join(tree.root, path))
+            except (OSError, ValueError):
+                continue
+            try:
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    found[path] = md5_of_fd(fd)[0]
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
     return found
+
+
+def _descriptor_budget() -> int:
+    """How many files a batch may hold open (one descriptor each while rsync
+    runs): the soft limit is raised to the hard one, less a reserve for the
+    rest of the agent."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > 1 << 20:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return max(16, min(soft, 1 << 20) - 512)
 
 
 def make_control_dir() -> str:
