@@ -150,7 +150,8 @@ class Agent:
         self.health = Health(config.database)
         self._control_dir = (make_control_dir()
                              if any(a.is_remote for a in config.archives.values()) else None)
-        self.destinations = {name: Destination(a, self._control_dir)
+        roots = tuple(str(r.watch) for r in config.rules) + (str(config.file_root),)
+        self.destinations = {name: Destination(a, self._control_dir, roots)
                              for name, a in config.archives.items()}
         self.workers = {name: TransferWorker(self.catalog, a, self.destinations[name],
                                              self.stop_event, self.health)
@@ -376,6 +377,7 @@ class Agent:
             try:
                 with_database_retry(
                     lambda: delete_expired(self.catalog, self.config, name, self.destinations[name],
-                                           stop, now, held=self._undeletable), self.health, stop)
+                                           stop, now, held=self._undeletable, health=self.health),
+                    self.health, stop)
             except TransferError as exc:
                 log.warning("retention for %s postponed: far side not reachable (%s)", name, exc)
