@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from yaml.composer import ComposerError
 
 from watcher.timecode import TEMPLATE_FIELDS
 
@@ -103,34 +104,101 @@ def parse_duration(value: Any) -> float:
 # YAML with line numbers
 
 
-def _compose(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
-    """Parse YAML into plain data plus a map from key path to line number."""
-    lines: dict[tuple, int] = {}
+# A rules file nests five levels deep; far deeper is a mistake, or an attack on the stack.
+MAX_DEPTH = 20
+_ALIAS = "!watcher-alias"  # the tag of the node an alias composes to
+_MERGE = "tag:yaml.org,2002:merge"
+_SKIP = object()  # a key that was refused
+
+
+class _Loader(yaml.SafeLoader):
+    """A SafeLoader whose aliases compose to a marker node instead of the node
+    they name, so that a billion-laughs file is refused at the cost of its own
+    size, and whose documents may nest at most MAX_DEPTH levels."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.get_event()
+            return yaml.ScalarNode(_ALIAS, event.anchor, event.start_mark, event.end_mark)
+        if self.depth >= MAX_DEPTH:
+            raise ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                self.peek_event().start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _compose(r: _Reader, text: str) -> Any:
+    """Parse YAML into plain data, noting the line of each key path in ``r``.
+
+    Aliases, duplicate keys, keys that are lists or mappings and values no
+    constructor knows are problems; a refused value reads as absent.
+    """
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
+        where = f"{r.source}:{mark.line + 1}" if mark else r.source
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{where}: not valid YAML: {problem}"]) from None
     if node is None:
-        return {}, lines
+        return {}
     constructor = yaml.SafeLoader("")
 
+    def scalar(n):
+        try:
+            return constructor.construct_object(n)
+        except (yaml.YAMLError, ValueError) as exc:  # an unknown tag, 2024-13-01
+            raise ValueError(f"cannot read {n.value!r}: {getattr(exc, 'problem', None) or exc}") from None
+
+    def key_of(k, path: tuple, line: int):
+        if k.tag == _ALIAS:
+            r.problem(path, f"alias *{k.value} used as a key: aliases are refused", line)
+        elif k.tag == _MERGE:
+            r.problem(path, "merge keys (<<) are refused: write the keys out", line)
+        elif not isinstance(k, yaml.ScalarNode):
+            what = "a list" if isinstance(k, yaml.SequenceNode) else "a mapping"
+            r.problem(path, f"a key must be a single value, not {what}", line)
+        else:
+            try:
+                return scalar(k)
+            except ValueError as exc:
+                r.problem(path, f"key {exc}", line)
+        return _SKIP
+
     def build(n, path):
-        lines[path] = n.start_mark.line + 1
+        r.lines[path] = n.start_mark.line + 1
+        if n.tag == _ALIAS:
+            r.refuse(path, f"alias *{n.value}: aliases are refused (a few lines of them can "
+                           "expand to gigabytes); write the value out")
+            return None
         if isinstance(n, yaml.MappingNode):
             out = {}
             for k, v in n.value:
-                key = constructor.construct_object(k, deep=True)
+                line = k.start_mark.line + 1
+                key = key_of(k, path, line)
+                if key is _SKIP:
+                    continue
+                if key in out:
+                    r.problem(path + (key,), f"duplicate key (first at line {r.lines[path + (key,)]}): "
+                              "remove one of them", line)
+                    continue
                 out[key] = build(v, path + (key,))
-                lines[path + (key,)] = k.start_mark.line + 1
+                r.lines[path + (key,)] = line
             return out
         if isinstance(n, yaml.SequenceNode):
             return [build(v, path + (i,)) for i, v in enumerate(n.value)]
-        return constructor.construct_object(n, deep=True)
+        try:
+            return scalar(n)
+        except ValueError as exc:
+            r.refuse(path, str(exc))
+            return None
 
-    return build(node, ()), lines
+    return build(node, ())
 
 
 def _keypath(path: tuple) -> str:
@@ -143,19 +211,27 @@ def _keypath(path: tuple) -> str:
 class _Reader:
     """Collects typed values and problems while walking the parsed file."""
 
-    def __init__(self, source: str, lines: dict[tuple, int], base: Path):
+    def __init__(self, source: str, base: Path):
         self.source = source
-        self.lines = lines
+        self.lines: dict[tuple, int] = {}
         self.base = base
         self.problems: list[str] = []
+        self.refused: list[tuple] = []  # paths whose value was refused while parsing
 
-    def problem(self, path: tuple, message: str) -> None:
+    def problem(self, path: tuple, message: str, line: int | None = None) -> None:
+        if any(path[:len(gone)] == gone for gone in self.refused):
+            return  # already reported: a refused value is no second problem
         probe = path
-        while probe and probe not in self.lines:
+        while line is None and probe and probe not in self.lines:
             probe = probe[:-1]
-        line = self.lines.get(probe)
+        line = line or self.lines.get(probe)
         where = f"{self.source}:{line}" if line else self.source
         self.problems.append(f"{where}: {_keypath(path)}: {message}")
+
+    def refuse(self, path: tuple, message: str) -> None:
+        """Report a value that cannot be used, and nothing more below ``path``."""
+        self.problem(path, message)
+        self.refused.append(path)
 
     def mapping(self, value: Any, path: tuple, allowed: set[str]) -> dict:
         if value is None:
@@ -442,8 +518,8 @@ def _read_rule(r: _Reader, i: int, data: Any, archives: dict[str, Archive]) -> R
 
 def parse_config(text: str, source: str, base: Path) -> Config:
     """Build a Config from YAML text; relative paths resolve against ``base``."""
-    data, lines = _compose(text, source)
-    r = _Reader(source, lines, base)
+    r = _Reader(source, base)
+    data = _compose(r, text)
     if not isinstance(data, dict):
         r.problem((), f"expected a mapping with 'archives' and 'rules', got {type(data).__name__}")
         raise ConfigError(r.problems)

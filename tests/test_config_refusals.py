@@ -1,0 +1,228 @@
+"""A rules file the agent cannot honour is refused: exit status 2 and one line
+``watcher: FILE:LINE: key.path: problem`` per problem, never a hang, a
+traceback, exit 1 or a silent acceptance. Each kind of mistake is tried
+through the real command (``watcher run`` and ``watcher status``) and, in
+more variants, through ``load_config``."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import textwrap
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from tests.agent_process import watcher_command
+from watcher.config import ConfigError, load_config
+
+GOOD = """\
+database: catalog.db
+instance_id: test-instance
+archives:
+  arch:
+    remote_basedir: far
+    delete_local_after: 7d
+rules:
+  - watch: inbox
+    archive: arch
+    remote_path: "{timecode}/{relpath}"
+"""
+# GOOD's lines: 3 archives, 4 arch, 5 remote_basedir, 6 delete_local_after,
+# 7 rules, 8 watch, 9 archive, 10 remote_path; a key appended to the rule is line 11.
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "inbox").mkdir(exist_ok=True)
+    path = tmp_path / "rules.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def with_archive_key(key_and_value: str) -> str:
+    """GOOD with a line in place of the archive's delete_local_after (line 6)."""
+    return GOOD.replace("    delete_local_after: 7d\n", f"    {key_and_value}\n")
+
+
+def parse(problem: str, path: Path) -> tuple[int, str, str]:
+    """(line, key path, message) of one problem, which must name ``path``."""
+    m = re.fullmatch(rf"{re.escape(str(path))}:(\d+): ([^:]+): (.+)", problem, re.S)
+    assert m, f"not FILE:LINE: key.path: problem: {problem!r}"
+    return int(m.group(1)), m.group(2), m.group(3)
+
+
+def problems_of(path: Path) -> list[tuple[int, str, str]]:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    return [parse(p, path) for p in caught.value.problems]
+
+
+def only_problem(path: Path) -> tuple[int, str, str]:
+    problems = problems_of(path)
+    assert len(problems) == 1, problems
+    return problems[0]
+
+
+def run_cli(command: str, path: Path, timeout: float = 30) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("SUPRSYNC_DB", "WATCHER_STATE_DIR")}
+    return subprocess.run(watcher_command(command, "--config", str(path)), cwd=path.parent, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def refused_by_cli(command: str, path: Path, timeout: float = 30) -> list[tuple[int, str, str]]:
+    """Run the command and check it refused the file properly; its problems."""
+    result = run_cli(command, path, timeout)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert lines and all(line.startswith("watcher: ") for line in lines), lines
+    return [parse(line.removeprefix("watcher: "), path) for line in lines]
+
+
+def accepted(path: Path):
+    return load_config(path)
+
+
+# -- 1. duplicate keys ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["run", "status"])
+def test_a_duplicate_key_is_refused_with_both_lines(tmp_path, command):
+    path = write(tmp_path, GOOD + "    deletable: false\n    settle: 3\n    deletable: true\n")
+    [(line, key, message)] = refused_by_cli(command, path)
+    assert (line, key) == (13, "rules[0].deletable")
+    assert "duplicate key" in message and "line 11" in message
+
+
+def test_an_archive_defined_twice_is_refused_at_its_second_definition(tmp_path):
+    path = write(tmp_path, GOOD.replace("rules:\n", "  arch:\n    remote_basedir: other\nrules:\n"))
+    line, key, message = only_problem(path)
+    assert (line, key) == (7, "archives.arch") and "first at line 4" in message
+
+
+def test_a_top_level_key_given_twice_is_refused(tmp_path):
+    path = write(tmp_path, GOOD + "database: other.db\n")
+    line, key, message = only_problem(path)
+    assert (line, key) == (11, "database") and "first at line 1" in message
+
+
+def test_a_duplicate_key_in_a_flow_mapping_is_refused(tmp_path):
+    path = write(tmp_path, GOOD.replace("  arch:\n    remote_basedir: far\n",
+                                        "  arch: {remote_basedir: far, remote_basedir: /srv}\n")
+                 .replace("    delete_local_after: 7d\n", ""))
+    line, key, message = only_problem(path)
+    assert (line, key) == (4, "archives.arch.remote_basedir") and "duplicate key" in message
+
+
+def test_every_duplicate_is_reported_along_with_the_other_problems(tmp_path):
+    path = write(tmp_path, GOOD + "    settle: 1\n    settle: 2\n    colour: red\n"
+                 "instance_id: again\n")
+    assert [(line, key) for line, key, _ in problems_of(path)] == [
+        (12, "rules[0].settle"), (14, "instance_id"), (13, "rules[0].colour")]
+
+
+# -- 2. aliases ----------------------------------------------------------------
+
+
+BILLION_LAUGHS = "".join(
+    [f'l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n']
+    + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 10)])
+
+
+def test_a_billion_laughs_file_is_refused_at_once_by_the_real_command(tmp_path):
+    path = write(tmp_path, BILLION_LAUGHS + GOOD)
+    started = time.monotonic()
+    problems = refused_by_cli("run", path, timeout=20)
+    assert time.monotonic() - started < 10
+    aliases = [(line, key) for line, key, message in problems if "alias *l" in message]
+    assert len(aliases) == 9 * 9 and (2, "l1[0]") in aliases and (10, "l9[8]") in aliases
+
+
+def test_a_billion_laughs_file_costs_well_under_a_second_and_little_memory(tmp_path):
+    path = write(tmp_path, BILLION_LAUGHS + GOOD)
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        problems = problems_of(path)
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert time.monotonic() - started < 1.0
+    assert peak < 20 * 2**20, peak  # expanded, it would be ten gigabytes
+    assert sum("aliases are refused" in message for _, _, message in problems) == 81
+
+
+def test_an_alias_for_a_value_is_one_problem_not_also_a_missing_key(tmp_path):
+    path = write(tmp_path, "base: &base far\n" + GOOD.replace("remote_basedir: far",
+                                                             "remote_basedir: *base"))
+    assert [(line, key) for line, key, _ in problems_of(path)] == [
+        (6, "archives.arch.remote_basedir"), (1, "base")]
+
+
+def test_an_alias_in_a_list_is_refused(tmp_path):
+    path = write(tmp_path, "junk: &junk '*.tmp'\n".join(["", GOOD])
+                 .replace("    archive: arch\n", "    archive: arch\n    exclude: ['.*', *junk]\n"))
+    problems = problems_of(path)
+    assert (11, "rules[0].exclude[1]") in [(line, key) for line, key, _ in problems]
+
+
+def test_a_merge_of_an_anchored_mapping_is_refused(tmp_path):
+    path = write(tmp_path, """\
+        archives:
+          base: &defaults
+            remote_basedir: far
+          arch:
+            <<: *defaults
+            remote_basedir: far2
+        rules:
+          - watch: inbox
+            archive: arch
+        """)
+    line, key, message = only_problem(path)
+    assert (line, key) == (5, "archives.arch") and "merge keys (<<) are refused" in message
+
+
+def test_an_alias_used_as_a_key_and_an_undefined_alias_are_refused(tmp_path):
+    path = write(tmp_path, GOOD + "    *nowhere: 1\ninstance_id2: *missing\n")
+    problems = [(line, key) for line, key, message in problems_of(path) if "alias" in message]
+    assert problems == [(11, "rules[0]"), (12, "instance_id2")]
+
+
+# -- 3. a list or mapping as a key ------------------------------------------------
+
+
+def test_a_list_used_as_a_key_is_refused_by_the_real_command(tmp_path):
+    path = write(tmp_path, "[a, b]: 1\n" + GOOD)
+    [(line, key, message)] = refused_by_cli("run", path)
+    assert (line, key) == (1, "(top level)") and "not a list" in message
+
+
+def test_a_mapping_used_as_a_key_in_an_archive_is_refused(tmp_path):
+    path = write(tmp_path, with_archive_key("{x: 1}: 2"))
+    line, key, message = only_problem(path)
+    assert (line, key) == (6, "archives.arch") and "not a mapping" in message
+
+
+def test_a_complex_key_in_a_rule_is_refused(tmp_path):
+    path = write(tmp_path, GOOD + "    ? [deletable]\n    : false\n")
+    line, key, message = only_problem(path)
+    assert (line, key) == (11, "rules[0]") and "a key must be a single value" in message
+
+
+def test_values_no_constructor_knows_are_refused_not_a_traceback(tmp_path):
+    path = write(tmp_path, GOOD + "    settle: !!python/object:os.system 2\n"
+                 "    deletable: 2024-13-45\n    !custom key: 1\n")
+    result = refused_by_cli("status", path)
+    assert [(line, key) for line, key, _ in result] == [
+        (11, "rules[0].settle"), (12, "rules[0].deletable"), (13, "rules[0]")]
+
+
+def test_a_file_nested_absurdly_deep_is_refused_without_exhausting_the_stack(tmp_path):
+    path = write(tmp_path, GOOD + "x: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    result = run_cli("run", path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"watcher: {path}:11: not valid YAML: nested deeper than")
