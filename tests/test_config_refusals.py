@@ -226,3 +226,79 @@ def test_a_file_nested_absurdly_deep_is_refused_without_exhausting_the_stack(tmp
     result = run_cli("run", path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"watcher: {path}:11: not valid YAML: nested deeper than")
+
+
+# -- 5. NaN and infinity ------------------------------------------------------------
+
+
+def test_nan_and_infinity_where_the_agent_waits_or_deletes_are_refused_by_the_real_command(tmp_path):
+    path = write(tmp_path, with_archive_key("delete_local_after: .nan\n    copy_timeout: .inf")
+                 + "    settle: .nan\nrescan_interval: .NaN\n")
+    assert sorted((line, key) for line, key, _ in refused_by_cli("run", path)) == [
+        (6, "archives.arch.delete_local_after"), (7, "archives.arch.copy_timeout"),
+        (12, "rules[0].settle"), (13, "rescan_interval")]
+
+
+@pytest.mark.parametrize("key", ["delete_local_after", "copy_timeout", "cmd_timeout",
+                                 "max_copy_attempts", "files_per_batch", "ssh_port", "bwlimit"])
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", ".NaN", "+.Inf"])
+def test_nan_or_infinity_for_any_number_of_an_archive_is_refused(tmp_path, key, value):
+    path = write(tmp_path, with_archive_key(f"{key}: {value}"))
+    assert only_problem(path)[:2] == (6, f"archives.arch.{key}")
+
+
+@pytest.mark.parametrize("key", ["settle", "delete_local_after"])
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_nan_or_infinity_for_a_number_of_a_rule_is_refused(tmp_path, key, value):
+    path = write(tmp_path, GOOD + f"    {key}: {value}\n")
+    assert only_problem(path)[:2] == (11, f"rules[0].{key}")
+
+
+@pytest.mark.parametrize("value", ["'nan'", "'inf'", "'NaN'", "'-inf'", "'infinity'", "'1e400'",
+                                   "1.0e+400", "'" + "9" * 400 + "'", "'" + "9" * 400 + "d'",
+                                   "1" + "0" * 400])
+def test_durations_spelled_as_nan_infinity_or_past_any_float_are_refused(tmp_path, value):
+    path = write(tmp_path, GOOD + f"rescan_interval: {value}\n")
+    assert only_problem(path)[:2] == (11, "rescan_interval")
+
+
+# -- 6. absurd values ----------------------------------------------------------------
+
+
+def test_a_rescan_interval_that_would_spin_a_core_is_refused_by_the_real_command(tmp_path):
+    path = write(tmp_path, GOOD + "rescan_interval: 0.001\n")
+    [(line, key, message)] = refused_by_cli("run", path)
+    assert (line, key) == (11, "rescan_interval") and "at least 1 s" in message
+
+
+@pytest.mark.parametrize("value", ["0", "0.5", "'0.999'", "'0.9s'"])
+def test_a_rescan_interval_under_a_second_is_refused(tmp_path, value):
+    path = write(tmp_path, GOOD + f"rescan_interval: {value}\n")
+    assert only_problem(path)[:2] == (11, "rescan_interval")
+
+
+@pytest.mark.parametrize("value, seconds", [("1", 1.0), ("5m", 300.0), ("'36500d'", 36500 * 86400.0)])
+def test_a_rescan_interval_of_a_second_or_more_is_accepted(tmp_path, value, seconds):
+    assert accepted(write(tmp_path, GOOD + f"rescan_interval: {value}\n")).rescan_interval == seconds
+
+
+@pytest.mark.parametrize("key_and_value", [
+    "copy_timeout: 0.5", "cmd_timeout: 0.001", "copy_timeout: 2d", "cmd_timeout: 86401",
+    "delete_local_after: 36501d", "files_per_batch: 1000001", "max_copy_attempts: 100000000000000000000",
+    "bwlimit: '0.0001'", "bwlimit: 511b", "bwlimit: 99999999999t", "bwlimit: 2p",
+])
+def test_absurd_numbers_of_an_archive_are_refused(tmp_path, key_and_value):
+    path = write(tmp_path, with_archive_key(key_and_value))
+    assert only_problem(path)[:2] == (6, f"archives.arch.{key_and_value.split(':')[0]}")
+
+
+@pytest.mark.parametrize("key_and_value, attribute, expected", [
+    ("copy_timeout: 1", "copy_timeout", 1.0), ("cmd_timeout: 1d", "cmd_timeout", 86400.0),
+    ("files_per_batch: 1000000", "files_per_batch", 1_000_000),
+    ("bwlimit: 0", "bwlimit", "0"), ("bwlimit: 512b", "bwlimit", "512b"),
+    ("bwlimit: '0.5'", "bwlimit", "0.5"), ("bwlimit: 1p", "bwlimit", "1p"),
+    ("delete_local_after: 0", "delete_local_after", 0.0),
+])
+def test_the_limits_of_an_archives_numbers_are_accepted(tmp_path, key_and_value, attribute, expected):
+    archive = accepted(write(tmp_path, with_archive_key(key_and_value))).archives["arch"]
+    assert getattr(archive, attribute) == expected

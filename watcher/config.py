@@ -7,6 +7,7 @@ unknown archive 'smurff'``), so that a person can fix them all in one go.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -85,19 +86,28 @@ class Config:
     source: Path | None = None
 
 
+# Python's waits refuse timeouts past about 292 years; retention past 100 is "never".
+MAX_DURATION = 100 * 365 * 86400
+
+
 def parse_duration(value: Any) -> float:
-    """Seconds from ``90``, ``"30m"``, ``"12h"``, ``"7d"``; ValueError otherwise."""
+    """Seconds from ``90``, ``"30m"``, ``"12h"``, ``"7d"``; ValueError otherwise,
+    and for NaN, infinity and anything over 100 years, which nothing can wait for."""
     if isinstance(value, bool):
         raise ValueError(f"expected a duration such as 90, 30m, 12h or 7d, got {value!r}")
     if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError(f"a duration cannot be negative, got {value!r}")
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if m:
-            return float(m.group(1)) * _UNITS[m.group(2)]
-    raise ValueError(f"expected a duration such as 90, 30m, 12h or 7d, got {value!r}")
+        seconds = value
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ValueError(f"expected a duration such as 90, 30m, 12h or 7d, got {value!r}")
+    if isinstance(seconds, float) and not math.isfinite(seconds):
+        raise ValueError(f"expected a finite duration, got {value!r}")
+    if seconds < 0:
+        raise ValueError(f"a duration cannot be negative, got {value!r}")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"expected a duration of at most 100 years, got {value!r}")
+    return float(seconds)
 
 
 # --------------------------------------------------------------------------
@@ -276,27 +286,42 @@ _str = _typed(str, "a string")
 _bool = _typed(bool, "true or false")
 
 
+# SQLite refuses integers past 2**63; beyond a million, neither count changes anything
+# (a batch also ends at 256 MiB, and a million attempts is "forever").
+MAX_COUNT = 1_000_000
+
+
 def _positive_int(value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"expected a whole number of at least 1, got {value!r}")
+    if value > MAX_COUNT:
+        raise ValueError(f"expected at most {MAX_COUNT}, got {value!r}")
     return value
 
 
-def _seconds(value):
-    seconds = parse_duration(value)
-    if seconds <= 0:
-        raise ValueError(f"expected a positive duration, got {value!r}")
-    return seconds
+def _at_least(minimum: float, why: str):
+    def check(value):
+        seconds = parse_duration(value)
+        if seconds < minimum:
+            raise ValueError(f"expected at least {minimum:g} s {why}, got {value!r}")
+        return seconds
+    return check
 
 
 MIN_SETTLE = 0.1
+MIN_RESCAN = 1.0
+_settle = _at_least(MIN_SETTLE, "of quiet before a file counts as complete")
+_rescan = _at_least(MIN_RESCAN, "between rescans (a shorter interval keeps a core busy rescanning)")
+
+# rsync --timeout and ssh's ConnectTimeout count whole seconds, and take at most 2**31 - 1.
+MIN_TIMEOUT, MAX_TIMEOUT = 1.0, 86400.0
 
 
-def _settle(value):
+def _timeout(value):
     seconds = parse_duration(value)
-    if seconds < MIN_SETTLE:
-        raise ValueError(f"expected at least {MIN_SETTLE} s of quiet before a file counts as "
-                         f"complete, got {value!r}")
+    if not MIN_TIMEOUT <= seconds <= MAX_TIMEOUT:
+        raise ValueError(f"expected from 1 s (rsync and ssh count whole seconds) to 1 d "
+                         f"(a transfer stalled for a day is dead), got {value!r}")
     return seconds
 
 
@@ -332,11 +357,19 @@ def _regex(value):
         raise ValueError(f"not a valid regular expression: {exc}") from None
 
 
+_RATE_UNITS = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+
+
 def _bwlimit(value):
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
+    """rsync refuses a rate under 512 bytes/s (0 is no limit), and reads 0.0001
+    as 0; a rate over 1 PiB/s limits nothing."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([bBkKmMgGtTpP]?)", str(value))
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not m:
         raise ValueError(f"expected a rate such as 5000 or 5m, got {value!r}")
-    if not re.fullmatch(r"\d+(\.\d+)?[bBkKmMgGtTpP]?", str(value)):
-        raise ValueError(f"expected a rate such as 5000 or 5m, got {value!r}")
+    rate = float(m.group(1)) * _RATE_UNITS[m.group(2).lower() or "k"]
+    if rate and not 512 <= rate <= 1 << 50:
+        raise ValueError(f"expected no limit (0) or a rate from 512 bytes/s (0.5 or 512b, "
+                         f"rsync's least) to 1 PiB/s, got {value!r}")
     return str(value)
 
 
@@ -469,8 +502,8 @@ def _read_archive(r: _Reader, name: Any, data: Any) -> Archive | None:
         accept_new_host_keys=accept_new,
         delete_local_after=retention,
         max_copy_attempts=r.get(data, "max_copy_attempts", path, _positive_int, 10),
-        copy_timeout=r.get(data, "copy_timeout", path, _seconds, 60.0),
-        cmd_timeout=r.get(data, "cmd_timeout", path, _seconds, 5.0),
+        copy_timeout=r.get(data, "copy_timeout", path, _timeout, 60.0),
+        cmd_timeout=r.get(data, "cmd_timeout", path, _timeout, 5.0),
         files_per_batch=r.get(data, "files_per_batch", path, _positive_int, 5000),
         compression=r.get(data, "compression", path, _bool, False),
         bwlimit=r.get(data, "bwlimit", path, _bwlimit),
@@ -556,7 +589,7 @@ def parse_config(text: str, source: str, base: Path) -> Config:
         file_root=file_root,
         archives=archives,
         rules=tuple(rules),
-        rescan_interval=r.get(data, "rescan_interval", (), _seconds, 300.0),
+        rescan_interval=r.get(data, "rescan_interval", (), _rescan, 300.0),
         source=Path(source),
     )
     if r.problems:
