@@ -228,6 +228,53 @@ def test_a_file_nested_absurdly_deep_is_refused_without_exhausting_the_stack(tmp
     assert result.stderr.startswith(f"watcher: {path}:11: not valid YAML: nested deeper than")
 
 
+# -- 4. remote_basedir ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["run", "status"])
+def test_an_empty_local_remote_basedir_is_refused_by_the_real_command(tmp_path, command):
+    path = write(tmp_path, GOOD.replace("remote_basedir: far", "remote_basedir: ''"))
+    assert refused_by_cli(command, path) == [(5, "archives.arch.remote_basedir",
+                                              "expected a path, got ''")]
+
+
+@pytest.mark.parametrize("basedir", ["''", "/", "//", "///", "/./", "/srv/..", "/srv/../.."])
+def test_an_ssh_remote_basedir_that_is_empty_or_the_far_root_is_refused(tmp_path, basedir):
+    path = write(tmp_path, GOOD.replace("remote_basedir: far",
+                                        f"remote_basedir: {basedir}\n    ssh_host: archive"))
+    line, key, message = only_problem(path)
+    assert (line, key) == (5, "archives.arch.remote_basedir")
+    assert "root directory" in message or "expected a directory" in message
+
+
+def test_an_ssh_remote_basedir_of_the_far_root_is_refused_by_the_real_command(tmp_path):
+    path = write(tmp_path, GOOD.replace("remote_basedir: far", "remote_basedir: /\n    ssh_host: archive"))
+    [(line, key, message)] = refused_by_cli("run", path)
+    assert (line, key) == (5, "archives.arch.remote_basedir") and "root directory" in message
+
+
+@pytest.mark.parametrize("basedir", ["~/far", "'~'", "'~cryo/far'"])
+def test_an_ssh_remote_basedir_starting_with_a_tilde_is_refused_as_rsync_would_not_expand_it(
+        tmp_path, basedir):
+    path = write(tmp_path, GOOD.replace("remote_basedir: far",
+                                        f"remote_basedir: {basedir}\n    ssh_host: archive"))
+    line, key, message = only_problem(path)
+    assert (line, key) == (5, "archives.arch.remote_basedir") and "home" in message
+
+
+@pytest.mark.parametrize("basedir", ["data/far", ".", "far/"])
+def test_a_relative_ssh_remote_basedir_is_accepted_as_relative_to_the_login_home(tmp_path, basedir):
+    path = write(tmp_path, GOOD.replace("remote_basedir: far",
+                                        f"remote_basedir: {basedir}\n    ssh_host: archive"))
+    assert accepted(path).archives["arch"].remote_basedir == basedir
+
+
+@pytest.mark.parametrize("basedir", ['"far\\0x"', "[]", "7"])
+def test_a_remote_basedir_that_is_no_path_is_refused(tmp_path, basedir):
+    path = write(tmp_path, GOOD.replace("remote_basedir: far", f"remote_basedir: {basedir}"))
+    assert only_problem(path)[:2] == (5, "archives.arch.remote_basedir")
+
+
 # -- 5. NaN and infinity ------------------------------------------------------------
 
 
@@ -302,3 +349,59 @@ def test_absurd_numbers_of_an_archive_are_refused(tmp_path, key_and_value):
 def test_the_limits_of_an_archives_numbers_are_accepted(tmp_path, key_and_value, attribute, expected):
     archive = accepted(write(tmp_path, with_archive_key(key_and_value))).archives["arch"]
     assert getattr(archive, attribute) == expected
+
+
+@pytest.mark.parametrize("command", ["run", "status"])
+def test_an_instance_id_that_climbs_out_of_file_root_is_refused_by_the_real_command(tmp_path, command):
+    path = write(tmp_path, GOOD.replace("instance_id: test-instance", "instance_id: ../../etc"))
+    [(line, key, message)] = refused_by_cli(command, path)
+    assert (line, key) == (2, "instance_id") and "'/'" in message
+
+
+@pytest.mark.parametrize("value", ["a/b", "/abs", ".", "..", '"a\\0b"', "''", "x" * 201, "[a]"])
+def test_an_instance_id_that_cannot_name_a_directory_is_refused(tmp_path, value):
+    path = write(tmp_path, GOOD.replace("instance_id: test-instance", f"instance_id: {value}"))
+    assert only_problem(path)[:2] == (2, "instance_id")
+
+
+@pytest.mark.parametrize("value", ["x" * 200, "smurf-sync-srv20", "...", "a b"])
+def test_an_instance_id_of_up_to_200_characters_is_accepted(tmp_path, value):
+    path = write(tmp_path, GOOD.replace("instance_id: test-instance", f"instance_id: '{value}'"))
+    assert accepted(path).instance_id == value
+
+
+@pytest.mark.parametrize("name, keypath", [
+    ("'a/b'", "archives.a/b"), ("'..'", "archives..."), ("'.'", "archives.."),
+    ("'" + "n" * 201 + "'", "archives." + "n" * 201), ('"a\\0b"', "archives.a\0b"),
+])
+def test_an_archive_name_that_cannot_name_a_finalization_file_is_refused(tmp_path, name, keypath):
+    path = write(tmp_path, GOOD.replace("  arch:\n", f"  {name}:\n").replace("archive: arch", "archive: x"))
+    problems = [(line, key) for line, key, _ in problems_of(path)]
+    assert problems == [(4, keypath), (9, "rules[0].archive")]
+
+
+def test_an_archive_name_that_cannot_name_a_finalization_file_is_refused_by_the_real_command(tmp_path):
+    path = write(tmp_path, GOOD.replace("  arch:\n", "  ../arch:\n").replace("archive: arch", "archive: ../arch"))
+    [(line, key, message), (_, rule_key, _)] = refused_by_cli("run", path)
+    assert (line, key) == (4, "archives.../arch") and "finalization" in message
+    assert rule_key == "rules[0].archive"  # the archive refused is unknown to its rule
+
+
+@pytest.mark.parametrize("template", ["{name:>300}", "{name!r}", "{relpath!s:.3}", "{name:{relpath}}",
+                                      "{timecode}/{name:x<9}"])
+def test_a_remote_path_field_with_a_format_spec_or_conversion_is_refused(tmp_path, template):
+    path = write(tmp_path, GOOD.replace("{timecode}/{relpath}", template))
+    line, key, message = only_problem(path)
+    assert (line, key) == (10, "rules[0].remote_path")
+    assert message.endswith("fields take no format spec or conversion")
+
+
+def test_a_remote_path_width_is_refused_by_the_real_command(tmp_path):
+    path = write(tmp_path, GOOD.replace("{timecode}/{relpath}", "{name:>300}"))
+    assert refused_by_cli("run", path) == [
+        (10, "rules[0].remote_path", "{name:>300}: fields take no format spec or conversion")]
+
+
+def test_a_remote_path_with_a_nul_is_refused(tmp_path):
+    path = write(tmp_path, GOOD.replace('"{timecode}/{relpath}"', '"{timecode}\\0{relpath}"'))
+    assert only_problem(path)[:2] == (10, "rules[0].remote_path")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import posixpath
 import re
 import socket
 import string
@@ -270,6 +271,8 @@ class _Reader:
     def path(self, value: Any) -> Path:
         if not isinstance(value, str) or not value:
             raise ValueError(f"expected a path, got {value!r}")
+        if "\0" in value:
+            raise ValueError(f"a path cannot contain a NUL character, got {value!r}")
         p = Path(os.path.expanduser(value))
         return p if p.is_absolute() else (self.base / p)
 
@@ -325,12 +328,52 @@ def _timeout(value):
     return seconds
 
 
+MAX_NAME = 200
+
+
+def _name(value):
+    """A name fit for a directory and part of a file name: the finalization files are
+    ``{file_root}/{tc}/{instance_id}/{now}_{archive}_{timecode}_finalized.yaml``."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a non-empty name, got {value!r}")
+    if "/" in value or "\0" in value or value in (".", ".."):
+        raise ValueError(f"{value!r} cannot name a directory or a file of the finalization "
+                         "files: no '/', NUL, '.' or '..'")
+    if len(value) > MAX_NAME:
+        raise ValueError(f"{len(value)} characters is too long to name a directory or a file "
+                         f"of the finalization files (at most {MAX_NAME})")
+    return value
+
+
+def _local_dir(r: _Reader):
+    def check(value):
+        return str(r.path(_str(value)))
+    return check
+
+
+def _remote_dir(value):
+    """A far directory as ssh and rsync will read it: relative paths are relative
+    to the login's home directory (rsync's operand and the md5 command's ``cd``
+    both start there)."""
+    if not _str(value):
+        raise ValueError(f"expected a directory on the archive host, got {value!r}")
+    if "\0" in value:
+        raise ValueError(f"a path cannot contain a NUL character, got {value!r}")
+    if value.startswith("~"):
+        raise ValueError(f"'~' is not expanded on the archive host (rsync -s takes it literally); "
+                         f"a relative path is already relative to the login's home, got {value!r}")
+    if not posixpath.normpath(value).strip("/"):
+        raise ValueError(f"{value!r} is the archive host's root directory: name a directory "
+                         "of its own for the archive")
+    return value
+
+
 def _ssh_host(value):
     # ssh would read a leading '-' as an option (-oProxyCommand=... runs a command)
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"expected a host name such as user@archive, got {value!r}")
-    if value.startswith("-") or any(c.isspace() for c in value):
-        raise ValueError(f"not a host name: {value!r} (must not start with '-' or contain spaces)")
+    if value.startswith("-") or any(c.isspace() or c == "\0" for c in value):
+        raise ValueError(f"not a host name: {value!r} (must not start with '-' or contain spaces or NUL)")
     return value
 
 
@@ -382,12 +425,17 @@ def _chmod(value):
 def check_template(template: str, fields: set[str]) -> str | None:
     """Return what is wrong with a remote path template, or None."""
     try:
-        names = [name for _lit, name, _spec, _conv in string.Formatter().parse(template)]
+        parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
         return f"not a valid template: {exc}"
-    for name in names:
+    if "\0" in template:
+        return "must not contain a NUL character (rsync's file list is NUL-separated)"
+    for _lit, name, spec, conversion in parsed:
         if name is not None and name not in fields:
             return f"unknown field {{{name}}} (known: {', '.join(sorted(fields))})"
+        if spec or conversion:  # {name:>300} makes names no file system takes
+            field = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            return f"{{{field}}}: fields take no format spec or conversion"
     try:
         sample = template.format(**{name: "x" for name in fields})
     except (ValueError, IndexError, KeyError) as exc:
@@ -464,17 +512,20 @@ def _check_overlaps(r: _Reader, archives: dict[str, Archive], watched: list[tupl
 
 def _read_archive(r: _Reader, name: Any, data: Any) -> Archive | None:
     path = ("archives", name)
-    if not isinstance(name, str) or not name:
-        r.problem(path, "an archive name must be a non-empty string")
+    try:
+        _name(name)
+    except ValueError as exc:
+        r.problem(path, f"archive name: {exc}")
         return None
     if data is not None and not isinstance(data, dict):
         r.problem(path, f"expected a mapping of archive settings, got {type(data).__name__}")
         return None
     data = r.mapping(data, path, _ARCHIVE)
-    ssh_host = r.get(data, "ssh_host", path, _ssh_host)
-    basedir = r.get(data, "remote_basedir", path, _str, required=True)
-    if basedir is not None and ssh_host is None:
-        basedir = str(r.path(basedir))
+    remote = data.get("ssh_host") is not None
+    # A refused host still marks the archive remote: no local check runs on its far path.
+    ssh_host = r.get(data, "ssh_host", path, _ssh_host) or (str(data["ssh_host"]) if remote else None)
+    basedir = r.get(data, "remote_basedir", path, _remote_dir if remote else _local_dir(r),
+                    required=True)
     ssh_key = r.get(data, "ssh_key", path, r.path)
     if ssh_key is not None:
         wrong = _unreadable_file(ssh_key)
@@ -578,13 +629,13 @@ def parse_config(text: str, source: str, base: Path) -> Config:
         rule = _read_rule(r, i, value, archives)
         if rule:
             rules.append(rule)
-            if isinstance(value.get("watch"), str) and value["watch"] and rule.watch.is_dir():
+            if rule.watch.is_absolute() and rule.watch.is_dir():  # not a refused watch's stand-in
                 watched.append((i, rule.watch))
     database = r.get(data, "database", (), r.path, base / "suprsync.db")
     file_root = r.get(data, "file_root", (), r.path, database.parent / "finalization")
     _check_overlaps(r, archives, watched, database, file_root)
     config = Config(
-        instance_id=r.get(data, "instance_id", (), _str) or socket.gethostname(),
+        instance_id=r.get(data, "instance_id", (), _name) or socket.gethostname(),
         database=database,
         file_root=file_root,
         archives=archives,
