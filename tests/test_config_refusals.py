@@ -405,3 +405,102 @@ def test_a_remote_path_width_is_refused_by_the_real_command(tmp_path):
 def test_a_remote_path_with_a_nul_is_refused(tmp_path):
     path = write(tmp_path, GOOD.replace('"{timecode}/{relpath}"', '"{timecode}\\0{relpath}"'))
     assert only_problem(path)[:2] == (10, "rules[0].remote_path")
+
+
+# -- 7. two archives, one destination -------------------------------------------------
+
+
+def two_archives(first: str, second: str) -> str:
+    """A file with archives `one` (lines 3-4) and `two` (lines 5-6...), settings indented."""
+    return f"""\
+archives:
+  one:
+{textwrap.indent(first, "    ")}
+  two:
+{textwrap.indent(second, "    ")}
+rules:
+  - watch: inbox
+    archive: one
+"""
+
+
+@pytest.mark.parametrize("command", ["run", "status"])
+def test_two_local_archives_in_one_directory_are_refused_by_the_real_command(tmp_path, command):
+    path = write(tmp_path, two_archives("remote_basedir: far", "remote_basedir: ./far/"))
+    [(line, key, message)] = refused_by_cli(command, path)
+    assert (line, key) == (5, "archives.two.remote_basedir")
+    assert "is the same directory as archives.one.remote_basedir" in message and "line 3" in message
+
+
+@pytest.mark.parametrize("second, how", [
+    ("remote_basedir: far/sub", "is inside"),
+    ("remote_basedir: .", "contains"),
+    ("remote_basedir: link", "is the same directory as"),
+    ("remote_basedir: link/deeper", "is inside"),
+])
+def test_two_local_archives_whose_real_directories_nest_are_refused(tmp_path, second, how):
+    (tmp_path / "far").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "far")
+    path = write(tmp_path, two_archives("remote_basedir: far", second))
+    problems = [(line, key, message) for line, key, message in problems_of(path)
+                if "archives.one" in message]
+    [(line, _, message)] = problems
+    assert line == 5 and f"{how} archives.one.remote_basedir ('{tmp_path / 'far'}', line 3)" in message
+
+
+@pytest.mark.parametrize("first, second, how", [
+    ("ssh_host: archive\nremote_basedir: /data", "ssh_host: archive\nremote_basedir: /data/",
+     "is the same directory as"),
+    ("ssh_host: archive\nremote_basedir: /data", "ssh_host: archive\nssh_port: 22\nremote_basedir: //data/./x",
+     "is inside"),
+    ("ssh_host: cryo@archive\nremote_basedir: /data/x", "ssh_host: cryo@Archive\nremote_basedir: /data",
+     "contains"),
+    ("ssh_host: alice@archive\nremote_basedir: /data", "ssh_host: bob@archive\nremote_basedir: /data",
+     "is the same directory as"),
+    ("ssh_host: archive\nssh_port: 2222\nremote_basedir: far", "ssh_host: archive\nssh_port: 2222\nremote_basedir: ./far/y",
+     "is inside"),
+])
+def test_two_ssh_archives_with_the_same_or_nested_directory_on_one_host_are_refused(
+        tmp_path, first, second, how):
+    path = write(tmp_path, two_archives(first, second))
+    line, key, message = only_problem(path)
+    lines = path.read_text().splitlines()
+    second_line = lines.index("  two:") + 1 + [s.strip().startswith("remote_basedir")
+                                               for s in lines[lines.index("  two:"):]].index(True)
+    assert (line, key) == (second_line, "archives.two.remote_basedir")
+    assert f"{how} archives.one.remote_basedir" in message and "overwrite" in message
+
+
+def test_two_ssh_archives_sharing_a_directory_are_refused_by_the_real_command(tmp_path):
+    path = write(tmp_path, two_archives("ssh_host: cryo@archive\nremote_basedir: /data/smurf",
+                                        "ssh_host: cryo@archive\nssh_port: 22\nremote_basedir: /data/smurf"))
+    [(line, key, message)] = refused_by_cli("run", path)
+    assert (line, key) == (8, "archives.two.remote_basedir")
+    assert "archives.one.remote_basedir ('/data/smurf', line 4)" in message
+
+
+@pytest.mark.parametrize("first, second", [
+    ("ssh_host: archive\nremote_basedir: /data", "ssh_host: other\nremote_basedir: /data"),
+    ("ssh_host: archive\nremote_basedir: /data", "ssh_host: archive\nssh_port: 2222\nremote_basedir: /data"),
+    ("ssh_host: archive\nremote_basedir: /data/a", "ssh_host: archive\nremote_basedir: /data/ab"),
+    ("ssh_host: alice@archive\nremote_basedir: far", "ssh_host: bob@archive\nremote_basedir: far"),
+    ("remote_basedir: far", "remote_basedir: far2"),
+])
+def test_archives_on_different_hosts_ports_logins_or_sibling_directories_are_accepted(
+        tmp_path, first, second):
+    assert set(accepted(write(tmp_path, two_archives(first, second))).archives) == {"one", "two"}
+
+
+def test_a_local_and_an_ssh_archive_are_never_compared(tmp_path):
+    path = write(tmp_path, two_archives("remote_basedir: far",
+                                        f"ssh_host: localhost\nremote_basedir: {tmp_path / 'far'}"))
+    assert set(accepted(path).archives) == {"one", "two"}
+
+
+def test_a_third_archive_sharing_both_earlier_directories_is_refused_once_for_each(tmp_path):
+    path = write(tmp_path, two_archives("remote_basedir: far/a", "remote_basedir: far/b")
+                 .replace("rules:", "  three:\n    remote_basedir: far\nrules:"))
+    problems = problems_of(path)
+    assert [(line, key) for line, key, _ in problems] == [
+        (7, "archives.three.remote_basedir"), (7, "archives.three.remote_basedir")]
+    assert "archives.one" in problems[0][2] and "archives.two" in problems[1][2]

@@ -14,7 +14,7 @@ import re
 import socket
 import string
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -510,6 +510,48 @@ def _check_overlaps(r: _Reader, archives: dict[str, Archive], watched: list[tupl
                 r.problem((key,), f"{str(where)!r} is inside {rule_name(i, watch)}: {what}")
 
 
+def _destination(archive: Archive) -> tuple[tuple, PurePosixPath]:
+    """Where an archive's files land: (host, directory). An absolute far path is
+    the same directory whoever logs in; a relative one is below the login's home."""
+    if not archive.is_remote:
+        return ("local",), PurePosixPath(os.path.realpath(archive.remote_basedir))
+    user, _, host = archive.ssh_host.rpartition("@")
+    where = (host.lower(), archive.ssh_port or 22)
+    far = posixpath.normpath(archive.remote_basedir)
+    if far.startswith("/"):
+        return where, PurePosixPath("/" + far.lstrip("/"))  # POSIX keeps a leading '//'
+    return where + (user,), PurePosixPath(far)
+
+
+def _check_shared_destinations(r: _Reader, archives: dict[str, Archive]) -> None:
+    """Refuse an archive whose directory is, holds or lies in an earlier archive's
+    on the same host: files of one would overwrite the other's. Hosts are compared
+    as written (and ports, 22 when absent); local and ssh archives never."""
+    seen: list[tuple[str, Archive, tuple, PurePosixPath]] = []
+    for name, archive in archives.items():
+        if not archive.remote_basedir:
+            continue
+        where, far = _destination(archive)
+        for first, other, other_where, other_far in seen:
+            if where != other_where:
+                continue
+            if far == other_far:
+                how = "is the same directory as"
+            elif far.is_relative_to(other_far):
+                how = "is inside"
+            elif other_far.is_relative_to(far):
+                how = "contains"
+            else:
+                continue
+            line = r.lines.get(("archives", first, "remote_basedir"))
+            on = f" on {archive.ssh_host} port {where[1]}" if archive.is_remote else ""
+            r.problem(("archives", name, "remote_basedir"),
+                      f"{archive.remote_basedir!r}{on} {how} archives.{first}.remote_basedir "
+                      f"({other.remote_basedir!r}{f', line {line}' if line else ''}): "
+                      "files of one archive would overwrite the other's")
+        seen.append((name, archive, where, far))
+
+
 def _read_archive(r: _Reader, name: Any, data: Any) -> Archive | None:
     path = ("archives", name)
     try:
@@ -634,6 +676,7 @@ def parse_config(text: str, source: str, base: Path) -> Config:
     database = r.get(data, "database", (), r.path, base / "suprsync.db")
     file_root = r.get(data, "file_root", (), r.path, database.parent / "finalization")
     _check_overlaps(r, archives, watched, database, file_root)
+    _check_shared_destinations(r, archives)
     config = Config(
         instance_id=r.get(data, "instance_id", (), _name) or socket.gethostname(),
         database=database,
