@@ -1,0 +1,328 @@
+"""Nothing outside a watched tree is ever read, shipped or deleted: a path is
+registered, hashed, shipped and deleted only if no component below the watch
+root is a symlink (DESIGN.md, promise 7; issue 8).
+
+Real agents on real files: symlinks made with os.symlink (as ``ln -s``) while
+the agent runs, before it starts, over ssh, in a polled tree; data moved away
+and replaced by a link; a registered file swapped for a link before it could
+be shipped. What is checked: the catalog, the far files, the outside files,
+and ``watcher status --json`` run as a real command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.agent_process import watcher_command
+from tests.test_ssh_support import ssh_archive_options
+from tests.waiting import wait_until
+
+
+# -- helpers ------------------------------------------------------------------------
+
+def status(setup) -> dict:
+    """``watcher status --json --config <rules>``, run as a real command."""
+    done = subprocess.run(watcher_command("status", "--json", "--config", str(setup.write())),
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def symlink_problems(setup, archive: str = "arch") -> int:
+    return status(setup)[archive].get("problems", {}).get("symlinks", 0)
+
+
+def far_contents(far: Path) -> dict[str, bytes]:
+    """Every regular file under a far directory (links not followed), by relative path."""
+    found = {}
+    for dirpath, _dirs, files in os.walk(far):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                found[os.path.relpath(path, far)] = Path(path).read_bytes()
+    return found
+
+
+def assert_nowhere_in(far: Path, secret: bytes) -> None:
+    holders = [name for name, data in far_contents(far).items() if secret in data]
+    assert not holders, f"the outside secret was shipped as {holders}"
+
+
+def make_secret(directory: Path, name: str = "secret.txt") -> tuple[Path, bytes]:
+    directory.mkdir(parents=True, exist_ok=True)
+    data = f"SECRET-{uuid.uuid4().hex}\n".encode()
+    path = directory / name
+    path.write_bytes(data)
+    return path, data
+
+
+def verified(catalog, path) -> bool:
+    rows = catalog.rows_for_path(str(path))
+    return len(rows) == 1 and rows[0].verified
+
+
+def rows_under(catalog, archive: str, directory: Path) -> list[str]:
+    prefix = str(directory).rstrip("/") + "/"
+    return [r.local_path for r in catalog.known_files(archive, 0)
+            if r.local_path == str(directory) or r.local_path.startswith(prefix)]
+
+
+def ship_a_control_file(setup, catalog, inbox: Path, name: str = "control.dat") -> Path:
+    """A plain file written after the link: once it is shipped and deleted, the
+    agent has handled the link's events, and its retention has run."""
+    control = inbox / name
+    control.write_bytes(os.urandom(64))
+    wait_until(lambda: catalog.rows_for_path(str(control))
+               and (catalog.rows_for_path(str(control))[0].removed or 0) > 0,
+               timeout=15, message=f"{name} shipped, verified and deleted by retention")
+    assert not control.exists()
+    return control
+
+
+# -- a link created in the tree ----------------------------------------------------------
+
+def test_a_link_to_an_outside_file_made_while_the_agent_runs_is_reported_and_never_shipped(
+        setup, start_agent, tmp_path):
+    far = setup.archive(delete_local_after=0.5)
+    inbox = setup.rule()
+    secret, data = make_secret(tmp_path / "outside")
+    start_agent(setup)
+    catalog = setup.catalog()
+    os.symlink(secret, inbox / "x")
+    wait_until(lambda: symlink_problems(setup) == 1, timeout=15,
+               message="status to count the symlink")
+    ship_a_control_file(setup, catalog, inbox)
+    assert catalog.rows_for_path(str(inbox / "x")) == []
+    assert_nowhere_in(far, data)
+    assert secret.read_bytes() == data
+    assert (inbox / "x").is_symlink()
+    assert symlink_problems(setup) == 1
+
+
+def test_a_link_to_an_outside_directory_exposes_none_of_its_files(setup, start_agent, tmp_path):
+    far = setup.archive(delete_local_after=0.5)
+    inbox = setup.rule()
+    outside = tmp_path / "outside" / "dir"
+    secret, data = make_secret(outside)
+    (outside / "deeper").mkdir()
+    other, other_data = make_secret(outside / "deeper", "other.txt")
+    start_agent(setup)
+    catalog = setup.catalog()
+    os.symlink(outside, inbox / "d")
+    # A file written into the linked directory afterwards appears at inbox/d/late.txt too.
+    late, late_data = make_secret(outside, "late.txt")
+    wait_until(lambda: symlink_problems(setup) >= 1, timeout=15,
+               message="status to count the symlink")
+    ship_a_control_file(setup, catalog, inbox)
+    assert rows_under(catalog, "arch", inbox / "d") == []
+    assert rows_under(catalog, "arch", outside) == []
+    for d in (data, other_data, late_data):
+        assert_nowhere_in(far, d)
+    assert secret.read_bytes() == data and other.read_bytes() == other_data
+    assert late.read_bytes() == late_data
+
+
+def test_a_link_present_before_the_agent_starts_is_reported_by_the_start_up_scan(
+        setup, start_agent, tmp_path):
+    far = setup.archive(delete_local_after=0.5)
+    inbox = setup.rule()
+    secret, data = make_secret(tmp_path / "outside")
+    (inbox / "sub").mkdir()
+    os.symlink(secret, inbox / "sub" / "x")
+    os.symlink(secret.parent, inbox / "d")
+    start_agent(setup)
+    catalog = setup.catalog()
+    ship_a_control_file(setup, catalog, inbox)
+    assert catalog.rows_for_path(str(inbox / "sub" / "x")) == []
+    assert rows_under(catalog, "arch", inbox / "d") == []
+    assert_nowhere_in(far, data)
+    assert secret.read_bytes() == data
+    wait_until(lambda: symlink_problems(setup) == 2, timeout=10,
+               message="status to count both symlinks the start-up scan met")
+
+
+def test_a_relative_link_climbing_out_of_the_tree_is_never_followed(setup, start_agent, tmp_path):
+    far = setup.archive(delete_local_after=0.5)
+    inbox = setup.rule()
+    secret, data = make_secret(tmp_path / "outside")  # tmp/outside/secret.txt
+    (inbox / "sub").mkdir()
+    start_agent(setup)
+    catalog = setup.catalog()
+    os.symlink("../../outside/secret.txt", inbox / "sub" / "x")  # from tmp/inbox/sub
+    assert (inbox / "sub" / "x").read_bytes() == data  # it does lead out
+    wait_until(lambda: symlink_problems(setup) == 1, timeout=15,
+               message="status to count the symlink")
+    ship_a_control_file(setup, catalog, inbox / "sub")
+    assert catalog.rows_for_path(str(inbox / "sub" / "x")) == []
+    assert_nowhere_in(far, data)
+    assert secret.read_bytes() == data
+
+
+def test_a_link_loop_in_the_tree_registers_each_real_file_once(setup, start_agent):
+    far = setup.archive()
+    inbox = setup.rule()
+    (inbox / "sub").mkdir()
+    start_agent(setup)
+    catalog = setup.catalog()
+    os.symlink("..", inbox / "sub" / "up")
+    real = inbox / "sub" / "real.dat"
+    real.write_bytes(b"real")
+    wait_until(lambda: verified(catalog, real), timeout=15)
+    wait_until(lambda: symlink_problems(setup) == 1, timeout=15,
+               message="status to count the looping symlink")
+    later = inbox / "later.dat"
+    later.write_bytes(b"later")
+    wait_until(lambda: verified(catalog, later), timeout=15)
+    paths = [r.local_path for r in catalog.known_files("arch", 0)]
+    assert sorted(paths) == sorted([str(later), str(real)])
+    assert sorted(far_contents(far)) == ["later.dat", "sub/real.dat"]
+
+
+def test_a_link_to_an_outside_file_is_never_shipped_over_ssh(sshd, remote_dir, setup, start_agent,
+                                                             tmp_path):
+    base = remote_dir / "archive base"
+    setup.archive("arch", **ssh_archive_options(sshd, base, delete_local_after=0.5))
+    inbox = setup.rule()
+    secret, data = make_secret(tmp_path / "outside")
+    start_agent(setup)
+    catalog = setup.catalog()
+    os.symlink(secret, inbox / "x")
+    (inbox / "sub").mkdir()
+    os.symlink("../../outside/secret.txt", inbox / "sub" / "y")
+    wait_until(lambda: symlink_problems(setup) == 2, timeout=15,
+               message="status to count both symlinks")
+    ship_a_control_file(setup, catalog, inbox)
+    assert catalog.rows_for_path(str(inbox / "x")) == []
+    assert catalog.rows_for_path(str(inbox / "sub" / "y")) == []
+    assert "control.dat" in far_contents(base)
+    assert_nowhere_in(base, data)
+    assert secret.read_bytes() == data
+
+
+def test_a_polled_tree_never_enters_a_link_to_an_outside_directory(setup, start_agent, tmp_path):
+    far = setup.archive(delete_local_after=0.5)
+    inbox = setup.rule(poll=True)
+    outside = tmp_path / "outside" / "dir"
+    secret, data = make_secret(outside)
+    start_agent(setup)
+    catalog = setup.catalog()
+    os.symlink(outside, inbox / "d")
+    (inbox / "sub").mkdir()
+    os.symlink("..", inbox / "sub" / "up")
+    wait_until(lambda: symlink_problems(setup) == 2, timeout=15,
+               message="status to count both symlinks of the polled tree")
+    ship_a_control_file(setup, catalog, inbox)
+    assert rows_under(catalog, "arch", inbox / "d") == []
+    assert [p for p in (r.local_path for r in catalog.known_files("arch", 0)) if "/up/" in p] == []
+    assert_nowhere_in(far, data)
+    assert secret.read_bytes() == data
+
+
+# -- data moved away and replaced by a link -------------------------------------------------
+
+def test_a_verified_directory_moved_away_and_replaced_by_a_link_is_not_deleted_through_it(
+        setup, start_agent, tmp_path):
+    far = setup.archive(delete_local_after=0.5)
+    inbox = setup.rule()
+    # Housekeeping (and so retention) only when the test says: the file must be
+    # verified, and still here, when its directory is swapped for a link.
+    agent = start_agent(setup, housekeeping_interval=3600)
+    catalog = setup.catalog()
+    (inbox / "d").mkdir()
+    f = inbox / "d" / "f.dat"
+    f.write_bytes(b"precious data")
+    control = inbox / "control.dat"
+    control.write_bytes(b"control")
+    wait_until(lambda: verified(catalog, f) and verified(catalog, control), timeout=15)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.rename(inbox / "d", elsewhere / "d")
+    os.symlink(elsewhere / "d", inbox / "d")
+    # Rounds of retention until the plain file of the same age is deleted, and some more.
+    wait_until(lambda: agent.housekeep_once() or not control.exists(), timeout=10,
+               message="retention to delete the plain control file")
+    for _ in range(3):
+        agent.housekeep_once()
+    assert (elsewhere / "d" / "f.dat").read_bytes() == b"precious data"
+    [row] = catalog.rows_for_path(str(f))
+    assert row.removed is None
+    assert (far / "d" / "f.dat").read_bytes() == b"precious data"
+    wait_until(lambda: symlink_problems(setup) >= 1, timeout=10,
+               message="status to show the symlink in the way")
+
+
+def test_a_verified_file_replaced_by_a_link_to_its_copy_elsewhere_is_not_deleted_through_it(
+        setup, start_agent, tmp_path):
+    far = setup.archive(delete_local_after=0.5)
+    inbox = setup.rule()
+    agent = start_agent(setup, housekeeping_interval=3600)
+    catalog = setup.catalog()
+    f = inbox / "f.dat"
+    f.write_bytes(b"precious data")
+    control = inbox / "control.dat"
+    control.write_bytes(b"control")
+    wait_until(lambda: verified(catalog, f) and verified(catalog, control), timeout=15)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.rename(f, elsewhere / "f.dat")
+    os.symlink(elsewhere / "f.dat", f)
+    # Rounds of retention until the plain file of the same age is deleted, and some more.
+    wait_until(lambda: agent.housekeep_once() or not control.exists(), timeout=10,
+               message="retention to delete the plain control file")
+    for _ in range(3):
+        agent.housekeep_once()
+    assert (elsewhere / "f.dat").read_bytes() == b"precious data"
+    assert f.is_symlink()
+    [row] = catalog.rows_for_path(str(f))
+    assert row.removed is None
+    assert (far / "f.dat").read_bytes() == b"precious data"
+    wait_until(lambda: symlink_problems(setup) >= 1, timeout=10,
+               message="status to show the symlink in the way")
+
+
+# -- a registered file swapped for a link before it is shipped -----------------------------
+
+def test_a_registered_file_swapped_for_a_link_before_it_ships_never_sends_the_link_target(
+        setup, start_agent, tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a regular file where the archive's parent directory should be")
+    far = setup.archive(remote_basedir=str(blocker / "far"), max_copy_attempts=30)
+    inbox = setup.rule()
+    secret, data = make_secret(tmp_path / "outside")
+    start_agent(setup)
+    catalog = setup.catalog()
+    victim, companion = inbox / "victim.dat", inbox / "companion.dat"
+    victim.write_bytes(b"victim's own data")
+    companion.write_bytes(b"companion's data")
+
+    def tried() -> bool:
+        rows = catalog.rows_for_path(str(victim))
+        return bool(rows) and ((rows[0].failed_copy_attempts or 0) > 0 or status(setup)["arch"]["degraded"])
+
+    wait_until(tried, timeout=15, message="a failed attempt to ship the victim")
+    link = inbox / ".victim.link"  # excluded name, renamed over the file at once
+    os.symlink(secret, link)
+    os.rename(link, victim)
+    attempts_before = catalog.rows_for_path(str(victim))[0].failed_copy_attempts or 0
+    blocker.unlink()
+    wait_until(lambda: verified(catalog, companion), timeout=20,
+               message="the companion shipped once the archive works")
+
+    def victim_tried_again_and_never_verified():
+        [row] = catalog.rows_for_path(str(victim))
+        assert not row.verified, "the link was shipped and verified"
+        return (row.failed_copy_attempts or 0) >= attempts_before + 2
+
+    # Attempts once the archive works refuse the link (and are charged).
+    wait_until(victim_tried_again_and_never_verified, timeout=15,
+               message="two more attempts at the victim")
+    wait_until(lambda: symlink_problems(setup) >= 1, timeout=10, message="status to count the link")
+    assert not os.path.lexists(far / "victim.dat")
+    assert_nowhere_in(far, data)
+    assert secret.read_bytes() == data
