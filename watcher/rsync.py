@@ -32,7 +32,7 @@ from watcher.config import Archive
 from watcher.db import md5_of_fd
 from watcher.faults import checkpoint
 from watcher.rules import remote_path_problem
-from watcher.safefs import Beneath, root_of
+from watcher.safefs import Beneath, open_in, root_of, split_beneath
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +349,9 @@ class _Listing:
         self._tree: str | None = None
         self._made: set[str] = set()
         self._taken: set[str] = set()
-        self._dirs: dict[str, Beneath] = {}
+        self._dirs: dict[str, Beneath] = {}  # per root
+        self._parent_fds: dict[str, int] = {}  # per local directory (owned by _dirs)
+        self._top = ""
         self.fds: list[int] = []
 
     def __enter__(self) -> "_Listing":
@@ -367,7 +369,7 @@ class _Listing:
         """rsync's source directory and its NUL-separated ``--files-from`` list."""
         # A line starting with "#" or ";" would be a comment to rsync; "./"
         # keeps it a name (--no-implied-dirs: "." itself is not sent).
-        return os.path.join(self._tree, "t") + "/", b"".join(
+        return self._top + "/", b"".join(
             (b"./" if rel.startswith(("#", ";")) else b"") + os.fsencode(rel) + b"\0"
             for rel in self._remotes)
 
@@ -376,8 +378,7 @@ class _Listing:
 
         A remote path that could leave the base directory is refused, for
         the caller to charge, and so is a file that cannot be opened (gone:
-        ``batch_results`` tells), is no regular file, or lies below a
-        symlink, and a remote path that clashes with another of the batch
+        ``batch_results`` tells) or lies below a symlink, and a remote path that clashes with another of the batch
         (``a`` beside ``a/b``: a row some other writer inserted). Files past
         ``max_files`` (descriptors) wait for a later batch.
         """
@@ -402,28 +403,32 @@ class _Listing:
             sent.append(item)
         return sent, refused
 
-    def _open(self, path: str) -> int:
-        root = root_of(path, self._roots)
-        tree = self._dirs.get(root) or self._dirs.setdefault(root, Beneath(root))
-        fd = tree.open(path)
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ValueError("not a regular file")
-        except BaseException:
-            os.close(fd)
-            raise
+    def _dir_fd(self, parent: str) -> int:
+        """A descriptor of a local directory, reached from its root without
+        following links (once per directory and batch)."""
+        fd = self._parent_fds.get(parent)
+        if fd is None:
+            root = root_of(parent + "/", self._roots)
+            tree = self._dirs.get(root) or self._dirs.setdefault(root, Beneath(root))
+            fd = self._parent_fds[parent] = tree.dir_fd(split_beneath(parent + "/x", root)[0])
         return fd
 
     def _add(self, item: Item) -> None:
+        # A name that is no regular file (a fifo, a directory put in its
+        # place) is opened without blocking; rsync then skips it and the md5
+        # check charges it.
         if self._tree is None:
             self._tree = tempfile.mkdtemp(prefix=f"{BATCH_TREE_PREFIX}{os.getpid()}-", dir=_scratch_dir())
-        link = os.path.join(self._tree, "t", item.remote_path)
-        parent = os.path.dirname(link)
-        if parent not in self._made:  # a batch shares few directories: make each once
-            os.makedirs(parent, exist_ok=True)
-            self._made.add(parent)
-        fd = self._open(item.local_path)
+            self._top = self._tree + "/t"
+        local = item.local_path
+        parent, _, name = local.rpartition("/")
+        fd = open_in(self._dir_fd(parent), name, local)
         try:
+            link = f"{self._top}/{item.remote_path}"
+            link_dir = link.rpartition("/")[0]
+            if link_dir not in self._made:  # a batch shares few directories: make each once
+                os.makedirs(link_dir, exist_ok=True)
+                self._made.add(link_dir)
             os.symlink(f"/proc/self/fd/{fd}", link)
         except BaseException:
             os.close(fd)

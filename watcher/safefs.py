@@ -115,13 +115,7 @@ class Beneath:
         """A read-only descriptor of a file below the root, opened without
         following any link; SymlinkInPath when one is in the way."""
         parent, name = split_beneath(path, self.root)
-        at = self.dir_fd(parent)
-        try:
-            return os.open(name, _FILE_FLAGS, dir_fd=at)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP and _is_link(name, at):
-                raise SymlinkInPath(path) from None
-            raise
+        return open_in(self.dir_fd(parent), name, path)
 
     def lstat(self, path: str) -> os.stat_result:
         """The stat of the entry itself (a symlink is a symlink)."""
@@ -138,6 +132,17 @@ class Beneath:
             return False
         os.unlink(name, dir_fd=at)
         return True
+
+
+def open_in(dir_fd: int, name: str, path: str) -> int:
+    """A read-only descriptor of ``name`` in a directory, the name itself
+    not followed (``path``, its full path, names it in errors)."""
+    try:
+        return os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and _is_link(name, dir_fd):
+            raise SymlinkInPath(path) from None
+        raise
 
 
 def _is_link(name: str, dir_fd: int) -> bool:
