@@ -11,6 +11,11 @@ thread, over its own session of the shared ssh connection), the next batch,
 which leaves out the rows in flight and their remote paths, is laid out and
 copied; results are recorded in order. In trouble it goes one batch at a
 time. step() ships and records one batch, start to end.
+
+A file whose far copy did not match waits before its next attempt, twice
+as long after each (MISMATCH_WAIT up to MISMATCH_WAIT_MAX), while the
+other files keep shipping: whatever spoils its copy (a far directory in
+its place, a disk going bad) gets time to change before the attempts run out.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ IDLE_WAIT = 2.0  # seconds between looks for rows that other processes added
 # the cap, with the files after it: they tell a failing archive (nothing
 # arrives: back off, nothing charged) from a failing file (the others arrive).
 BATCH_BYTES = 256 << 20
+MISMATCH_WAIT = 1.0  # seconds before a file whose far copy did not match is tried again; doubles each time
+MISMATCH_WAIT_MAX = 300.0
 
 
 def _stat_size(path: str) -> int | None:
@@ -65,7 +72,8 @@ class _InFlight:
 class TransferWorker:
     def __init__(self, catalog: Catalog, archive: Archive, destination: Destination,
                  stop: threading.Event, health: Health | None = None,
-                 sleep: Callable[[float], object] | None = None, max_backoff: float = 60.0):
+                 sleep: Callable[[float], object] | None = None, max_backoff: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.catalog = catalog
         self.archive = archive
         self.destination = destination
@@ -79,6 +87,8 @@ class TransferWorker:
         self._uncap_next = False  # the next batch ignores BATCH_BYTES (see there)
         self._in_flight: _InFlight | None = None  # run()'s batch being checked
         self._checker: ThreadPoolExecutor | None = None
+        self._clock = clock
+        self._held: dict[int, tuple[float, int]] = {}  # row id -> (not before, far mismatches so far)
 
     def _before_sleep(self, state) -> None:
         error = state.outcome.exception()
@@ -105,14 +115,15 @@ class TransferWorker:
     def _fetch(self, in_flight: _InFlight | None = None) -> tuple[list[Item], bool]:
         """The next batch: the oldest pending rows, less those in flight and
         any row for a remote path in flight (it waits, so that no copy
-        overwrites a far file while that file is being hashed), up to
-        ``files_per_batch`` files or BATCH_BYTES bytes; and whether the
-        byte cap ended it."""
+        overwrites a far file while that file is being hashed) and rows
+        waiting after a far mismatch, up to ``files_per_batch`` files or
+        BATCH_BYTES bytes; and whether the byte cap ended it."""
         a = self.archive
-        skip_ids: set[int] = set()
+        now = self._clock()
+        skip_ids = {i for i, (until, _) in self._held.items() if until > now}
         skip_paths: set[str] = set()
         if in_flight is not None:
-            skip_ids = {i.id for i in in_flight.items}
+            skip_ids.update(i.id for i in in_flight.items)
             skip_paths = {i.remote_path for i in in_flight.items}
         rows = with_database_retry(
             lambda: self.catalog.pending_rows(a.name, self._batch_size + len(skip_ids),
@@ -223,12 +234,31 @@ class TransferWorker:
             for item in missing:
                 log.warning("%s disappeared before it was shipped; marked removed", item.local_path)
         log.info("%s: %d verified, %d not verified, %d missing", a.name, verified, failed, len(missing))
-        if failed:
-            for item in items:
-                sent, found = results.get(item.id, (None, None))
-                if item.id in results and found != sent:
-                    log.warning("%s -> %s:%s not verified (local md5 %s, far md5 %s)",
-                                item.local_path, a.name, item.remote_path, sent, found)
+        for item in missing:
+            self._held.pop(item.id, None)
+        for item in items:
+            if item.id not in results:
+                continue
+            sent, found = results[item.id]
+            if found == sent:
+                self._held.pop(item.id, None)
+                continue
+            wait = self._hold(item.id)
+            log.warning("%s -> %s:%s not verified (local md5 %s, far md5 %s); next attempt in %.0f s",
+                        item.local_path, a.name, item.remote_path, sent, found, wait)
+
+    def _hold(self, row_id: int) -> float:
+        """Keep a row whose far copy did not match out of batches for a while; returns how long."""
+        mismatches = self._held.get(row_id, (0.0, 0))[1] + 1
+        wait = min(MISMATCH_WAIT_MAX, MISMATCH_WAIT * 2 ** (mismatches - 1))
+        self._held[row_id] = (self._clock() + wait, mismatches)
+        return wait
+
+    def _idle_wait(self) -> float:
+        """How long to wait for work: until a held row may go again, at most IDLE_WAIT."""
+        now = self._clock()
+        due = [until - now for until, _ in self._held.values() if until > now]
+        return min([IDLE_WAIT, *due])
 
     def _archive_trouble(self, count: int, what: str) -> None:
         """Not one file of a batch arrived: blame the archive (a full disk, an
@@ -265,4 +295,4 @@ class TransferWorker:
                 self.stop.wait(5)
                 continue
             if not worked:
-                self.wake.wait(IDLE_WAIT)
+                self.wake.wait(self._idle_wait())
