@@ -68,13 +68,15 @@ class Health:
             self._state["database"] = {"locked": locked, "last_error": error, "since": since}
             self._write()
 
-    def problem(self, archives, kind: str, subject: str, message: str) -> None:
+    def problem(self, archives, kind: str, subject: str, message: str,
+                level: int = logging.WARNING) -> None:
         """A condition that degrades service without stopping it (a symlink not
         shipped, an unreadable directory, a lost watch): one WARNING the first
         time a subject shows it, and a count per archive for `watcher status`.
 
         ``kind`` is a short plural noun (``symlinks``); ``message`` says what
-        is wrong and what to do. ``archives`` is one name or several.
+        is wrong and what to do. ``archives`` is one name or several; ``level``
+        is the log line's (ERROR for one that stops deletions).
         """
         archives = [archives] if isinstance(archives, str) else list(archives)
         new = False
@@ -91,7 +93,7 @@ class Health:
             if new:
                 self._write()
         if new:
-            log.warning("%s", message)
+            log.log(level, "%s", message)
 
     def solved(self, archives, kind: str, subject: str) -> None:
         """A subject no longer shows the problem (the watch came back, the link went)."""
@@ -113,9 +115,12 @@ class Health:
                 self._write()
 
     def close(self) -> None:
+        """Remove the file, unless it is no longer ours (the state directory was
+        removed and another agent started there)."""
         try:
-            self.path.unlink()
-        except OSError:
+            if json.loads(self.path.read_text()).get("pid") == os.getpid():
+                self.path.unlink()
+        except (OSError, ValueError, AttributeError):
             pass
 
 
@@ -129,6 +134,15 @@ def read_health(database: str | os.PathLike) -> dict | None:
     return state
 
 
+def catalog_error(exc: BaseException) -> str:
+    """What went wrong with the catalog, in words: the error a failed commit
+    raised, not the "cannot rollback - no transaction is active" that peewee's
+    rollback raises over it (SQLite already rolled back)."""
+    while "no transaction is active" in str(exc) and exc.__context__ is not None:
+        exc = exc.__context__
+    return str(exc)
+
+
 def with_database_retry(work: Callable[[], T], health: Health | None, stop: threading.Event,
                         sleep: Callable[[float], object] | None = None) -> T:
     """Run catalog work, waiting out a lock held longer than the busy timeout."""
@@ -136,7 +150,7 @@ def with_database_retry(work: Callable[[], T], health: Health | None, stop: thre
     def before_sleep(state) -> None:
         # A lock is waited out; so is any other catalog error (a full disk, an
         # I/O error), named for what it is: the agent must outlive both.
-        error = str(state.outcome.exception())
+        error = catalog_error(state.outcome.exception())
         locked = "locked" in error or "busy" in error
         log.warning("catalog %s (%s); retrying in %.0f s", "busy" if locked else "unavailable",
                     error, state.upcoming_sleep)
