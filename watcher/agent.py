@@ -17,8 +17,10 @@ import fcntl
 import logging
 import os
 import queue
+import re
 import signal
 import socket
+import stat
 import threading
 import time
 import warnings
@@ -26,7 +28,7 @@ import warnings
 from pathlib import Path
 
 from watchdog.observers import Observer
-from watchdog.observers.polling import PollingObserver
+from watchdog.observers.polling import PollingObserverVFS
 
 try:  # Linux: report a move from outside the tree as a move, not a bare creation
     from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver
@@ -51,7 +53,7 @@ else:
 
 from watcher.config import Config
 from watcher.db import Catalog
-from watcher.handlers import SettleTracker, WatchHandler, scan
+from watcher.handlers import SettleTracker, WatchHandler, polling_listdir, scan
 from watcher.health import Health, with_database_retry
 from watcher.registrar import Registrar
 from watcher.retention import delete_expired
@@ -70,6 +72,7 @@ warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWa
 
 HOUSEKEEPING_INTERVAL = 5.0
 POLL_INTERVAL = 2.0  # seconds between snapshots of a polled tree (a full walk each)
+SCAN_KINDS = ("symlinks", "unreadable directories")  # problems a scan of their whole root re-checks
 
 
 def sd_notify(message: str) -> None:
@@ -111,7 +114,7 @@ def outermost(dirs: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
 
 
 class AlreadyRunning(RuntimeError):
-    """Another agent works on the same catalog: two would finalize and delete twice."""
+    """Another agent works on the same catalog or tree: two would finalize and delete twice."""
 
 
 def _lock_catalog(database: Path):
@@ -132,6 +135,117 @@ def _lock_catalog(database: Path):
     return f
 
 
+def _lock_root(path: str) -> int:
+    """A descriptor of a watched directory, flock'ed while it is watched: two agents
+    with different catalogs on one tree would each delete files the other has not
+    shipped. (Agents that share a catalog could one day take it shared.)"""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AlreadyRunning(f"another watcher agent watches {path} (with another catalog)") from None
+    except OSError as exc:  # a file system without flock (some NFS): the catalog's lock still holds
+        log.debug("cannot lock %s: %s", path, exc)
+    return fd
+
+
+def _identity(path, directory: bool = False) -> tuple[int, int] | None:
+    """(device, inode) of what a path names now, following links; None when it is gone
+    (or, with ``directory``, is no directory)."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if directory and not stat.S_ISDIR(st.st_mode):
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+_INOTIFY_WATCH = re.compile(r"^inotify wd:\S+ ino:([0-9a-f]+) sdev:([0-9a-f]+)", re.M)
+
+
+def inotify_watched() -> set[tuple[int, int]]:
+    """(device, inode) of every directory this process's inotify instances watch.
+
+    Read from /proc/self/fdinfo: what the kernel watches, whatever watchdog
+    made of an error (it drops a subdirectory's ENOSPC without a word).
+    """
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:inotify":
+                continue
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                text = f.read()
+        except OSError:  # closed meanwhile
+            continue
+        for ino, sdev in _INOTIFY_WATCH.findall(text):
+            sdev = int(sdev, 16)  # the kernel's dev_t: major << 20 | minor
+            found.add((os.makedev(sdev >> 20, sdev & 0xFFFFF), int(ino, 16)))
+    return found
+
+
+class _Root:
+    """One watched directory: its observer, and the directory (locked) it watches."""
+
+    def __init__(self, path: str, rules: list):
+        self.path = path
+        self.poll = any(r.poll for r in rules)
+        self.lock: int | None = None  # a descriptor of the directory watched
+        self.observer = None
+        self.watched_once = False
+        self.gone = False
+        self.rewatch = False  # some of its directories lost their inotify watches: watch it again
+        self.rewatched = False  # it was, and no scan of it has found every directory watched since
+        self.retry_at = 0.0  # monotonic time before which a failed or incomplete watch is not redone
+
+    def identity(self) -> tuple[int, int] | None:
+        if self.lock is None:
+            return None
+        st = os.fstat(self.lock)
+        return (st.st_dev, st.st_ino)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
+
+
+class _Findings:
+    """Problems the agent meets itself (scans, watches, the catalog), reported
+    through Health once each and solved when they are no longer met."""
+
+    def __init__(self, health: Health, config: Config):
+        self.health = health
+        self._watches = [(str(r.watch), r.archive) for r in config.rules]
+        self._open: dict[tuple[str, str], list[str]] = {}  # (kind, subject) -> archives
+        self._lock = threading.Lock()
+
+    def archives(self, path: str) -> list[str]:
+        """The archives of the rules watching ``path``."""
+        return sorted({a for w, a in self._watches if path == w or path.startswith(w.rstrip("/") + "/")})
+
+    def report(self, kind: str, subject: str, message: str, archives: list[str] | None = None,
+               level: int = logging.WARNING) -> None:
+        archives = archives or self.archives(subject)
+        with self._lock:
+            self._open[(kind, subject)] = archives
+        self.health.problem(archives, kind, subject, message, level=level)
+
+    def solve(self, kind: str, subject: str) -> None:
+        with self._lock:
+            archives = self._open.pop((kind, subject), None)
+        if archives:
+            self.health.solved(archives, kind, subject)
+
+    def below(self, kinds, roots: list[str]) -> set[tuple[str, str]]:
+        """The open problems of these kinds at or below these roots."""
+        with self._lock:
+            return {(k, s) for k, s in self._open
+                    if k in kinds and any(s == r or s.startswith(r.rstrip("/") + "/") for r in roots)}
+
+
 def _not_shutdown_noise(record: logging.LogRecord) -> bool:
     """watchdog logs an ERROR when its emitter is stopped mid-read: expected at exit."""
     return "called when the thread is inactive" not in record.getMessage()
@@ -146,8 +260,11 @@ class Agent:
         self.rescan_now = threading.Event()
         config.database.parent.mkdir(parents=True, exist_ok=True)
         self._catalog_lock = _lock_catalog(config.database)  # first: a second agent must touch nothing
+        self._roots = self._lock_roots()
         self.catalog = Catalog(config.database)
         self.health = Health(config.database)
+        self._findings = _Findings(self.health, config)
+        self._roots_lock = threading.Lock()  # observers are replaced while the agent runs
         self._control_dir = (make_control_dir()
                              if any(a.is_remote for a in config.archives.values()) else None)
         roots = tuple(str(r.watch) for r in config.rules) + (str(config.file_root),)
@@ -159,7 +276,6 @@ class Agent:
         self.settle = SettleTracker(self._complete)
         self.registrar = Registrar(self.catalog, config, self.settle, self._wake,
                                    self.stop_event, self.health)
-        self._observers: list = []
         self._scan_queue: queue.Queue[tuple[str, bool]] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._overflow = _OverflowWatch(self.rescan_now)
@@ -198,8 +314,7 @@ class Agent:
                     break
             for path, moved_in in outermost(queued):
                 try:
-                    scan([path], list(self.config.rules), self.registrar.known, self._complete_many,
-                         self.settle, moved_in=moved_in)
+                    self._scan([path], moved_in)
                 except Exception:
                     if not self.stop_event.is_set():
                         log.exception("scan of %s failed", path)
@@ -209,30 +324,163 @@ class Agent:
         t.start()
         self._threads.append(t)
 
-    def _start_observers(self) -> None:
+    def _lock_roots(self) -> dict[str, _Root]:
+        """Every watched directory, locked (a root missing now is reported once running)."""
         by_dir: dict[str, list] = {}
         for rule in self.config.rules:
             by_dir.setdefault(str(rule.watch), []).append(rule)
-        for watch, rules in by_dir.items():
-            observer = (PollingObserver(timeout=POLL_INTERVAL) if any(r.poll for r in rules)
-                        else _inotify_observer() if InotifyObserver
-                        else Observer())
+        roots = {path: _Root(path, rules) for path, rules in by_dir.items()}
+        try:
+            for root in roots.values():
+                try:
+                    root.lock = _lock_root(root.path)
+                except (FileNotFoundError, NotADirectoryError):
+                    pass
+        except AlreadyRunning:
+            for root in roots.values():
+                root.release()
+            self._catalog_lock.close()
+            raise
+        return roots
+
+    def _check_roots(self) -> None:
+        """Watch each root that is not watched, or is no longer the directory
+        watched (deleted and made again, moved away and replaced), and report
+        one that is gone; every housekeeping tick. A watch that failed, or lost
+        some of its directories' watches, is redone at most once a rescan interval."""
+        now = time.monotonic()
+        for root in self._roots.values():
+            current = _identity(root.path, directory=True)
+            if current is None:
+                if not root.gone:
+                    root.gone = True
+                    self._unwatch(root)
+                    root.release()
+                    self._findings.report(
+                        "unwatched roots", root.path,
+                        f"watched directory {root.path} is gone: nothing there is shipped until it is "
+                        "back; make it again (or fix the rule): it is watched again as soon as it exists")
+                continue
+            if root.gone or current != root.identity():
+                self._watch(root)
+            elif root.rewatch or (root.observer is None and now >= root.retry_at):
+                root.rewatched = root.rewatch
+                self._watch(root)
+
+    def _watch(self, root: _Root) -> None:
+        """(Re)start the observer of a root; a failure is reported and retried later."""
+        root.rewatch = False
+        root.retry_at = time.monotonic() + self.config.rescan_interval
+        with self._roots_lock:
+            if self.stop_event.is_set():
+                return
+            self._unwatch(root)
+            if root.identity() != _identity(root.path, directory=True):
+                root.release()
+                try:
+                    root.lock = _lock_root(root.path)
+                except AlreadyRunning as exc:
+                    self._findings.report("unwatched roots", root.path, f"not watching {root.path}: {exc}")
+                    return
+                except OSError:
+                    return  # gone again: the next tick says so
+            observer = (PollingObserverVFS(os.lstat, polling_listdir(root.path), polling_interval=POLL_INTERVAL)
+                        if root.poll else _inotify_observer() if InotifyObserver else Observer())
             handler = WatchHandler(list(self.config.rules), self._complete, self.settle, self._scan_dir)
             try:
-                observer.schedule(handler, watch, recursive=True, event_filter=WatchHandler.EVENTS)
+                observer.schedule(handler, root.path, recursive=True, event_filter=WatchHandler.EVENTS)
                 observer.start()
             except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EMFILE):
-                    log.error("cannot watch %s: %s; raise the limit with "
-                              "'sysctl fs.inotify.max_user_watches=524288' (and "
-                              "fs.inotify.max_user_instances); until then files there are found "
-                              "by the rescan every %.0f s", watch, exc.strerror or exc,
-                              self.config.rescan_interval)
-                else:
-                    log.error("cannot watch %s: %s; relying on rescans", watch, exc)
+                observer.stop()
+                self._cannot_watch(root, exc)
+                return
+            root.observer = observer
+        log.info("watching %s (%s)", root.path, "polling" if root.poll else "inotify")
+        self._findings.solve("unwatched roots", root.path)
+        root.gone = False
+        if root.watched_once:  # else the start-up scan is coming
+            self._scan_dir(root.path, False)
+        root.watched_once = True
+
+    def _cannot_watch(self, root: _Root, exc: OSError) -> None:
+        if exc.errno in (errno.ENOSPC, errno.EMFILE):
+            advice = ("raise the limit with 'sysctl fs.inotify.max_user_watches=524288' (and "
+                      "fs.inotify.max_user_instances); until then")
+        else:
+            advice = "until the agent can watch it (tried again every rescan),"
+        self._findings.report("unwatched roots", root.path,
+                              f"cannot watch {root.path}: {exc.strerror or exc}; {advice} files there are "
+                              f"found only by the rescan every {self.config.rescan_interval:.0f} s")
+
+    def _unwatch(self, root: _Root) -> None:
+        observer, root.observer = root.observer, None
+        if observer is not None:
+            observer.stop()
+            observer.join(5)
+
+    def _root_of(self, path: str) -> str | None:
+        """The innermost root a path lies in."""
+        inside = [r for r in self._roots if path == r or path.startswith(r.rstrip("/") + "/")]
+        return max(inside, key=len) if inside else None
+
+    def _scan(self, paths: list[str], moved_in: bool = False) -> int:
+        """Scan directories; report what they hold that is not shipped (a symlink,
+        an unreadable directory), solve what a scan of a whole root no longer
+        meets, and check that inotify watches every directory listed."""
+        roots = [p for p in paths if p in self._roots]
+        before = self._findings.below(SCAN_KINDS, roots)
+        met: set[tuple[str, str]] = set()
+        dirs: list[tuple[str, tuple[int, int]]] = []
+
+        def problem(kind: str, path: str, message: str, archive: str | None) -> None:
+            met.add((kind, path))
+            self._findings.report(kind, path, message, [archive] if archive else None)
+
+        found = scan(paths, list(self.config.rules), self.registrar.known, self._complete_many,
+                     self.settle, moved_in=moved_in, problem=problem,
+                     listed=lambda path, st: dirs.append((path, (st.st_dev, st.st_ino))))
+        for kind, subject in before - met:
+            self._findings.solve(kind, subject)
+        self._check_watches(dirs, roots)
+        return found
+
+    def _check_watches(self, dirs: list[tuple[str, tuple[int, int]]], roots: list[str]) -> None:
+        """Directories a scan listed below an inotify root that the kernel does not
+        watch (lost to the watch limit, or unreadable when they appeared): their
+        root is watched again, at most once a rescan interval, and they are
+        reported when that did not help (the scan after it still finds them)."""
+        inotify = {r.path for r in self._roots.values() if r.observer is not None and not r.poll}
+        dirs = [(path, ident) for path, ident in dirs if self._root_of(path) in inotify]
+        missing = []
+        if dirs:
+            watched = inotify_watched()
+            missing = [(path, ident) for path, ident in dirs if ident not in watched]
+        if missing:
+            self.stop_event.wait(1.0)  # a directory just made may be getting its watch right now
+            watched = inotify_watched()
+            missing = [(path, ident) for path, ident in missing
+                       if ident not in watched and _identity(path) == ident]
+        lost: dict[str, list[str]] = {}
+        for path, _ in missing:
+            lost.setdefault(self._root_of(path), []).append(path)
+        for path in roots:
+            if path in inotify and path not in lost:
+                self._roots[path].rewatched = False
+                self._findings.solve("lost watches", path)
+        now = time.monotonic()
+        for path, paths in lost.items():
+            root = self._roots[path]
+            if now >= root.retry_at:
+                root.rewatch = True
+            if not root.rewatched:
                 continue
-            self._observers.append(observer)
-            log.info("watching %s (%s)", watch, "polling" if any(r.poll for r in rules) else "inotify")
+            self._findings.report(
+                "lost watches", path,
+                f"{len(paths)} directories below {path} have no inotify watch (e.g. {paths[0]}): the "
+                "limit fs.inotify.max_user_watches was reached, or they could not be read when they "
+                "appeared; raise the limit ('sysctl fs.inotify.max_user_watches=524288') or fix their "
+                f"permissions: until then files there are found only by the rescan every "
+                f"{self.config.rescan_interval:.0f} s, which also watches them again")
 
     def start(self) -> None:
         for name in ("watchdog.observers.inotify", "watchdog.observers.inotify_c"):
@@ -247,7 +495,7 @@ class Agent:
         self._thread(self.settle.run, "watcher-settle")
         self._thread(self.registrar.run, "watcher-registrar")
         self._thread(self._scanner, "watcher-scanner")
-        self._start_observers()
+        self._check_roots()
         for name, worker in self.workers.items():
             self._thread(worker.run, f"watcher-transfer-{name}")
         self._thread(self._housekeep, "watcher-housekeeper")
@@ -262,10 +510,12 @@ class Agent:
         for worker in self.workers.values():
             worker.wake.set()
         logging.getLogger("watchdog.observers.inotify").addFilter(_not_shutdown_noise)
-        for observer in self._observers:
+        with self._roots_lock:  # no observer is started after this
+            observers = [r.observer for r in self._roots.values() if r.observer is not None]
+        for observer in observers:
             observer.stop()
         deadline = time.monotonic() + timeout
-        for observer in self._observers:
+        for observer in observers:
             observer.join(max(0.1, deadline - time.monotonic()))
         for t in self._threads:
             t.join(max(0.1, deadline - time.monotonic()))
@@ -277,6 +527,8 @@ class Agent:
             remove_control_dir(self._control_dir)
         self.health.close()
         self.catalog.close()
+        for root in self._roots.values():
+            root.release()
         self._catalog_lock.close()
 
     def run(self) -> int:
@@ -297,9 +549,7 @@ class Agent:
     # -- housekeeping -------------------------------------------------------------
 
     def rescan(self) -> int:
-        roots = sorted({str(r.watch) for r in self.config.rules})
-        found = scan(roots, list(self.config.rules), self.registrar.known, self._complete_many,
-                     self.settle)
+        found = self._scan(sorted(self._roots))
         self.scans_done += 1
         if self.scans_done == 1:  # says when the agent has caught up with what it missed
             log.info("start-up scan done: %d new or changed files", found)
@@ -311,6 +561,7 @@ class Agent:
         next_scan = 0.0
         while not self.stop_event.is_set():
             try:
+                self._check_roots()
                 if self.rescan_now.is_set() or time.monotonic() >= next_scan:
                     self.rescan_now.clear()
                     self.rescan()
