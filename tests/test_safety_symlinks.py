@@ -85,6 +85,14 @@ def ship_a_control_file(setup, catalog, inbox: Path, name: str = "control.dat") 
     return control
 
 
+def wait_for_the_links_to_be_handled(setup, catalog, links: list[Path], count: int) -> None:
+    """Until status counts the links, or a regression registered one (which the
+    assertions that follow then name)."""
+    wait_until(lambda: symlink_problems(setup) >= count
+               or any(rows_under(catalog, "arch", link) for link in links),
+               timeout=15, message=f"status to count {count} symlink(s)")
+
+
 # -- a link created in the tree ----------------------------------------------------------
 
 def test_a_link_to_an_outside_file_made_while_the_agent_runs_is_reported_and_never_shipped(
@@ -95,8 +103,7 @@ def test_a_link_to_an_outside_file_made_while_the_agent_runs_is_reported_and_nev
     start_agent(setup)
     catalog = setup.catalog()
     os.symlink(secret, inbox / "x")
-    wait_until(lambda: symlink_problems(setup) == 1, timeout=15,
-               message="status to count the symlink")
+    wait_for_the_links_to_be_handled(setup, catalog, [inbox / "x"], 1)
     ship_a_control_file(setup, catalog, inbox)
     assert catalog.rows_for_path(str(inbox / "x")) == []
     assert_nowhere_in(far, data)
@@ -117,8 +124,7 @@ def test_a_link_to_an_outside_directory_exposes_none_of_its_files(setup, start_a
     os.symlink(outside, inbox / "d")
     # A file written into the linked directory afterwards appears at inbox/d/late.txt too.
     late, late_data = make_secret(outside, "late.txt")
-    wait_until(lambda: symlink_problems(setup) >= 1, timeout=15,
-               message="status to count the symlink")
+    wait_for_the_links_to_be_handled(setup, catalog, [inbox / "d"], 1)
     ship_a_control_file(setup, catalog, inbox)
     assert rows_under(catalog, "arch", inbox / "d") == []
     assert rows_under(catalog, "arch", outside) == []
@@ -126,6 +132,7 @@ def test_a_link_to_an_outside_directory_exposes_none_of_its_files(setup, start_a
         assert_nowhere_in(far, d)
     assert secret.read_bytes() == data and other.read_bytes() == other_data
     assert late.read_bytes() == late_data
+    assert symlink_problems(setup) == 1
 
 
 def test_a_link_present_before_the_agent_starts_is_reported_by_the_start_up_scan(
@@ -136,15 +143,17 @@ def test_a_link_present_before_the_agent_starts_is_reported_by_the_start_up_scan
     (inbox / "sub").mkdir()
     os.symlink(secret, inbox / "sub" / "x")
     os.symlink(secret.parent, inbox / "d")
+    os.symlink("..", inbox / "sub" / "up")
     start_agent(setup)
     catalog = setup.catalog()
     ship_a_control_file(setup, catalog, inbox)
     assert catalog.rows_for_path(str(inbox / "sub" / "x")) == []
     assert rows_under(catalog, "arch", inbox / "d") == []
+    assert rows_under(catalog, "arch", inbox / "sub" / "up") == []
     assert_nowhere_in(far, data)
     assert secret.read_bytes() == data
-    wait_until(lambda: symlink_problems(setup) == 2, timeout=10,
-               message="status to count both symlinks the start-up scan met")
+    wait_until(lambda: symlink_problems(setup) == 3, timeout=10,
+               message="status to count the three symlinks the start-up scan met")
 
 
 def test_a_relative_link_climbing_out_of_the_tree_is_never_followed(setup, start_agent, tmp_path):
@@ -156,12 +165,12 @@ def test_a_relative_link_climbing_out_of_the_tree_is_never_followed(setup, start
     catalog = setup.catalog()
     os.symlink("../../outside/secret.txt", inbox / "sub" / "x")  # from tmp/inbox/sub
     assert (inbox / "sub" / "x").read_bytes() == data  # it does lead out
-    wait_until(lambda: symlink_problems(setup) == 1, timeout=15,
-               message="status to count the symlink")
+    wait_for_the_links_to_be_handled(setup, catalog, [inbox / "sub" / "x"], 1)
     ship_a_control_file(setup, catalog, inbox / "sub")
     assert catalog.rows_for_path(str(inbox / "sub" / "x")) == []
     assert_nowhere_in(far, data)
     assert secret.read_bytes() == data
+    assert symlink_problems(setup) == 1
 
 
 def test_a_link_loop_in_the_tree_registers_each_real_file_once(setup, start_agent):
@@ -174,14 +183,14 @@ def test_a_link_loop_in_the_tree_registers_each_real_file_once(setup, start_agen
     real = inbox / "sub" / "real.dat"
     real.write_bytes(b"real")
     wait_until(lambda: verified(catalog, real), timeout=15)
-    wait_until(lambda: symlink_problems(setup) == 1, timeout=15,
-               message="status to count the looping symlink")
+    wait_for_the_links_to_be_handled(setup, catalog, [inbox / "sub" / "up"], 1)
     later = inbox / "later.dat"
     later.write_bytes(b"later")
     wait_until(lambda: verified(catalog, later), timeout=15)
     paths = [r.local_path for r in catalog.known_files("arch", 0)]
     assert sorted(paths) == sorted([str(later), str(real)])
     assert sorted(far_contents(far)) == ["later.dat", "sub/real.dat"]
+    assert symlink_problems(setup) == 1
 
 
 def test_a_link_to_an_outside_file_is_never_shipped_over_ssh(sshd, remote_dir, setup, start_agent,
@@ -195,14 +204,14 @@ def test_a_link_to_an_outside_file_is_never_shipped_over_ssh(sshd, remote_dir, s
     os.symlink(secret, inbox / "x")
     (inbox / "sub").mkdir()
     os.symlink("../../outside/secret.txt", inbox / "sub" / "y")
-    wait_until(lambda: symlink_problems(setup) == 2, timeout=15,
-               message="status to count both symlinks")
+    wait_for_the_links_to_be_handled(setup, catalog, [inbox / "x", inbox / "sub" / "y"], 2)
     ship_a_control_file(setup, catalog, inbox)
     assert catalog.rows_for_path(str(inbox / "x")) == []
     assert catalog.rows_for_path(str(inbox / "sub" / "y")) == []
     assert "control.dat" in far_contents(base)
     assert_nowhere_in(base, data)
     assert secret.read_bytes() == data
+    assert symlink_problems(setup) == 2
 
 
 def test_a_polled_tree_never_enters_a_link_to_an_outside_directory(setup, start_agent, tmp_path):
@@ -215,13 +224,13 @@ def test_a_polled_tree_never_enters_a_link_to_an_outside_directory(setup, start_
     os.symlink(outside, inbox / "d")
     (inbox / "sub").mkdir()
     os.symlink("..", inbox / "sub" / "up")
-    wait_until(lambda: symlink_problems(setup) == 2, timeout=15,
-               message="status to count both symlinks of the polled tree")
+    wait_for_the_links_to_be_handled(setup, catalog, [inbox / "d", inbox / "sub" / "up"], 2)
     ship_a_control_file(setup, catalog, inbox)
     assert rows_under(catalog, "arch", inbox / "d") == []
     assert [p for p in (r.local_path for r in catalog.known_files("arch", 0)) if "/up/" in p] == []
     assert_nowhere_in(far, data)
     assert secret.read_bytes() == data
+    assert symlink_problems(setup) == 2
 
 
 # -- data moved away and replaced by a link -------------------------------------------------
