@@ -27,6 +27,7 @@ import warnings
 
 from pathlib import Path
 
+from peewee import OperationalError
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserverVFS
 
@@ -72,6 +73,7 @@ warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWa
 
 HOUSEKEEPING_INTERVAL = 5.0
 POLL_INTERVAL = 2.0  # seconds between snapshots of a polled tree (a full walk each)
+CATALOG_CHECK = 1.0  # seconds between looks at the catalog file: deleted, replaced, read-only?
 SCAN_KINDS = ("symlinks", "unreadable directories")  # problems a scan of their whole root re-checks
 
 
@@ -186,6 +188,19 @@ def inotify_watched() -> set[tuple[int, int]]:
     return found
 
 
+def _read_only(path: Path) -> str | None:
+    """Why the catalog cannot be written, or None. Never opens it: closing any
+    descriptor of the file would drop the locks SQLite holds on it."""
+    if os.access(path, os.W_OK):
+        return None
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return "its file system is mounted read-only"
+    except OSError:
+        return None  # gone: that is _catalog_changed's to say
+    return "the agent may not write it: its permissions, or the immutable attribute"
+
+
 class _Root:
     """One watched directory: its observer, and the directory (locked) it watches."""
 
@@ -262,9 +277,13 @@ class Agent:
         self._catalog_lock = _lock_catalog(config.database)  # first: a second agent must touch nothing
         self._roots = self._lock_roots()
         self.catalog = Catalog(config.database)
+        self._catalog_id = _identity(config.database)
         self.health = Health(config.database)
         self._findings = _Findings(self.health, config)
         self._roots_lock = threading.Lock()  # observers are replaced while the agent runs
+        self._catalog_guard = threading.Lock()
+        self._read_only: str | None = None
+        self.exit_status = 0
         self._control_dir = (make_control_dir()
                              if any(a.is_remote for a in config.archives.values()) else None)
         roots = tuple(str(r.watch) for r in config.rules) + (str(config.file_root),)
@@ -482,6 +501,63 @@ class Agent:
                 f"permissions: until then files there are found only by the rescan every "
                 f"{self.config.rescan_interval:.0f} s, which also watches them again")
 
+    # -- the catalog ------------------------------------------------------------
+
+    def _catalog_changed(self) -> str | None:
+        """What happened to the catalog file or its lock since the agent opened them, if anything."""
+        now = _identity(self.config.database)
+        if now is None:
+            return "was deleted"
+        if now != self._catalog_id:
+            return "was replaced by another file"
+        lock = os.fstat(self._catalog_lock.fileno())
+        if _identity(self._catalog_lock.name) != (lock.st_dev, lock.st_ino):
+            return f"lost its lock file {self._catalog_lock.name} (another agent could start on it)"
+        return None
+
+    def _check_catalog(self) -> bool:
+        """Whether retention may delete: the catalog is the file the agent opened,
+        and writable. A catalog deleted or replaced stops the agent (exit status
+        1): nothing it records would be kept. A read-only one only pauses
+        deletions, until it is writable again: restarting would not help."""
+        changed = self._catalog_changed()
+        if changed:
+            with self._catalog_guard:
+                first, self.exit_status = self.exit_status == 0, 1
+            if first:
+                log.error("catalog %s %s under the running agent: stopping, and deleting nothing more "
+                          "(no deletion would be recorded); start the agent again once the right "
+                          "catalog is in place", self.config.database, changed)
+                self.stop_event.set()
+            return False
+        why = _read_only(self.config.database)
+        with self._catalog_guard:
+            was, self._read_only = self._read_only, why
+        database = str(self.config.database)
+        if why and not was:
+            self._findings.report("read-only catalogs", database,
+                                  f"catalog {database} is read-only ({why}): nothing is deleted until it "
+                                  "is writable again; make it writable (chmod, chattr -i, or remount its "
+                                  "file system read-write)", list(self.config.archives), level=logging.ERROR)
+        elif was and not why:
+            log.info("catalog %s is writable again; deleting resumes", database)
+            self._findings.solve("read-only catalogs", database)
+        return why is None
+
+    def _empty_lost_catalogs_log(self) -> None:
+        """Checkpoint the catalog the agent opened (moved away, it is then whole)
+        and empty its write-ahead log: left beside the path, that log would be
+        replayed into whatever catalog is put there next. Runs on the thread that
+        opened the catalog, whose connection still holds the old file."""
+        try:
+            self.catalog.db.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        except OperationalError as exc:
+            log.debug("cannot checkpoint the lost catalog: %s", exc)
+
+    def _guard_catalog(self) -> None:
+        while not self.stop_event.wait(CATALOG_CHECK):
+            self._check_catalog()
+
     def start(self) -> None:
         for name in ("watchdog.observers.inotify", "watchdog.observers.inotify_c"):
             logging.getLogger(name).addHandler(self._overflow)
@@ -495,6 +571,7 @@ class Agent:
         self._thread(self.settle.run, "watcher-settle")
         self._thread(self.registrar.run, "watcher-registrar")
         self._thread(self._scanner, "watcher-scanner")
+        self._thread(self._guard_catalog, "watcher-catalog-guard")
         self._check_roots()
         for name, worker in self.workers.items():
             self._thread(worker.run, f"watcher-transfer-{name}")
@@ -526,6 +603,8 @@ class Agent:
         if self._control_dir:
             remove_control_dir(self._control_dir)
         self.health.close()
+        if self.exit_status:
+            self._empty_lost_catalogs_log()
         self.catalog.close()
         for root in self._roots.values():
             root.release()
@@ -544,7 +623,7 @@ class Agent:
             pass
         self.stop()
         log.info("stopped")
-        return 0
+        return self.exit_status
 
     # -- housekeeping -------------------------------------------------------------
 
@@ -622,13 +701,19 @@ class Agent:
         return True
 
     def retain_once(self, now: float | None = None) -> None:
-        """One round of retention for every archive (far md5 checks can take long: own thread)."""
+        """One round of retention for every archive (far md5 checks can take long: own thread).
+
+        Each round, a retried one included, first checks that the catalog is
+        the one opened and writable: nothing is deleted on the word of another.
+        """
         stop = self.stop_event
         for name in self.config.archives:
+            def round_(name=name) -> int:
+                if not self._check_catalog():
+                    return 0
+                return delete_expired(self.catalog, self.config, name, self.destinations[name],
+                                      stop, now, held=self._undeletable, health=self.health)
             try:
-                with_database_retry(
-                    lambda: delete_expired(self.catalog, self.config, name, self.destinations[name],
-                                           stop, now, held=self._undeletable, health=self.health),
-                    self.health, stop)
+                with_database_retry(round_, self.health, stop)
             except TransferError as exc:
                 log.warning("retention for %s postponed: far side not reachable (%s)", name, exc)
