@@ -373,22 +373,23 @@ class Agent:
             if current is None:
                 if not root.gone:
                     root.gone = True
-                    self._unwatch(root)
-                    root.release()
+                    with self._roots_lock:
+                        self._unwatch(root)
+                        root.release()
                     self._findings.report(
                         "unwatched roots", root.path,
                         f"watched directory {root.path} is gone: nothing there is shipped until it is "
                         "back; make it again (or fix the rule): it is watched again as soon as it exists")
                 continue
-            if root.gone or current != root.identity():
-                self._watch(root)
+            if root.gone or (root.lock is not None and current != root.identity()):
+                self._watch(root)  # another directory than the one watched: at once
             elif root.rewatch or (root.observer is None and now >= root.retry_at):
                 root.rewatched = root.rewatch
                 self._watch(root)
 
     def _watch(self, root: _Root) -> None:
         """(Re)start the observer of a root; a failure is reported and retried later."""
-        root.rewatch = False
+        root.gone = root.rewatch = False
         root.retry_at = time.monotonic() + self.config.rescan_interval
         with self._roots_lock:
             if self.stop_event.is_set():
@@ -416,7 +417,6 @@ class Agent:
             root.observer = observer
         log.info("watching %s (%s)", root.path, "polling" if root.poll else "inotify")
         self._findings.solve("unwatched roots", root.path)
-        root.gone = False
         if root.watched_once:  # else the start-up scan is coming
             self._scan_dir(root.path, False)
         root.watched_once = True
@@ -544,7 +544,7 @@ class Agent:
             self._findings.solve("read-only catalogs", database)
         return why is None
 
-    def _empty_lost_catalogs_log(self) -> None:
+    def _checkpoint_lost_catalog(self) -> None:
         """Checkpoint the catalog the agent opened (moved away, it is then whole)
         and empty its write-ahead log: left beside the path, that log would be
         replayed into whatever catalog is put there next. Runs on the thread that
@@ -604,7 +604,7 @@ class Agent:
             remove_control_dir(self._control_dir)
         self.health.close()
         if self.exit_status:
-            self._empty_lost_catalogs_log()
+            self._checkpoint_lost_catalog()
         self.catalog.close()
         for root in self._roots.values():
             root.release()
