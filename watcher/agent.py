@@ -444,8 +444,10 @@ class Agent:
 
     def _scan(self, paths: list[str], moved_in: bool = False) -> int:
         """Scan directories; report what they hold that is not shipped (a symlink,
-        an unreadable directory), solve what a scan of a whole root no longer
-        meets, and check that inotify watches every directory listed."""
+        an unreadable directory); after a scan of a whole root, solve what it no
+        longer meets and check that inotify watches every directory it listed
+        (reading the kernel's list costs a line per watch: not for every new
+        directory)."""
         roots = [p for p in paths if p in self._roots]
         before = self._findings.below(SCAN_KINDS, roots)
         met: set[tuple[str, str]] = set()
@@ -455,19 +457,22 @@ class Agent:
             met.add((kind, path))
             self._findings.report(kind, path, message, [archive] if archive else None)
 
+        def listed(path: str, st: os.stat_result) -> None:
+            dirs.append((path, (st.st_dev, st.st_ino)))
+
         found = scan(paths, list(self.config.rules), self.registrar.known, self._complete_many,
-                     self.settle, moved_in=moved_in, problem=problem,
-                     listed=lambda path, st: dirs.append((path, (st.st_dev, st.st_ino))))
+                     self.settle, moved_in=moved_in, problem=problem, listed=listed if roots else None)
         for kind, subject in before - met:
             self._findings.solve(kind, subject)
-        self._check_watches(dirs, roots)
+        if roots:
+            self._check_watches([d for d in dirs if self._root_of(d[0]) in roots], roots)
         return found
 
     def _check_watches(self, dirs: list[tuple[str, tuple[int, int]]], roots: list[str]) -> None:
-        """Directories a scan listed below an inotify root that the kernel does not
-        watch (lost to the watch limit, or unreadable when they appeared): their
-        root is watched again, at most once a rescan interval, and they are
-        reported when that did not help (the scan after it still finds them)."""
+        """Directories a scan of whole roots listed that the kernel does not watch
+        (lost to the watch limit, or unreadable when they appeared): their root
+        is watched again, at most once a rescan interval, and they are reported
+        when that did not help (the scan after it still finds them)."""
         inotify = {r.path for r in self._roots.values() if r.observer is not None and not r.poll}
         dirs = [(path, ident) for path, ident in dirs if self._root_of(path) in inotify]
         missing = []
