@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 from tests.agent_process import watcher_command
@@ -136,6 +138,59 @@ def test_a_log_recreated_and_appended_across_generations_keeps_every_line(setup,
         missing = [line for line in written if line not in on_far_side]
         assert not missing, f"lines lost after generation {generation}: {missing}"
     assert sorted(far_contents(far)) == ["app.log", "app.log.~2~", "app.log.~3~"]
+
+
+def test_a_name_reused_the_moment_retention_deletes_it_never_overwrites_its_far_copy(
+        setup, start_agent):
+    """A producer writes ``c`` again as soon as retention has deleted it, while
+    that retention round is still deleting other files: the new content is a
+    new file, not a change of the one just deleted."""
+    far = setup.archive(delete_local_after=0.5)
+    inbox = setup.rule()
+    # Retention only when the test says: one round takes c and the others at once.
+    agent = start_agent(setup, housekeeping_interval=3600)
+    catalog = setup.catalog()
+    c = inbox / "c"
+    c.write_bytes(b"monday\n")
+    wait_until(lambda: catalog.rows_for_path(str(c)), timeout=10)
+    (inbox / "others").mkdir()
+    others = 499  # registered after c: deleted after it in the same round
+    for i in range(others):
+        (inbox / "others" / f"f{i:03d}").write_bytes(b"other %d" % i)
+    wait_until(lambda: sum(r.verified for r in catalog.known_files("arch", 0)) == others + 1,
+               timeout=15, message="every file verified")
+    wait_until(lambda: catalog.deletable_batch("arch", time.time(), 0.5, 0.5, others + 1)
+               and len(catalog.deletable_batch("arch", time.time(), 0.5, 0.5, others + 1)) == others + 1,
+               timeout=5, message="every file past its retention")
+    copies = FarCopiesStay(far)
+    copies.check()
+    stop = threading.Event()
+
+    def producer() -> None:
+        while not stop.is_set():
+            if not os.path.lexists(c):
+                c.write_bytes(b"tuesday\n")
+                return
+            stop.wait(0.001)
+
+    thread = threading.Thread(target=producer, name="test-producer")
+    thread.start()
+    try:
+        agent.retain_once()
+    finally:
+        stop.set()
+        thread.join()
+    assert c.read_bytes() == b"tuesday\n", "the round did not delete c"
+
+    def tuesday_shipped() -> bool:
+        agent.retain_once()
+        copies.check()
+        return b"tuesday\n" in far_contents(far).values()
+
+    agent.rescan()  # the periodic rescan, now: a file whose registration was lost is found
+    wait_until(tuesday_shipped, timeout=10, message="tuesday shipped under a name of its own")
+    copies.check()
+    assert far_contents(far)["c"] == b"monday\n"
 
 
 # -- a directory renamed inside the tree ------------------------------------------------------

@@ -144,7 +144,7 @@ def test_a_link_present_before_the_agent_starts_is_reported_by_the_start_up_scan
     os.symlink(secret, inbox / "sub" / "x")
     os.symlink(secret.parent, inbox / "d")
     os.symlink("..", inbox / "sub" / "up")
-    start_agent(setup)
+    agent = start_agent(setup)
     catalog = setup.catalog()
     ship_a_control_file(setup, catalog, inbox)
     assert catalog.rows_for_path(str(inbox / "sub" / "x")) == []
@@ -154,6 +154,10 @@ def test_a_link_present_before_the_agent_starts_is_reported_by_the_start_up_scan
     assert secret.read_bytes() == data
     wait_until(lambda: symlink_problems(setup) == 3, timeout=10,
                message="status to count the three symlinks the start-up scan met")
+    agent.rescan()  # each is reported once, not once a scan
+    agent.rescan()
+    assert symlink_problems(setup) == 3
+    assert rows_under(catalog, "arch", inbox / "sub" / "up") == []
 
 
 def test_a_relative_link_climbing_out_of_the_tree_is_never_followed(setup, start_agent, tmp_path):
@@ -335,3 +339,26 @@ def test_a_registered_file_swapped_for_a_link_before_it_ships_never_sends_the_li
     assert not os.path.lexists(far / "victim.dat")
     assert_nowhere_in(far, data)
     assert secret.read_bytes() == data
+
+
+# -- what stays allowed ------------------------------------------------------------------------
+
+def test_a_watch_root_that_is_itself_a_link_is_watched_shipped_and_cleaned_as_usual(
+        setup, start_agent, tmp_path):
+    """Only components below the root count: /data is often a link."""
+    far = setup.archive(delete_local_after=0.5)
+    real = tmp_path / "real-inbox"
+    (real / "sub").mkdir(parents=True)
+    os.symlink(real, tmp_path / "inbox")
+    inbox = setup.rule("inbox")  # the link
+    assert inbox.is_symlink()
+    (real / "before.dat").write_bytes(b"before the start")
+    start_agent(setup)
+    catalog = setup.catalog()
+    (inbox / "sub" / "after.dat").write_bytes(b"after the start")
+    for name in ("before.dat", "sub/after.dat"):
+        wait_until(lambda: not (real / name).exists(), timeout=15,
+                   message=f"{name} shipped and deleted through the linked root")
+    assert far_contents(far) == {"before.dat": b"before the start", "sub/after.dat": b"after the start"}
+    assert symlink_problems(setup) == 0
+    assert all((r.removed or 0) > 0 and r.verified for r in catalog.known_files("arch", 0))
