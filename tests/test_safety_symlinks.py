@@ -177,6 +177,23 @@ def test_a_relative_link_climbing_out_of_the_tree_is_never_followed(setup, start
     assert symlink_problems(setup) == 1
 
 
+def test_a_link_to_a_file_inside_the_tree_ships_that_file_once_and_never_the_link(
+        setup, start_agent):
+    far = setup.archive(delete_local_after=0.5)
+    inbox = setup.rule()
+    start_agent(setup)
+    catalog = setup.catalog()
+    run = inbox / "run1.dat"
+    run.write_bytes(b"the run's data")
+    os.symlink("run1.dat", inbox / "latest")  # as data-taking software often keeps one
+    wait_for_the_links_to_be_handled(setup, catalog, [inbox / "latest"], 1)
+    wait_until(lambda: not run.exists(), timeout=15, message="run1.dat shipped and deleted")
+    assert catalog.rows_for_path(str(inbox / "latest")) == []
+    assert far_contents(far) == {"run1.dat": b"the run's data"}
+    assert os.path.islink(inbox / "latest")  # left alone, dangling now
+    assert symlink_problems(setup) == 1
+
+
 def test_a_link_loop_in_the_tree_registers_each_real_file_once(setup, start_agent):
     far = setup.archive()
     inbox = setup.rule()
