@@ -57,7 +57,7 @@ from watcher.db import Catalog
 from watcher.handlers import SettleTracker, WatchHandler, polling_listdir, scan
 from watcher.health import Health, with_database_retry
 from watcher.registrar import Registrar
-from watcher.retention import delete_expired
+from watcher.retention import delete_expired, settle_claimed_removals
 from watcher.rsync import (
     Destination, Stopped, TransferError, make_control_dir, remove_control_dir,
     remove_stale_batch_trees,
@@ -299,7 +299,7 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._overflow = _OverflowWatch(self.rescan_now)
         self.scans_done = 0
-        self._undeletable: dict[int, float] = {}  # retention's rows held back after a failed unlink
+        self._undeletable: dict = {}  # retention's rows held back (a writer, a failed unlink), across rounds
 
     # -- wiring ---------------------------------------------------------------
 
@@ -571,6 +571,7 @@ class Agent:
             where = f"{a.ssh_host}:{a.remote_basedir}" if a.is_remote else a.remote_basedir
             log.info("archive %s -> %s", name, where)
         remove_stale_batch_trees()  # left by an agent killed mid-batch
+        settle_claimed_removals(self.catalog, self.config)  # left by an agent killed while deleting
         remove_unregistered_finalizations(self.catalog, self.config.file_root, self.config.instance_id,
                                           list(self.config.archives))
         self._thread(self.settle.run, "watcher-settle")

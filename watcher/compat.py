@@ -67,7 +67,7 @@ class Session:
         with self._catalog.db.atomic("IMMEDIATE"):
             rows = self._catalog.add_files(new) if new else []
             for obj, row in zip(self._new, rows):
-                obj.id = row.id
+                obj.id, obj.remote_path = row.id, row.remote_path  # a reused name gets a version
             for row in self._tracked:
                 dirty = row.dirty_fields
                 if dirty:

@@ -78,6 +78,7 @@ ADDED_COLUMNS = (
     ("supersync_v0", "dev", "INTEGER"),       # with ino and ctime_ns: which file was hashed
     ("supersync_v0", "ino", "INTEGER"),
     ("supersync_v0", "ctime_ns", "INTEGER"),
+    ("supersync_v0", "deleting", "INTEGER"),  # 1 while retention unlinks the row's file
 )
 
 # The partial indexes' WHERE clauses are repeated verbatim in the queries
@@ -98,6 +99,7 @@ INDEXES = (
     # whether a timecode directory still waits for a file: cost follows its unverified files
     f"CREATE INDEX IF NOT EXISTS watcher_unverified_path ON supersync_v0 (archive_name, remote_path) WHERE {UNVERIFIED}",
     "CREATE INDEX IF NOT EXISTS watcher_tcdir ON timecode_dirs_v0 (archive_name, timecode)",
+    "CREATE INDEX IF NOT EXISTS watcher_deleting ON supersync_v0 (id) WHERE deleting IS NOT NULL",
     "CREATE TABLE IF NOT EXISTS watcher_meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
 )
 
@@ -156,6 +158,7 @@ class File(_Base):
     dev = IntegerField(null=True)
     ino = IntegerField(null=True)
     ctime_ns = IntegerField(null=True)
+    deleting = IntegerField(null=True)
 
     class Meta:
         table_name = "supersync_v0"
@@ -532,17 +535,25 @@ class Catalog:
                 found[(row.local_path, row.archive_name)] = row
         return found
 
-    def update_content(self, file_id: int, md5: str, identity: Identity) -> None:
+    def update_content(self, file_id: int, md5: str, identity: Identity) -> bool:
         """A registered file changed (or was touched): record what it is now;
-        new content ships again, same content keeps its far copy's proof."""
+        new content ships again, same content keeps its far copy's proof.
+
+        False, changing nothing, when the row was removed meanwhile (retention
+        deleted its file, and this is a new file under the same path: it is
+        registered as such, so that it never overwrites the far copy).
+        """
         with self.db.atomic("IMMEDIATE"):
             row = self.File.get_by_id(file_id)
+            if row.removed is not None:
+                return False
             changed = row.local_md5sum != md5
             (self.File.update(local_md5sum=md5, **identity._asdict(),
                          **({"failed_copy_attempts": 0} if changed else {}))
              .where(self.File.id == file_id).execute())
             if changed:
                 self.reopen_timecode_dir(row.archive_name, row.remote_path)
+            return True
 
     def mark_missing(self, file_ids: list[int], when: float = 0.0) -> None:
         """Files gone from disk: removed (0 = found already gone, as socs does)."""
@@ -621,8 +632,38 @@ class Catalog:
                     .where(self.File.archive_name == archive, self.File.timestamp > min_timestamp)
                     .order_by(self.File.timestamp))
 
-    def mark_removed(self, file_ids: list[int], when: float) -> None:
-        self.mark_missing(file_ids, when)
+    def claim_removal(self, rows: list[tuple[int, str]], when: float) -> set[int]:
+        """Mark removed, before their files are unlinked, the rows ``(id, md5)``
+        still verified with that md5 and not removed; return the ids marked.
+
+        Marking first leaves no moment in which a file is gone while its row
+        says live: a new file at the same path is then registered as new (and
+        never taken for an edit of the one deleted, whose far copy it would
+        overwrite). The rows stay flagged ``deleting`` until ``end_removal``
+        says which files were unlinked; after a crash in between,
+        ``claimed_removals`` lists them for the agent to settle at start.
+        """
+        marked = set()
+        with self.db.atomic("IMMEDIATE"):
+            for file_id, md5 in rows:
+                cursor = self.db.execute_sql(
+                    "UPDATE supersync_v0 SET removed = ?, deleting = 1 WHERE id = ? AND removed IS NULL "
+                    "AND local_md5sum = ? AND remote_md5sum = local_md5sum", (when, file_id, md5))
+                if cursor.rowcount:
+                    marked.add(file_id)
+        return marked
+
+    def end_removal(self, deleted: list[int], kept: list[int]) -> None:
+        """Rows claimed for removal: their files were unlinked, or kept after all (live again)."""
+        with self.db.atomic("IMMEDIATE"):
+            for chunk in _chunks(deleted):
+                self.File.update(deleting=None).where(self.File.id.in_(chunk)).execute()
+            for chunk in _chunks(kept):
+                self.File.update(removed=None, deleting=None).where(self.File.id.in_(chunk)).execute()
+
+    def claimed_removals(self) -> list[File]:
+        """Rows claimed for removal by an agent that stopped before it said how it went."""
+        return list(self.File.select().where(SQL("deleting IS NOT NULL")))
 
     def mark_unverified(self, found: dict[int, str | None]) -> None:
         """The far copy is gone or differs: record what is there, so it ships again."""

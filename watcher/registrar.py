@@ -150,27 +150,34 @@ class Registrar:
         in_threads = self._hashers.map(lambda c: self._hash(c, trees), big)
         md5s = {c.path: self._hash(c, trees) for c, _, _ in todo if c.stat.st_size <= SMALL_FILE}
         md5s.update(zip((c.path for c in big), in_threads))
-        new, changed = [], []
+        fresh, changed = [], []
         now = time.time()
         for c, row, remote in todo:
             md5 = md5s[c.path]
             if md5 is None:
                 continue
             if row is not None:
-                changed.append((row, md5, c.stat))
+                changed.append((c, row, md5))
             else:
-                new.append(self._new_file(c, remote, md5, now))
+                fresh.append(self._new_file(c, remote, md5, now))
 
-        def write():
-            for row, md5, st in changed:
-                if md5 != row.local_md5sum:
-                    log.info("%s changed after it was registered; it will be shipped again", row.local_path)
-                self.catalog.update_content(row.id, md5, Identity.of(st))
-            return self.catalog.register_files(new, vanished=_vanished) if new else Claims({}, {})
+        def write() -> tuple[list[NewFile], Claims]:
+            files = list(fresh)
+            for c, row, md5 in changed:
+                if self.catalog.update_content(row.id, md5, Identity.of(c.stat)):
+                    if md5 != row.local_md5sum:
+                        log.info("%s changed after it was registered; it will be shipped again",
+                                 row.local_path)
+                    continue
+                remote = self._remote_path(c)  # its row was removed meanwhile: a new file
+                if remote is not None:
+                    files.append(self._new_file(c, remote, md5, now))
+            claims = self.catalog.register_files(files, vanished=_vanished) if files else Claims({}, {})
+            return files, claims
 
         checkpoint("hashed")
-        claims = with_database_retry(write, self.health, self.stop)
-        new = self._report_claims(new, claims)
+        files, claims = with_database_retry(write, self.health, self.stop)
+        new = self._report_claims(files, claims)
         # One line a file for a trickle; for a burst one line (a line a file
         # costs more than registering it, and journald drops bursts).
         each = logging.INFO if len(new) <= LOG_EACH else logging.DEBUG
@@ -179,10 +186,11 @@ class Registrar:
                 log.log(each, "registered %s -> %s:%s", f.local_path, f.archive_name, f.remote_path)
         if len(new) > LOG_EACH:
             log.info("registered %d files, %s to %s", len(new), new[0].local_path, new[-1].local_path)
-        archives = {f.archive_name for f in new} | {row.archive_name for row, _, _ in changed}
+        archives = {f.archive_name for f in new} | {row.archive_name for _, row, _ in changed}
         if archives:
             self.wake(archives)
-        return len(new) + len(changed)
+        updated = len(changed) - (len(files) - len(fresh))  # the rest were registered as new
+        return len(new) + updated
 
     def _report_claims(self, new: list[NewFile], claims: Claims) -> list[NewFile]:
         """Report files left out because another local file has their far name

@@ -45,24 +45,29 @@ WRITERS_UNKNOWN = "files whose writers cannot be checked"
 
 def delete_expired(catalog: Catalog, config: Config, archive: str, destination: Destination,
                    stop: threading.Event | None = None, now: float | None = None,
-                   limit: int = 500, held: dict[int, float] | None = None,
+                   limit: int = 500, held: dict | None = None,
                    health: Health | None = None) -> int:
     """One round of deletions for an archive; returns how many files were deleted.
 
-    ``held`` maps rows that could not be deleted (permissions, a symlink in
-    the way, a writer) to when to try again, so they are reported once, not
-    every round. Raises TransferError when the far side cannot be checked
-    (nothing is deleted).
+    ``held`` keeps, across rounds, the rows that could not be deleted
+    (permissions, a symlink in the way, a writer) with when to try again,
+    so they are reported once, not every round; a row whose file was hashed
+    again since (a writer closed it) is tried at once. Raises TransferError
+    when the far side cannot be checked (nothing is deleted).
     """
     now = time.time() if now is None else now
     held = {} if held is None else held
     default, shortest = retention_bounds(config, archive)
     if shortest is None:
         return 0
-    for row_id in [i for i, until in held.items() if until <= now]:
+    for row_id in [i for i, (until, _) in held.items() if until <= now]:
         del held[row_id]
+
+    def holding(row: File) -> bool:
+        return row.id in held and held[row.id][1] == row.identity
+
     rows = [r for r in catalog.deletable_batch(archive, now, default, shortest, limit + len(held))
-            if r.id not in held][:limit]
+            if not holding(r)][:limit]
     if not rows:
         return 0
     with _Round(catalog, config, archive, now, held, health) as round_:
@@ -101,7 +106,7 @@ class _Round:
                 self.health.problem(self.archive, kind, row.local_path, message)
             else:
                 log.log(level, "%s", message)
-        self.held[row.id] = self.now + seconds
+        self.held[row.id] = (self.now + seconds, row.identity)
 
     def _open(self, row: File) -> tuple[int, Identity] | str:
         """The row's file opened and found to be what was hashed, with its
@@ -159,60 +164,95 @@ class _Round:
                 candidates.append((row, *opened))
         far = destination.far_md5([r.remote_path for r, _, _ in candidates], stop,
                                   sum(r.size or 0 for r, _, _ in candidates))
-        deleted, differs = [], {}
-        for row, fd, identity in candidates:
-            found = far.get(row.remote_path)
-            if found != row.local_md5sum:
-                differs[row.id] = found
-                log.warning("far copy of %s (%s:%s) is %s; shipping it again instead of deleting",
-                            row.local_path, archive, row.remote_path,
-                            "missing" if found is None else "different")
-                continue
-            checkpoint("deleting")
-            if self._delete(row, fd, identity):
-                deleted.append(row.id)
-                if self.health is not None:
-                    for kind in ("symlinks", WRITERS_UNKNOWN):
-                        self.health.solved(archive, kind, row.local_path)
-                log.info("deleted %s (verified on %s as %s)", row.local_path, archive, row.remote_path)
-        if deleted:
-            self.catalog.mark_removed(deleted, time.time())
+        differs, leased = {}, []
+        try:
+            for row, fd, identity in candidates:
+                found = far.get(row.remote_path)
+                if found != row.local_md5sum:
+                    differs[row.id] = found
+                    log.warning("far copy of %s (%s:%s) is %s; shipping it again instead of deleting",
+                                row.local_path, archive, row.remote_path,
+                                "missing" if found is None else "different")
+                elif self._lease(row, fd):
+                    leased.append((row, fd, identity))
+            deleted = self._delete(leased)
+        finally:
+            for _, fd, _ in leased:
+                release_lease(fd)
         if gone:
             self.catalog.mark_missing([r.id for r in gone])
             for row in gone:
                 log.warning("%s was already gone; marked removed", row.local_path)
         if differs:
             self.catalog.mark_unverified(differs)
+        return deleted
+
+    def _lease(self, row: File, fd: int) -> bool:
+        """Hold off writers while the file is deleted; False (said once) when
+        someone writes to it, or when that cannot be known."""
+        writers = hold_against_writers(fd)
+        if writers == WriterCheck.WRITING:
+            self._hold(row, WRITER_RECHECK, logging.INFO,
+                       f"not deleting {row.local_path} yet: a process has it open for writing")
+        elif writers == WriterCheck.UNKNOWN:
+            self._hold(row, HOLD_UNDELETABLE, logging.WARNING,
+                       f"not deleting {row.local_path}: cannot tell whether a process writes to "
+                       "it (a lease needs the file's owner or CAP_LEASE: give the agent "
+                       "AmbientCapabilities=CAP_LEASE)", kind=WRITERS_UNKNOWN)
+        return writers == WriterCheck.FREE
+
+    def _delete(self, leased: list[tuple[File, int, Identity]]) -> int:
+        """Unlink files nobody writes to that are still what was hashed; the
+        rows are marked removed first (Catalog.claim_removal), so no new file
+        at a path is ever taken for the one deleted."""
+        if not leased:
+            return 0
+        claimed = self.catalog.claim_removal([(r.id, r.local_md5sum) for r, _, _ in leased], time.time())
+        deleted, kept, changed = [], [], []
+        for row, fd, identity in leased:
+            if row.id not in claimed:
+                continue  # changed or removed meanwhile: its row says what to do
+            checkpoint("deleting")
+            try:
+                if Identity.of(os.fstat(fd)) != identity:  # written to before our lease
+                    changed.append((row, fd))
+                    kept.append(row.id)
+                elif self._tree(row.local_path).unlink_if(row.local_path, identity):
+                    deleted.append(row.id)
+                    log.info("deleted %s (verified on %s as %s)", row.local_path, self.archive,
+                             row.remote_path)
+                else:
+                    log.warning("not deleting %s: another file took its name", row.local_path)
+                    kept.append(row.id)
+            except (FileNotFoundError, NotADirectoryError):
+                deleted.append(row.id)  # gone meanwhile: removed all the same
+            except OSError as exc:
+                kept.append(row.id)
+                self._hold(row, HOLD_UNDELETABLE, logging.ERROR,
+                           f"cannot delete {row.local_path}: {exc.strerror or exc} "
+                           f"(trying again in {HOLD_UNDELETABLE:.0f} s)")
+        self.catalog.end_removal(deleted, kept)
+        for row, fd in changed:
+            self._record_change(row, *md5_of_fd(fd))
+        if self.health is not None:
+            for row_id in deleted:
+                path = next(r.local_path for r, _, _ in leased if r.id == row_id)
+                for kind in ("symlinks", WRITERS_UNKNOWN):
+                    self.health.solved(self.archive, kind, path)
         return len(deleted)
 
-    def _delete(self, row: File, fd: int, identity: Identity) -> bool:
-        """Unlink a file nobody writes to that is still what was hashed."""
-        writers = hold_against_writers(fd)
-        try:
-            if writers == WriterCheck.WRITING:
-                self._hold(row, WRITER_RECHECK, logging.INFO,
-                           f"not deleting {row.local_path} yet: a process has it open for writing")
-                return False
-            if writers == WriterCheck.UNKNOWN:
-                self._hold(row, HOLD_UNDELETABLE, logging.WARNING,
-                           f"not deleting {row.local_path}: cannot tell whether a process writes to "
-                           "it (a lease needs the file's owner or CAP_LEASE: give the agent "
-                           "AmbientCapabilities=CAP_LEASE)", kind=WRITERS_UNKNOWN)
-                return False
-            st = os.fstat(fd)
-            if Identity.of(st) != identity:  # written to before our lease
-                self._record_change(row, *md5_of_fd(fd))
-                return False
-            if not self._tree(row.local_path).unlink_if(row.local_path, identity):
-                log.warning("not deleting %s: another file took its name", row.local_path)
-                return False
-            return True
-        except (FileNotFoundError, NotADirectoryError):
-            return False  # gone meanwhile: the next round marks it
-        except OSError as exc:
-            self._hold(row, HOLD_UNDELETABLE, logging.ERROR,
-                       f"cannot delete {row.local_path}: {exc.strerror or exc} "
-                       f"(trying again in {HOLD_UNDELETABLE:.0f} s)")
-            return False
-        finally:
-            release_lease(fd)
+
+def settle_claimed_removals(catalog: Catalog, config: Config) -> int:
+    """Rows an agent claimed for removal before it stopped (Catalog.claim_removal):
+    a file still there, unchanged, keeps its row (live again); any other was
+    deleted. Run at start, before anything registers. Returns rows made live."""
+    rows = catalog.claimed_removals()
+    if not rows:
+        return 0
+    kept, deleted = [], []
+    with _Round(catalog, config, "", time.time(), {}, None) as round_:
+        for row in rows:
+            opened = round_._open(row)
+            (kept if isinstance(opened, tuple) else deleted).append(row.id)
+    catalog.end_removal(deleted, kept)
+    return len(kept)
