@@ -153,10 +153,9 @@ def test_a_full_far_disk_leaves_no_partial_file_and_the_local_copy_in_place(
                           now=time.time() + 30 * 86400) == 0
     assert (src / "tiny" / "big.dat").read_bytes() == data
 
-    # Room is made on the far side: the next batch ships it.
+    # Room is made on the far side: a batch after the file's 1 s back-off ships it.
     subprocess.run(["mount", "-o", "remount,size=1m", str(tiny_far_disk)], check=True)
-    assert worker.step() is True
-    assert row(catalog, ids["tiny/big.dat"]).verified
+    wait_until(lambda: worker.step() and row(catalog, ids["tiny/big.dat"]).verified, timeout=10)
     assert (tiny_far_disk / "big.dat").read_bytes() == data
 
 
@@ -254,7 +253,9 @@ def test_max_copy_attempts_stops_a_hopeless_file_which_then_counts_as_failed(
     worker = make_worker(archive)
 
     assert worker.step() is True
-    assert worker.step() is True
+    # Its second attempt comes after a 1 s back-off (and the other file is not held up).
+    wait_until(lambda: worker.step() and row(catalog, ids["locked/x.dat"]).failed_copy_attempts == 2,
+               timeout=10)
     assert worker.step() is False  # the hopeless file is no longer offered
 
     assert row(catalog, ids["locked/x.dat"]).failed_copy_attempts == 2
