@@ -101,29 +101,41 @@ def edit_keeping_size_and_mtime(path: Path, new: bytes, scratch: Path, how) -> N
 
 # -- waiting while checking the invariant --------------------------------------------------------
 
-class FarMustFollow:
-    """Polls a local file and its far copy; fails at once if the local file is
-    gone while the far copy is not the last content written locally."""
+def newest_row(catalog, local: Path):
+    return catalog.rows_for_path(str(local))[-1]
 
-    def __init__(self, local: Path, far: Path, latest: bytes):
-        self.local, self.far, self.latest = local, far, latest
+
+class FarMustFollow:
+    """Polls a local file and its far copy (under the far name its newest row
+    has: an edit in place keeps the name, a file written anew at the path
+    gets a version name beside the first copy); fails at once if the local
+    file is gone while that far copy is not the last content written locally,
+    or if the first far copy was overwritten with other content than the last."""
+
+    def __init__(self, catalog, local: Path, far_base: Path, first: bytes, latest: bytes):
+        self.catalog, self.local, self.far_base = catalog, local, far_base
+        self.first, self.latest = first, latest
+        self.first_far = far_base / local.name
         self.polls = 0
 
     def check(self) -> bool:
         """True once the local file is gone (and the far copy is the latest content)."""
         self.polls += 1
+        first_now = self.first_far.read_bytes() if self.first_far.exists() else None
+        assert first_now in (self.first, self.latest), "the first far copy was overwritten"
         if os.path.lexists(self.local):
             return False
-        far = self.far.read_bytes() if self.far.exists() else None
+        far_path = self.far_base / newest_row(self.catalog, self.local).remote_path
+        far = far_path.read_bytes() if far_path.exists() else None
         assert far == self.latest, (
             "the local file was deleted while the far copy "
             + ("is missing" if far is None else "holds other (old) content"))
         return True
 
 
-def shipped_again_then_deleted(catalog, local: Path, far: Path, new: bytes, housekeep=None,
-                               timeout: float = 15) -> None:
-    watch = FarMustFollow(local, far, new)
+def shipped_again_then_deleted(catalog, local: Path, far_base: Path, old: bytes, new: bytes,
+                               housekeep=None, timeout: float = 15) -> None:
+    watch = FarMustFollow(catalog, local, far_base, old, new)
 
     def done() -> bool:
         if housekeep is not None:
@@ -132,11 +144,11 @@ def shipped_again_then_deleted(catalog, local: Path, far: Path, new: bytes, hous
 
     wait_until(done, timeout=timeout, interval=0.02,
                message="the edited file shipped again and only then deleted")
-    [row] = catalog.rows_for_path(str(local))
+    row = newest_row(catalog, local)
     assert row.local_md5sum == md5(new), "the edit was never hashed"
     assert row.remote_md5sum == md5(new)
     assert (row.removed or 0) > 0
-    assert far.read_bytes() == new
+    assert (far_base / row.remote_path).read_bytes() == new
 
 
 # -- the tests -------------------------------------------------------------------------------
@@ -158,7 +170,7 @@ def test_a_shipped_file_rewritten_with_its_size_and_mtime_kept_is_shipped_again_
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     edit_keeping_size_and_mtime(c, new, scratch, EDITS[how])
-    shipped_again_then_deleted(catalog, c, far / "c.dat", new, housekeep=agent.housekeep_once)
+    shipped_again_then_deleted(catalog, c, far, old, new, housekeep=agent.housekeep_once)
 
 
 def test_an_edit_made_while_the_agent_is_stopped_is_noticed_before_any_deletion(
@@ -179,13 +191,13 @@ def test_an_edit_made_while_the_agent_is_stopped_is_noticed_before_any_deletion(
     edit_keeping_size_and_mtime(inbox / "b.dat", new[inbox / "b.dat"], scratch, cp_p)
     # The new agent's retention runs at once, beside its start-up scan.
     start_agent(setup)
-    watches = [FarMustFollow(p, far / p.name, new[p]) for p in files]
+    watches = [FarMustFollow(catalog, p, far, files[p], new[p]) for p in files]
     wait_until(lambda: all([w.check() for w in watches]), timeout=15, interval=0.02,
                message="both edited files shipped again and only then deleted")
     for p in files:
-        [row] = catalog.rows_for_path(str(p))
+        row = newest_row(catalog, p)
         assert row.local_md5sum == md5(new[p])
-        assert (far / p.name).read_bytes() == new[p]
+        assert (far / row.remote_path).read_bytes() == new[p]
 
 
 def test_a_file_touched_back_to_its_old_time_without_new_content_keeps_its_proof(
@@ -204,5 +216,5 @@ def test_a_file_touched_back_to_its_old_time_without_new_content_keeps_its_proof
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     edit_keeping_size_and_mtime(c, data, scratch, python_in_place_then_utime)
-    shipped_again_then_deleted(catalog, c, far / "c.dat", data, housekeep=agent.housekeep_once)
+    shipped_again_then_deleted(catalog, c, far, data, data, housekeep=agent.housekeep_once)
     assert catalog.rows_for_path(str(c))[0].copied == copied, "the same content was shipped again"

@@ -17,6 +17,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.agent_process import watcher_command
 from tests.waiting import wait_until
 from watcher.db import Catalog, SupRsyncFilesManager, add_file, create_file
@@ -311,3 +313,48 @@ def test_socs_files_manager_gives_a_reused_name_with_other_content_a_version(
     wait_until(lambda: len(deleted_rows(catalog, p)) == 2 and not p.exists(), timeout=15)
     assert [r.remote_path for r in catalog.rows_for_path(str(p))] == ["produced.dat", "produced.dat.~2~"]
     assert far_contents(far) == {"produced.dat": b"first", "produced.dat.~2~": b"second"}
+
+
+# -- a verified file replaced by another file (another inode) while the agent runs -------------
+
+def _remove_and_write(path: Path, data: bytes, scratch: Path) -> None:
+    path.unlink()
+    path.write_bytes(data)
+
+
+def _rename_over(path: Path, data: bytes, scratch: Path) -> None:
+    (scratch / "new").write_bytes(data)
+    os.rename(scratch / "new", path)
+
+
+def _rsync_t(path: Path, data: bytes, scratch: Path) -> None:
+    (scratch / path.name).write_bytes(data)
+    subprocess.run(["rsync", "-t", str(scratch / path.name), str(path)], check=True)
+
+
+REPLACEMENTS = {"rm then write": _remove_and_write, "rename over": _rename_over, "rsync -t": _rsync_t}
+
+
+@pytest.mark.parametrize("how", list(REPLACEMENTS), ids=[k.replace(" ", "_") for k in REPLACEMENTS])
+def test_a_verified_file_replaced_by_another_file_keeps_its_far_copy_and_the_new_one_gets_a_version(
+        setup, start_agent, tmp_path, how):
+    far = setup.archive()  # keeps local files: the first is gone only because it was replaced
+    inbox = setup.rule()
+    start_agent(setup)
+    catalog = setup.catalog()
+    far_copies = FarCopiesStay(far)
+    c = inbox / "c.dat"
+    c.write_bytes(b"first")
+    wait_until(lambda: any(r.verified for r in catalog.rows_for_path(str(c))), timeout=15)
+    far_copies.check()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    REPLACEMENTS[how](c, b"second", scratch)
+
+    def both_shipped() -> bool:
+        far_copies.check()
+        return far_contents(far) == {"c.dat": b"first", "c.dat.~2~": b"second"}
+
+    wait_until(both_shipped, timeout=15, message="the replacement shipped beside the first copy")
+    rows = catalog.rows_for_path(str(c))
+    assert [(r.remote_path, r.removed is not None) for r in rows] == [("c.dat", True), ("c.dat.~2~", False)]

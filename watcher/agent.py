@@ -58,6 +58,7 @@ from watcher.handlers import SettleTracker, WatchHandler, polling_listdir, scan
 from watcher.health import Health, with_database_retry
 from watcher.registrar import Registrar
 from watcher.retention import delete_expired, settle_claimed_removals
+from watcher.safefs import ignore_lease_breaks
 from watcher.rsync import (
     Destination, Stopped, TransferError, make_control_dir, remove_control_dir,
     remove_stale_batch_trees,
@@ -275,6 +276,10 @@ class Agent:
         self.rescan_now = threading.Event()
         config.database.parent.mkdir(parents=True, exist_ok=True)
         self._catalog_lock = _lock_catalog(config.database)  # first: a second agent must touch nothing
+        try:
+            ignore_lease_breaks()  # retention's and scans' read leases: a break must not kill us
+        except ValueError:  # not the main thread (an embedding program): it must ignore SIGIO itself
+            log.warning("not started from the main thread: SIGIO (a broken lease) is not ignored")
         self._roots = self._lock_roots()
         self.catalog = Catalog(config.database)
         self._catalog_id = _identity(config.database)
@@ -353,8 +358,8 @@ class Agent:
             for root in roots.values():
                 try:
                     root.lock = _lock_root(root.path)
-                except (FileNotFoundError, NotADirectoryError):
-                    pass
+                except OSError as exc:  # gone, or unreadable: reported once running, retried
+                    log.debug("cannot lock %s yet: %s", root.path, exc)
         except AlreadyRunning:
             for root in roots.values():
                 root.release()
@@ -402,11 +407,15 @@ class Agent:
                 except AlreadyRunning as exc:
                     self._findings.report("unwatched roots", root.path, f"not watching {root.path}: {exc}")
                     return
-                except OSError:
+                except FileNotFoundError:
                     return  # gone again: the next tick says so
+                except OSError as exc:  # unreadable: say so; tried again every rescan
+                    self._cannot_watch(root, exc)
+                    return
             observer = (PollingObserverVFS(os.lstat, polling_listdir(root.path), polling_interval=POLL_INTERVAL)
                         if root.poll else _inotify_observer() if InotifyObserver else Observer())
-            handler = WatchHandler(list(self.config.rules), self._complete, self.settle, self._scan_dir)
+            handler = WatchHandler(list(self.config.rules), self._complete, self.settle, self._scan_dir,
+                                   gone=self.registrar.submit_gone)
             try:
                 observer.schedule(handler, root.path, recursive=True, event_filter=WatchHandler.EVENTS)
                 observer.start()

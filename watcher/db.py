@@ -410,8 +410,8 @@ class Catalog:
                 ))
         return made
 
-    def register_files(self, files: list[NewFile],
-                       vanished: Callable[[str], bool] | None = None) -> "Claims":
+    def register_files(self, files: list[NewFile], vanished: Callable[[str], bool] | None = None,
+                       replaced: list[int] = ()) -> "Claims":
         """Insert, in one transaction, the files whose far name no other live
         local file has (under a version name where claim_remote_paths gives
         one); return the claims, whose ``taken`` are the files left out.
@@ -421,13 +421,16 @@ class Catalog:
         The caller (the agent's registrar) has checked the remote paths.
         A live row holding a wanted name whose file ``vanished(path)`` says is
         gone (its directory renamed) is marked removed first, as the transfer
-        would mark it, and the name is claimed again.
+        would mark it, and the name is claimed again. So are the ``replaced``
+        rows, whose path now holds another file (another inode) first.
         """
         first: dict[tuple[str, str], NewFile] = {}
         for f in files:
             first.setdefault((f.local_path, f.archive_name), f)
         files = list(first.values())
         with self.db.atomic("IMMEDIATE"):
+            for chunk in _chunks(list(replaced)):
+                self.File.update(removed=0).where(self.File.id.in_(chunk), self.File.removed.is_null()).execute()
             claims = self.claim_remote_paths(files)
             listed = {f.local_path for f in files}
             gone = [(archive, remote, owner) for (archive, remote), owner in claims.taken.items()
@@ -482,6 +485,7 @@ class Catalog:
         taken: dict[tuple[str, str], str] = {}
         first: dict[tuple[str, str], str] = {}
         versioned: dict[tuple[str, str], str] = {}
+        named = {f.remote_path for f in files}
         for f in files:
             key = (f.archive_name, f.remote_path)
             others = holders.get(key, set()) - {f.local_path}
@@ -492,8 +496,9 @@ class Catalog:
             if owner != f.local_path:
                 taken.setdefault(key, owner)
             elif key in kept and kept[key] != f.local_md5sum and not holders.get(key):
-                versioned[(f.local_path, f.archive_name)] = self._next_version(
-                    f.archive_name, f.remote_path, {g.remote_path for g in files})
+                version = self._next_version(f.archive_name, f.remote_path, named)
+                named.add(version)
+                versioned[(f.local_path, f.archive_name)] = version
         return Claims(taken, versioned)
 
     def _next_version(self, archive: str, remote_path: str, avoid: set[str]) -> str:
@@ -556,10 +561,12 @@ class Catalog:
             return True
 
     def mark_missing(self, file_ids: list[int], when: float = 0.0) -> None:
-        """Files gone from disk: removed (0 = found already gone, as socs does)."""
+        """Files gone from disk: removed (0 = found already gone, as socs does);
+        a row already removed keeps its time."""
         with self.db.atomic("IMMEDIATE"):
             for chunk in _chunks(file_ids):
-                self.File.update(removed=when).where(self.File.id.in_(chunk)).execute()
+                (self.File.update(removed=when)
+                 .where(self.File.id.in_(chunk), self.File.removed.is_null()).execute())
 
     # -- shipping ---------------------------------------------------------
 

@@ -10,7 +10,6 @@ lost events (queue overflow, the agent down) are found by scans.
 from __future__ import annotations
 
 import errno
-import fcntl
 import heapq
 import logging
 import os
@@ -26,7 +25,9 @@ from watchdog.events import (
 
 from watcher.config import Rule
 from watcher.rules import select_rule
-from watcher.safefs import Identity
+from watcher.safefs import (
+    DIR_FLAGS, FILE_FLAGS, Identity, WriterCheck, hold_against_writers, release_lease,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,24 +122,20 @@ def closed_for_writing(path: str) -> bool:
     were missed) that is closed counts as closed after writing; one that is
     still open will send its close event, as its directory is watched by now.
     Only the file's owner (or root) may take a lease, and not on every file
-    system: then False, and the file settles as before. No owner is set for
-    lease-break signals, and the lease is dropped at once.
+    system: then False, and the file settles as before. The lease is dropped
+    at once (a break's SIGIO is ignored: safefs.ignore_lease_breaks).
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+        fd = os.open(path, FILE_FLAGS)
     except OSError:
         return False
     try:
-        fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_RDLCK)
-        fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_UNLCK)
-        return True
-    except OSError:
-        return False
+        free = hold_against_writers(fd) == WriterCheck.FREE
+        if free:
+            release_lease(fd)
+        return free
     finally:
         os.close(fd)
-
-
-_F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 
 
 def _stat_key(path: str) -> tuple | None:
@@ -159,11 +156,14 @@ class WatchHandler(FileSystemEventHandler):
               FileModifiedEvent, FileDeletedEvent, DirDeletedEvent]
 
     def __init__(self, rules: list[Rule], complete: Sink, settle: SettleTracker,
-                 scan_dir: DirSink):
+                 scan_dir: DirSink, gone: Sink | None = None):
+        """``gone`` hears of files deleted: a file written at the same path
+        later is another file, even if it is given the same inode number."""
         self.rules = rules
         self.complete = complete
         self.settle = settle
         self.scan_dir = scan_dir
+        self.gone = gone
 
     def _rule(self, path: str) -> Rule | None:
         found = select_rule(path, self.rules)  # an unsafe remote path: the registrar reports it
@@ -212,11 +212,13 @@ class WatchHandler(FileSystemEventHandler):
 
     def on_deleted(self, event: FileSystemEvent) -> None:
         if isinstance(event, FileDeletedEvent):
-            self.settle.forget(os.fsdecode(event.src_path))
+            path = os.fsdecode(event.src_path)
+            self.settle.forget(path)
+            if self.gone is not None and self._rule(path):
+                self.gone(path)
 
 
 Problem = Callable[[str, str, str, "str | None"], None]  # (kind, path, message, archive or None: all)
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Found(NamedTuple):
@@ -293,7 +295,7 @@ def _list(path: str, fd: int, subdirs: list[str], problem: Problem | None, liste
 
 def _open_dir(path: str, parent_fd: int, problem: Problem | None) -> int | None:
     try:
-        return os.open(os.path.basename(path), _DIR_FLAGS, dir_fd=parent_fd)
+        return os.open(os.path.basename(path), DIR_FLAGS, dir_fd=parent_fd)
     except OSError as exc:
         if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # gone, or swapped for a link
             _unreadable(problem, path, exc)
@@ -320,7 +322,7 @@ def polling_listdir(root: str) -> Callable[[str], list[os.DirEntry]]:
 
     def listdir(path: str) -> list[os.DirEntry]:
         try:
-            fd = os.open(path, _DIR_FLAGS if path != root else _DIR_FLAGS & ~os.O_NOFOLLOW)
+            fd = os.open(path, DIR_FLAGS if path != root else DIR_FLAGS & ~os.O_NOFOLLOW)
         except OSError as exc:
             if exc.errno == errno.ELOOP:  # a link now: what a vanished directory looks like to the snapshot
                 raise NotADirectoryError(errno.ENOTDIR, exc.strerror, path) from None

@@ -62,11 +62,19 @@ class Registrar:
         self._cond = threading.Condition()
         self._hashers = ThreadPoolExecutor(hash_threads, thread_name_prefix="watcher-hash")
         self._reported: set[str] = set()
+        self._gone: set[str] = set()
         self._busy = False
 
     def submit(self, path: str) -> None:
         """Hand over a complete file (thread-safe; a path already waiting is not queued twice)."""
         self.submit_many((path,))
+
+    def submit_gone(self, path: str) -> None:
+        """A file was deleted (thread-safe): its row is closed before the path
+        is looked at again, so that a file written there next is a new file."""
+        with self._cond:
+            self._gone.add(path)
+            self._cond.notify()
 
     def submit_many(self, paths) -> None:
         """Hand over complete files at once (a scan's batch: one lock, not one per file)."""
@@ -83,7 +91,7 @@ class Registrar:
     def idle(self) -> bool:
         """Nothing waiting and nothing being registered (timecode directories may be judged)."""
         with self._cond:
-            return not self._queued and not self._busy
+            return not self._queued and not self._gone and not self._busy
 
     def known(self, paths: list[str]) -> dict[str, Identity | None]:
         """The recorded identity of registered paths, for scans."""
@@ -93,11 +101,11 @@ class Registrar:
     def run(self) -> None:
         try:
             while not self.stop.is_set():
-                batch = self._take()
-                if not batch:
+                batch, gone = self._take()
+                if not batch and not gone:
                     continue
                 try:
-                    self.register(batch)
+                    self.register(batch, gone)
                 except Exception:  # the catalog keeps nothing of it; scans will hand it over again
                     if self.stop.is_set():
                         return
@@ -109,24 +117,36 @@ class Registrar:
         finally:
             self._hashers.shutdown(wait=False, cancel_futures=True)
 
-    def _take(self) -> list[str]:
+    def _take(self) -> tuple[list[str], list[str]]:
         with self._cond:
-            if not self._waiting:
+            if not self._waiting and not self._gone:
                 self._cond.wait(0.5)
             waiting = self._waiting
             batch = [waiting.popleft() for _ in range(min(BATCH, len(waiting)))]
             self._queued.difference_update(batch)
-            self._busy = bool(batch)
-        return batch
+            gone, self._gone = list(self._gone), set()
+            self._busy = bool(batch or gone)
+        return batch, gone
 
-    def register(self, paths: list[str]) -> int:
-        """Register or refresh these paths; return how many rows were written."""
+    def register(self, paths: list[str], gone: list[str] = ()) -> int:
+        """Close the rows of files deleted (``gone``), then register or refresh
+        these paths; return how many rows were written."""
+        if gone:
+            self._close_gone(gone)
         trees: dict[str, Beneath] = {}  # a watch root's directories, opened once for the batch
         try:
             return self._register(paths, trees)
         finally:
             for tree in trees.values():
                 tree.close()
+
+    def _close_gone(self, paths: list[str]) -> None:
+        """Mark removed the live rows of deleted files, unless their file is
+        back as it was: whatever is at the path now is another file."""
+        rows = with_database_retry(lambda: self.catalog.active_rows(paths), self.health, self.stop)
+        closed = [row.id for row in rows.values() if _current_identity(row.local_path) != row.identity]
+        if closed:
+            with_database_retry(lambda: self.catalog.mark_missing(closed), self.health, self.stop)
 
     def _register(self, paths: list[str], trees: dict[str, Beneath]) -> int:
         found = [c for c in (self._candidate(p, trees) for p in dict.fromkeys(paths)) if c is not None]
@@ -162,8 +182,14 @@ class Registrar:
                 fresh.append(self._new_file(c, remote, md5, now))
 
         def write() -> tuple[list[NewFile], Claims]:
-            files = list(fresh)
+            files, replaced = list(fresh), []
             for c, row, md5 in changed:
+                if _replaced(row, c.stat):  # another file now has the path: a new file
+                    remote = self._remote_path(c)
+                    if remote is not None:
+                        files.append(self._new_file(c, remote, md5, now))
+                        replaced.append(row.id)
+                    continue
                 if self.catalog.update_content(row.id, md5, Identity.of(c.stat)):
                     if md5 != row.local_md5sum:
                         log.info("%s changed after it was registered; it will be shipped again",
@@ -172,7 +198,8 @@ class Registrar:
                 remote = self._remote_path(c)  # its row was removed meanwhile: a new file
                 if remote is not None:
                     files.append(self._new_file(c, remote, md5, now))
-            claims = self.catalog.register_files(files, vanished=_vanished) if files else Claims({}, {})
+            claims = (self.catalog.register_files(files, vanished=_vanished, replaced=replaced)
+                      if files else Claims({}, {}))
             return files, claims
 
         checkpoint("hashed")
@@ -306,6 +333,22 @@ class Registrar:
             retain=rule.delete_local_after if rule.overrides_retention else None,
             **identity_columns(Identity.of(c.stat)),
         )
+
+
+def _replaced(row: Registered, st: os.stat_result) -> bool:
+    """Whether the path of a registered file now holds another file (another
+    inode: removed and written again, or a file renamed over it), whose content
+    must not overwrite the far copy of the first. A rewrite in place keeps the
+    inode and is an edit; so, unavoidably, is a new file that reuses the freed
+    inode number at once."""
+    return row.dev is not None and (row.dev, row.ino) != (st.st_dev, st.st_ino)
+
+
+def _current_identity(path: str) -> Identity | None:
+    try:
+        return Identity.of(os.lstat(path))
+    except OSError:
+        return None
 
 
 def _vanished(path: str) -> bool:

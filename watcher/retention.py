@@ -41,6 +41,7 @@ def retention_bounds(config: Config, archive: str) -> tuple[float | None, float 
 HOLD_UNDELETABLE = 3600.0  # seconds before a file that could not be deleted is tried again
 WRITER_RECHECK = 60.0  # seconds before a file held open for writing is looked at again
 WRITERS_UNKNOWN = "files whose writers cannot be checked"
+WRITERS_ACTIVE = "files kept while a process writes to them"
 
 
 def delete_expired(catalog: Catalog, config: Config, archive: str, destination: Destination,
@@ -103,7 +104,7 @@ class _Round:
         """Leave a row for ``seconds``, saying why once (and counting it, for a problem)."""
         if row.id not in self.held:
             if kind and self.health is not None:
-                self.health.problem(self.archive, kind, row.local_path, message)
+                self.health.problem(self.archive, kind, row.local_path, message, level=level)
             else:
                 log.log(level, "%s", message)
         self.held[row.id] = (self.now + seconds, row.identity)
@@ -126,19 +127,24 @@ class _Round:
                        f"cannot open {row.local_path} to delete it: {getattr(exc, 'strerror', None) or exc}")
             return "held"
         self.fds.append(fd)
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return "gone"  # a directory or fifo took its name: the file is not here
-        identity = row.identity
-        if identity is None:  # an md5 the agent did not compute (socs, the API): hash it once
-            md5, st = md5_of_fd(fd)
-            if md5 != row.local_md5sum:
-                self._record_change(row, md5, st)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return "gone"  # a directory or fifo took its name: the file is not here
+            identity = row.identity
+            if identity is None:  # an md5 the agent did not compute (socs, the API): hash it once
+                md5, st = md5_of_fd(fd)
+                if md5 != row.local_md5sum:
+                    self._record_change(row, md5, st)
+                    return "changed"
+                identity = Identity.of(st)
+            elif Identity.of(st) != identity:
+                self._record_change(row, *md5_of_fd(fd))
                 return "changed"
-            identity = Identity.of(st)
-        elif Identity.of(st) != identity:
-            self._record_change(row, *md5_of_fd(fd))
-            return "changed"
+        except OSError as exc:  # an I/O error reading it: keep it, say so once
+            self._hold(row, HOLD_UNDELETABLE, logging.ERROR,
+                       f"cannot read {row.local_path} to delete it: {exc.strerror or exc}")
+            return "held"
         return fd, identity
 
     def _record_change(self, row: File, md5: str, st: os.stat_result) -> None:
@@ -175,10 +181,15 @@ class _Round:
                                 "missing" if found is None else "different")
                 elif self._lease(row, fd):
                     leased.append((row, fd, identity))
-            deleted = self._delete(leased)
+            deleted, changed = self._delete(leased)
         finally:
             for _, fd, _ in leased:
                 release_lease(fd)
+        for row, fd in changed:  # hashed without the lease: a writer waits for nobody
+            try:
+                self._record_change(row, *md5_of_fd(fd))
+            except OSError as exc:
+                log.error("cannot read %s: %s", row.local_path, exc.strerror or exc)
         if gone:
             self.catalog.mark_missing([r.id for r in gone])
             for row in gone:
@@ -193,7 +204,9 @@ class _Round:
         writers = hold_against_writers(fd)
         if writers == WriterCheck.WRITING:
             self._hold(row, WRITER_RECHECK, logging.INFO,
-                       f"not deleting {row.local_path} yet: a process has it open for writing")
+                       f"not deleting {row.local_path} yet: a process has it open for writing "
+                       "(on NFS, a lease may be refused even so: files there are kept)",
+                       kind=WRITERS_ACTIVE)
         elif writers == WriterCheck.UNKNOWN:
             self._hold(row, HOLD_UNDELETABLE, logging.WARNING,
                        f"not deleting {row.local_path}: cannot tell whether a process writes to "
@@ -201,12 +214,13 @@ class _Round:
                        "AmbientCapabilities=CAP_LEASE)", kind=WRITERS_UNKNOWN)
         return writers == WriterCheck.FREE
 
-    def _delete(self, leased: list[tuple[File, int, Identity]]) -> int:
+    def _delete(self, leased: list[tuple[File, int, Identity]]) -> tuple[int, list[tuple[File, int]]]:
         """Unlink files nobody writes to that are still what was hashed; the
         rows are marked removed first (Catalog.claim_removal), so no new file
-        at a path is ever taken for the one deleted."""
+        at a path is ever taken for the one deleted. Returns how many were
+        deleted, and the files found changed (to hash once the leases are gone)."""
         if not leased:
-            return 0
+            return 0, []
         claimed = self.catalog.claim_removal([(r.id, r.local_md5sum) for r, _, _ in leased], time.time())
         deleted, kept, changed = [], [], []
         for row, fd, identity in leased:
@@ -232,14 +246,13 @@ class _Round:
                            f"cannot delete {row.local_path}: {exc.strerror or exc} "
                            f"(trying again in {HOLD_UNDELETABLE:.0f} s)")
         self.catalog.end_removal(deleted, kept)
-        for row, fd in changed:
-            self._record_change(row, *md5_of_fd(fd))
         if self.health is not None:
-            for row_id in deleted:
-                path = next(r.local_path for r, _, _ in leased if r.id == row_id)
-                for kind in ("symlinks", WRITERS_UNKNOWN):
-                    self.health.solved(self.archive, kind, path)
-        return len(deleted)
+            gone = set(deleted)
+            for row, _, _ in leased:
+                if row.id in gone:
+                    for kind in ("symlinks", WRITERS_UNKNOWN, WRITERS_ACTIVE):
+                        self.health.solved(self.archive, kind, row.local_path)
+        return len(deleted), changed
 
 
 def settle_claimed_removals(catalog: Catalog, config: Config) -> int:

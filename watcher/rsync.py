@@ -14,6 +14,7 @@ place, which turns an exit status into a typed ``TransferError``.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import resource
@@ -386,17 +387,23 @@ class _Listing:
         for item in items:
             if item.remote_path in self._taken:
                 continue  # two rows for one remote name: the second waits a batch
-            if self._max_files is not None and len(self.fds) >= self._max_files:
+            if self._max_files is not None and len(self.fds) + len(self._parent_fds) >= self._max_files:
                 break
             try:
                 problem = remote_path_problem(item.remote_path)
                 if problem:
                     raise ValueError(problem)
                 self._add(item)
-            except (OSError, ValueError) as exc:
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    break  # out of descriptors: the agent's, not the file's; the rest wait
                 if not isinstance(exc, FileNotFoundError):
                     log.error("refusing to ship %s as %r: %s", item.local_path, item.remote_path,
-                              getattr(exc, "strerror", None) or exc)
+                              exc.strerror or exc)
+                refused.append(item)
+                continue
+            except ValueError as exc:
+                log.error("refusing to ship %s as %r: %s", item.local_path, item.remote_path, exc)
                 refused.append(item)
                 continue
             self._taken.add(item.remote_path)
@@ -468,9 +475,10 @@ def _local_md5(basedir: str, remote_paths: list[str]) -> dict[str, str]:
 
 
 def _descriptor_budget() -> int:
-    """How many files a batch may hold open (one descriptor each while rsync
-    runs): the soft limit is raised to the hard one, less a reserve for the
-    rest of the agent."""
+    """How many files and directories a batch may hold open (a descriptor
+    each while rsync runs): the soft limit is raised to the hard one, and a
+    batch takes a quarter of it (other archives' batches, retention's round
+    and the rest of the agent share the remainder)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > 1 << 20:
         hard = 1 << 20
@@ -480,7 +488,7 @@ def _descriptor_budget() -> int:
             soft = hard
         except (ValueError, OSError):
             pass
-    return max(16, min(soft, 1 << 20) - 512)
+    return max(64, (min(soft, 1 << 20) - 256) // 4)
 
 
 def make_control_dir() -> str:

@@ -17,12 +17,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import signal
 import stat
 from typing import NamedTuple
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a fifo put in a file's place must not hang the agent.
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 
 
 class SymlinkInPath(OSError):
@@ -97,19 +98,36 @@ class Beneath:
         fd = self._dirs.get(reldir)
         if fd is not None:
             return fd
-        if not reldir:
-            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        else:
-            parent, _, name = reldir.rpartition("/")
-            at = self.dir_fd(parent)
+        # From the deepest directory already open down (a loop, not recursion:
+        # a path may have thousands of components).
+        parts = reldir.split("/") if reldir else []
+        known = len(parts)
+        while known > 0 and "/".join(parts[:known]) not in self._dirs:
+            known -= 1
+        if known == 0 and "" not in self._dirs:
+            self._dirs[""] = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        at = self._dirs["/".join(parts[:known])]
+        for i in range(known, len(parts)):
             try:
-                fd = os.open(name, _DIR_FLAGS, dir_fd=at)
+                at = os.open(parts[i], DIR_FLAGS, dir_fd=self._dirs["/".join(parts[:i])])
             except OSError as exc:
-                if exc.errno in (errno.ENOTDIR, errno.ELOOP) and _is_link(name, at):
-                    raise SymlinkInPath(os.path.join(self.root, reldir)) from None
+                parent = self._dirs["/".join(parts[:i])]
+                if exc.errno in (errno.ENOTDIR, errno.ELOOP) and _is_link(parts[i], parent):
+                    raise SymlinkInPath(os.path.join(self.root, *parts[:i + 1])) from None
                 raise
-        self._dirs[reldir] = fd
-        return fd
+            self._dirs["/".join(parts[:i + 1])] = at
+        return at
+
+    def still_in_place(self, reldir: str) -> bool:
+        """Whether the directory opened for ``reldir`` is still the one a fresh
+        walk from the root reaches (it was not moved out and replaced since)."""
+        held = os.fstat(self.dir_fd(reldir))
+        try:
+            with Beneath(self.root) as fresh:
+                now = os.fstat(fresh.dir_fd(reldir))
+        except (OSError, ValueError):
+            return False
+        return (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
 
     def open(self, path: str) -> int:
         """A read-only descriptor of a file below the root, opened without
@@ -124,9 +142,12 @@ class Beneath:
 
     def unlink_if(self, path: str, expected: Identity) -> bool:
         """Unlink the entry at ``path`` if it still is the file of ``expected``
-        (same device and inode, unchanged); False, touching nothing, otherwise."""
+        (same device and inode, unchanged) in the directory a fresh walk
+        reaches; False, touching nothing, otherwise."""
         parent, name = split_beneath(path, self.root)
         at = self.dir_fd(parent)
+        if not self.still_in_place(parent):
+            return False
         st = os.stat(name, dir_fd=at, follow_symlinks=False)
         if not stat.S_ISREG(st.st_mode) or Identity.of(st) != expected:
             return False
@@ -138,7 +159,7 @@ def open_in(dir_fd: int, name: str, path: str) -> int:
     """A read-only descriptor of ``name`` in a directory, the name itself
     not followed (``path``, its full path, names it in errors)."""
     try:
-        return os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+        return os.open(name, FILE_FLAGS, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno == errno.ELOOP and _is_link(name, dir_fd):
             raise SymlinkInPath(path) from None
@@ -150,12 +171,6 @@ def _is_link(name: str, dir_fd: int) -> bool:
         return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
     except OSError:
         return False
-
-
-def open_beneath(path: str, root: str) -> int:
-    """One file opened below ``root`` without following links (see Beneath.open)."""
-    with Beneath(root) as b:
-        return b.open(path)
 
 
 _F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
@@ -172,7 +187,10 @@ class WriterCheck:
 def hold_against_writers(fd: int) -> str:
     """Take a read lease on an open file: granted only while no process has
     it open for writing, and while held, an open for writing waits for us
-    (up to the kernel's lease-break time). ``release_lease`` ends it."""
+    (up to the kernel's lease-break time). ``release_lease`` ends it.
+
+    The kernel tells the lease holder of a break with SIGIO, whose default
+    action ends the process: ``ignore_lease_breaks`` must have run."""
     try:
         fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_RDLCK)
         return WriterCheck.FREE
@@ -180,6 +198,12 @@ def hold_against_writers(fd: int) -> str:
         if exc.errno == errno.EAGAIN:
             return WriterCheck.WRITING
         return WriterCheck.UNKNOWN
+
+
+def ignore_lease_breaks() -> None:
+    """Ignore SIGIO, which a broken lease sends (the break itself needs no
+    answer: releasing the lease soon is enough). From the main thread, at start."""
+    signal.signal(signal.SIGIO, signal.SIG_IGN)
 
 
 def release_lease(fd: int) -> None:

@@ -16,7 +16,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import yaml
 
@@ -95,16 +95,24 @@ class Finalization:
 def write_finalization(
     file_root: Path, instance_id: str, archive: str, timecode: int,
     num_files: int, subdirs: list[str], finalized_until: float, now: float,
+    taken: Callable[[str], bool] = lambda remote: False,
 ) -> Finalization:
     """Write the YAML that tells downstream a directory is whole.
 
     Written to a temporary name and renamed, so a crash never leaves a half
     file; a file whose catalog row was never committed is harmless (nothing
-    ships it) and is replaced by a newer one.
+    ships it) and is replaced by a newer one. A directory finalized again
+    within the same second gets the next free second in its name (a name
+    that is here or ``taken`` in the catalog): a far copy is never overwritten.
     """
     tc_now = timecode_now(now)
-    name = f"{int(now)}_{archive}_{timecode}{FINALIZED_SUFFIX}"
-    local = Path(file_root) / str(tc_now) / instance_id / name
+    named = int(now)
+    while True:
+        name = f"{named}_{archive}_{timecode}{FINALIZED_SUFFIX}"
+        local = Path(file_root) / str(tc_now) / instance_id / name
+        if not local.exists() and not taken(f"{tc_now}/suprsync/{instance_id}/{name}"):
+            break
+        named += 1
     summary = {
         "timecode": timecode,
         "num_files": num_files,
@@ -199,6 +207,7 @@ def update_timecode_dirs(
         fin = write_finalization(
             file_root, instance_id, archive, tcdir.timecode, len(paths),
             subdirs_of(paths), catalog.finalized_until(archive, now), now,
+            taken=lambda remote: bool(catalog.known_remote_paths(archive, [remote])),
         )
         checkpoint("finalizing")
         if catalog.finalize_timecode_dir(tcdir.id, fin.local_path, fin.remote_path, now, len(paths)):
