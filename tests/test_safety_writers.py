@@ -14,6 +14,7 @@ file between lines.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.agent_process import agent_processes  # noqa: F401  (fixture)
 from tests.waiting import wait_until
+from watcher.db import Catalog
 
 LINES = 10
 SETTLE = 0.3
@@ -152,3 +155,22 @@ def test_a_file_its_writer_closed_is_deleted_once_its_last_lines_are_verified(se
                message="the closed file shipped with every line, then deleted")
     [row] = catalog.rows_for_path(str(log))
     assert (row.removed or 0) > 0 and row.verified
+
+
+def test_the_signal_a_broken_lease_sends_never_stops_the_agent(setup, agent_processes):
+    """The kernel tells a lease holder that a writer opens its file with SIGIO,
+    whose default action ends a process: the agent ignores it."""
+    far = setup.archive()
+    inbox = setup.rule()
+    agent = agent_processes(setup).start().wait_ready()
+    os.kill(agent.pid, signal.SIGIO)
+    (inbox / "after.dat").write_bytes(b"after")
+    catalog = Catalog(setup.database)
+    try:
+        wait_until(lambda: any(r.verified for r in catalog.rows_for_path(str(inbox / "after.dat"))),
+                   timeout=15, message="a file shipped after the signal")
+    finally:
+        catalog.close()
+    assert (far / "after.dat").read_bytes() == b"after"
+    assert agent.running()
+    assert agent.terminate() == 0
