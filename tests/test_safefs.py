@@ -26,9 +26,12 @@ def test_a_file_below_a_link_to_a_directory_is_never_opened(tmp_path):
                 tree.open(str(path))
 
 
+DEPTH = 1200  # deeper than Python's recursion limit
+
+
 def test_a_path_of_thousands_of_directories_is_opened_without_recursion(tmp_path):
     fd = os.open(tmp_path, os.O_RDONLY)
-    for _ in range(1500):  # 3,000 characters: deeper than Python's recursion limit
+    for _ in range(DEPTH):
         os.mkdir("a", dir_fd=fd)
         deeper = os.open("a", os.O_RDONLY, dir_fd=fd)
         os.close(fd)
@@ -37,12 +40,31 @@ def test_a_path_of_thousands_of_directories_is_opened_without_recursion(tmp_path
     os.write(made, b"deep")
     os.close(made)
     os.close(fd)
-    with Beneath(str(tmp_path)) as tree:
-        opened = tree.open(str(tmp_path) + "/a" * 1500 + "/f")
+    try:
+        with Beneath(str(tmp_path)) as tree:
+            opened = tree.open(str(tmp_path) + "/a" * DEPTH + "/f")
+            try:
+                assert os.read(opened, 10) == b"deep"
+            finally:
+                os.close(opened)
+    finally:
+        _remove_deep_tree(tmp_path)
+
+
+def _remove_deep_tree(top: Path) -> None:
+    """Remove the chain of ``a`` directories from the bottom up, without
+    recursion (pytest's own clean-up of old temporary trees recurses)."""
+    fds = [os.open(top, os.O_RDONLY)]
+    while True:
         try:
-            assert os.read(opened, 10) == b"deep"
-        finally:
-            os.close(opened)
+            fds.append(os.open("a", os.O_RDONLY, dir_fd=fds[-1]))
+        except FileNotFoundError:
+            break
+    os.unlink("f", dir_fd=fds[-1])
+    for parent in reversed(fds[:-1]):
+        os.rmdir("a", dir_fd=parent)
+    for fd in fds:
+        os.close(fd)
 
 
 def test_a_directory_moved_out_of_the_tree_after_it_was_opened_is_not_deleted_from(tmp_path):
