@@ -38,13 +38,14 @@ LOG_EACH = 20  # registering more files at once logs a summary line (each at DEB
 
 
 class Candidate(NamedTuple):
-    """A complete file, its rule, and its stat before hashing."""
+    """A complete file, its rule, and its stat (and identity) before hashing."""
 
     path: str
     rule: Rule
     relpath: str
     groups: dict[str, str]
     stat: os.stat_result
+    identity: Identity
 
 
 class Registrar:
@@ -63,6 +64,7 @@ class Registrar:
         self._hashers = ThreadPoolExecutor(hash_threads, thread_name_prefix="watcher-hash")
         self._reported: set[str] = set()
         self._gone: set[str] = set()
+        self._unreadable: set[str] = set()  # reported files, solved once they are read
         self._busy = False
 
     def submit(self, path: str) -> None:
@@ -161,7 +163,7 @@ class Registrar:
                 remote = self._remote_path(c)  # before hashing: an unsafe one is never hashed
                 if remote is not None:
                     todo.append((c, None, remote))
-            elif row.identity != Identity.of(c.stat):
+            elif row.identity != c.identity:
                 todo.append((c, row, None))
             # else: already registered as it is
         # Big files go to the hashing threads; small ones are hashed here meanwhile
@@ -190,7 +192,7 @@ class Registrar:
                         files.append(self._new_file(c, remote, md5, now))
                         replaced.append(row.id)
                     continue
-                if self.catalog.update_content(row.id, md5, Identity.of(c.stat)):
+                if self.catalog.update_content(row.id, md5, c.identity):
                     if md5 != row.local_md5sum:
                         log.info("%s changed after it was registered; it will be shipped again",
                                  row.local_path)
@@ -271,7 +273,7 @@ class Registrar:
             return None
         if not stat.S_ISREG(st.st_mode):
             return None  # a directory, a fifo (reading it would block), a socket
-        return Candidate(path, *found, st)
+        return Candidate(path, *found, st, Identity.of(st))
 
     def _symlink(self, rule: Rule, path: str) -> None:
         self._problem(rule.archive, "symlinks", path,
@@ -299,15 +301,18 @@ class Registrar:
             return None
         except OSError as exc:
             if exc.errno != errno.ENOENT:
+                self._unreadable.add(c.path)
                 self._problem(c.rule.archive, "unreadable files", c.path,
                               f"cannot read {c.path}: {exc.strerror or exc}; it is not shipped "
                               "until the agent may read it")
             return None
-        if Identity.of(after) != Identity.of(c.stat):
+        if Identity.of(after) != c.identity:
             self.settle.track(c.path, c.rule.settle)
             return None
-        if self.health is not None:
-            self.health.solved(c.rule.archive, "unreadable files", c.path)
+        if c.path in self._unreadable:
+            self._unreadable.discard(c.path)
+            if self.health is not None:
+                self.health.solved(c.rule.archive, "unreadable files", c.path)
         return md5
 
     def _remote_path(self, c: Candidate) -> str | None:
@@ -331,7 +336,7 @@ class Registrar:
             local_path=c.path, remote_path=remote, archive_name=rule.archive,
             local_md5sum=md5, timestamp=now, deletable=rule.deletable and not keep_forever,
             retain=rule.delete_local_after if rule.overrides_retention else None,
-            **identity_columns(Identity.of(c.stat)),
+            **identity_columns(c.identity),
         )
 
 

@@ -65,9 +65,10 @@ def split_beneath(path: str, root: str) -> tuple[str, str]:
     if not path.startswith(prefix):
         raise ValueError(f"{path} is not below {root}")
     rel = path[len(prefix):]
-    parent, _, name = rel.rpartition("/")
-    if not name or name in (".", "..") or any(p in ("", ".", "..") for p in parent.split("/") if parent):
+    padded = f"/{rel}/"
+    if "//" in padded or "/./" in padded or "/../" in padded:
         raise ValueError(f"{path} is not a plain path below {root}")
+    parent, _, name = rel.rpartition("/")
     return parent, name
 
 
