@@ -147,6 +147,21 @@ def test_status_with_a_bad_config_exits_2_naming_the_problem(tmp_path):
     assert f"{config}:3: bogus: unknown key" in result.stderr
 
 
+def test_status_works_while_a_watched_directory_is_gone_but_run_refuses_it(tmp_path):
+    inbox, far = tmp_path / "inbox", tmp_path / "far"
+    inbox.mkdir()
+    config = tmp_path / "rules.yaml"
+    config.write_text(f"database: {tmp_path / 'c.db'}\narchives: {{a: {{remote_basedir: {far}}}}}\n"
+                      f"rules: [{{watch: {inbox}, archive: a}}]\n")
+    ok(watcher("add", str(tmp_path / "rules.yaml"), "x.yaml", "a", "--config", str(config), cwd=tmp_path))
+    inbox.rmdir()  # the operator looks at status exactly when something is wrong
+    report = json.loads(ok(watcher("status", "--json", "--config", str(config), cwd=tmp_path)))
+    assert report["a"]["pending"] == 1
+    result = watcher("run", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "rules[0].watch: directory" in result.stderr and "does not exist" in result.stderr
+
+
 # -- add ------------------------------------------------------------------------------------
 
 

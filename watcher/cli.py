@@ -37,9 +37,11 @@ class CommandError(Exception):
 # -- shared option handling ------------------------------------------------------
 
 
-def _config(args) -> Config:
+def _config(args, live: bool = True) -> Config:
+    """The rules file; ``live`` false for commands that only read the catalog
+    (a watched directory that is gone must not stop `watcher status`)."""
     if getattr(args, "config", None):
-        return load_config(args.config)
+        return load_config(args.config, live=live)
     state = default_state_dir(getattr(args, "state_dir", None))
     return load_default_config(state)
 
@@ -56,7 +58,7 @@ def _catalog(args, must_exist: bool = True) -> tuple[Catalog, Config | None]:
             raise CommandError(f"no catalog: {state} does not exist (give --db, --config or "
                                f"--state-dir, or set {DB_ENV})")
     if db is None:
-        config = _config(args)
+        config = _config(args, live=False)
         db = config.database
     db = Path(db)
     if must_exist and not db.exists():

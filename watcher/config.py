@@ -222,8 +222,9 @@ def _keypath(path: tuple) -> str:
 class _Reader:
     """Collects typed values and problems while walking the parsed file."""
 
-    def __init__(self, source: str, base: Path):
+    def __init__(self, source: str, base: Path, live: bool = True):
         self.source = source
+        self.live = live  # whether watched directories must exist (the agent; not `watcher status`)
         self.lines: dict[tuple, int] = {}
         self.base = base
         self.problems: list[str] = []
@@ -611,7 +612,7 @@ def _read_rule(r: _Reader, i: int, data: Any, archives: dict[str, Archive]) -> R
         return None
     data = r.mapping(data, path, _RULE)
     watch = r.get(data, "watch", path, r.path, required=True)
-    if watch is not None and not watch.is_dir():
+    if watch is not None and r.live and not watch.is_dir():
         r.problem(path + ("watch",), f"directory {str(watch)!r} does not exist")
     archive = r.get(data, "archive", path, _str, required=True)
     if archive is not None and archive not in archives:
@@ -642,9 +643,11 @@ def _read_rule(r: _Reader, i: int, data: Any, archives: dict[str, Archive]) -> R
     )
 
 
-def parse_config(text: str, source: str, base: Path) -> Config:
-    """Build a Config from YAML text; relative paths resolve against ``base``."""
-    r = _Reader(source, base)
+def parse_config(text: str, source: str, base: Path, live: bool = True) -> Config:
+    """Build a Config from YAML text; relative paths resolve against ``base``.
+    With ``live`` false, a watched directory may be missing (the commands
+    that only read the catalog must work when one is gone)."""
+    r = _Reader(source, base, live)
     data = _compose(r, text)
     if not isinstance(data, dict):
         r.problem((), f"expected a mapping with 'archives' and 'rules', got {type(data).__name__}")
@@ -691,8 +694,9 @@ def parse_config(text: str, source: str, base: Path) -> Config:
     return config
 
 
-def load_config(path: str | os.PathLike, base: Path | None = None) -> Config:
-    """Read a rules file; relative paths are relative to its directory."""
+def load_config(path: str | os.PathLike, base: Path | None = None, live: bool = True) -> Config:
+    """Read a rules file; relative paths are relative to its directory
+    (``live``: see parse_config)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -700,7 +704,7 @@ def load_config(path: str | os.PathLike, base: Path | None = None) -> Config:
         raise ConfigError([f"{path}: cannot read configuration: {exc.strerror}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: not a UTF-8 text file"]) from None
-    return parse_config(text, str(path), base or path.resolve().parent)
+    return parse_config(text, str(path), base or path.resolve().parent, live)
 
 
 def default_state_dir(option: str | None = None) -> Path:
