@@ -28,7 +28,7 @@ from watcher.faults import checkpoint
 from watcher.handlers import SettleTracker
 from watcher.health import Health, with_database_retry
 from watcher.rules import UnsafeRemotePath, remote_path_problem, render_remote_path, select_rule
-from watcher.safefs import Beneath, Identity, SymlinkInPath
+from watcher.safefs import Identity, SymlinkInPath, Trees
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +135,8 @@ class Registrar:
         these paths; return how many rows were written."""
         if gone:
             self._close_gone(gone)
-        trees: dict[str, Beneath] = {}  # a watch root's directories, opened once for the batch
-        try:
+        with Trees() as trees:  # a watch root's directories, opened once for the batch
             return self._register(paths, trees)
-        finally:
-            for tree in trees.values():
-                tree.close()
 
     def _close_gone(self, paths: list[str]) -> None:
         """Mark removed the live rows of deleted files, unless their file is
@@ -150,7 +146,7 @@ class Registrar:
         if closed:
             with_database_retry(lambda: self.catalog.mark_missing(closed), self.health, self.stop)
 
-    def _register(self, paths: list[str], trees: dict[str, Beneath]) -> int:
+    def _register(self, paths: list[str], trees: Trees) -> int:
         found = [c for c in (self._candidate(p, trees) for p in dict.fromkeys(paths)) if c is not None]
         if not found:
             return 0
@@ -254,13 +250,13 @@ class Registrar:
             self._reported.add(path)
             log.warning("%s", message)
 
-    def _candidate(self, path: str, trees: dict[str, Beneath]) -> Candidate | None:
+    def _candidate(self, path: str, trees: Trees) -> Candidate | None:
         found = select_rule(path, self.config.rules)
         if not found:
             return None
         rule = found[0]
         root = str(rule.watch)
-        tree = trees.get(root) or trees.setdefault(root, Beneath(root))
+        tree = trees.at(root)
         try:
             st = tree.lstat(path)
         except SymlinkInPath as exc:
@@ -281,7 +277,7 @@ class Registrar:
                       "symlinks are never followed or shipped; put the file itself there if it "
                       "should be shipped")
 
-    def _hash(self, c: Candidate, trees: dict[str, Beneath]) -> str | None:
+    def _hash(self, c: Candidate, trees: Trees) -> str | None:
         """md5 of a file found unchanged once read (the identity it had before
         it was read); else None, and it settles again. The file is opened
         below its watch root without following links.
@@ -291,7 +287,7 @@ class Registrar:
         hands the path over again and the new content is hashed then.
         """
         try:
-            fd = trees[str(c.rule.watch)].open(c.path)
+            fd = trees.at(str(c.rule.watch)).open(c.path)
             try:
                 md5, after = md5_of_fd(fd)
             finally:

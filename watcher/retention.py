@@ -23,7 +23,7 @@ from watcher.faults import checkpoint
 from watcher.health import Health
 from watcher.rsync import Destination
 from watcher.safefs import (
-    Beneath, Identity, SymlinkInPath, WriterCheck, hold_against_writers, release_lease, root_of,
+    Identity, SymlinkInPath, Trees, WriterCheck, hold_against_writers, release_lease,
 )
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,7 @@ class _Round:
     def __init__(self, catalog: Catalog, config: Config, archive: str, now: float,
                  held: dict[int, float], health: Health | None):
         self.catalog, self.archive, self.now, self.held, self.health = catalog, archive, now, held, health
-        self.roots = [str(r.watch) for r in config.rules] + [str(config.file_root)]
-        self.trees: dict[str, Beneath] = {}
+        self.trees = Trees([r.watch for r in config.rules] + [config.file_root])
         self.fds: list[int] = []
 
     def __enter__(self) -> "_Round":
@@ -93,12 +92,7 @@ class _Round:
     def __exit__(self, *exc) -> None:
         for fd in self.fds:
             os.close(fd)
-        for tree in self.trees.values():
-            tree.close()
-
-    def _tree(self, path: str) -> Beneath:
-        root = root_of(path, self.roots)
-        return self.trees.get(root) or self.trees.setdefault(root, Beneath(root))
+        self.trees.close()
 
     def _hold(self, row: File, seconds: float, level: int, message: str, kind: str | None = None) -> None:
         """Leave a row for ``seconds``, saying why once (and counting it, for a problem)."""
@@ -113,7 +107,7 @@ class _Round:
         """The row's file opened and found to be what was hashed, with its
         identity; else what it is instead: "gone", "changed" or "held"."""
         try:
-            fd = self._tree(row.local_path).open(row.local_path)
+            fd = self.trees.of(row.local_path).open(row.local_path)
         except SymlinkInPath as exc:
             self._hold(row, HOLD_UNDELETABLE, logging.WARNING,
                        f"not deleting {row.local_path}: {exc.filename} is a symlink, which is never "
@@ -231,7 +225,7 @@ class _Round:
                 if Identity.of(os.fstat(fd)) != identity:  # written to before our lease
                     changed.append((row, fd))
                     kept.append(row.id)
-                elif self._tree(row.local_path).unlink_if(row.local_path, identity):
+                elif self.trees.of(row.local_path).unlink_if(row.local_path, identity):
                     deleted.append(row.id)
                     log.info("deleted %s (verified on %s as %s)", row.local_path, self.archive,
                              row.remote_path)

@@ -33,7 +33,7 @@ from watcher.config import Archive
 from watcher.db import md5_of_fd
 from watcher.faults import checkpoint
 from watcher.rules import remote_path_problem
-from watcher.safefs import Beneath, open_in, root_of, split_beneath
+from watcher.safefs import Beneath, Trees, open_in, split_beneath
 
 log = logging.getLogger(__name__)
 
@@ -344,14 +344,13 @@ class _Listing:
     """
 
     def __init__(self, roots: tuple[str, ...] = (), max_files: int | None = None):
-        self._roots = roots
+        self._trees = Trees(roots)
         self._max_files = max_files
         self._remotes: list[str] = []
         self._tree: str | None = None
         self._made: set[str] = set()
         self._taken: set[str] = set()
-        self._dirs: dict[str, Beneath] = {}  # per root
-        self._parent_fds: dict[str, int] = {}  # per local directory (owned by _dirs)
+        self._parent_fds: dict[str, int] = {}  # per local directory (owned by _trees)
         self._top = ""
         self.fds: list[int] = []
 
@@ -361,8 +360,7 @@ class _Listing:
     def __exit__(self, *exc) -> None:
         for fd in self.fds:
             os.close(fd)
-        for tree in self._dirs.values():
-            tree.close()
+        self._trees.close()
         if self._tree is not None:
             shutil.rmtree(self._tree, ignore_errors=True)
 
@@ -415,9 +413,8 @@ class _Listing:
         following links (once per directory and batch)."""
         fd = self._parent_fds.get(parent)
         if fd is None:
-            root = root_of(parent + "/", self._roots)
-            tree = self._dirs.get(root) or self._dirs.setdefault(root, Beneath(root))
-            fd = self._parent_fds[parent] = tree.dir_fd(split_beneath(parent + "/x", root)[0])
+            tree = self._trees.of(parent + "/")
+            fd = self._parent_fds[parent] = tree.dir_fd(split_beneath(parent + "/x", tree.root)[0])
         return fd
 
     def _add(self, item: Item) -> None:

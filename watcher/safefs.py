@@ -156,6 +156,37 @@ class Beneath:
         return True
 
 
+class Trees:
+    """A Beneath for each root a batch of files touches, opened on demand and
+    closed together (a use as a context manager)."""
+
+    def __init__(self, roots=()):
+        self.roots = [str(r) for r in roots]
+        self._trees: dict[str, Beneath] = {}
+
+    def __enter__(self) -> "Trees":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        trees, self._trees = self._trees, {}
+        for tree in trees.values():
+            tree.close()
+
+    def at(self, root: str) -> Beneath:
+        """The tree of this root."""
+        tree = self._trees.get(root)
+        if tree is None:
+            tree = self._trees[root] = Beneath(root)
+        return tree
+
+    def of(self, path: str) -> Beneath:
+        """The tree of the innermost root that holds ``path`` (see root_of)."""
+        return self.at(root_of(path, self.roots))
+
+
 def open_in(dir_fd: int, name: str, path: str) -> int:
     """A read-only descriptor of ``name`` in a directory, the name itself
     not followed (``path``, its full path, names it in errors)."""
