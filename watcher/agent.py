@@ -189,6 +189,17 @@ def inotify_watched() -> set[tuple[int, int]]:
     return found
 
 
+def _comparable(watched: set[tuple[int, int]], dirs: list[tuple[str, tuple[int, int]]]) -> set:
+    """The watched (device, inode) pairs, with the devices stat() gives when the
+    kernel's differ (btrfs reports a subvolume's own device to stat(), the file
+    system's to fdinfo): then inodes alone are compared."""
+    devices = {dev for dev, _ in watched}
+    if not dirs or any(ident[0] in devices for _, ident in dirs):
+        return watched
+    inodes = {ino for _, ino in watched}
+    return {ident for _, ident in dirs if ident[1] in inodes}
+
+
 def _read_only(path: Path) -> str | None:
     """Why the catalog cannot be written, or None. Never opens it: closing any
     descriptor of the file would drop the locks SQLite holds on it."""
@@ -486,11 +497,11 @@ class Agent:
         dirs = [(path, ident) for path, ident in dirs if self._root_of(path) in inotify]
         missing = []
         if dirs:
-            watched = inotify_watched()
+            watched = _comparable(inotify_watched(), dirs)
             missing = [(path, ident) for path, ident in dirs if ident not in watched]
         if missing:
             self.stop_event.wait(1.0)  # a directory just made may be getting its watch right now
-            watched = inotify_watched()
+            watched = _comparable(inotify_watched(), dirs)
             missing = [(path, ident) for path, ident in missing
                        if ident not in watched and _identity(path) == ident]
         lost: dict[str, list[str]] = {}

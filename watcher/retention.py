@@ -40,6 +40,7 @@ def retention_bounds(config: Config, archive: str) -> tuple[float | None, float 
 
 HOLD_UNDELETABLE = 3600.0  # seconds before a file that could not be deleted is tried again
 WRITER_RECHECK = 60.0  # seconds before a file held open for writing is looked at again
+HELD_LOOKED_PAST = 5000  # held rows a round reads past to find others
 WRITERS_UNKNOWN = "files whose writers cannot be checked"
 WRITERS_ACTIVE = "files kept while a process writes to them"
 
@@ -67,7 +68,10 @@ def delete_expired(catalog: Catalog, config: Config, archive: str, destination: 
     def holding(row: File) -> bool:
         return row.id in held and held[row.id][1] == row.identity
 
-    rows = [r for r in catalog.deletable_batch(archive, now, default, shortest, limit + len(held))
+    # Held rows are the oldest, so they come first; looking past a bounded
+    # number of them keeps a round's cost to a batch when many are held.
+    rows = [r for r in catalog.deletable_batch(archive, now, default, shortest,
+                                               limit + min(len(held), HELD_LOOKED_PAST))
             if not holding(r)][:limit]
     if not rows:
         return 0
