@@ -85,14 +85,15 @@ def run(argv: list[str], *, stdin: bytes | None = None, timeout: float | None = 
 
     Raises TransferError("timeout") when it runs longer than ``timeout`` (the
     whole process group is killed) and Stopped when the agent stops first.
-    ``pass_fds``: descriptors the command inherits (at the same numbers).
+    ``pass_fds``: descriptors the command inherits (at the same numbers; they
+    must be inheritable: every command is started with all others closed).
     """
     log.debug("running %r", argv)
     deadline = None if timeout is None else time.monotonic() + timeout
     proc = sh.Command(argv[0])(
         *argv[1:], _in=stdin, _bg=True, _bg_exc=False, _tty_out=False,
         _ok_code=list(range(256)), _return_cmd=True, _new_session=True,
-        **({"_pass_fds": set(pass_fds), "_preexec_fn": _inheritable(pass_fds)} if pass_fds else {}))
+        **({"_pass_fds": set(pass_fds)} if pass_fds else {}))
     # Poll, never proc.wait(timeout=...): when that sees the exit it marks the
     # command waited for without joining sh's reader threads, so stdout could
     # be read short or empty. The final proc.wait() below joins them.
@@ -123,15 +124,6 @@ def run(argv: list[str], *, stdin: bytes | None = None, timeout: float | None = 
     except sh.SignalException as exc:
         raise TransferError("timeout", f"{argv[0]} was killed: {exc}", argv) from None
     return Completed(proc.exit_code, proc.stdout or b"", proc.stderr or b"")
-
-
-def _inheritable(fds: list[int]):
-    """Run in the child before exec: keep these descriptors across it (they
-    are opened close-on-exec, so no other command inherits them)."""
-    def clear_cloexec():
-        for fd in fds:
-            os.set_inheritable(fd, True)
-    return clear_cloexec
 
 
 def _pidfd(pid: int) -> int | None:
@@ -362,6 +354,13 @@ class _Listing:
             os.close(fd)
         self._trees.close()
         if self._tree is not None:
+            try:  # the links it made, then its directories, deepest first: no listing needed
+                for remote in self._remotes:
+                    os.unlink(f"{self._top}/{remote}")
+                for made in sorted(self._made, key=len, reverse=True):
+                    os.rmdir(made)
+            except OSError:
+                pass
             shutil.rmtree(self._tree, ignore_errors=True)
 
     def source_and_data(self) -> tuple[str, bytes]:
@@ -426,7 +425,7 @@ class _Listing:
             self._top = self._tree + "/t"
         local = item.local_path
         parent, _, name = local.rpartition("/")
-        fd = open_in(self._dir_fd(parent), name, local)
+        fd = open_in(self._dir_fd(parent), name, local, inheritable=True)
         try:
             link = f"{self._top}/{item.remote_path}"
             link_dir = link.rpartition("/")[0]
@@ -485,7 +484,7 @@ def _descriptor_budget() -> int:
             soft = hard
         except (ValueError, OSError):
             pass
-    return max(64, (min(soft, 1 << 20) - 256) // 4)
+    return max(64, (min(soft, 1 << 20) - 1024) // 2)
 
 
 def make_control_dir() -> str:

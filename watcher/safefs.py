@@ -187,15 +187,19 @@ class Trees:
         return self.at(root_of(path, self.roots))
 
 
-def open_in(dir_fd: int, name: str, path: str) -> int:
+def open_in(dir_fd: int, name: str, path: str, inheritable: bool = False) -> int:
     """A read-only descriptor of ``name`` in a directory, the name itself
-    not followed (``path``, its full path, names it in errors)."""
+    not followed (``path``, its full path, names it in errors); an
+    ``inheritable`` one is not closed by exec (for a command's pass_fds)."""
     try:
-        return os.open(name, FILE_FLAGS, dir_fd=dir_fd)
+        fd = os.open(name, FILE_FLAGS, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno == errno.ELOOP and _is_link(name, dir_fd):
             raise SymlinkInPath(path) from None
         raise
+    if inheritable:
+        os.set_inheritable(fd, True)  # Python opens close-on-exec whatever the flags
+    return fd
 
 
 def _is_link(name: str, dir_fd: int) -> bool:
