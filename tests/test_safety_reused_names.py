@@ -21,6 +21,7 @@ import pytest
 
 from tests.agent_process import watcher_command
 from tests.waiting import wait_until
+from watcher.agent import Agent
 from watcher.db import Catalog, SupRsyncFilesManager, add_file, create_file
 
 
@@ -358,3 +359,40 @@ def test_a_verified_file_replaced_by_another_file_keeps_its_far_copy_and_the_new
     wait_until(both_shipped, timeout=15, message="the replacement shipped beside the first copy")
     rows = catalog.rows_for_path(str(c))
     assert [(r.remote_path, r.removed is not None) for r in rows] == [("c.dat", True), ("c.dat.~2~", False)]
+
+
+def test_a_file_replaced_while_the_agent_is_stopped_never_overwrites_the_first_far_copy(
+        setup, start_agent, tmp_path):
+    """At start, retention meets the new file before the registrar does: it
+    must not take it for an edit of the first (and ship it over its copy)."""
+    far = setup.archive()
+    inbox = setup.rule()
+    first = start_agent(setup)
+    catalog = setup.catalog()
+    a = inbox / "zz" / "a.dat"
+    a.parent.mkdir()
+    a.write_bytes(b"FIRST content\n")
+    wait_until(lambda: any(r.verified for r in catalog.rows_for_path(str(a))), timeout=15)
+    first.stop()
+    (inbox / "zz" / ".a.tmp").write_bytes(b"SECOND content\n")
+    os.rename(inbox / "zz" / ".a.tmp", a)  # another inode, other content, same name
+    setup.archives["arch"]["delete_local_after"] = 1
+    far_copies = FarCopiesStay(far)
+    far_copies.check()
+    agent = Agent(setup.config(), housekeeping_interval=0.2)
+    try:
+        agent.housekeep_once(now=time.time() + 60)  # retention first, before any scan
+        far_copies.check()
+        agent.start()
+        _second_shipped_then_deleted(a, far, far_copies)
+    finally:
+        agent.stop()
+
+
+def _second_shipped_then_deleted(a: Path, far: Path, far_copies: FarCopiesStay) -> None:
+    def second_shipped_and_deleted() -> bool:
+        far_copies.check()
+        return not a.exists()
+
+    wait_until(second_shipped_and_deleted, timeout=20, message="the new file shipped, then deleted")
+    assert far_contents(far) == {"zz/a.dat": b"FIRST content\n", "zz/a.dat.~2~": b"SECOND content\n"}

@@ -190,14 +190,14 @@ def inotify_watched() -> set[tuple[int, int]]:
 
 
 def _comparable(watched: set[tuple[int, int]], dirs: list[tuple[str, tuple[int, int]]]) -> set:
-    """The watched (device, inode) pairs, with the devices stat() gives when the
-    kernel's differ (btrfs reports a subvolume's own device to stat(), the file
-    system's to fdinfo): then inodes alone are compared."""
+    """The watched (device, inode) pairs, in the devices stat() gives: for a
+    directory whose device the kernel never names (btrfs reports a
+    subvolume's own device to stat(), the file system's to fdinfo), the
+    inode is compared with the watches on devices stat() never names."""
     devices = {dev for dev, _ in watched}
-    if not dirs or any(ident[0] in devices for _, ident in dirs):
-        return watched
-    inodes = {ino for _, ino in watched}
-    return {ident for _, ident in dirs if ident[1] in inodes}
+    seen = {ident[0] for _, ident in dirs}
+    foreign = {ino for dev, ino in watched if dev not in seen}
+    return watched | {ident for _, ident in dirs if ident[0] not in devices and ident[1] in foreign}
 
 
 def _read_only(path: Path) -> str | None:

@@ -661,12 +661,19 @@ class Catalog:
         return marked
 
     def end_removal(self, deleted: list[int], kept: list[int]) -> None:
-        """Rows claimed for removal: their files were unlinked, or kept after all (live again)."""
+        """Rows claimed for removal: their files were unlinked, or kept after
+        all: live again, unless another live row took their path meanwhile
+        (a new file there was registered): then found gone."""
         with self.db.atomic("IMMEDIATE"):
             for chunk in _chunks(deleted):
                 self.File.update(deleting=None).where(self.File.id.in_(chunk)).execute()
             for chunk in _chunks(kept):
-                self.File.update(removed=None, deleting=None).where(self.File.id.in_(chunk)).execute()
+                marks = ", ".join("?" * len(chunk))
+                self.db.execute_sql(
+                    "UPDATE supersync_v0 SET removed = CASE WHEN EXISTS (SELECT 1 FROM supersync_v0 AS o "
+                    "WHERE o.local_path = supersync_v0.local_path AND o.archive_name = supersync_v0.archive_name "
+                    "AND o.removed IS NULL AND o.id != supersync_v0.id) THEN 0 ELSE NULL END, deleting = NULL "
+                    f"WHERE id IN ({marks})", chunk)
 
     def claimed_removals(self) -> list[File]:
         """Rows claimed for removal by an agent that stopped before it said how it went."""

@@ -28,7 +28,7 @@ from watcher.faults import checkpoint
 from watcher.handlers import SettleTracker
 from watcher.health import Health, with_database_retry
 from watcher.rules import UnsafeRemotePath, remote_path_problem, render_remote_path, select_rule
-from watcher.safefs import Identity, SymlinkInPath, Trees
+from watcher.safefs import Identity, SymlinkInPath, Trees, replaced
 
 log = logging.getLogger(__name__)
 
@@ -180,13 +180,13 @@ class Registrar:
                 fresh.append(self._new_file(c, remote, md5, now))
 
         def write() -> tuple[list[NewFile], Claims]:
-            files, replaced = list(fresh), []
+            files, closed = list(fresh), []
             for c, row, md5 in changed:
-                if _replaced(row, c.stat):  # another file now has the path: a new file
+                if replaced(row.identity, c.stat):  # another file now has the path: a new file
                     remote = self._remote_path(c)
                     if remote is not None:
                         files.append(self._new_file(c, remote, md5, now))
-                        replaced.append(row.id)
+                        closed.append(row.id)
                     continue
                 if self.catalog.update_content(row.id, md5, c.identity):
                     if md5 != row.local_md5sum:
@@ -196,7 +196,7 @@ class Registrar:
                 remote = self._remote_path(c)  # its row was removed meanwhile: a new file
                 if remote is not None:
                     files.append(self._new_file(c, remote, md5, now))
-            claims = (self.catalog.register_files(files, vanished=_vanished, replaced=replaced)
+            claims = (self.catalog.register_files(files, vanished=_vanished, replaced=closed)
                       if files else Claims({}, {}))
             return files, claims
 
@@ -334,15 +334,6 @@ class Registrar:
             retain=rule.delete_local_after if rule.overrides_retention else None,
             **identity_columns(c.identity),
         )
-
-
-def _replaced(row: Registered, st: os.stat_result) -> bool:
-    """Whether the path of a registered file now holds another file (another
-    inode: removed and written again, or a file renamed over it), whose content
-    must not overwrite the far copy of the first. A rewrite in place keeps the
-    inode and is an edit; so, unavoidably, is a new file that reuses the freed
-    inode number at once."""
-    return row.dev is not None and (row.dev, row.ino) != (st.st_dev, st.st_ino)
 
 
 def _current_identity(path: str) -> Identity | None:

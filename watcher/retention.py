@@ -23,7 +23,7 @@ from watcher.faults import checkpoint
 from watcher.health import Health
 from watcher.rsync import Destination
 from watcher.safefs import (
-    Identity, SymlinkInPath, Trees, WriterCheck, hold_against_writers, release_lease,
+    Identity, SymlinkInPath, Trees, WriterCheck, hold_against_writers, release_lease, replaced,
 )
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,8 @@ class _Round:
                     self._record_change(row, md5, st)
                     return "changed"
                 identity = Identity.of(st)
+            elif replaced(identity, st):  # another file has the path: the registrar's to register
+                return "gone"
             elif Identity.of(st) != identity:
                 self._record_change(row, *md5_of_fd(fd))
                 return "changed"
@@ -168,22 +170,18 @@ class _Round:
                 candidates.append((row, *opened))
         far = destination.far_md5([r.remote_path for r, _, _ in candidates], stop,
                                   sum(r.size or 0 for r, _, _ in candidates))
-        differs, leased = {}, []
-        try:
-            for row, fd, identity in candidates:
-                found = far.get(row.remote_path)
-                if found != row.local_md5sum:
-                    differs[row.id] = found
-                    log.warning("far copy of %s (%s:%s) is %s; shipping it again instead of deleting",
-                                row.local_path, archive, row.remote_path,
-                                "missing" if found is None else "different")
-                elif self._lease(row, fd):
-                    leased.append((row, fd, identity))
-            deleted, changed = self._delete(leased)
-        finally:
-            for _, fd, _ in leased:
-                release_lease(fd)
-        for row, fd in changed:  # hashed without the lease: a writer waits for nobody
+        differs, free = {}, []
+        for row, fd, identity in candidates:
+            found = far.get(row.remote_path)
+            if found != row.local_md5sum:
+                differs[row.id] = found
+                log.warning("far copy of %s (%s:%s) is %s; shipping it again instead of deleting",
+                            row.local_path, archive, row.remote_path,
+                            "missing" if found is None else "different")
+            elif self._lease(row, fd, release=True):  # nobody writes now; held again to unlink
+                free.append((row, fd, identity))
+        deleted, changed = self._delete(free)
+        for row, fd in changed:
             try:
                 self._record_change(row, *md5_of_fd(fd))
             except OSError as exc:
@@ -196,9 +194,9 @@ class _Round:
             self.catalog.mark_unverified(differs)
         return deleted
 
-    def _lease(self, row: File, fd: int) -> bool:
-        """Hold off writers while the file is deleted; False (said once) when
-        someone writes to it, or when that cannot be known."""
+    def _lease(self, row: File, fd: int, release: bool = False) -> bool:
+        """Hold off writers (a read lease); False (said once) when someone
+        writes to the file, or when that cannot be known."""
         writers = hold_against_writers(fd)
         if writers == WriterCheck.WRITING:
             self._hold(row, WRITER_RECHECK, logging.INFO,
@@ -210,23 +208,32 @@ class _Round:
                        f"not deleting {row.local_path}: cannot tell whether a process writes to "
                        "it (a lease needs the file's owner or CAP_LEASE: give the agent "
                        "AmbientCapabilities=CAP_LEASE)", kind=WRITERS_UNKNOWN)
+        elif release:
+            release_lease(fd)
         return writers == WriterCheck.FREE
 
-    def _delete(self, leased: list[tuple[File, int, Identity]]) -> tuple[int, list[tuple[File, int]]]:
+    def _delete(self, free: list[tuple[File, int, Identity]]) -> tuple[int, list[tuple[File, int]]]:
         """Unlink files nobody writes to that are still what was hashed; the
         rows are marked removed first (Catalog.claim_removal), so no new file
-        at a path is ever taken for the one deleted. Returns how many were
-        deleted, and the files found changed (to hash once the leases are gone)."""
-        if not leased:
+        at a path is ever taken for the one deleted. Each file's lease is held
+        only while it is checked and unlinked (a writer opening it waits that
+        long). Returns how many were deleted, and the files found changed."""
+        if not free:
             return 0, []
-        claimed = self.catalog.claim_removal([(r.id, r.local_md5sum) for r, _, _ in leased], time.time())
+        claimed = self.catalog.claim_removal([(r.id, r.local_md5sum) for r, _, _ in free], time.time())
         deleted, kept, changed = [], [], []
-        for row, fd, identity in leased:
+        for row, fd, identity in free:
             if row.id not in claimed:
                 continue  # changed or removed meanwhile: its row says what to do
             checkpoint("deleting")
+            if not self._lease(row, fd):
+                kept.append(row.id)
+                continue
             try:
-                if Identity.of(os.fstat(fd)) != identity:  # written to before our lease
+                st = os.fstat(fd)
+                if st.st_nlink == 0:
+                    deleted.append(row.id)  # someone else removed it (or renamed another over it)
+                elif Identity.of(st) != identity:  # written to before our lease
                     changed.append((row, fd))
                     kept.append(row.id)
                 elif self.trees.of(row.local_path).unlink_if(row.local_path, identity):
@@ -243,10 +250,12 @@ class _Round:
                 self._hold(row, HOLD_UNDELETABLE, logging.ERROR,
                            f"cannot delete {row.local_path}: {exc.strerror or exc} "
                            f"(trying again in {HOLD_UNDELETABLE:.0f} s)")
+            finally:
+                release_lease(fd)
         self.catalog.end_removal(deleted, kept)
         if self.health is not None:
             gone = set(deleted)
-            for row, _, _ in leased:
+            for row, _, _ in free:
                 if row.id in gone:
                     for kind in ("symlinks", WRITERS_UNKNOWN, WRITERS_ACTIVE):
                         self.health.solved(self.archive, kind, row.local_path)

@@ -235,6 +235,9 @@ class Destination:
         """
         with _Listing(self._roots, self._max_files) as listing:
             sent, refused = listing.add_all(items)
+            if not sent and not refused:  # not even one file could be opened
+                raise TransferError("connection", "out of file descriptors: raise the agent's "
+                                    "LimitNOFILE (no file of the batch could be opened)")
             if not sent:
                 return sent, refused
             source, names = listing.source_and_data()
@@ -473,8 +476,9 @@ def _local_md5(basedir: str, remote_paths: list[str]) -> dict[str, str]:
 def _descriptor_budget() -> int:
     """How many files and directories a batch may hold open (a descriptor
     each while rsync runs): the soft limit is raised to the hard one, and a
-    batch takes a quarter of it (other archives' batches, retention's round
-    and the rest of the agent share the remainder)."""
+    batch takes half of it, less a reserve (should other archives' batches
+    and retention's round need more, the listing stops at EMFILE and the
+    rest of the batch waits)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > 1 << 20:
         hard = 1 << 20

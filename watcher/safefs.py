@@ -47,6 +47,17 @@ class Identity(NamedTuple):
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def replaced(recorded: "Identity | None", st: os.stat_result) -> bool:
+    """Whether the path of a file recorded as ``recorded`` now holds another
+    file (another inode: removed and written again, or a file renamed over
+    it), whose content must not overwrite the far copy of the first. A
+    rewrite in place keeps the inode and is an edit; so, unavoidably, is a
+    new file that is given the freed inode number at once (its delete event
+    tells, when it is seen). The device is not compared: NFS and btrfs may
+    number it anew at every mount."""
+    return recorded is not None and recorded.ino != st.st_ino
+
+
 def root_of(path: str, roots) -> str:
     """The longest of ``roots`` that contains ``path``; else the path's own directory
     (a file registered through the API from elsewhere: only its name is not followed)."""
