@@ -14,7 +14,7 @@ from watcher.agent import Agent
 from watcher.config import load_config
 from watcher.db import Catalog
 
-pytest_plugins = ["tests.sshd"]
+pytest_plugins = ["tests.sshd", "tests.local_users"]
 
 
 @pytest.fixture(autouse=True)
