@@ -21,7 +21,8 @@ from tests.sshd import SshServer
 from watcher.config import Archive
 from watcher.db import Catalog
 from watcher.health import Health
-from watcher.rsync import Destination, make_control_dir, remove_control_dir
+from watcher.rsync import Destination
+from watcher.ssh import make_control_dir, remove_control_dir
 from watcher.transfer import TransferWorker
 
 

@@ -59,10 +59,8 @@ from watcher.health import Health, with_database_retry
 from watcher.registrar import Registrar
 from watcher.retention import delete_expired, settle_claimed_removals
 from watcher.safefs import ignore_lease_breaks
-from watcher.rsync import (
-    Destination, Stopped, TransferError, make_control_dir, remove_control_dir,
-    remove_stale_batch_trees,
-)
+from watcher.rsync import Destination, Stopped, TransferError, remove_stale_batch_trees
+from watcher.ssh import make_control_dir, remove_control_dir
 from watcher.timecode import remove_unregistered_finalizations, update_timecode_dirs
 from watcher.transfer import TransferWorker
 

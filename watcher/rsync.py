@@ -34,6 +34,7 @@ from watcher.db import md5_of_fd
 from watcher.faults import checkpoint
 from watcher.rules import remote_path_problem
 from watcher.safefs import Beneath, Trees, open_in, split_beneath
+from watcher.ssh import ssh_args
 
 log = logging.getLogger(__name__)
 
@@ -166,22 +167,7 @@ class Destination:
 
     def ssh_args(self) -> list[str]:
         """ssh with its options, connection sharing included."""
-        a = self.archive
-        args = ["ssh", "-o", "BatchMode=yes",
-                "-o", f"ConnectTimeout={max(1, int(a.cmd_timeout))}",
-                "-o", f"ServerAliveInterval={max(1, int(a.copy_timeout // 3))}",
-                "-o", "ServerAliveCountMax=3",
-                "-o", "StrictHostKeyChecking=" + ("accept-new" if a.accept_new_host_keys else "yes")]
-        if a.ssh_port:
-            args += ["-p", str(a.ssh_port)]
-        if a.ssh_key:
-            args += ["-i", a.ssh_key, "-o", "IdentitiesOnly=yes"]
-        if a.known_hosts:
-            args += ["-o", f"UserKnownHostsFile={a.known_hosts}"]
-        if self._control_dir:
-            args += ["-o", "ControlMaster=auto", "-o", f"ControlPath={self._control_dir}/%C",
-                     "-o", "ControlPersist=60"]
-        return args
+        return ssh_args(self.archive, self._control_dir)
 
     def rsync_args(self, source: str) -> list[str]:
         """One rsync call that copies the files listed on its standard input
@@ -489,15 +475,6 @@ def _descriptor_budget() -> int:
         except (ValueError, OSError):
             pass
     return max(64, (min(soft, 1 << 20) - 1024) // 2)
-
-
-def make_control_dir() -> str:
-    """A private directory for ssh control sockets (short, to fit a socket path)."""
-    return tempfile.mkdtemp(prefix="watcher-ssh-", dir="/tmp")
-
-
-def remove_control_dir(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def ship_batch(dest: Destination, items: list[Item], stop: threading.Event | None = None) -> tuple[dict[int, tuple[str, str | None]], list[Item]]:
