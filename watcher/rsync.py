@@ -34,7 +34,7 @@ from watcher.db import md5_of_fd
 from watcher.faults import checkpoint
 from watcher.rules import remote_path_problem
 from watcher.safefs import Beneath, Trees, open_in, split_beneath
-from watcher.ssh import ssh_args
+from watcher.ssh import ssh_args, stop_master
 
 log = logging.getLogger(__name__)
 
@@ -260,10 +260,7 @@ class Destination:
     def close(self) -> None:
         """Stop the shared ssh connection, if one was started."""
         if self.archive.is_remote and self._control_dir:
-            try:
-                run(self.ssh_args() + ["-O", "exit", "--", self.archive.ssh_host], timeout=5)
-            except (TransferError, Stopped, OSError):
-                pass
+            stop_master(self.archive, self._control_dir)
 
 
 def _dir_arg(path: str) -> str:

@@ -5,6 +5,7 @@ share one connection."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 import tempfile
 
 from watcher.config import Archive
@@ -37,3 +38,12 @@ def make_control_dir() -> str:
 
 def remove_control_dir(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def stop_master(archive: Archive, control_dir: str) -> None:
+    """Ask the archive's shared connection, if one runs, to exit."""
+    try:
+        subprocess.run(ssh_args(archive, control_dir) + ["-O", "exit", "--", archive.ssh_host],
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=5)
+    except (subprocess.TimeoutExpired, OSError):
+        pass
