@@ -7,6 +7,7 @@ unknown archive 'smurff'``), so that a person can fix them all in one go.
 
 from __future__ import annotations
 
+import grp
 import math
 import os
 import posixpath
@@ -54,6 +55,9 @@ class Archive:
     compression: bool = False
     bwlimit: str | None = None
     chmod: str | None = None
+    # Local directories whose files producers register through the API
+    # (socs' add_file, `watcher add`) for this archive; see watcher/roots.py.
+    api_roots: tuple[str, ...] = ()
 
     @property
     def is_remote(self) -> bool:
@@ -85,6 +89,9 @@ class Config:
     rules: tuple[Rule, ...]
     rescan_interval: float = 300.0
     source: Path | None = None
+    # The group whose members may write the catalog and the state directory
+    # (socs producers); None: only the agent's own account.
+    catalog_group: str | None = None
 
 
 # Python's waits refuse timeouts past about 292 years; retention past 100 is "never".
@@ -370,12 +377,71 @@ def _remote_dir(value):
 
 
 def _ssh_host(value):
-    # ssh would read a leading '-' as an option (-oProxyCommand=... runs a command)
+    """``[user@]host``. ssh reads a leading '-' as an option (-oProxyCommand=...
+    runs a command); rsync reads a host with '/' as a local path (it would
+    write a tree under the working directory) and 'host:' as its daemon."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"expected a host name such as user@archive, got {value!r}")
-    if value.startswith("-") or any(c.isspace() or c == "\0" for c in value):
-        raise ValueError(f"not a host name: {value!r} (must not start with '-' or contain spaces or NUL)")
+    if value.startswith("-") or any(c.isspace() or c == "\0" or ord(c) < 32 or c == "\x7f"
+                                    for c in value):
+        raise ValueError(f"not a host name: {value!r} (must not start with '-' or contain "
+                         "spaces or control characters)")
+    user, _, host = value.rpartition("@")
+    if not host or host.startswith("-") or "/" in host or ":" in host:
+        raise ValueError(f"not a host name: {value!r} (the host after 'user@' must not be empty, "
+                         "start with '-' or contain '/' or ':'; for an IPv6 address or a "
+                         "jump host, name a Host entry of ~/.ssh/config)")
+    if user.startswith("-"):
+        raise ValueError(f"not a user name: {user!r} in {value!r} (must not start with '-')")
     return value
+
+
+def _ssh_file(r: _Reader):
+    """A path handed to an ssh option: ssh's option parser takes it whole
+    only inside double quotes, which cannot hold a double quote or a
+    control character."""
+    def check(value):
+        p = r.path(value)
+        if any(c == '"' or ord(c) < 32 or c == "\x7f" for c in str(p)):
+            raise ValueError(f"{str(p)!r}: a path for ssh must not contain a double quote or "
+                             "control characters")
+        return p
+    return check
+
+
+def _api_roots(r: _Reader):
+    """Absolute local directories, resolved as written (a link is taken as its
+    own name: the agent never follows one below a root, and compares rows'
+    paths with these lexically)."""
+    def check(value):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"expected a list of local directories, got {value!r}")
+        roots = []
+        for item in value:
+            p = Path(os.path.normpath(r.path(item)))
+            if p == Path("/"):
+                raise ValueError("'/' would let any catalog row name any file on the host; "
+                                 "list the directories producers write to")
+            if r.live and not p.is_dir():
+                raise ValueError(f"directory {str(p)!r} does not exist")
+            roots.append(str(p))
+        return tuple(roots)
+    return check
+
+
+def _group(r: _Reader):
+    def check(value):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"expected a group name, got {value!r}")
+        if r.live:
+            try:
+                grp.getgrnam(value)
+            except KeyError:
+                raise ValueError(f"no group {value!r} on this host") from None
+        return value
+    return check
 
 
 def _port(value):
@@ -418,8 +484,17 @@ def _bwlimit(value):
 
 
 def _chmod(value):
+    """An rsync --chmod string; never setuid, setgid or sticky: a producer's file
+    must not become a program that runs as its far owner, or a far directory
+    rule that others cannot see."""
     if not isinstance(value, str) or not re.fullmatch(r"[DFugoa+\-=rwxXst,0-7]+", value):
         raise ValueError(f"expected an rsync --chmod string such as 'g+rwX,o+rX', got {value!r}")
+    for part in value.split(","):
+        octal = part.lstrip("DF")
+        if ("s" in part or "t" in part
+                or (octal.isdigit() and len(octal) > 3 and int(octal, 8) & 0o7000)):
+            raise ValueError(f"{part!r} in {value!r} sets setuid, setgid or sticky bits, which "
+                             "the archive must never get from a shipped file")
     return value
 
 
@@ -448,11 +523,13 @@ def check_template(template: str, fields: set[str]) -> str | None:
     return None
 
 
-_TOP = {"instance_id", "database", "file_root", "archives", "rules", "rescan_interval"}
+_TOP = {"instance_id", "database", "file_root", "archives", "rules", "rescan_interval",
+        "catalog_group"}
 _ARCHIVE = {
     "remote_basedir", "ssh_host", "ssh_key", "ssh_port", "known_hosts",
     "accept_new_host_keys", "delete_local_after", "max_copy_attempts",
     "copy_timeout", "cmd_timeout", "files_per_batch", "compression", "bwlimit", "chmod",
+    "api_roots",
 }
 _RULE = {
     "watch", "archive", "include", "exclude", "match", "remote_path",
@@ -509,6 +586,19 @@ def _check_overlaps(r: _Reader, archives: dict[str, Archive], watched: list[tupl
         for i, watch, real_watch in real:
             if _inside(real_where, real_watch):
                 r.problem((key,), f"{str(where)!r} is inside {rule_name(i, watch)}: {what}")
+    bases = {name: os.path.realpath(a.remote_basedir) for name, a in archives.items()
+             if not a.is_remote and a.remote_basedir}
+    for name, archive in archives.items():
+        for root in archive.api_roots:
+            real_root = os.path.realpath(root)
+            here = ("archives", name, "api_roots")
+            if _inside(os.path.realpath(database.parent), real_root):
+                r.problem(here, f"{root!r} holds the catalog's directory: a catalog row could "
+                          "have the agent ship and delete the catalog and its state")
+            for other, base in bases.items():
+                if _inside(base, real_root) or _inside(real_root, base):
+                    r.problem(here, f"{root!r} overlaps archives.{other}.remote_basedir: a "
+                              "catalog row could have retention delete archived copies")
 
 
 def _destination(archive: Archive) -> tuple[tuple, PurePosixPath]:
@@ -569,12 +659,12 @@ def _read_archive(r: _Reader, name: Any, data: Any) -> Archive | None:
     ssh_host = r.get(data, "ssh_host", path, _ssh_host) or (str(data["ssh_host"]) if remote else None)
     basedir = r.get(data, "remote_basedir", path, _remote_dir if remote else _local_dir(r),
                     required=True)
-    ssh_key = r.get(data, "ssh_key", path, r.path)
+    ssh_key = r.get(data, "ssh_key", path, _ssh_file(r))
     if ssh_key is not None:
         wrong = _unreadable_file(ssh_key)
         if wrong:
             r.problem(path + ("ssh_key",), wrong)
-    known_hosts = r.get(data, "known_hosts", path, r.path)
+    known_hosts = r.get(data, "known_hosts", path, _ssh_file(r))
     accept_new = r.get(data, "accept_new_host_keys", path, _bool, False)
     if known_hosts is not None:
         if accept_new:
@@ -602,6 +692,7 @@ def _read_archive(r: _Reader, name: Any, data: Any) -> Archive | None:
         compression=r.get(data, "compression", path, _bool, False),
         bwlimit=r.get(data, "bwlimit", path, _bwlimit),
         chmod=r.get(data, "chmod", path, _chmod),
+        api_roots=r.get(data, "api_roots", path, _api_roots(r), ()),
     )
 
 
@@ -688,6 +779,7 @@ def parse_config(text: str, source: str, base: Path, live: bool = True) -> Confi
         rules=tuple(rules),
         rescan_interval=r.get(data, "rescan_interval", (), _rescan, 300.0),
         source=Path(source),
+        catalog_group=r.get(data, "catalog_group", (), _group(r)),
     )
     if r.problems:
         raise ConfigError(r.problems)
