@@ -8,6 +8,11 @@ to any remote name and nothing but the opened file is read. Then one command rea
 the paths going NUL-separated on standard input (never through a shell or
 an option parser). A local destination is hashed in-process.
 
+The far account is trusted to hash honestly, not to keep its tree clean: a
+file counts only if rsync reported sending it (``--out-format``) and the far
+md5 was read from a path with no symlink anywhere below the base (checked
+on the far side with ``realpath``).
+
 Commands are built as argument lists by pure functions and run in one
 place, which turns an exit status into a typed ``TransferError``.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import resource
 import select
 import stat
@@ -40,6 +46,9 @@ log = logging.getLogger(__name__)
 
 # rsync and ssh exit codes that say the connection failed, not the files.
 CONNECTION_EXIT_CODES = {255, 5, 10, 12, 30, 35}
+SHELL_TEXT = ("the archive host's login shell prints text, so rsync and the md5 command cannot "
+              "talk through it: make its startup files (~/.bashrc ...) print nothing when not "
+              "interactive")
 # Far-side hashing speed assumed when giving a remote md5 command its time.
 MIN_HASH_RATE = 20e6
 
@@ -48,8 +57,9 @@ class TransferError(Exception):
     """A batch could not be moved or checked.
 
     ``kind`` is "connection" (the network or the far host: back off and
-    retry, the files are not to blame) or "timeout" (a transfer or command
-    stalled: killed, retried the same way).
+    retry, the files are not to blame), "archive" (the archive itself: its
+    login shell printing text; backed off the same way, nothing charged) or
+    "timeout" (a transfer or command stalled: killed, retried the same way).
     """
 
     def __init__(self, kind: str, message: str, command: list[str] | None = None):
@@ -185,13 +195,16 @@ class Destination:
         directory under a file's far name; the md5 check charges it.
         ``--copy-links`` follows the listing's own links, each to a
         descriptor of a file the agent opened; the source is always that
-        private tree, never a watched one.
+        private tree, never a watched one. ``--out-format`` reports each
+        file sent (see ``reported_names``).
         """
         a = self.archive
         args = ["rsync", "--no-dirs", "--copy-links", "--times", "--omit-dir-times",
                 "--ignore-times", "--mkpath", "--no-implied-dirs",
                 "-s",  # -s: --secluded-args (--protect-args before 3.2.7)
                 "--files-from=-", "--from0",
+                # A line per file sent, names escaped only as rsync_escaped() says.
+                "--8-bit-output", f"--out-format={OUT_FORMAT}",
                 f"--timeout={max(1, int(a.copy_timeout))}"]
         if a.chmod:
             args += ["--perms", f"--chmod={a.chmod}"]
@@ -207,9 +220,11 @@ class Destination:
         return args + ["--", source, dest]
 
     def remote_md5_args(self) -> list[str]:
-        """A far command that hashes the NUL-separated paths on its standard input."""
-        script = (f"cd -- {shlex.quote(self.archive.remote_basedir)} && "
-                  "exec xargs -0 -r md5sum -z --")
+        """A far command that hashes the NUL-separated paths on its standard
+        input, with what proves no symlink was followed (see ``parse_far_md5``)."""
+        script = (f"cd -P -- {shlex.quote(self.archive.remote_basedir)} && "
+                  f"printf '{MD5_HEADER.decode()}%s\\0' \"$PWD\" && "
+                  f"exec xargs -0 -r sh -c {shlex.quote(MD5_CHUNK)} sh")
         return self.ssh_args() + ["--", self.archive.ssh_host, script]
 
     # -- running them ------------------------------------------------------------
@@ -231,11 +246,18 @@ class Destination:
             result = run(argv, stdin=names, stop=stop, pass_fds=listing.fds)
         if result.exit_code in CONNECTION_EXIT_CODES:
             raise TransferError("connection", f"rsync exited {result.exit_code}: {_tail(result.stderr)}", argv)
-        if result.exit_code != 0:
-            # Some files failed (permissions, disk full, vanished): the md5
-            # check that follows charges exactly those files.
-            log.warning("rsync exited %d for %d files: %s", result.exit_code,
-                        len(sent), _tail(result.stderr))
+        reported = reported_names(result.stdout)
+        unreported = [i for i in sent if rsync_escaped(os.fsencode(i.remote_path)) not in reported]
+        if result.exit_code != 0 or unreported:
+            # Some files failed (permissions, a far directory in the way, a
+            # link rsync would not write through): those rsync did not report
+            # are charged without a far md5, which could only read something else.
+            log.warning("rsync exited %d; %d of %d files not reported sent: %s", result.exit_code,
+                        len(unreported), len(sent), _tail(result.stderr))
+        if unreported:
+            skip = {i.id for i in unreported}
+            sent = [i for i in sent if i.id not in skip]
+            refused = refused + unreported
         return sent, refused
 
     def far_md5(self, remote_paths: list[str], stop: threading.Event | None = None,
@@ -254,8 +276,8 @@ class Destination:
             raise TransferError("connection", f"ssh exited 255: {_tail(result.stderr)}", argv)
         if result.exit_code not in (0, 123):  # 123: some files were missing
             raise TransferError("connection", f"remote md5 exited {result.exit_code}: {_tail(result.stderr)}", argv)
-        return {name[2:] if name.startswith("./") else name: md5
-                for name, md5 in parse_md5sum_z(result.stdout).items()}
+        return {os.fsdecode(name[2:]): md5
+                for name, md5 in parse_far_md5(result.stdout, result.stderr).items()}
 
     def close(self) -> None:
         """Stop the shared ssh connection, if one was started."""
@@ -426,14 +448,92 @@ class _Listing:
         self._remotes.append(item.remote_path)
 
 
-def parse_md5sum_z(output: bytes) -> dict[str, str]:
-    """Parse ``md5sum -z`` records (``<32 hex>  <name>\\0``): names are not escaped."""
-    found = {}
-    for record in output.split(b"\0")[:-1]:  # an unterminated tail is a cut record
-        if len(record) < 35 or record[32:34] not in (b"  ", b" *"):
-            continue
-        found[os.fsdecode(record[34:])] = record[:32].decode("ascii")
+OUT_FORMAT = "%i %n"
+# A file sent, or one already there ('<' sent to a far host, '>' received by
+# a local receiver, '.' unchanged), and its name.
+_SENT = re.compile(rb"[<>.]f\S* (.*)\Z", re.S)
+_ESCAPED = re.compile(rb"\\(?=#[0-9]{3})|[\x00-\x08\x0a-\x1f]")
+
+
+def rsync_escaped(name: bytes) -> bytes:
+    """A name as rsync writes it in its output with ``--8-bit-output``: a
+    control character but tab, and a backslash that starts ``\\#ddd``, become
+    ``\\#ooo`` (octal); other bytes stay as they are."""
+    return _ESCAPED.sub(lambda m: b"\\#%03o" % m.group()[0], name)
+
+
+def reported_names(stdout: bytes) -> set[bytes]:
+    """The (escaped) names that rsync's ``--out-format`` lines report sent or unchanged."""
+    found = set()
+    for line in stdout.split(b"\n"):
+        sent = _SENT.match(line)
+        if sent:
+            found.add(sent.group(1))
     return found
+
+
+# The far md5 command's output begins with MD5_HEADER and the base's physical
+# path; then, for each of xargs' chunks of names, what MD5_CHUNK prints: the
+# count and the names, the realpath of each, an empty record, the md5sum
+# records, an empty record (all NUL-terminated; no name or path is empty).
+MD5_HEADER = b"watcher-md5 "
+MD5_CHUNK = ('printf "%s\\0" "$#" "$@"; realpath -z -m -- "$@"; printf "\\0"; '
+             'md5sum -z -- "$@"; printf "\\0"')
+
+
+def parse_far_md5(output: bytes, stderr: bytes = b"") -> dict[bytes, str]:
+    """The md5 of each name (as sent, ``./path``) that was read without
+    following a symlink: its realpath is the base's physical path joined
+    with the name, so no component below the base, the last one included,
+    is a link. A chunk whose records do not line up counts for nothing.
+
+    Raises TransferError("archive") when the output is not the command's
+    (a login shell printing text) or realpath printed nothing (none there).
+    """
+    if not output.startswith(MD5_HEADER + b"/"):
+        if output:
+            raise TransferError("archive", f"{SHELL_TEXT} (the md5 command's output began "
+                                f"{_tail(output.split(MD5_HEADER)[0][:80], 80)!r})")
+        raise TransferError("archive", f"the far md5 command printed nothing: {_tail(stderr)}")
+    records = output.split(b"\0")
+    base = records[0][len(MD5_HEADER):].rstrip(b"/")
+    found: dict[bytes, str] = {}
+    i, end = 1, len(records) - 1  # the last record follows the final NUL: empty, or cut short
+    while i < end:
+        if not records[i].isdigit():
+            log.warning("far md5 output out of line at record %d; the rest is not trusted", i)
+            break
+        count = int(records[i])
+        names = records[i + 1:i + 1 + count]
+        try:
+            real_end = records.index(b"", i + 1 + count, end)
+            md5_end = records.index(b"", real_end + 1, end)
+        except ValueError:
+            break  # a cut chunk
+        reals = records[i + 1 + count:real_end]
+        i = md5_end + 1
+        if len(names) != count:
+            break
+        if not reals:
+            raise TransferError("archive", f"realpath printed nothing on the archive host (GNU "
+                                f"coreutils needed there): {_tail(stderr)}")
+        if len(reals) != count:
+            log.warning("far md5: realpath answered %d of %d names (%s); none of them is trusted",
+                        len(reals), count, _tail(stderr))
+            continue
+        direct = {name for name, real in zip(names, reals)
+                  if name.startswith(b"./") and real == base + name[1:]}
+        for name, md5 in _md5sum_records(records[real_end + 1:md5_end]):
+            if name in direct:
+                found[name] = md5
+    return found
+
+
+def _md5sum_records(records: list[bytes]):
+    """(name, md5) of ``md5sum -z`` records (``<32 hex>  <name>``): names are not escaped."""
+    for record in records:
+        if len(record) >= 35 and record[32:34] in (b"  ", b" *"):
+            yield record[34:], record[:32].decode("ascii", "replace")
 
 
 def _local_md5(basedir: str, remote_paths: list[str]) -> dict[str, str]:

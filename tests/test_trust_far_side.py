@@ -1,0 +1,231 @@
+"""A refused write is never verified: what the far account leaves in the
+archive (a symlink at any depth below the base, to a decoy with the right
+content, to /dev/null, to a directory outside) never passes for a copy.
+
+The far account is played for real: links are made by the ssh login user
+on the test sshd (or in a local archive). What is tested,
+the transfer and its checks, runs unmocked: real rsync, ssh, md5sum.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.hostile_names import hostile_names
+from tests.sshd import SshServer
+from tests.test_ssh_support import md5, ssh_archive
+from watcher.config import Archive
+from watcher.rsync import (Destination, Item, reported_names, rsync_escaped,
+                           ship_batch)
+from watcher.ssh import make_control_dir, remove_control_dir
+
+DECOY = b"the content the file is known to have\n"
+
+
+def as_far_account(sshd: SshServer, *argv: str | os.PathLike) -> None:
+    """Run a command as the ssh login user (the far account)."""
+    kwargs = {"user": sshd.pw.pw_uid, "group": sshd.pw.pw_gid} if sshd.is_root else {}
+    subprocess.run([os.fspath(a) for a in argv], check=True, capture_output=True, **kwargs)
+
+
+def _maker(sshd: SshServer | None):
+    """Run commands as the far account: the ssh login, or (a local archive) us."""
+    if sshd is None:
+        return lambda *argv: subprocess.run([os.fspath(a) for a in argv], check=True)
+    return lambda *argv: as_far_account(sshd, *argv)
+
+
+@pytest.fixture
+def destinations(tmp_path):
+    """Make Destinations that may send files below ``tmp_path``, each with its
+    own ssh control directory; their masters are stopped afterwards."""
+    made: list[tuple[Destination, str]] = []
+
+    def make(archive: Archive) -> Destination:
+        control = make_control_dir()
+        dest = Destination(archive, control, local_roots=(str(tmp_path),))
+        made.append((dest, control))
+        return dest
+
+    yield make
+    for dest, control in made:
+        dest.close()
+        remove_control_dir(control)
+
+
+# -- links planted below the base --------------------------------------------
+
+# (name, remote path, local content, what the far account plants, relative to
+# the far base B and the directory outside O (which holds decoys of the right
+# content): (link path, target))
+LINKS = [
+    ("timecode directory to a decoy directory", "17000/f.dat", DECOY, ("17000", "{O}/decoy")),
+    ("deeper directory to a decoy directory", "17000/sub/f.dat", DECOY, ("17000/sub", "{O}/decoy")),
+    ("deeper directory to /dev, file named null", "17000/dev/null", b"", ("17000/dev", "/dev")),
+    ("timecode directory to an empty directory outside", "17000/g.dat", b"g", ("17000", "{O}/empty")),
+    ("directory to a directory inside the base", "17000/h.dat", b"h", ("17000", "other")),
+]
+# The last component a link: rsync replaces the link with the file, so the
+# file may be verified, but only as a regular file holding what was sent.
+FILE_LINKS = [
+    ("the file to a decoy of the right content", "17000/f.dat", DECOY, ("17000/f.dat", "{O}/decoy/f.dat")),
+    ("the file to /dev/null, an empty file sent", "17000/e.dat", b"", ("17000/e.dat", "/dev/null")),
+]
+
+
+def _plant(sshd: SshServer | None, base: Path, outside: Path, link: tuple[str, str]) -> Path:
+    """Make the far account's decoys and the link; returns the link's path."""
+    path, target = link
+    make = _maker(sshd)
+    for d in (outside / "decoy" / "sub", outside / "empty", base / "other", base / "17000"):
+        make("mkdir", "-p", d)
+    (outside / "decoy-content").write_bytes(DECOY)
+    make("cp", outside / "decoy-content", outside / "decoy" / "f.dat")
+    make("cp", outside / "decoy-content", outside / "decoy" / "sub" / "f.dat")
+    link_path = base / path
+    if path == "17000":
+        make("rmdir", link_path)
+    make("ln", "-s", target.format(O=outside), link_path)
+    return link_path
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    """Every regular file below ``root`` with its content (links not followed)."""
+    found = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            p = Path(dirpath, name)
+            if p.is_file() and not p.is_symlink():
+                found[str(p.relative_to(root))] = p.read_bytes()
+    return found
+
+
+def _ship_with_a_control(dest: Destination, src: Path, remote: str, content: bytes):
+    """Ship ``remote`` and a control file in one batch; return (file's result, control's)."""
+    src.mkdir(parents=True, exist_ok=True)
+    local = src / "file"
+    local.write_bytes(content)
+    control = src / "control"
+    control.write_bytes(b"control")
+    items = [Item(1, str(local), remote, md5(content)),
+             Item(2, str(control), "control.dat", md5(b"control"))]
+    results, missing = ship_batch(dest, items)
+    assert missing == []
+    return results[1], results[2]
+
+
+@pytest.fixture(params=["ssh", "local"])
+def far_base(request, tmp_path):
+    """(the far sshd or None, a far base, a directory outside it, an Archive)."""
+    if request.param == "ssh":
+        sshd = request.getfixturevalue("sshd")
+        remote_dir = request.getfixturevalue("remote_dir")
+        base = sshd.make_remote_dir(remote_dir / "base")
+        outside = sshd.make_remote_dir(remote_dir / "outside")
+        return sshd, base, outside, ssh_archive(sshd, base)
+    base, outside = tmp_path / "base", tmp_path / "outside"
+    base.mkdir()
+    outside.mkdir()
+    return None, base, outside, Archive(name="arch", remote_basedir=str(base))
+
+
+@pytest.mark.parametrize("case", LINKS, ids=[c[0] for c in LINKS])
+def test_a_link_below_the_base_is_never_written_through_nor_verified(
+        far_base, destinations, tmp_path, case):
+    sshd, base, outside, archive = far_base
+    _name, remote, content, link = case
+    link_path = _plant(sshd, base, outside, link)
+    before = _snapshot(outside)
+
+    (sent, found), (control_sent, control_found) = _ship_with_a_control(
+        destinations(archive), tmp_path / "src", remote, content)
+
+    assert control_found == control_sent  # the batch did ship: this file alone failed
+    assert found != sent, f"{remote} verified through {link_path} -> {os.readlink(link_path)}"
+    assert found is None  # not even read: rsync did not report it sent
+    assert _snapshot(outside) == before  # nothing written outside the base
+    assert os.path.islink(link_path)
+
+
+@pytest.mark.parametrize("case", FILE_LINKS, ids=[c[0] for c in FILE_LINKS])
+def test_a_link_in_place_of_the_file_is_verified_only_once_replaced_by_the_file(
+        far_base, destinations, tmp_path, case):
+    sshd, base, outside, archive = far_base
+    _name, remote, content, link = case
+    _plant(sshd, base, outside, link)
+    before = _snapshot(outside)
+
+    (sent, found), _control = _ship_with_a_control(destinations(archive), tmp_path / "src",
+                                                   remote, content)
+
+    assert _snapshot(outside) == before
+    if found == sent:  # verified: the far name now holds a regular file with what was sent
+        assert not (base / remote).is_symlink()
+        assert (base / remote).read_bytes() == content
+
+
+def test_the_far_md5_reads_nothing_through_a_link_at_any_depth(far_base, destinations):
+    """The check itself (also retention's, just before a deletion): links the
+    far account made after the copy, at each depth, to content that matches."""
+    sshd, base, outside, archive = far_base
+    make = _maker(sshd)
+    make("mkdir", "-p", outside / "decoy" / "sub", base / "real" / "sub", base / "17000")
+    (outside / "decoy-content").write_bytes(DECOY)
+    for target in ("decoy/f.dat", "decoy/sub/f.dat"):
+        make("cp", outside / "decoy-content", outside / target)
+    make("cp", outside / "decoy-content", base / "real" / "sub" / "f.dat")
+    make("ln", "-s", outside / "decoy", base / "top")                 # timecode directory
+    make("ln", "-s", outside / "decoy", base / "17000" / "deep")      # a deeper directory
+    make("ln", "-s", outside / "decoy" / "f.dat", base / "17000" / "file.dat")  # the file
+    make("ln", "-s", "/dev/null", base / "17000" / "null.dat")        # /dev/null
+    make("ln", "-s", "real", base / "inside")                          # a directory inside the base
+    make("ln", "-s", "loop", base / "loop")                            # a loop
+    dest = destinations(archive)
+
+    far = dest.far_md5(["top/f.dat", "top/sub/f.dat", "17000/deep/f.dat", "17000/file.dat",
+                        "17000/null.dat", "inside/sub/f.dat", "loop", "real/sub/f.dat"])
+
+    assert far == {"real/sub/f.dat": md5(DECOY)}
+
+
+def test_rsync_reports_every_hostile_name_as_escaped_and_all_are_verified(
+        sshd, remote_dir, tmp_path, destinations, canary_dir):
+    """rsync escapes control characters (and a backslash before '#ddd') in
+    --out-format names: each expected form is checked against real rsync."""
+    names = hostile_names(canary_dir) + [b"bs\\#123", b"bs\\#12", b"\\#0001", b"tab\t\\#x", b"\x7f\x1f"]
+    src = tmp_path / "src"
+    src.mkdir()
+    items = []
+    for i, name in enumerate(names):
+        local = os.path.join(os.fsencode(src), b"f%d" % i)
+        content = b"content of %d" % i
+        with open(local, "wb") as f:
+            f.write(content)
+        items.append(Item(i, os.fsdecode(local), os.fsdecode(b"d/" + name), md5(content)))
+    dest = destinations(ssh_archive(sshd, remote_dir))
+
+    results, missing = ship_batch(dest, items)
+
+    assert missing == []
+    not_verified = [names[i] for i, (sent, found) in results.items() if sent != found]
+    assert not_verified == []
+    assert len(results) == len(names)
+
+
+def test_rsync_escaped_matches_what_a_local_rsync_prints(tmp_path):
+    """The same escaping, for the local receiver's lines ('>f')."""
+    names = [n for n in hostile_names(str(tmp_path)) if not n.startswith(b"-")] + [b"a\\#123", b"\x1b"]
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    for name in names:
+        with open(os.path.join(os.fsencode(src), name), "wb") as f:
+            f.write(b"x")
+    out = subprocess.run(["rsync", "-s", "--files-from=-", "--from0", "--8-bit-output",
+                          "--out-format=%i %n", "--", f"{src}/", f"{dst}/"],
+                         input=b"".join(b"./" + n + b"\0" for n in names), capture_output=True,
+                         check=True)
+    assert reported_names(out.stdout) == {rsync_escaped(n) for n in names}
