@@ -1,14 +1,17 @@
 """A refused write is never verified: what the far account leaves in the
 archive (a symlink at any depth below the base, to a decoy with the right
-content, to /dev/null, to a directory outside) never passes for a copy.
+content, to /dev/null, to a directory outside) never passes for a copy, and
+a far rsync old enough to write through such links is refused.
 
 The far account is played for real: links are made by the ssh login user
-on the test sshd (or in a local archive). What is tested,
+on the test sshd (or in a local archive), and an old rsync is a fake one
+first on that account's PATH, in a second sshd of its own. What is tested,
 the transfer and its checks, runs unmocked: real rsync, ssh, md5sum.
 """
 from __future__ import annotations
 
 import os
+import pwd
 import subprocess
 from pathlib import Path
 
@@ -16,9 +19,12 @@ import pytest
 
 from tests.hostile_names import hostile_names
 from tests.sshd import SshServer
-from tests.test_ssh_support import md5, ssh_archive
+from tests.test_ssh_support import (  # noqa: F401  (fixtures)
+    Sleeps, catalog, health, make_worker, md5, register, row, ssh_archive, tool_log,
+)
 from watcher.config import Archive
-from watcher.rsync import (Destination, Item, reported_names, rsync_escaped,
+from watcher.health import read_health
+from watcher.rsync import (Destination, Item, TransferError, reported_names, rsync_escaped,
                            ship_batch)
 from watcher.ssh import make_control_dir, remove_control_dir
 
@@ -38,6 +44,55 @@ def _maker(sshd: SshServer | None):
     return lambda *argv: as_far_account(sshd, *argv)
 
 
+FAR_USER = "watcherfar"
+
+
+def far_account() -> pwd.struct_passwd:
+    """A login of its own for a misbehaving far side (its start-up files are
+    the tests' to change: the sshd fixture's login serves every other test)."""
+    if subprocess.run(["id", FAR_USER], capture_output=True).returncode != 0:
+        r = subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "-p", "*", FAR_USER],
+                           capture_output=True, text=True)
+        if r.returncode not in (0, 9):  # 9: made concurrently
+            raise RuntimeError(f"useradd {FAR_USER} failed: {r.stderr}")
+    return pwd.getpwnam(FAR_USER)
+
+
+class FarServer(SshServer):
+    """A second sshd, with its own host key, whose sessions may get extra
+    environment (``SetEnv``, e.g. a PATH with another rsync first) and may
+    log in as an account of their own (``own_account``: its ~/.bashrc can
+    be made to print)."""
+
+    def __init__(self, env: dict[str, str], own_account: bool = False):
+        super().__init__()
+        if own_account:
+            self.pw = far_account()
+            self.user = self.pw.pw_name
+            self._write_config()
+        if env:
+            with open(self.config, "a") as f:
+                f.write("SetEnv " + " ".join(f"{k}={v}" for k, v in env.items()) + "\n")
+
+
+@pytest.fixture
+def far_server():
+    """Start FarServers with the given session environment; cleaned up afterwards."""
+    servers: list[FarServer] = []
+
+    def start(own_account: bool = False, **env: str) -> FarServer:
+        if own_account and os.geteuid() != 0:
+            pytest.skip("a far account of its own needs root")
+        server = FarServer(env, own_account)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in servers:
+        server.cleanup()
+
+
 @pytest.fixture
 def destinations(tmp_path):
     """Make Destinations that may send files below ``tmp_path``, each with its
@@ -54,6 +109,19 @@ def destinations(tmp_path):
     for dest, control in made:
         dest.close()
         remove_control_dir(control)
+
+
+def fake_rsync(bin_dir: Path, version: str) -> Path:
+    """An `rsync` that says it is ``version`` and otherwise runs the real one."""
+    real = subprocess.run(["sh", "-c", "command -v rsync"], capture_output=True, text=True).stdout.strip()
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    bin_dir.chmod(0o755)
+    script = bin_dir / "rsync"
+    script.write_text(f'#!/bin/sh\nif [ "$1" = --version ]; then\n'
+                      f'  echo "rsync  version {version}  protocol version 31"; exit 0\nfi\n'
+                      f'exec {real} "$@"\n')
+    script.chmod(0o755)
+    return bin_dir
 
 
 # -- links planted below the base --------------------------------------------
@@ -229,3 +297,61 @@ def test_rsync_escaped_matches_what_a_local_rsync_prints(tmp_path):
                          input=b"".join(b"./" + n + b"\0" for n in names), capture_output=True,
                          check=True)
     assert reported_names(out.stdout) == {rsync_escaped(n) for n in names}
+
+
+# -- the far rsync's version ---------------------------------------------------
+
+@pytest.fixture
+def far_bin(shared_dir):
+    """A directory first on the far account's PATH (reachable by that account)."""
+    return shared_dir / "bin"
+
+
+def test_an_old_far_rsync_degrades_the_archive_and_nothing_is_written_or_charged(
+        far_server, far_bin, tmp_path, catalog, make_worker):
+    fake_rsync(far_bin, "3.2.7")
+    server = far_server(PATH=f"{far_bin}:/usr/local/bin:/usr/bin:/bin")
+    base = server.remote_root()
+    archive = ssh_archive(server, base)
+    ids = register(catalog, "arch", {"a.dat": b"a", "b.dat": b"b"}, tmp_path / "src")
+    errors = []
+    sleeps = Sleeps(lambda n: errors.append(read_health(catalog.path)["archives"]["arch"]), limit=2)
+
+    with pytest.raises(AssertionError, match="backed off"):
+        make_worker(archive, sleep=sleeps).step()
+
+    assert os.listdir(base) == []
+    for file_id in ids.values():
+        r = row(catalog, file_id)
+        assert r.failed_copy_attempts == 0 and r.remote_md5sum is None
+    assert errors and all(e["degraded"] for e in errors)
+    assert "rsync 3.2.7" in errors[-1]["last_error"] and "3.4 or later" in errors[-1]["last_error"]
+
+
+def test_the_far_rsync_is_checked_once_per_destination(sshd, remote_dir, tmp_path, destinations, tool_log):
+    dest = destinations(ssh_archive(sshd, remote_dir))
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"f{i}").write_bytes(b"%d" % i)
+        results, _ = ship_batch(dest, [Item(i, str(src / f"f{i}"), f"f{i}", md5(b"%d" % i))])
+        assert results[i][0] == results[i][1]
+    checks = [c for c in tool_log.ssh_calls() if b"rsync --version" in c]
+    assert len(checks) == 1
+
+
+def test_an_old_local_rsync_refuses_a_local_archive(tmp_path, monkeypatch, destinations):
+    bin_dir = fake_rsync(tmp_path / "bin", "3.3.0")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    base = tmp_path / "base"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"a")
+    dest = destinations(Archive(name="arch", remote_basedir=str(base)))
+
+    with pytest.raises(TransferError) as raised:
+        ship_batch(dest, [Item(1, str(src / "a"), "a", md5(b"a"))])
+
+    assert raised.value.kind == "archive"
+    assert "this host runs rsync 3.3.0" in str(raised.value) and "3.4 or later" in str(raised.value)
+    assert not base.exists()

@@ -11,7 +11,8 @@ an option parser). A local destination is hashed in-process.
 The far account is trusted to hash honestly, not to keep its tree clean: a
 file counts only if rsync reported sending it (``--out-format``) and the far
 md5 was read from a path with no symlink anywhere below the base (checked
-on the far side with ``realpath``).
+on the far side with ``realpath``); the far rsync must be one that refuses
+to write through such links (3.4 or later, checked once per destination).
 
 Commands are built as argument lists by pure functions and run in one
 place, which turns an exit status into a typed ``TransferError``.
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 
 # rsync and ssh exit codes that say the connection failed, not the files.
 CONNECTION_EXIT_CODES = {255, 5, 10, 12, 30, 35}
+# The oldest rsync that refuses to write through a symlink below the destination.
+MIN_RSYNC_VERSION = (3, 4)
 SHELL_TEXT = ("the archive host's login shell prints text, so rsync and the md5 command cannot "
               "talk through it: make its startup files (~/.bashrc ...) print nothing when not "
               "interactive")
@@ -58,7 +61,8 @@ class TransferError(Exception):
 
     ``kind`` is "connection" (the network or the far host: back off and
     retry, the files are not to blame), "archive" (the archive itself: its
-    login shell printing text; backed off the same way, nothing charged) or
+    rsync too old, its login shell printing text; backed off the same way,
+    nothing charged) or
     "timeout" (a transfer or command stalled: killed, retried the same way).
     """
 
@@ -172,6 +176,7 @@ class Destination:
         self._control_dir = control_dir
         self._roots = tuple(str(r) for r in local_roots)
         self._max_files = _descriptor_budget()
+        self._rsync_checked = False
 
     # -- building commands (pure) --------------------------------------------
 
@@ -227,6 +232,46 @@ class Destination:
                   f"exec xargs -0 -r sh -c {shlex.quote(MD5_CHUNK)} sh")
         return self.ssh_args() + ["--", self.archive.ssh_host, script]
 
+    def rsync_version_args(self) -> list[str]:
+        """The command that says which rsync the receiving side runs (and,
+        over ssh, in which directory the far login starts)."""
+        if not self.archive.is_remote:
+            return ["rsync", "--version"]
+        return self.ssh_args() + ["--", self.archive.ssh_host, "pwd -P && exec rsync --version"]
+
+    # -- checks ----------------------------------------------------------------
+
+    def check_rsync(self, stop: threading.Event | None = None) -> None:
+        """Refuse an rsync older than MIN_RSYNC_VERSION on the receiving side
+        (it writes through a symlink planted below the base directory); once
+        per destination, before its first copy. Raises TransferError("archive")."""
+        if self._rsync_checked:
+            return
+        a = self.archive
+        where = f"the archive host {a.ssh_host}" if a.is_remote else "this host"
+        argv = self.rsync_version_args()
+        result = run(argv, timeout=a.cmd_timeout, stop=stop)
+        if a.is_remote and result.exit_code == 255:
+            raise TransferError("connection", f"ssh exited 255: {_tail(result.stderr)}", argv)
+        out = result.stdout
+        if a.is_remote:
+            home, _, out = out.partition(b"\n")
+            if not home.startswith(b"/") and (home or out):
+                raise TransferError("archive", f"{SHELL_TEXT} (it printed {_tail(home, 80)!r})", argv)
+        found = re.match(rb"rsync\s+version\s+v?(\d+)\.(\d+)(?:\.(\d+))?", out)
+        if found is None:
+            if a.is_remote and out.strip() and not out.startswith(b"rsync"):
+                raise TransferError("archive", f"{SHELL_TEXT} (it printed {_tail(out, 80)!r})", argv)
+            raise TransferError("archive", f"no usable rsync on {where}: `rsync --version` exited "
+                                f"{result.exit_code}: {_tail(result.stderr or out)}", argv)
+        version = tuple(int(v or 0) for v in found.groups())
+        if version[:2] < MIN_RSYNC_VERSION:
+            raise TransferError(
+                "archive", f"{where} runs rsync {'.'.join(map(str, version))}; watcher needs rsync "
+                f"{'.'.join(map(str, MIN_RSYNC_VERSION))} or later there (older ones write through "
+                f"a symlink below the base directory)", argv)
+        self._rsync_checked = True
+
     # -- running them ------------------------------------------------------------
 
     def send(self, items: list[Item], stop: threading.Event | None = None) -> tuple[list[Item], list[Item]]:
@@ -241,6 +286,7 @@ class Destination:
                                     "LimitNOFILE (no file of the batch could be opened)")
             if not sent:
                 return sent, refused
+            self.check_rsync(stop)
             source, names = listing.source_and_data()
             argv = self.rsync_args(source)
             result = run(argv, stdin=names, stop=stop, pass_fds=listing.fds)
