@@ -15,7 +15,8 @@ on the far side with ``realpath``); the far rsync must be one that refuses
 to write through such links (3.4 or later, checked once per destination).
 
 Commands are built as argument lists by pure functions and run in one
-place, which turns an exit status into a typed ``TransferError``.
+place, which turns an exit status into a typed ``TransferError``, classed
+by its cause: the archive's (nothing charged) or a file's.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import posixpath
 import re
 import resource
 import select
@@ -47,6 +49,19 @@ log = logging.getLogger(__name__)
 
 # rsync and ssh exit codes that say the connection failed, not the files.
 CONNECTION_EXIT_CODES = {255, 5, 10, 12, 30, 35}
+# rsync exit codes that describe the archive or its host, not a file: usage
+# (an rsync that does not take our options), protocol, the base directory,
+# an action not supported, file and IPC I/O (a full disk ends the receiver
+# with 11), memory. Nothing is charged; the worker backs off.
+ARCHIVE_EXIT_CODES = {1, 2, 3, 4, 6, 11, 13, 14, 21, 22}
+RSYNC_EXIT_MEANINGS = {
+    1: "syntax or usage error", 2: "protocol incompatibility", 3: "errors selecting input/output files, dirs",
+    4: "requested action not supported", 5: "error starting client-server protocol",
+    10: "error in socket I/O", 11: "error in file I/O", 12: "error in rsync protocol data stream",
+    13: "errors with program diagnostics", 14: "error in IPC code", 22: "error allocating memory",
+    23: "partial transfer due to error", 30: "timeout in data send/receive"}
+# What in rsync's complaints about single files says the whole archive is in trouble.
+ARCHIVE_FULL = (b"No space left on device", b"Disk quota exceeded")
 # The oldest rsync that refuses to write through a symlink below the destination.
 MIN_RSYNC_VERSION = (3, 4)
 SHELL_TEXT = ("the archive host's login shell prints text, so rsync and the md5 command cannot "
@@ -61,8 +76,8 @@ class TransferError(Exception):
 
     ``kind`` is "connection" (the network or the far host: back off and
     retry, the files are not to blame), "archive" (the archive itself: its
-    rsync too old, its login shell printing text; backed off the same way,
-    nothing charged) or
+    rsync too old, its login shell printing text, its disk full, its base
+    directory unwritable; backed off the same way, nothing charged) or
     "timeout" (a transfer or command stalled: killed, retried the same way).
     """
 
@@ -177,6 +192,7 @@ class Destination:
         self._roots = tuple(str(r) for r in local_roots)
         self._max_files = _descriptor_budget()
         self._rsync_checked = False
+        self._home: str | None = None  # the far login's working directory, as rsync sees it
 
     # -- building commands (pure) --------------------------------------------
 
@@ -258,6 +274,7 @@ class Destination:
             home, _, out = out.partition(b"\n")
             if not home.startswith(b"/") and (home or out):
                 raise TransferError("archive", f"{SHELL_TEXT} (it printed {_tail(home, 80)!r})", argv)
+            self._home = os.fsdecode(home)
         found = re.match(rb"rsync\s+version\s+v?(\d+)\.(\d+)(?:\.(\d+))?", out)
         if found is None:
             if a.is_remote and out.strip() and not out.startswith(b"rsync"):
@@ -271,6 +288,17 @@ class Destination:
                 f"{'.'.join(map(str, MIN_RSYNC_VERSION))} or later there (older ones write through "
                 f"a symlink below the base directory)", argv)
         self._rsync_checked = True
+
+    def _base_as_rsync_names_it(self) -> str | None:
+        """The base directory as the receiving rsync writes it in its messages
+        (its working directory at start, then the operand), or None when unknown."""
+        base = self.archive.remote_basedir
+        if not base.startswith("/"):
+            home = self._home if self.archive.is_remote else os.getcwd()
+            if not home:
+                return None
+            base = home.rstrip("/") + "/" + base
+        return posixpath.normpath(base)
 
     # -- running them ------------------------------------------------------------
 
@@ -290,8 +318,7 @@ class Destination:
             source, names = listing.source_and_data()
             argv = self.rsync_args(source)
             result = run(argv, stdin=names, stop=stop, pass_fds=listing.fds)
-        if result.exit_code in CONNECTION_EXIT_CODES:
-            raise TransferError("connection", f"rsync exited {result.exit_code}: {_tail(result.stderr)}", argv)
+        self._classify(result, argv)
         reported = reported_names(result.stdout)
         unreported = [i for i in sent if rsync_escaped(os.fsencode(i.remote_path)) not in reported]
         if result.exit_code != 0 or unreported:
@@ -305,6 +332,43 @@ class Destination:
             sent = [i for i in sent if i.id not in skip]
             refused = refused + unreported
         return sent, refused
+
+    def _classify(self, result: Completed, argv: list[str]) -> None:
+        """Raise TransferError when rsync's exit says the archive or the
+        connection failed, not a file: nothing is then charged."""
+        code, err = result.exit_code, result.stderr
+        if code in (0, 23, 24) and not (code == 23 and self._archive_trouble(err)):
+            return
+        meaning = RSYNC_EXIT_MEANINGS.get(code)
+        said = f"rsync exited {code}{f' ({meaning})' if meaning else ''}: {_tail(err)}"
+        if b"is your shell clean" in err or b"protocol version mismatch" in err:
+            raise TransferError("archive", f"{SHELL_TEXT}; {said}", argv)
+        if code in CONNECTION_EXIT_CODES:
+            raise TransferError("connection", said, argv)
+        if any(text in err for text in ARCHIVE_FULL):
+            raise TransferError("archive", f"the archive's disk is full or over quota; {said}", argv)
+        if code == 23:
+            raise TransferError("archive", f"the archive's base directory cannot be written; {said}", argv)
+        if code in ARCHIVE_EXIT_CODES:
+            raise TransferError("archive", f"the archive refused the batch; {said}", argv)
+        log.warning("%s", said)  # anything else: the far md5 judges each file
+
+    def _archive_trouble(self, stderr: bytes) -> bool:
+        """Whether rsync's complaints (exit 23) are about the archive as a
+        whole: no space, over quota, or the base directory not writable."""
+        if any(text in stderr for text in ARCHIVE_FULL):
+            return True
+        base = self._base_as_rsync_names_it()
+        if base is None:
+            return False
+        base = rsync_escaped(os.fsencode(base))
+        for line in stderr.split(b"\n"):
+            # mkstemp "BASE/.name.XXXXXX" failed: a file directly in the base;
+            # mkdir "BASE/dir" failed: a directory directly in it.
+            found = re.search(rb'(?:mkstemp|mkdir) "(.*)" failed: (?:Permission denied|Read-only)', line)
+            if found and posixpath.dirname(found.group(1).rstrip(b"/")) == base:
+                return True
+        return False
 
     def far_md5(self, remote_paths: list[str], stop: threading.Event | None = None,
                 total_bytes: int = 0) -> dict[str, str]:
