@@ -60,7 +60,7 @@ from watcher.registrar import Registrar
 from watcher.retention import delete_expired, settle_claimed_removals
 from watcher.safefs import ignore_lease_breaks
 from watcher.rsync import Destination, Stopped, TransferError, remove_stale_batch_trees
-from watcher.ssh import make_control_dir, remove_control_dir
+from watcher.ssh import make_control_dir, remove_control_dir, remove_stale_control_dirs
 from watcher.timecode import remove_unregistered_finalizations, update_timecode_dirs
 from watcher.transfer import TransferWorker
 
@@ -589,6 +589,7 @@ class Agent:
             where = f"{a.ssh_host}:{a.remote_basedir}" if a.is_remote else a.remote_basedir
             log.info("archive %s -> %s", name, where)
         remove_stale_batch_trees()  # left by an agent killed mid-batch
+        remove_stale_control_dirs()  # masters and control directories of agents killed (SIGKILL)
         settle_claimed_removals(self.catalog, self.config)  # left by an agent killed while deleting
         remove_unregistered_finalizations(self.catalog, self.config.file_root, self.config.instance_id,
                                           list(self.config.archives))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 
@@ -86,8 +87,11 @@ def control_socket(archive: Archive, control_dir: str) -> str:
 
 
 def make_control_dir() -> str:
-    """A private directory for ssh control sockets (short, to fit a socket path)."""
-    return tempfile.mkdtemp(prefix=CONTROL_DIR_PREFIX, dir=CONTROL_DIR_BASE)
+    """A private directory for ssh control sockets, named with the agent's
+    pid and start time so that a later agent can tell it from a running
+    one's (even when the pid has been reused)."""
+    pid = os.getpid()
+    return tempfile.mkdtemp(prefix=f"{CONTROL_DIR_PREFIX}{pid}-{_started(pid) or 0}-", dir=CONTROL_DIR_BASE)
 
 
 def remove_control_dir(path: str) -> None:
@@ -98,6 +102,76 @@ def stop_master(archive: Archive, control_dir: str) -> None:
     """Ask the archive's shared connection, if one runs, to exit."""
     try:
         subprocess.run(ssh_args(archive, control_dir) + ["-O", "exit", "--", archive.ssh_host],
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=5)
+    except (subprocess.TimeoutExpired, OSError, ValueError):
+        pass
+
+
+def remove_stale_control_dirs(base: str = CONTROL_DIR_BASE) -> int:
+    """Stop the masters and remove the control directories of agents that
+    are gone (killed: nothing cleaned up); returns how many.
+
+    Only our own uid's real directories count, and only when no process
+    runs with the pid and start time in the name (start times count clock
+    ticks since boot, so a reused pid is told apart, and a clock set
+    forward or back changes nothing).
+    """
+    removed = 0
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return 0
+    for name in names:
+        pid, start, rest = (name[len(CONTROL_DIR_PREFIX):].split("-", 2) + ["", ""])[:3]
+        if not name.startswith(CONTROL_DIR_PREFIX) or not (pid.isdigit() and start.isdigit() and rest):
+            continue  # not ours (or an older agent's, whose pid is unknown)
+        path = os.path.join(base, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or _runs(int(pid), int(start)):
+            continue
+        for socket in _sockets(path):
+            _exit_master(socket)
+        shutil.rmtree(path, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+def _runs(pid: int, start: int) -> bool:
+    """Whether the process that made a directory (``pid``, started at ``start``) still runs."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another account's process
+    now = _started(pid)
+    return now is None or not start or now == start  # unknown: assume it is the owner
+
+
+def _started(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (proc(5) stat field 22)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _sockets(directory: str) -> list[str]:
+    try:
+        return [e.path for e in os.scandir(directory) if stat.S_ISSOCK(e.stat(follow_symlinks=False).st_mode)]
+    except OSError:
+        return []
+
+
+def _exit_master(socket: str) -> None:
+    """Ask the master listening on ``socket`` to exit (the host is not used)."""
+    try:
+        subprocess.run(["ssh", "-F", "/dev/null", "-o", "ControlPath=" + ssh_path(socket, "control socket"),
+                        "-O", "exit", "x"],
                        stdin=subprocess.DEVNULL, capture_output=True, timeout=5)
     except (subprocess.TimeoutExpired, OSError, ValueError):
         pass
