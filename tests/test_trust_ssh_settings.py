@@ -155,7 +155,7 @@ def test_a_remote_command_never_rides_another_archives_master(sshd, tmp_path, ki
 
 # -- paths that ssh's option parser could split or expand --------------------------
 
-HOSTILE_DIRS = ["with space", "per%hcent", "per%%cent", "quote'd #hash", "dollar$sign"]
+HOSTILE_DIRS = ["with space", "per%hcent", "per%%cent", "comment #mark", "quote'd", "dollar$sign"]
 
 
 @pytest.mark.parametrize("directory", HOSTILE_DIRS)
