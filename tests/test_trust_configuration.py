@@ -24,7 +24,7 @@ def ssh_archive(tmp_path: Path, host: str, extra: str = "") -> Path:
 
 @pytest.mark.parametrize("host", [
     "'user@host/x'", "'host/x'", "'./far'", "'user@host:'", "'host:873'", "'user@-oProxyCommand=x'",
-    "'-host'", "'user@'", "'-user@host'", "'user@ho st'", '"user@host\\t"', '"me@host\\x7f"',
+    "'-host'", "'user@'", "'-user@host'", "'user@ho st'", "'evil/tree@host'", "'other:user@host'", '"user@host\\t"', '"me@host\\x7f"',
 ])
 def test_a_far_host_that_rsync_or_ssh_would_misread_is_refused(tmp_path, host):
     line, key, message = only_problem(ssh_archive(tmp_path, host))
@@ -46,13 +46,14 @@ def test_ordinary_far_hosts_are_accepted(tmp_path, host):
 
 
 @pytest.mark.parametrize("key", ["ssh_key", "known_hosts"])
-@pytest.mark.parametrize("name", ['with"quote', "with\\nnewline", "with\\ttab", "with\\x7fdel"])
+@pytest.mark.parametrize("name", ['with"quote', "with\\nnewline", "with\\ttab", "with\\x7fdel",
+                                  "with\\\\backslash", "with${HOME}var"])
 def test_an_ssh_path_that_cannot_be_quoted_for_ssh_is_refused(tmp_path, key, name):
     (tmp_path / "keys").mkdir()
     quoted = '"' + str(tmp_path / "keys" / name).replace('"', '\\"') + '"'
     _line, where, message = only_problem(ssh_archive(tmp_path, "me@archive",
                                                      f"    {key}: {quoted}\n"))
-    assert where == f"archives.arch.{key}" and "double quote or control characters" in message
+    assert where == f"archives.arch.{key}" and "a path for ssh must not contain" in message
 
 
 @pytest.mark.parametrize("name", ["with space", "with%percent", "with%h%%token"])

@@ -333,15 +333,12 @@ def tree_outside(root: Path, known: set[Path]) -> list[str]:
                   if not any(p == k or k in p.parents or p.name.startswith(k.name + "-") for k in known))
 
 
-NOT_REFUSED_YET = pytest.mark.xfail(strict=True, reason="config.py refuses '/' and ':' only after 'user@'")
-
-
 @pytest.mark.parametrize("host", [
     "watchertest@evil/tree",          # rsync: a local path under the working directory
     "watchertest@127.0.0.1:daemon",   # rsync: 'host:' then a path
     "watchertest@-oProxyCommand=x",   # ssh: an option
-    pytest.param("evil/tree@127.0.0.1", marks=NOT_REFUSED_YET),  # a '/' before the first ':'
-    pytest.param("other:user@127.0.0.1", marks=NOT_REFUSED_YET),  # rsync: host 'other'
+    "evil/tree@127.0.0.1",            # a '/' before the first ':'
+    "other:user@127.0.0.1",           # rsync: host 'other'
 ])
 def test_a_host_rsync_or_ssh_would_misread_is_refused_and_nothing_is_written_locally(
         sshd, setup, agent_processes, tmp_path, host):  # noqa: F811

@@ -387,10 +387,10 @@ def _ssh_host(value):
         raise ValueError(f"not a host name: {value!r} (must not start with '-' or contain "
                          "spaces or control characters)")
     user, _, host = value.rpartition("@")
-    if not host or host.startswith("-") or "/" in host or ":" in host:
-        raise ValueError(f"not a host name: {value!r} (the host after 'user@' must not be empty, "
-                         "start with '-' or contain '/' or ':'; for an IPv6 address or a "
-                         "jump host, name a Host entry of ~/.ssh/config)")
+    if not host or host.startswith("-") or "/" in value or ":" in value:
+        raise ValueError(f"not a host name: {value!r} (no '/' or ':' anywhere, and the host "
+                         "after 'user@' must not be empty or start with '-'; for an IPv6 "
+                         "address or a jump host, name a Host entry of ~/.ssh/config)")
     if user.startswith("-"):
         raise ValueError(f"not a user name: {user!r} in {value!r} (must not start with '-')")
     return value
@@ -399,12 +399,13 @@ def _ssh_host(value):
 def _ssh_file(r: _Reader):
     """A path handed to an ssh option: ssh's option parser takes it whole
     only inside double quotes, which cannot hold a double quote or a
-    control character."""
+    control character; ssh 8.7 and later read a backslash as an escape
+    (older ones do not) and expand ``${VAR}`` (see watcher/ssh.py)."""
     def check(value):
         p = r.path(value)
-        if any(c == '"' or ord(c) < 32 or c == "\x7f" for c in str(p)):
-            raise ValueError(f"{str(p)!r}: a path for ssh must not contain a double quote or "
-                             "control characters")
+        if any(c in '"\\' or ord(c) < 32 or c == "\x7f" for c in str(p)) or "${" in str(p):
+            raise ValueError(f"{str(p)!r}: a path for ssh must not contain a double quote, "
+                             "a backslash, '${' or control characters")
         return p
     return check
 
