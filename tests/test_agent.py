@@ -110,11 +110,11 @@ def test_two_rules_ship_to_two_archives(setup, start_agent):
 
 
 def test_files_added_by_another_process_are_shipped_without_a_restart(setup, start_agent, tmp_path):
-    far = setup.archive()
+    elsewhere = tmp_path / "produced"  # where producers put files: an API root
+    elsewhere.mkdir()
+    far = setup.archive(api_roots=[str(elsewhere)])
     setup.rule()
     start_agent(setup)
-    elsewhere = tmp_path / "produced"
-    elsewhere.mkdir()
     files = []
     for i in range(3):
         p = elsewhere / f"p{i}.g3"
@@ -365,23 +365,29 @@ def test_a_second_agent_on_the_same_catalog_refuses_to_start(setup, start_agent)
 
 def _worker_with_pending(setup, tmp_path, files: dict[str, int], files_per_batch: int = 4):
     """A local archive and a rule; ``files`` ({remote path: size}) written under
-    tmp_path and registered, oldest first; a transfer worker whose back-off
-    pauses are recorded instead of slept. Returns (far, catalog, worker, pauses)."""
+    tmp_path/src (the archive's API root) and registered, oldest first; a
+    transfer worker whose back-off pauses are recorded instead of slept.
+    Returns (far, catalog, worker, pauses)."""
+    from watcher.roots import Roots
     from watcher.rsync import Destination
     from watcher.transfer import TransferWorker
 
-    far = setup.archive(files_per_batch=files_per_batch)
+    src = tmp_path / "src"
+    src.mkdir()
+    far = setup.archive(files_per_batch=files_per_batch, api_roots=[str(src)])
     far.mkdir()
     setup.rule()
     config = setup.config()
     catalog = setup.catalog()
     for i, (remote, size) in enumerate(files.items()):
-        p = tmp_path / os.path.basename(remote)
+        p = src / os.path.basename(remote)
         p.write_bytes(os.urandom(size))
         catalog.add_file(str(p), remote, "arch", timestamp=1000.0 + i)
     pauses = []
-    worker = TransferWorker(catalog, config.archives["arch"], Destination(config.archives["arch"]),
-                            threading.Event(), sleep=pauses.append)
+    roots = Roots(config)
+    worker = TransferWorker(catalog, config.archives["arch"],
+                            Destination(config.archives["arch"], None, roots.of("arch")),
+                            threading.Event(), sleep=pauses.append, roots=roots)
     return far, catalog, worker, pauses
 
 
@@ -484,9 +490,9 @@ def test_a_batch_missing_locally_save_a_row_held_back_is_not_marked_gone_at_once
     # Another writer (socs) gave x.dat's far name to a second row: the batch holds it back.
     catalog.db.execute_sql(
         "INSERT INTO supersync_v0 (local_path, local_md5sum, archive_name, remote_path, timestamp) "
-        "VALUES (?, ?, 'arch', 'x.dat', 1)", (str(tmp_path / "x2.dat"), "1" * 32))
+        "VALUES (?, ?, 'arch', 'x.dat', 1)", (str(tmp_path / "src" / "x2.dat"), "1" * 32))
     for name in ("x.dat", "y.dat"):
-        (tmp_path / name).unlink()
+        (tmp_path / "src" / name).unlink()
     assert worker.step()  # every file handed to rsync is gone: an unmounted disk, not deleted data
     assert [r.removed for r in catalog.known_files("arch", 0)] == [None] * 3
     assert pauses == [1.0]
@@ -495,7 +501,7 @@ def test_a_batch_missing_locally_save_a_row_held_back_is_not_marked_gone_at_once
 def test_a_whole_batch_missing_locally_is_not_marked_gone_at_once(setup, tmp_path):
     _, catalog, worker, pauses = _worker_with_pending(setup, tmp_path, {f"m{i}.dat": 1 for i in range(4)})
     for i in range(4):  # registered, then their disk "goes away"
-        (tmp_path / f"m{i}.dat").unlink()
+        (tmp_path / "src" / f"m{i}.dat").unlink()
     assert worker.step() and worker.step()  # 4, then 2 missing: an unmounted disk, not deleted data
     assert [r.removed for r in catalog.known_files("arch", 0)] == [None] * 4
     assert worker.step()  # a batch of one is marked as before

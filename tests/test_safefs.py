@@ -101,7 +101,12 @@ def test_a_file_is_unlinked_only_while_it_is_the_file_that_was_checked(tmp_path)
 @pytest.mark.parametrize("path, expected", [
     ("/data/inbox/a/b.dat", "/data/inbox"),
     ("/data/inbox2/b.dat", "/data"),
-    ("/elsewhere/x.dat", "/elsewhere"),
 ])
 def test_a_path_belongs_to_the_innermost_root_containing_it(path, expected):
     assert root_of(path, ["/data", "/data/inbox", Path("/data/inbox/")]) == expected
+
+
+@pytest.mark.parametrize("path", ["/elsewhere/x.dat", "/dat", "/data", "relative/x.dat"])
+def test_a_path_outside_every_root_has_no_tree_to_be_opened_in(path):
+    with pytest.raises(ValueError):
+        root_of(path, ["/data", "/data/inbox"])

@@ -319,28 +319,33 @@ def test_a_held_row_is_left_out_of_batches_until_its_wait_is_over(setup, tmp_pat
     match is not in the next batches until 1 s, then 2 s, have passed; a file
     registered meanwhile ships in the next batch."""
     from watcher.db import Catalog
+    from watcher.roots import Roots
     from watcher.rsync import Destination
     from watcher.transfer import TransferWorker
 
-    far = setup.archive(max_copy_attempts=10)
+    src = tmp_path / "src"  # where the files are registered from: an API root
+    src.mkdir()
+    far = setup.archive(max_copy_attempts=10, api_roots=[str(src)])
     setup.rule()
     config = setup.config()
     catalog = Catalog(setup.database)
     (far / "bad.dat").mkdir(parents=True)
     (far / "bad.dat" / "keep").write_bytes(b"x")
-    bad = tmp_path / "bad.dat"
+    bad = src / "bad.dat"
     bad.write_bytes(b"bad")
     catalog.add_file(str(bad), "bad.dat", "arch")
     now = [100.0]
-    worker = TransferWorker(catalog, config.archives["arch"], Destination(config.archives["arch"]),
-                            threading.Event(), clock=lambda: now[0])
+    roots = Roots(config)
+    worker = TransferWorker(catalog, config.archives["arch"],
+                            Destination(config.archives["arch"], None, roots.of("arch")),
+                            threading.Event(), clock=lambda: now[0], roots=roots)
 
     def attempts() -> int:
         return row_of(setup.database, bad)["failed_copy_attempts"]
 
     assert worker.step() and attempts() == 1
     assert not worker.step()  # held: nothing to ship
-    good = tmp_path / "good.dat"
+    good = src / "good.dat"
     good.write_bytes(b"good")
     catalog.add_file(str(good), "good.dat", "arch")
     assert worker.step() and verified(row_of(setup.database, good)) and attempts() == 1

@@ -249,12 +249,12 @@ def test_a_directory_renamed_before_shipping_is_registered_again_under_its_far_n
 
 def test_the_api_gives_a_reused_name_with_other_content_a_version_and_keeps_it_for_the_same(
         setup, start_agent, tmp_path):
-    far = setup.archive(delete_local_after=0.5)
+    produced = tmp_path / "produced"  # where producers put files: an API root
+    produced.mkdir()
+    far = setup.archive(delete_local_after=0.5, api_roots=[str(produced)])
     setup.rule()
     start_agent(setup)
     catalog = setup.catalog()
-    produced = tmp_path / "produced"
-    produced.mkdir()
     p = produced / "c.dat"
     copies = FarCopiesStay(far)
 
@@ -299,12 +299,14 @@ def test_a_producer_registering_the_same_file_again_keeps_its_far_name(setup, tm
 
 def test_socs_files_manager_gives_a_reused_name_with_other_content_a_version(
         setup, start_agent, tmp_path):
-    far = setup.archive(delete_local_after=0.5)
+    produced = tmp_path / "produced"  # where producers put files: an API root
+    produced.mkdir()
+    far = setup.archive(delete_local_after=0.5, api_roots=[str(produced)])
     setup.rule()
     start_agent(setup)
     catalog = setup.catalog()
     srfm = SupRsyncFilesManager(str(setup.database))
-    p = tmp_path / "produced.dat"
+    p = produced / "produced.dat"
     p.write_bytes(b"first")
     srfm.add_file(str(p), "produced.dat", "arch")
     wait_until(lambda: len(deleted_rows(catalog, p)) == 1 and not p.exists(), timeout=15)

@@ -319,7 +319,9 @@ def test_the_agent_ships_the_pending_rows_of_a_socs_catalog_whose_files_exist(se
     content = recreate_local_files(socs_db, tmp_path / "so", shippable | {TS_IGNORED})
     verified_before = contents(socs_db, "supersync_v0", ("id", "remote_md5sum", "copied"))
     setup.database = socs_db
-    far = {name: setup.archive(name) for name in ("timestreams", "smurf")}
+    # socs producers register files under their data directories: the archives' API roots
+    far = {name: setup.archive(name, api_roots=[str(tmp_path / "so" / "data" / name)])
+           for name in ("timestreams", "smurf")}
     agent = start_agent(setup)
     catalog = agent.catalog
     F = catalog.File

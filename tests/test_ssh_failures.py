@@ -19,8 +19,8 @@ import pytest
 
 from tests.sshd import _process_tree
 from tests.test_ssh_support import (  # noqa: F401  (fixtures)
-    Sleeps, catalog, destinations, health, make_far_dir_writable, make_worker, md5, register,
-    row, ssh_archive, tool_log, unwritable_far_dir,
+    Sleeps, api_roots_config, catalog, destinations, health, make_far_dir_writable, make_worker, md5,
+    register, row, ssh_archive, tool_log, unwritable_far_dir,
 )
 from tests.waiting import wait_until
 from watcher.config import Config
@@ -31,8 +31,7 @@ HOUR = 3600.0
 
 
 def config_for(archive, tmp_path) -> Config:
-    return Config(instance_id="test", database=tmp_path / "catalog.db",
-                  file_root=tmp_path / "finalization", archives={archive.name: archive}, rules=())
+    return api_roots_config(archive, tmp_path)  # files are registered below tmp_path/src
 
 
 def test_a_stopped_server_makes_the_worker_back_off_without_charging_and_recover_when_it_returns(

@@ -13,14 +13,16 @@ import os
 import shutil
 import stat
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from tests.sshd import SshServer
-from watcher.config import Archive
+from watcher.config import Archive, Config
 from watcher.db import Catalog
 from watcher.health import Health
+from watcher.roots import Roots
 from watcher.rsync import Destination
 from watcher.ssh import make_control_dir, remove_control_dir
 from watcher.transfer import TransferWorker
@@ -112,12 +114,15 @@ class Sleeps:
 @pytest.fixture
 def destinations():
     """Make Destinations, each with its own ssh control directory (so no test
-    reuses another's connection); their masters are stopped afterwards."""
+    reuses another's connection); their masters are stopped afterwards.
+
+    They may send any file ("/" is their one root, nothing below it followed):
+    which rows a worker ships is its own roots' say (see make_worker)."""
     made: list[tuple[Destination, str]] = []
 
     def make(archive: Archive) -> Destination:
         control = make_control_dir()
-        dest = Destination(archive, control)
+        dest = Destination(archive, control, ("/",))
         made.append((dest, control))
         return dest
 
@@ -141,12 +146,22 @@ def health(catalog):
     h.close()
 
 
+def api_roots_config(archive: Archive, tmp_path: Path) -> Config:
+    """A configuration with this archive alone, whose API root is tmp_path/src
+    (where `register` writes files) and no rules."""
+    archive = replace(archive, api_roots=(str(tmp_path / "src"),))
+    return Config(instance_id="test", database=tmp_path / "catalog.db",
+                  file_root=tmp_path / "finalization", archives={archive.name: archive}, rules=())
+
+
 @pytest.fixture
-def make_worker(catalog, health, destinations):
-    """A TransferWorker driven step by step from the test thread."""
+def make_worker(catalog, health, destinations, tmp_path):
+    """A TransferWorker driven step by step from the test thread; it ships
+    rows whose files lie below tmp_path/src."""
     def make(archive: Archive, sleep=None, max_backoff: float = 60.0, stop=None) -> TransferWorker:
         return TransferWorker(catalog, archive, destinations(archive), stop or threading.Event(),
-                              health, sleep=sleep or Sleeps(), max_backoff=max_backoff)
+                              health, sleep=sleep or Sleeps(), max_backoff=max_backoff,
+                              roots=Roots(api_roots_config(archive, tmp_path)))
     return make
 
 

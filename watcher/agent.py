@@ -54,6 +54,8 @@ else:
 
 from watcher.config import Config
 from watcher.db import Catalog
+from watcher.roots import Roots
+from watcher.seal import Sealer, load_key
 from watcher.handlers import SettleTracker, WatchHandler, polling_listdir, scan
 from watcher.health import Health, with_database_retry
 from watcher.registrar import Registrar
@@ -290,7 +292,10 @@ class Agent:
         except ValueError:  # not the main thread (an embedding program): it must ignore SIGIO itself
             log.warning("not started from the main thread: SIGIO (a broken lease) is not ignored")
         self._roots = self._lock_roots()
-        self.catalog = Catalog(config.database)
+        # rows are requests: paths outside their archive's roots are refused, and
+        # only what the agent sealed is taken as hashed (watcher.roots, watcher.seal)
+        self.roots = Roots(config)
+        self.catalog = Catalog(config.database, sealer=Sealer(load_key(config.database)))
         self._catalog_id = _identity(config.database)
         self.health = Health(config.database)
         self._findings = _Findings(self.health, config)
@@ -300,11 +305,10 @@ class Agent:
         self.exit_status = 0
         self._control_dir = (make_control_dir()
                              if any(a.is_remote for a in config.archives.values()) else None)
-        roots = tuple(str(r.watch) for r in config.rules) + (str(config.file_root),)
-        self.destinations = {name: Destination(a, self._control_dir, roots)
+        self.destinations = {name: Destination(a, self._control_dir, self.roots.of(name))
                              for name, a in config.archives.items()}
         self.workers = {name: TransferWorker(self.catalog, a, self.destinations[name],
-                                             self.stop_event, self.health)
+                                             self.stop_event, self.health, roots=self.roots)
                         for name, a in config.archives.items()}
         self.settle = SettleTracker(self._complete)
         self.registrar = Registrar(self.catalog, config, self.settle, self._wake,
@@ -591,6 +595,8 @@ class Agent:
         remove_stale_batch_trees()  # left by an agent killed mid-batch
         remove_stale_control_dirs()  # masters and control directories of agents killed (SIGKILL)
         settle_claimed_removals(self.catalog, self.config)  # left by an agent killed while deleting
+        if readmitted := self.catalog.readmit(self.roots.admits):  # a root added since they were refused
+            log.info("%d catalog rows refused before are inside their archive's roots now", readmitted)
         remove_unregistered_finalizations(self.catalog, self.config.file_root, self.config.instance_id,
                                           list(self.config.archives))
         self._thread(self.settle.run, "watcher-settle")

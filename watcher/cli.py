@@ -149,6 +149,10 @@ def cmd_status(args) -> int:
               + (f"; DEGRADED: {s['last_error']}" if s["degraded"] else ""))
         print(f"  finalized until {_when(s['finalized_until'])}; last added {s['last_file_added']}; "
               f"last verified {s['last_file_verified']}")
+        if s.get("refused"):
+            print(f"  REFUSED: {s['refused']} catalog rows name files outside this archive's roots "
+                  "(its rules' watch directories, api_roots, file_root); they are never read, "
+                  "shipped or deleted (the log names each)")
         for kind, n in sorted(s["problems"].items()):
             print(f"  PROBLEM: {n} {kind}; latest: {s['problem_messages'][kind]}")
     if not report["archives"]:

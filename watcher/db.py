@@ -6,10 +6,12 @@ to the same file. watcher only adds nullable columns, indexes and one table
 of its own. A file's state is derived from columns:
 
 - pending:  remote_md5sum IS NOT local_md5sum, not removed, not ignored,
-            attempts below the limit
+            not refused, attempts below the limit
 - verified: remote_md5sum = local_md5sum
 - failed:   unverified with attempts exhausted
 - removed:  removed IS NOT NULL (0 when it was found already gone)
+- refused:  refused IS NOT NULL: its path is outside its archive's roots
+            (watcher.roots); never read, shipped or deleted
 
 Every query the agent runs per cycle walks a partial index over the rows
 that still need work, so its cost follows the batch, not the table.
@@ -32,6 +34,7 @@ from peewee import (
 
 from watcher.rules import remote_path_problem
 from watcher.safefs import Identity
+from watcher.seal import Sealer
 from watcher.timecode import is_finalization_file, timecode_of
 
 log = logging.getLogger(__name__)
@@ -79,29 +82,37 @@ ADDED_COLUMNS = (
     ("supersync_v0", "ino", "INTEGER"),
     ("supersync_v0", "ctime_ns", "INTEGER"),
     ("supersync_v0", "deleting", "INTEGER"),  # 1 while retention unlinks the row's file
+    ("supersync_v0", "refused", "INTEGER"),   # 1: its path is outside its archive's roots (watcher.roots)
+    ("supersync_v0", "seal", "VARCHAR"),      # the agent's proof that it hashed the file (watcher.seal)
 )
 
 # The partial indexes' WHERE clauses are repeated verbatim in the queries
 # below: SQLite uses a partial index only when the query names its terms.
 UNVERIFIED = "remote_md5sum IS NOT local_md5sum AND removed IS NULL"
-# Unverified and not ignored: what the next batch and finalized_until look at.
-PENDING = f'{UNVERIFIED} AND coalesce("ignore", 0) = 0'
-# Verified, still here, deletable: the only rows retention needs to see.
-DELETABLE = "removed IS NULL AND coalesce(deletable, 1) = 1 AND remote_md5sum = local_md5sum"
+# Unverified, not ignored, not refused: what the next batch and finalized_until look at.
+PENDING = f'{UNVERIFIED} AND coalesce("ignore", 0) = 0 AND refused IS NULL'
+# Verified, still here, deletable, not refused: the only rows retention needs to see.
+DELETABLE = ("removed IS NULL AND coalesce(deletable, 1) = 1 AND remote_md5sum = local_md5sum "
+             "AND refused IS NULL")
 # Those with a rule's own retention, for archives that otherwise keep everything.
 DELETABLE_BY_RULE = f"{DELETABLE} AND retain IS NOT NULL"
+# (Named anew when their WHERE clause changed: an old catalog keeps the old
+# definition under the old name, which migrate() drops.)
 INDEXES = (
-    f"CREATE INDEX IF NOT EXISTS watcher_pending ON supersync_v0 (archive_name, timestamp) WHERE {PENDING}",
-    f"CREATE INDEX IF NOT EXISTS watcher_deletable ON supersync_v0 (archive_name, timestamp) WHERE {DELETABLE}",
-    f"CREATE INDEX IF NOT EXISTS watcher_deletable_by_rule ON supersync_v0 (archive_name, timestamp) WHERE {DELETABLE_BY_RULE}",
+    f"CREATE INDEX IF NOT EXISTS watcher_pending_v2 ON supersync_v0 (archive_name, timestamp) WHERE {PENDING}",
+    f"CREATE INDEX IF NOT EXISTS watcher_deletable_v2 ON supersync_v0 (archive_name, timestamp) WHERE {DELETABLE}",
+    f"CREATE INDEX IF NOT EXISTS watcher_deletable_by_rule_v2 ON supersync_v0 (archive_name, timestamp) WHERE {DELETABLE_BY_RULE}",
     "CREATE INDEX IF NOT EXISTS watcher_local_path ON supersync_v0 (local_path)",
     "CREATE INDEX IF NOT EXISTS watcher_remote_path ON supersync_v0 (archive_name, remote_path)",
     # whether a timecode directory still waits for a file: cost follows its unverified files
     f"CREATE INDEX IF NOT EXISTS watcher_unverified_path ON supersync_v0 (archive_name, remote_path) WHERE {UNVERIFIED}",
     "CREATE INDEX IF NOT EXISTS watcher_tcdir ON timecode_dirs_v0 (archive_name, timecode)",
     "CREATE INDEX IF NOT EXISTS watcher_deleting ON supersync_v0 (id) WHERE deleting IS NOT NULL",
+    # refused rows, looked at again at start (an added root may admit them)
+    "CREATE INDEX IF NOT EXISTS watcher_refused ON supersync_v0 (id) WHERE refused IS NOT NULL",
     "CREATE TABLE IF NOT EXISTS watcher_meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
 )
+OBSOLETE_INDEXES = ("watcher_pending", "watcher_deletable", "watcher_deletable_by_rule")
 
 
 def to_db_path(path: str | os.PathLike) -> str | bytes:
@@ -159,6 +170,8 @@ class File(_Base):
     ino = IntegerField(null=True)
     ctime_ns = IntegerField(null=True)
     deleting = IntegerField(null=True)
+    refused = IntegerField(null=True)
+    seal = CharField(null=True)
 
     class Meta:
         table_name = "supersync_v0"
@@ -310,6 +323,7 @@ class Registered(NamedTuple):
     dev: int | None
     ino: int | None
     ctime_ns: int | None
+    seal: str | None = None
 
     @property
     def identity(self) -> Identity | None:
@@ -319,8 +333,12 @@ class Registered(NamedTuple):
 class Catalog:
     """One SQLite catalog file, safe to share between threads (a connection each)."""
 
-    def __init__(self, path: str | os.PathLike, busy_timeout: float = BUSY_TIMEOUT):
+    def __init__(self, path: str | os.PathLike, busy_timeout: float = BUSY_TIMEOUT,
+                 sealer: Sealer | None = None):
+        """``sealer``: the agent's (watcher.seal); rows it writes with an md5
+        it computed are sealed. Without one (socs, the commands) none are."""
         self.path = Path(path)
+        self.sealer = sealer
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = SqliteDatabase(
             str(self.path),
@@ -351,13 +369,15 @@ class Catalog:
                 have = {c.name for c in self.db.get_columns(table)}
                 if column not in have:
                     self.db.execute_sql(f'ALTER TABLE {table} ADD COLUMN "{column}" {kind}')
+            for name in OBSOLETE_INDEXES:
+                self.db.execute_sql(f"DROP INDEX IF EXISTS {name}")
             for ddl in INDEXES:
                 self.db.execute_sql(ddl)
 
     def _migrated(self) -> bool:
         names = {row[0] for row in self.db.execute_sql("SELECT name FROM sqlite_master")}
         wanted = {"supersync_v0", "timecode_dirs_v0"} | {ddl.split(" EXISTS ", 1)[1].split()[0] for ddl in INDEXES}
-        if not wanted <= names:
+        if not wanted <= names or names & set(OBSOLETE_INDEXES):
             return False
         return all(column in {c.name for c in self.db.get_columns(table)}
                    for table, column, _kind in ADDED_COLUMNS)
@@ -400,7 +420,7 @@ class Catalog:
             files = claims.apply(files)
             made = []
             for f in files:
-                cursor = self.db.execute_sql(_INSERT_FILE, _insert_params(f))
+                cursor = self.db.execute_sql(_INSERT_FILE, self._insert_params(f))
                 made.append(self.File(
                     id=cursor.lastrowid, local_path=f.local_path, remote_path=f.remote_path,
                     archive_name=f.archive_name, local_md5sum=f.local_md5sum,
@@ -448,7 +468,28 @@ class Catalog:
         # Plain SQL, one call for the lot: building each INSERT with peewee,
         # or even running it through execute_sql, cost more than SQLite's work.
         if files:
-            self.db.cursor().executemany(_INSERT_FILE, map(_insert_params, files))
+            self.db.cursor().executemany(_INSERT_FILE, map(self._insert_params, files))
+
+    def _insert_params(self, f: NewFile) -> tuple:
+        return (*_insert_params(f), self._seal(f.archive_name, f.local_path, f.remote_path,
+                                               f.local_md5sum, identity_of_row(f)))
+
+    def _seal(self, archive, local_path, remote_path, md5, identity) -> str | None:
+        """The seal of what the agent hashed (None without a sealer, or an identity)."""
+        if self.sealer is None:
+            return None
+        return self.sealer.seal(archive, local_path, remote_path, md5, identity)
+
+    def sealed(self, row) -> bool:
+        """Whether the agent provably hashed a row's file as its columns say
+        (its md5 and identity are then facts, not a writer's claims)."""
+        return self.sealer is not None and self.sealer.valid(row)
+
+    def trusted_identity(self, row) -> Identity | None:
+        """A row's identity if the agent sealed it, else None: the file is then
+        hashed before its md5 is relied on (a writer of the catalog can copy
+        any identity from stat)."""
+        return identity_of_row(row) if self.sealed(row) else None
 
     def claim_remote_paths(self, files: list[NewFile]) -> "Claims":
         """Which far names these files may have.
@@ -553,7 +594,8 @@ class Catalog:
             if row.removed is not None:
                 return False
             changed = row.local_md5sum != md5
-            (self.File.update(local_md5sum=md5, **identity._asdict(),
+            seal = self._seal(row.archive_name, row.local_path, row.remote_path, md5, identity)
+            (self.File.update(local_md5sum=md5, seal=seal, **identity._asdict(),
                          **({"failed_copy_attempts": 0} if changed else {}))
              .where(self.File.id == file_id).execute())
             if changed:
@@ -583,6 +625,37 @@ class Catalog:
             "ORDER BY timestamp, id LIMIT ?", (archive, max_attempts, limit))
         return [(i, _from_db_path(local), _from_db_path(remote), md5, size)
                 for i, local, remote, md5, size in cursor.fetchall()]
+
+    def refuse(self, file_ids: list[int]) -> int:
+        """Mark rows refused (their path is outside their archive's roots): no
+        batch or retention round reads them again. Returns how many were marked."""
+        count = 0
+        with self.db.atomic("IMMEDIATE"):
+            for chunk in _chunks(list(file_ids)):
+                marks = ", ".join("?" * len(chunk))
+                count += self.db.execute_sql(
+                    f"UPDATE supersync_v0 SET refused = 1 WHERE id IN ({marks}) AND refused IS NULL",
+                    chunk).rowcount
+        return count
+
+    def readmit(self, admits: Callable[[str, str], bool], chunk: int = 5000) -> int:
+        """Refused rows whose path ``admits(archive, path)`` now accepts (a root
+        was added) take part again; reads only the refused rows. Returns how many."""
+        readmitted, last = 0, 0
+        while True:
+            rows = self.db.execute_sql(
+                "SELECT id, archive_name, local_path FROM supersync_v0 "
+                "WHERE refused IS NOT NULL AND id > ? ORDER BY id LIMIT ?", (last, chunk)).fetchall()
+            if not rows:
+                return readmitted
+            last = rows[-1][0]
+            ids = [i for i, archive, path in rows if admits(archive, _from_db_path(path))]
+            if ids:
+                with self.db.atomic("IMMEDIATE"):
+                    for part in _chunks(ids):
+                        marks = ", ".join("?" * len(part))
+                        readmitted += self.db.execute_sql(
+                            f"UPDATE supersync_v0 SET refused = NULL WHERE id IN ({marks})", part).rowcount
 
     def _pending_query(self, archive: str, limit: int, max_attempts: int):
         return (self.File.select()
@@ -694,8 +767,11 @@ class Catalog:
 
     def list_files(self, archive: str, state: str | None, max_attempts: int) -> Iterator[File]:
         query = self.File.select().where(self.File.archive_name == archive)
-        if state in ("failed", "pending"):
-            query = query.where(_raw(UNVERIFIED), fn.coalesce(self.File.ignore, 0) == 0)
+        if state == "refused":
+            query = query.where(self.File.refused.is_null(False))
+        elif state in ("failed", "pending"):
+            query = query.where(_raw(UNVERIFIED), fn.coalesce(self.File.ignore, 0) == 0,
+                                self.File.refused.is_null())
             attempts = fn.coalesce(self.File.failed_copy_attempts, 0)
             query = query.where(attempts >= max_attempts if state == "failed" else attempts < max_attempts)
         return query.order_by(self.File.timestamp, self.File.id).iterator()
@@ -756,7 +832,7 @@ class Catalog:
         """Counts for `watcher status`: one pass over the archive's rows."""
         attempts = fn.coalesce(self.File.failed_copy_attempts, 0)
         unverified = _raw(UNVERIFIED)
-        live = fn.coalesce(self.File.ignore, 0) == 0
+        live = (fn.coalesce(self.File.ignore, 0) == 0) & self.File.refused.is_null()
 
         def case(cond, then=1):
             return fn.SUM(_case(cond, then))
@@ -767,7 +843,8 @@ class Catalog:
             case(self.File.remote_md5sum == self.File.local_md5sum).alias("verified"),
             case(unverified & live & (attempts >= max_attempts)).alias("failed"),
             case(self.File.removed.is_null(False)).alias("removed"),
-            case(~live).alias("ignored"),
+            case(fn.coalesce(self.File.ignore, 0) != 0).alias("ignored"),
+            case(self.File.refused.is_null(False)).alias("refused"),
             case(unverified & live & (attempts < max_attempts), fn.coalesce(self.File.size, 0)).alias("bytes_pending"),
         ).where(self.File.archive_name == archive).dicts().get())
         stats = {k: int(v or 0) for k, v in row.items()}
@@ -923,6 +1000,7 @@ class Catalog:
                 local_path=str(local_path), remote_path=remote_path,
                 archive_name=row.archive_name, local_md5sum=md5,
                 timestamp=now, failed_copy_attempts=0, deletable=True, ignore=False,
+                seal=self._seal(row.archive_name, str(local_path), remote_path, md5, Identity.of(st)),
                 **Identity.of(st)._asdict(),
             )
             (self.TimecodeDir.update(completed=True, synced=True, finalized=True, finalize_file_id=file.id)
@@ -932,7 +1010,7 @@ class Catalog:
 
 def _active_rows_sql(count: int) -> str:
     return ("SELECT id, local_path, archive_name, remote_path, local_md5sum, size, mtime_ns, "
-            "dev, ino, ctime_ns "
+            "dev, ino, ctime_ns, seal "
             f"FROM supersync_v0 WHERE local_path IN ({', '.join('?' * count)}) "
             "AND removed IS NULL ORDER BY id")
 
@@ -944,8 +1022,8 @@ def _insert_params(f: NewFile) -> tuple:
 
 _INSERT_FILE = (
     'INSERT INTO supersync_v0 (local_path, remote_path, archive_name, local_md5sum, "timestamp", '
-    'failed_copy_attempts, deletable, "ignore", size, mtime_ns, retain, dev, ino, ctime_ns) '
-    "VALUES (?, ?, ?, ?, ?, 0, ?, 0, ?, ?, ?, ?, ?, ?)")
+    'failed_copy_attempts, deletable, "ignore", size, mtime_ns, retain, dev, ino, ctime_ns, seal) '
+    "VALUES (?, ?, ?, ?, ?, 0, ?, 0, ?, ?, ?, ?, ?, ?, ?)")
 _RECORD_VERIFIED = ("UPDATE supersync_v0 SET remote_md5sum = ?, copied = ? "
                     "WHERE id = ? AND local_md5sum = ?")
 _RECORD_FAILED = ("UPDATE supersync_v0 SET remote_md5sum = ?, "

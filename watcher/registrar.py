@@ -5,9 +5,10 @@ hashes it (checking it did not change while being read), and commits a
 whole batch in one transaction, then wakes the archives' transfer workers.
 A file already registered with the same identity (device, inode, size,
 mtime and ctime) costs one stat; any other is hashed again, and ships again
-if its content changed. Files are looked up and opened below their watch
-root without following any symlink (safefs): a symlink is reported, never
-registered.
+if its content changed. A row's identity counts only when the agent sealed
+it (watcher.seal): one written by anyone else is hashed once and sealed.
+Files are looked up and opened below their watch root without following any
+symlink (safefs): a symlink is reported, never registered.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from watcher.db import Catalog, Claims, NewFile, Registered, identity_columns, m
 from watcher.faults import checkpoint
 from watcher.handlers import SettleTracker
 from watcher.health import Health, with_database_retry
+from watcher.roots import Roots
 from watcher.rules import UnsafeRemotePath, remote_path_problem, render_remote_path, select_rule
 from watcher.safefs import Identity, SymlinkInPath, Trees, replaced
 
@@ -58,6 +60,7 @@ class Registrar:
         self.wake = wake
         self.stop = stop
         self.health = health
+        self.roots = Roots(config)
         self._waiting: collections.deque[str] = collections.deque()
         self._queued: set[str] = set()
         self._cond = threading.Condition()
@@ -96,9 +99,10 @@ class Registrar:
             return not self._queued and not self._gone and not self._busy
 
     def known(self, paths: list[str]) -> dict[str, Identity | None]:
-        """The recorded identity of registered paths, for scans."""
+        """The recorded identity of registered paths, for scans (None for a row
+        the agent did not seal: its file is handed over and hashed)."""
         rows = with_database_retry(lambda: self.catalog.active_rows(paths), self.health, self.stop)
-        return {path: row.identity for (path, _archive), row in rows.items()}
+        return {path: self.catalog.trusted_identity(row) for (path, _archive), row in rows.items()}
 
     def run(self) -> None:
         try:
@@ -159,7 +163,7 @@ class Registrar:
                 remote = self._remote_path(c)  # before hashing: an unsafe one is never hashed
                 if remote is not None:
                     todo.append((c, None, remote))
-            elif row.identity != c.identity:
+            elif self.catalog.trusted_identity(row) != c.identity:  # changed, or not hashed by us
                 todo.append((c, row, None))
             # else: already registered as it is
         # Big files go to the hashing threads; small ones are hashed here meanwhile
@@ -196,7 +200,7 @@ class Registrar:
                 remote = self._remote_path(c)  # its row was removed meanwhile: a new file
                 if remote is not None:
                     files.append(self._new_file(c, remote, md5, now))
-            claims = (self.catalog.register_files(files, vanished=_vanished, replaced=closed)
+            claims = (self.catalog.register_files(files, vanished=self._vanished, replaced=closed)
                       if files else Claims({}, {}))
             return files, claims
 
@@ -325,6 +329,13 @@ class Registrar:
             return None
         return remote
 
+    def _vanished(self, path: str) -> bool:
+        """Whether nothing is left at a path (a registered file whose directory
+        was renamed); never looked at outside every archive's roots."""
+        if not any(self.roots.admits(archive, path) for archive in self.config.archives):
+            return False
+        return not os.path.lexists(path)
+
     def _new_file(self, c: Candidate, remote: str, md5: str, now: float) -> NewFile:
         rule = c.rule
         keep_forever = rule.overrides_retention and rule.delete_local_after is None
@@ -342,7 +353,3 @@ def _current_identity(path: str) -> Identity | None:
     except OSError:
         return None
 
-
-def _vanished(path: str) -> bool:
-    """Whether nothing is left at a path (a registered file whose directory was renamed)."""
-    return not os.path.lexists(path)

@@ -1,8 +1,11 @@
 """Delete local files whose retention has passed, and only those that are safe.
 
 A file is deleted only when the catalog says verified, its retention has
-passed, it is still what was hashed (device, inode, size, mtime and ctime,
-opened below its root without following any symlink), no process has it
+passed, its path lies below one of its archive's roots (watcher.roots: a
+row naming any other path is refused unopened), it is still what the agent
+hashed (a row it sealed, watcher.seal: device, inode, size, mtime and
+ctime; any other row's file is hashed again first), opened below its root
+without following any symlink, no process has it
 open for writing (a read lease, held while it is unlinked), and the far
 copy still has the same md5 when checked just before (one batched command
 over the shared connection). A far copy that is gone or differs is shipped
@@ -21,6 +24,7 @@ from watcher.config import Config
 from watcher.db import Catalog, File, md5_of_fd
 from watcher.faults import checkpoint
 from watcher.health import Health
+from watcher.roots import Roots
 from watcher.rsync import Destination
 from watcher.safefs import (
     Identity, SymlinkInPath, Trees, WriterCheck, hold_against_writers, release_lease, replaced,
@@ -73,10 +77,27 @@ def delete_expired(catalog: Catalog, config: Config, archive: str, destination: 
     rows = [r for r in catalog.deletable_batch(archive, now, default, shortest,
                                                limit + min(len(held), HELD_LOOKED_PAST))
             if not holding(r)][:limit]
+    rows = _admitted(catalog, Roots(config), rows)
     if not rows:
         return 0
     with _Round(catalog, config, archive, now, held, health) as round_:
         return round_.run(rows, destination, stop)
+
+
+def _admitted(catalog: Catalog, roots: Roots, rows: list[File]) -> list[File]:
+    """The rows whose path lies below their archive's roots; the others are
+    marked refused, unopened (one WARNING each: no round reads them again)."""
+    refused = []
+    for row in rows:
+        refusal = roots.refusal(row.archive_name, row.id, row.local_path)
+        if refusal is not None:
+            log.warning("%s", refusal)
+            refused.append(row.id)
+    if not refused:
+        return rows
+    catalog.refuse(refused)
+    gone = set(refused)
+    return [r for r in rows if r.id not in gone]
 
 
 class _Round:
@@ -87,7 +108,10 @@ class _Round:
     def __init__(self, catalog: Catalog, config: Config, archive: str, now: float,
                  held: dict[int, float], health: Health | None):
         self.catalog, self.archive, self.now, self.held, self.health = catalog, archive, now, held, health
-        self.trees = Trees([r.watch for r in config.rules] + [config.file_root])
+        roots = Roots(config)
+        # this archive's roots (all archives' for the rows a stopped agent left)
+        self.trees = Trees(roots.of(archive) if archive else
+                           [r for name in config.archives for r in roots.of(name)])
         self.fds: list[int] = []
 
     def __enter__(self) -> "_Round":
@@ -129,11 +153,14 @@ class _Round:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 return "gone"  # a directory or fifo took its name: the file is not here
-            identity = row.identity
-            if identity is None:  # an md5 the agent did not compute (socs, the API): hash it once
+            identity = self.catalog.trusted_identity(row)
+            if identity is None:  # an md5 the agent did not compute (socs, the API, forged): hash it
                 md5, st = md5_of_fd(fd)
                 if md5 != row.local_md5sum:
-                    self._record_change(row, md5, st)
+                    log.warning("%s is not what its catalog row %d says (md5 %s, not %s); it is "
+                                "shipped before it may be deleted", row.local_path, row.id, md5,
+                                row.local_md5sum)
+                    self.catalog.update_content(row.id, md5, Identity.of(st))
                     return "changed"
                 identity = Identity.of(st)
             elif replaced(identity, st):  # another file has the path: the registrar's to register
@@ -269,6 +296,12 @@ def settle_claimed_removals(catalog: Catalog, config: Config) -> int:
     rows = catalog.claimed_removals()
     if not rows:
         return 0
+    roots = Roots(config)
+    outside = [r for r in rows if not roots.admits(r.archive_name, r.local_path)]
+    if outside:  # a writer of the catalog flagged them: live again, and refused, unopened
+        catalog.end_removal([], [r.id for r in outside])
+        _admitted(catalog, roots, outside)
+        rows = [r for r in rows if roots.admits(r.archive_name, r.local_path)]
     kept, deleted = [], []
     with _Round(catalog, config, "", time.time(), {}, None) as round_:
         for row in rows:

@@ -59,15 +59,18 @@ def replaced(recorded: "Identity | None", st: os.stat_result) -> bool:
 
 
 def root_of(path: str, roots) -> str:
-    """The longest of ``roots`` that contains ``path``; else the path's own directory
-    (a file registered through the API from elsewhere: only its name is not followed)."""
+    """The longest of ``roots`` that contains ``path``; ValueError when none
+    does: a file outside every root is never opened, whoever named it (a
+    catalog row is a request, see watcher.roots)."""
     best = ""
     for root in roots:
         root = str(root).rstrip("/") or "/"
         prefix = root if root == "/" else root + "/"
         if path.startswith(prefix) and len(root) > len(best):
             best = root
-    return best or (os.path.dirname(path) or "/")
+    if not best:
+        raise ValueError(f"{path} is outside every root the agent may act in")
+    return best
 
 
 def split_beneath(path: str, root: str) -> tuple[str, str]:
@@ -194,7 +197,8 @@ class Trees:
         return tree
 
     def of(self, path: str) -> Beneath:
-        """The tree of the innermost root that holds ``path`` (see root_of)."""
+        """The tree of the innermost root that holds ``path``; ValueError when
+        none does (see root_of)."""
         return self.at(root_of(path, self.roots))
 
 

@@ -34,6 +34,7 @@ from watcher.config import Archive
 from watcher.db import Catalog
 from watcher.faults import checkpoint
 from watcher.health import Health, with_database_retry
+from watcher.roots import Roots
 from watcher.rsync import Destination, Item, TransferError, batch_results, send_batch, ship_batch
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,10 @@ class TransferWorker:
     def __init__(self, catalog: Catalog, archive: Archive, destination: Destination,
                  stop: threading.Event, health: Health | None = None,
                  sleep: Callable[[float], object] | None = None, max_backoff: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, *, roots: Roots):
+        """``roots``: which local paths rows of this archive may name (watcher.roots)."""
         self.catalog = catalog
+        self.roots = roots
         self.archive = archive
         self.destination = destination
         self.stop = stop
@@ -117,7 +120,10 @@ class TransferWorker:
         any row for a remote path in flight (it waits, so that no copy
         overwrites a far file while that file is being hashed) and rows
         waiting after a far mismatch, up to ``files_per_batch`` files or
-        BATCH_BYTES bytes; and whether the byte cap ended it."""
+        BATCH_BYTES bytes; and whether the byte cap ended it.
+
+        A row naming a path outside the archive's roots is refused unopened:
+        marked in the catalog (no later batch reads it again), one WARNING each."""
         a = self.archive
         now = self._clock()
         skip_ids = {i for i, (until, _) in self._held.items() if until > now}
@@ -125,26 +131,38 @@ class TransferWorker:
         if in_flight is not None:
             skip_ids.update(i.id for i in in_flight.items)
             skip_paths = {i.remote_path for i in in_flight.items}
-        rows = with_database_retry(
-            lambda: self.catalog.pending_rows(a.name, self._batch_size + len(skip_ids),
-                                              a.max_copy_attempts),
-            self.health, self.stop)
         cap = None if self._uncap_next else BATCH_BYTES
         self._uncap_next = False
-        items, total, capped = [], 0, False
-        for file_id, local_path, remote_path, md5, size in rows:
-            if file_id in skip_ids or remote_path in skip_paths:
-                continue
-            if size is None:
-                size = _stat_size(local_path)
-            items.append(Item(file_id, local_path, remote_path, md5, size))
-            total += size or 0
-            if len(items) >= self._batch_size:
-                break
-            if cap is not None and total >= cap:
-                capped = True
-                break
-        return items, capped
+        for _ in range(10):  # a batch of refused rows only: look past it, a few times at most
+            rows = with_database_retry(
+                lambda: self.catalog.pending_rows(a.name, self._batch_size + len(skip_ids),
+                                                  a.max_copy_attempts),
+                self.health, self.stop)
+            items, total, capped, refused = [], 0, False, []
+            for file_id, local_path, remote_path, md5, size in rows:
+                if file_id in skip_ids or remote_path in skip_paths:
+                    continue
+                refusal = self.roots.refusal(a.name, file_id, local_path)
+                if refusal is not None:
+                    log.warning("%s", refusal)
+                    refused.append(file_id)
+                    continue
+                if size is None:
+                    size = _stat_size(local_path)
+                items.append(Item(file_id, local_path, remote_path, md5, size))
+                total += size or 0
+                if len(items) >= self._batch_size:
+                    break
+                if cap is not None and total >= cap:
+                    capped = True
+                    break
+            if not refused:
+                return items, capped
+            with_database_retry(lambda: self.catalog.refuse(refused), self.health, self.stop)
+            if items or self.stop.is_set():
+                return items, capped
+            # only refused rows: the next ones (no longer returned) may be shippable
+        return [], False
 
     def step(self) -> bool:
         """Ship and record one batch; False when nothing was pending."""
