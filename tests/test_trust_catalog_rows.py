@@ -1,0 +1,369 @@
+"""Catalog rows are requests, not orders: a producer in the catalog group
+writes rows (every column) with its own process, and the agent (root)
+reads, ships, hashes or deletes only files below the row's archive's roots,
+and deletes only files it hashed itself (a seal the producer cannot forge).
+
+Real parts: a second local account writing the catalog with plain sqlite3,
+root-only files, a real agent, real rsync, a real key file the producer
+deletes, replaces or plants.
+"""
+from __future__ import annotations
+
+import grp
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.agent_process import watcher_command
+from tests.conftest import Setup
+from tests.waiting import wait_until
+from watcher.db import Catalog
+from watcher.seal import KEY_BYTES, Sealer, key_path, load_key
+
+SECRET = b"root only: the producer may not read, ship or delete this\n"
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+class Deployment:
+    """An agent's state directory in a shared directory, group-writable by
+    the catalog group, with the catalog writable by that group (as socs
+    producers need), a watched inbox and a root-only file outside every root."""
+
+    def __init__(self, shared: Path, group: grp.struct_group, producer, **archive):
+        self.producer = producer
+        self.setup = Setup(shared)
+        self.setup.top["catalog_group"] = group.gr_name
+        os.chown(shared, 0, group.gr_gid)
+        os.chmod(shared, 0o2775)
+        self.far = self.setup.archive(delete_local_after=1, **archive)
+        self.far.mkdir()
+        self.inbox = self.setup.rule()
+        self.outside = shared / "outside"  # no root of any archive
+        self.outside.mkdir()
+        self.secret = self.outside / "secret.dat"
+        self.secret.write_bytes(SECRET)
+        os.chmod(self.secret, 0o600)
+        catalog = Catalog(self.setup.database)  # made by the agent's account, then shared
+        catalog.close()
+        os.chown(self.setup.database, 0, group.gr_gid)
+        os.chmod(self.setup.database, 0o664)
+
+    @property
+    def database(self) -> Path:
+        return self.setup.database
+
+    def insert(self, **columns) -> int:
+        """A row written by the producer's own process with plain sqlite3."""
+        row = {"archive_name": "arch", "remote_path": "stolen.dat", "local_md5sum": "0" * 32,
+               "timestamp": 0.0, "failed_copy_attempts": 0, "deletable": 1, "ignore": 0, **columns}
+        code = (
+            "import json, sqlite3, sys\n"
+            "row = json.loads(sys.argv[2])\n"
+            "con = sqlite3.connect(sys.argv[1], timeout=30)\n"
+            "names = ', '.join('\"%s\"' % k for k in row)\n"
+            "cur = con.execute('INSERT INTO supersync_v0 (%s) VALUES (%s)' % (names, ', '.join('?' * len(row))),"
+            " list(row.values()))\n"
+            "con.commit()\n"
+            "print(cur.lastrowid)\n")
+        done = self.producer.python(code, str(self.database), json.dumps(row))
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout)
+
+    def row(self, row_id: int) -> dict:
+        con = sqlite3.connect(self.database, timeout=30)
+        con.row_factory = sqlite3.Row
+        try:
+            return dict(con.execute("SELECT * FROM supersync_v0 WHERE id = ?", (row_id,)).fetchone())
+        finally:
+            con.close()
+
+    def far_files(self) -> dict[str, bytes]:
+        return {str(p.relative_to(self.far)): p.read_bytes() for p in self.far.rglob("*") if p.is_file()}
+
+    def a_file_ships_and_goes(self, name: str) -> None:
+        """A file dropped in the inbox is shipped, verified and deleted:
+        transfer and retention rounds ran after whatever came before."""
+        path = self.inbox / name
+        path.write_bytes(name.encode())
+        wait_until(lambda: not path.exists() and (self.far / name).exists(), timeout=20,
+                   message=f"{name} to be shipped and deleted")
+
+    def status(self, *args: str) -> subprocess.CompletedProcess:
+        shown = subprocess.run(watcher_command("status", "--config", str(self.setup.root / "rules.yaml"),
+                                               *args), capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        return shown
+
+
+@pytest.fixture
+def deployment(shared_dir, catalog_group, producer) -> Deployment:
+    return Deployment(shared_dir, catalog_group, producer)
+
+
+def refusals(caplog, row_id: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and f"refusing catalog row {row_id} " in r.getMessage()]
+
+
+# -- 1. only paths below the row's archive's roots --------------------------------------------
+
+def _outside(d: Deployment) -> str:
+    return str(d.secret)
+
+
+def _climbing(d: Deployment) -> str:  # starts with the inbox, lands outside it
+    return f"{d.inbox}/../outside/secret.dat"
+
+
+def _doubled_slash(d: Deployment) -> str:
+    return f"{d.inbox}//../outside/secret.dat"
+
+
+def _dot(d: Deployment) -> str:
+    return f"{d.inbox}/./../outside/secret.dat"
+
+
+def _relative(d: Deployment) -> str:  # to the agent's working directory
+    return os.path.relpath(d.secret, os.getcwd())
+
+
+def _other_archives_root(d: Deployment) -> str:
+    return str(d.other_root / "secret.dat")
+
+
+@pytest.mark.parametrize("where", [_outside, _climbing, _doubled_slash, _dot, _relative,
+                                   _other_archives_root])
+@pytest.mark.parametrize("claimed_removal", [False, True], ids=["expired", "flagged-deleting"])
+def test_a_row_outside_its_archives_roots_is_refused_never_read_shipped_or_deleted(
+        deployment, start_agent, caplog, where, claimed_removal):
+    """The producer's row says: this root-only file, registered at time 0,
+    verified (or being deleted by an agent that stopped). Before, the agent
+    hashed it (its md5 then in the catalog), shipped it and deleted it."""
+    d = deployment
+    d.setup.archive("other")  # a second archive, whose watched tree is no root of "arch"
+    d.other_root = d.setup.rule("other-inbox", archive="other", deletable=False)
+    (d.other_root / "secret.dat").write_bytes(SECRET)
+    os.chmod(d.other_root / "secret.dat", 0o600)
+    target = Path(os.path.normpath(os.path.join(os.getcwd(), where(d))))
+    extra = {"deleting": 1, "removed": 1.0} if claimed_removal else {}
+    row_id = d.insert(local_path=where(d), remote_md5sum="0" * 32, copied=1.0, **extra)
+    caplog.set_level(logging.INFO)
+    start_agent(d.setup)
+    d.a_file_ships_and_goes("after.dat")  # rounds of transfer and retention ran since
+    d.a_file_ships_and_goes("after2.dat")
+    assert target.exists() and target.read_bytes() == SECRET  # not deleted
+    assert "stolen.dat" not in d.far_files()  # not shipped
+    wait_until(lambda: d.row(row_id).get("refused") == 1, timeout=5, message="the row to be refused")
+    row = d.row(row_id)
+    assert row["local_md5sum"] == "0" * 32  # never hashed: its md5 is no oracle
+    assert row["removed"] is None and row["deleting"] is None
+    assert len(refusals(caplog, row_id)) == 1, refusals(caplog, row_id)  # once, not per round
+
+
+def test_refused_rows_are_counted_in_status_and_readmitted_when_a_root_is_added(
+        deployment, start_agent, caplog):
+    d = deployment
+    produced = d.setup.root / "produced"  # where a producer puts files, not configured yet
+    produced.mkdir()
+    os.chown(produced, d.producer.uid, d.producer.gid)
+    wrote = d.producer.run(["sh", "-c", f"printf 'mine' > '{produced}/p.dat'"])
+    assert wrote.returncode == 0, wrote.stderr
+    mine = d.insert(local_path=str(produced / "p.dat"), remote_path="p.dat", local_md5sum=md5(b"mine"),
+                    timestamp=1e9)
+    stolen = d.insert(local_path=str(d.secret), remote_path="s.dat", timestamp=1e9)
+    agent = start_agent(d.setup)
+    wait_until(lambda: d.row(mine).get("refused") == 1 and d.row(stolen).get("refused") == 1,
+               timeout=15, message="both rows to be refused")
+    assert json.loads(d.status("--json").stdout)["arch"]["refused"] == 2
+    shown = d.status().stdout
+    assert "REFUSED: 2 catalog rows name files outside this archive's roots" in shown, shown
+    assert "0 pending" in shown, shown  # refused rows wait for nothing
+    agent.stop()
+    d.setup.archives["arch"]["api_roots"] = [str(produced)]  # the admin adds the producer's root
+    start_agent(d.setup)
+    wait_until(lambda: (d.far / "p.dat").exists() and d.row(mine)["remote_md5sum"] == md5(b"mine"),
+               timeout=15, message="the readmitted row to be shipped")
+    assert (d.far / "p.dat").read_bytes() == b"mine"
+    assert d.row(mine)["refused"] is None and d.row(stolen)["refused"] == 1
+    assert not (d.far / "s.dat").exists() and d.secret.read_bytes() == SECRET
+
+
+# -- 2. a row's md5 and identity are never trusted for deletion --------------------------------
+
+def _no_seal(d: Deployment, values: tuple) -> dict:
+    return {}
+
+
+def _made_up_seal(d: Deployment, values: tuple) -> dict:
+    return {"seal": Sealer(os.urandom(KEY_BYTES)).seal(*values)}
+
+
+def _seal_of_another_row(d: Deployment, values: tuple) -> dict:
+    """A genuine seal, of another file's row (the agent's key, as root)."""
+    other = d.inbox / "legit.dat"
+    other.write_bytes(b"legit")
+    st = os.stat(other)
+    identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return {"seal": Sealer(load_key(d.database)).seal("arch", str(other), values[2], values[3], identity)}
+
+
+def _key_replaced_by_the_producer(d: Deployment, values: tuple) -> dict:
+    """The producer removes the agent's key (the directory is the group's),
+    plants a 0600 key of its own and seals the row with it."""
+    load_key(d.database)  # the agent's key exists
+    key = os.urandom(KEY_BYTES)
+    code = ("import os, sys\n"
+            "path = sys.argv[1]\n"
+            "os.unlink(path)\n"
+            "fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)\n"
+            "os.write(fd, bytes.fromhex(sys.argv[2]))\n"
+            "os.close(fd)\n")
+    done = d.producer.python(code, key_path(d.database), key.hex())
+    assert done.returncode == 0, done.stderr
+    return {"seal": Sealer(key).seal(*values)}
+
+
+def _key_a_link_to_the_producers_file(d: Deployment, values: tuple) -> dict:
+    key = os.urandom(KEY_BYTES)
+    mine = d.setup.root / "producers-key"
+    code = ("import os, sys\n"
+            "open(sys.argv[2], 'wb').write(bytes.fromhex(sys.argv[3]))\n"
+            "os.chmod(sys.argv[2], 0o600)\n"
+            "os.symlink(sys.argv[2], sys.argv[1])\n")
+    done = d.producer.python(code, key_path(d.database), str(mine), key.hex())
+    assert done.returncode == 0, done.stderr
+    return {"seal": Sealer(key).seal(*values)}
+
+
+def _key_deleted(d: Deployment, values: tuple) -> dict:
+    load_key(d.database)
+    done = d.producer.run(["rm", "-f", key_path(d.database)])
+    assert done.returncode == 0, done.stderr
+    return {}
+
+
+@pytest.mark.parametrize("forge", [_no_seal, _made_up_seal, _seal_of_another_row,
+                                   _key_replaced_by_the_producer, _key_a_link_to_the_producers_file,
+                                   _key_deleted])
+def test_a_forged_verified_row_never_deletes_a_file_before_it_is_shipped_for_real(
+        deployment, start_agent, forge):
+    """An unshipped file in the watched tree; the producer's row says it is
+    verified as an existing far file (its md5), registered at time 0, with
+    the file's own identity copied from stat. Before, retention deleted it
+    at once: its far name held other content, and it was never shipped."""
+    d = deployment
+    (d.far / "old").mkdir()
+    (d.far / "old" / "a.dat").write_bytes(b"an earlier file's far copy\n")
+    far_md5 = md5(b"an earlier file's far copy\n")
+    victim = d.inbox / "victim.dat"
+    victim.write_bytes(b"never shipped\n")
+    st = os.stat(victim)
+    identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    values = ("arch", str(victim), "old/a.dat", far_md5, identity)
+    columns = forge(d, values)
+    row_id = d.insert(local_path=str(victim), remote_path="old/a.dat", local_md5sum=far_md5,
+                      remote_md5sum=far_md5, copied=1.0, dev=st.st_dev, ino=st.st_ino, size=st.st_size,
+                      mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, **columns)
+    start_agent(d.setup)
+    wait_until(lambda: not victim.exists(), timeout=20, message="the file to be shipped, then deleted")
+    assert (d.far / "old" / "a.dat").read_bytes() == b"never shipped\n"  # shipped before deletion
+    row = d.row(row_id)
+    assert row["local_md5sum"] == row["remote_md5sum"] == md5(b"never shipped\n")
+    key = os.lstat(key_path(d.database))  # whatever the producer did, the key is the agent's
+    assert stat.S_ISREG(key.st_mode) and key.st_uid == os.geteuid() and stat.S_IMODE(key.st_mode) == 0o600
+
+
+def test_a_file_the_agent_hashed_and_sealed_is_deleted_without_hashing_it_again(
+        deployment, start_agent):
+    """The seal's point: the agent's own rows keep their proof across rounds."""
+    d = deployment
+    agent = start_agent(d.setup)
+    path = d.inbox / "mine.dat"
+    path.write_bytes(b"registered by the agent")
+    wait_until(lambda: [r for r in agent.catalog.rows_for_path(str(path)) if r.verified],
+               timeout=15, message="the file to be verified")
+    row = agent.catalog.rows_for_path(str(path))[0]
+    assert agent.catalog.sealed(row) and agent.catalog.trusted_identity(row) == row.identity
+    assert not Catalog(d.database).sealed(row)  # without the key (socs, a producer), nothing is
+    wait_until(lambda: not path.exists(), timeout=15, message="the file to be deleted")
+
+
+# -- 3. a shipped file is never wider than its local mode, unless chmod says so ----------------
+
+@pytest.mark.parametrize("chmod, widest", [(None, 0o600), ("u=rw,g=r,o=", 0o640)])
+def test_a_root_only_file_in_a_root_is_not_shipped_wider_than_its_mode(
+        shared_dir, catalog_group, producer, start_agent, chmod, widest):
+    """The producer cannot read the file; its row has a wrong md5. Shipped
+    (inside a root, that is the agent's job), the far copy keeps the local
+    mode (masked by the far umask), or exactly what the configured chmod says."""
+    produced = shared_dir / "produced"
+    produced.mkdir()
+    options = {"api_roots": [str(produced)]} | ({"chmod": chmod} if chmod else {})
+    d = Deployment(shared_dir, catalog_group, producer, **options)
+    secret = produced / "secret.dat"
+    secret.write_bytes(SECRET)
+    os.chmod(secret, 0o600)
+    assert producer.run(["cat", str(secret)]).returncode != 0
+    row_id = d.insert(local_path=str(secret), remote_path="s/secret.dat", timestamp=1e9)
+    start_agent(d.setup)
+    wait_until(lambda: (d.row(row_id)["failed_copy_attempts"] or 0) >= 1, timeout=15,
+               message="the copy to be made and found not to match the row")
+    far = d.far / "s" / "secret.dat"
+    assert far.read_bytes() == SECRET
+    mode = stat.S_IMODE(os.stat(far).st_mode)
+    assert mode & ~widest == 0, oct(mode)
+    if chmod:
+        assert mode == widest, oct(mode)
+
+
+# -- the catalog's side: refused rows cost nothing per batch ----------------------------------
+
+def test_refused_rows_leave_the_pending_index_and_are_found_again_through_their_own(tmp_path):
+    catalog = Catalog(tmp_path / "c.db")
+    for i in range(50):
+        catalog.db.execute_sql(
+            "INSERT INTO supersync_v0 (local_path, local_md5sum, archive_name, remote_path, timestamp, refused) "
+            "VALUES (?, ?, 'a', ?, ?, ?)", (f"/x/{i}", "0" * 32, f"{i}", float(i), 1 if i % 2 else None))
+    assert [r[0] for r in catalog.pending_rows("a", 100, 10)] == list(range(1, 51, 2))  # ids of even i
+    sql = "SELECT id, archive_name, local_path FROM supersync_v0 WHERE refused IS NOT NULL AND id > ? ORDER BY id LIMIT ?"
+    plan = [row[3] for row in catalog.db.execute_sql("EXPLAIN QUERY PLAN " + sql, (0, 10))]
+    assert any("watcher_refused" in step for step in plan), plan
+    assert catalog.readmit(lambda archive, path: path.endswith("1")) == 5  # /x/1, 11, 21, 31, 41
+    assert len(catalog.pending_rows("a", 100, 10)) == 30
+    catalog.close()
+
+
+def _wide_mode(path: str) -> None:
+    os.chmod(path, 0o644)
+
+
+def _hard_linked(path: str) -> None:
+    os.link(path, path + ".elsewhere")
+
+
+def _wrong_length(path: str) -> None:
+    with open(path, "ab") as f:
+        f.write(b"x")
+
+
+@pytest.mark.parametrize("spoil", [_wide_mode, _hard_linked, _wrong_length])
+def test_a_seal_key_that_others_could_have_read_or_written_is_replaced(tmp_path, spoil, caplog):
+    database = tmp_path / "catalog.db"
+    first = load_key(database)
+    assert load_key(database) == first  # kept while it is trustworthy
+    spoil(key_path(database))
+    second = load_key(database)
+    assert second != first and len(second) == KEY_BYTES
+    st = os.lstat(key_path(database))
+    assert st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == 0o600 and st.st_nlink == 1
+    assert any("seal key" in r.getMessage() and "replacing it" in r.getMessage() for r in caplog.records)
