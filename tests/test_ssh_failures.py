@@ -19,13 +19,14 @@ import pytest
 
 from tests.sshd import _process_tree
 from tests.test_ssh_support import (  # noqa: F401  (fixtures)
-    Sleeps, api_roots_config, catalog, destinations, health, make_far_dir_writable, make_worker, md5,
+    Sleeps, api_roots_config, catalog, destinations, health, make_worker, md5,
     register, row, ssh_archive, tool_log, unwritable_far_dir,
 )
 from tests.waiting import wait_until
 from watcher.config import Config
 from watcher.health import read_health
 from watcher.retention import delete_expired
+from watcher.rsync import TransferError
 
 HOUR = 3600.0
 
@@ -137,24 +138,36 @@ def tiny_far_disk(sshd, remote_dir):
                     "test_a_far_copy_that_differs_... covers the md5 mismatch without it")
 def test_a_full_far_disk_leaves_no_partial_file_and_the_local_copy_in_place(
         sshd, remote_dir, tmp_path, catalog, make_worker, destinations, tiny_far_disk):
+    """A full far disk is the archive's trouble, not the file's: nothing is
+    charged, the worker backs off, and the file ships once there is room."""
     archive = ssh_archive(sshd, remote_dir, delete_local_after=60)
     data = os.urandom(300_000)
     src = tmp_path / "src"
     ids = register(catalog, "arch", {"tiny/big.dat": data}, src, timestamp=time.time() - HOUR)
-    worker = make_worker(archive)
+    seen = []
 
+    def while_full(n: int) -> None:
+        if n > 1:
+            return
+        r = row(catalog, ids["tiny/big.dat"])
+        seen.append((r.verified, r.failed_copy_attempts,
+                     read_health(catalog.path)["archives"]["arch"]["last_error"],
+                     "big.dat" in os.listdir(tiny_far_disk),  # a partial file under the final name?
+                     delete_expired(catalog, config_for(archive, tmp_path), "arch",
+                                    destinations(archive), now=time.time() + 30 * 86400),
+                     (src / "tiny" / "big.dat").read_bytes() == data))
+        # Room is made on the far side: the next try ships it.
+        subprocess.run(["mount", "-o", "remount,size=1m", str(tiny_far_disk)], check=True)
+
+    worker = make_worker(archive, sleep=Sleeps(while_full))
     assert worker.step() is True
 
+    (verified, attempts, error, partial, deleted, intact), = seen
+    assert not verified and attempts == 0
+    assert "No space left on device" in error
+    assert not partial and deleted == 0 and intact
     r = row(catalog, ids["tiny/big.dat"])
-    assert not r.verified and r.failed_copy_attempts == 1
-    assert "big.dat" not in os.listdir(tiny_far_disk)  # no partial file under the final name
-    assert delete_expired(catalog, config_for(archive, tmp_path), "arch", destinations(archive),
-                          now=time.time() + 30 * 86400) == 0
-    assert (src / "tiny" / "big.dat").read_bytes() == data
-
-    # Room is made on the far side: a batch after the file's 1 s back-off ships it.
-    subprocess.run(["mount", "-o", "remount,size=1m", str(tiny_far_disk)], check=True)
-    wait_until(lambda: worker.step() and row(catalog, ids["tiny/big.dat"]).verified, timeout=10)
+    assert r.verified and r.failed_copy_attempts == 0
     assert (tiny_far_disk / "big.dat").read_bytes() == data
 
 
@@ -206,40 +219,33 @@ def test_a_transfer_stalled_longer_than_copy_timeout_is_abandoned_and_retried(
     assert (remote_dir / "second.dat").read_bytes() == (src / "second.dat").read_bytes()
 
 
-def test_a_remote_md5_command_slower_than_cmd_timeout_is_killed_and_retried(
-        sshd, remote_dir, tmp_path, catalog, make_worker):
-    # md5sum of a FIFO blocks until someone writes to it: a far command that hangs.
-    slow = remote_dir / "slow"
-    slow.mkdir()
-    fifo = slow / "f.dat"
+def test_a_remote_md5_command_slower_than_cmd_timeout_is_killed_and_deletes_nothing(
+        sshd, remote_dir, tmp_path, catalog, make_worker, destinations):
+    """md5sum of a FIFO blocks until someone writes to it: a far command that
+    hangs. Retention's far check meets one where a verified far copy was
+    replaced; it is killed after cmd_timeout and nothing is deleted."""
+    archive = ssh_archive(sshd, remote_dir, cmd_timeout=1, delete_local_after=60)
+    src = tmp_path / "src"
+    ids = register(catalog, "arch", {"a.dat": b"a"}, src, timestamp=time.time() - HOUR)
+    assert make_worker(archive).step() is True
+    assert row(catalog, ids["a.dat"]).verified
+
+    fifo = remote_dir / "a.dat"
+    fifo.unlink()
     os.mkfifo(fifo, 0o644)
-    unwritable_far_dir(sshd, slow)  # so rsync cannot replace the FIFO
-    archive = ssh_archive(sshd, remote_dir, cmd_timeout=1)
-    errors = []
-
-    def unblock(n: int) -> None:
-        errors.append(read_health(catalog.path)["archives"]["arch"]["last_error"])
-        try:  # let the abandoned far md5sum finish and exit
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError as exc:
-            assert exc.errno == errno.ENXIO  # no reader left
-        fifo.unlink()
-        make_far_dir_writable(sshd, slow)
-
-    sleeps = Sleeps(unblock)
-    ids = register(catalog, "arch", {"a.dat": b"a", "slow/f.dat": b"f"}, tmp_path / "src")
-
+    os.chown(fifo, sshd.pw.pw_uid, sshd.pw.pw_gid)
     started = time.monotonic()
-    assert make_worker(archive, sleep=sleeps).step() is True
+    with pytest.raises(TransferError, match="ran longer than 1s and was killed"):
+        delete_expired(catalog, config_for(archive, tmp_path), "arch", destinations(archive),
+                       now=time.time() + 30 * 86400)  # the agent logs it and tries next round
     elapsed = time.monotonic() - started
 
-    assert len(sleeps.delays) == 1
-    assert "ran longer than 1s and was killed" in errors[0]
+    assert (src / "a.dat").read_bytes() == b"a"
     assert elapsed < 15
-    for file_id in ids.values():
-        r = row(catalog, file_id)
-        assert r.verified and r.failed_copy_attempts == 0
-    assert (slow / "f.dat").read_bytes() == b"f"
+    try:  # let the abandoned far md5sum finish and exit
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError as exc:
+        assert exc.errno == errno.ENXIO  # no reader left
     wait_until(lambda: not [p for p in _session_processes(sshd) if b"md5sum" in _cmdline(p)],
                timeout=10, message="the abandoned far md5sum to exit")
 

@@ -180,13 +180,17 @@ def test_each_batch_costs_one_rsync_call_and_one_remote_md5_command(
     assert worker.step() is True
     assert len(tool_log.rsync_calls()) == 1
     assert len(tool_log.md5_calls()) == 1
-    # rsync's own ssh plus the md5 command: nothing else went over ssh.
-    assert len(tool_log.ssh_calls()) == 2
+    # rsync's own ssh plus the md5 command, and once per destination the far
+    # rsync's version (it must refuse to write through links): nothing else.
+    version_checks = [c for c in tool_log.ssh_calls() if b"rsync --version" in c]
+    assert len(version_checks) == 1
+    assert len(tool_log.ssh_calls()) == 3
 
     assert worker.step() is True
     assert worker.step() is False
     assert len(tool_log.rsync_calls()) == 2
     assert len(tool_log.md5_calls()) == 2
+    assert len(tool_log.ssh_calls()) == 5  # no second version check
     assert all(row(catalog, i).verified for i in ids.values())
     # File names travel on standard input, never on a command line.
     assert not any(b"f1.dat" in call for call in tool_log.calls())
