@@ -123,3 +123,9 @@ def test_an_existing_catalog_group_is_accepted(tmp_path):
     import os
     name = grp.getgrgid(os.getgid()).gr_name
     assert accepted(write(tmp_path, f"catalog_group: {name}\n" + GOOD)).catalog_group == name
+
+
+def test_a_watch_directory_is_normalised_as_the_roots_policy_compares_paths_lexically(tmp_path):
+    (tmp_path / "data" / "inbox").mkdir(parents=True)
+    text = GOOD.replace("  - watch: inbox\n", "  - watch: ./data/../data//inbox/.\n")
+    assert accepted(write(tmp_path, text)).rules[0].watch == tmp_path / "data" / "inbox"

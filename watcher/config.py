@@ -703,7 +703,8 @@ def _read_rule(r: _Reader, i: int, data: Any, archives: dict[str, Archive]) -> R
         r.problem(path, "a rule is a mapping with at least 'watch' and 'archive'")
         return None
     data = r.mapping(data, path, _RULE)
-    watch = r.get(data, "watch", path, r.path, required=True)
+    # Normalised: the roots policy compares rows' paths with it lexically.
+    watch = r.get(data, "watch", path, lambda v: Path(os.path.normpath(r.path(v))), required=True)
     if watch is not None and r.live and not watch.is_dir():
         r.problem(path + ("watch",), f"directory {str(watch)!r} does not exist")
     archive = r.get(data, "archive", path, _str, required=True)

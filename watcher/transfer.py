@@ -95,8 +95,9 @@ class TransferWorker:
 
     def _before_sleep(self, state) -> None:
         error = state.outcome.exception()
-        log.warning("archive %s unreachable (%s); retrying in %.0f s",
-                    self.archive.name, error, state.upcoming_sleep)
+        what = "in trouble" if getattr(error, "kind", None) == "archive" else "unreachable"
+        log.warning("archive %s %s (%s); retrying in %.0f s",
+                    self.archive.name, what, error, state.upcoming_sleep)
         if getattr(error, "command", None):
             log.debug("failed command: %r", error.command)
         if self.health:
