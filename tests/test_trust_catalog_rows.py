@@ -367,3 +367,63 @@ def test_a_seal_key_that_others_could_have_read_or_written_is_replaced(tmp_path,
     st = os.lstat(key_path(database))
     assert st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == 0o600 and st.st_nlink == 1
     assert any("seal key" in r.getMessage() and "replacing it" in r.getMessage() for r in caplog.records)
+
+
+# -- 4. a producer's row never overwrites another file's far copy ------------------------------
+
+def _producers_root(d: Deployment) -> Path:
+    """A directory the producer writes, listed as the archive's api_roots."""
+    produced = d.setup.root / "produced"
+    produced.mkdir(exist_ok=True)
+    os.chown(produced, d.producer.uid, d.producer.gid)
+    d.setup.archives["arch"]["api_roots"] = [str(produced)]
+    return produced
+
+
+def _produce(d: Deployment, path: Path, data: bytes) -> None:
+    wrote = d.producer.run(["sh", "-c", 'printf "%s" "$1" > "$2"', "sh", data.decode(), str(path)])
+    assert wrote.returncode == 0, wrote.stderr
+
+
+@pytest.mark.parametrize("same_content", [False, True], ids=["other-content", "same-content"])
+def test_a_producers_row_for_a_name_whose_only_copy_is_far_gets_a_numbered_name(
+        deployment, start_agent, same_content):
+    """socs' own add_file (and any writer) inserts rows without the agent's
+    claim on far names: a name whose verified copy's local file is gone
+    holds the only copy, and a row of other content must not overwrite it."""
+    d = deployment
+    produced = _producers_root(d)
+    agent = start_agent(d.setup)
+    d.a_file_ships_and_goes("a.dat")  # far a.dat is now the only copy of b"a.dat"
+    data = b"a.dat" if same_content else b"later content"
+    _produce(d, produced / "b.dat", data)
+    row_id = d.insert(local_path=str(produced / "b.dat"), remote_path="a.dat", local_md5sum=md5(data),
+                      timestamp=1e9 + 1)
+    wait_until(lambda: d.row(row_id)["remote_md5sum"] == md5(data), timeout=20,
+               message="the producer's row to be shipped")
+    assert (d.far / "a.dat").read_bytes() == b"a.dat"
+    if same_content:
+        assert d.row(row_id)["remote_path"] == "a.dat"
+        assert not (d.far / "a.dat.~2~").exists()
+    else:
+        assert d.row(row_id)["remote_path"] == "a.dat.~2~"
+        assert (d.far / "a.dat.~2~").read_bytes() == data
+    agent.stop()
+
+
+def test_a_producers_row_for_a_name_an_older_live_row_holds_is_refused(deployment, start_agent, caplog):
+    d = deployment
+    produced = _producers_root(d)
+    _produce(d, produced / "one.dat", b"one")
+    _produce(d, produced / "two.dat", b"two")
+    first = d.insert(local_path=str(produced / "one.dat"), remote_path="x.dat", local_md5sum=md5(b"one"),
+                     timestamp=1e9 + 1)
+    second = d.insert(local_path=str(produced / "two.dat"), remote_path="x.dat",
+                      local_md5sum=md5(b"two"), timestamp=1e9)  # older timestamp: fetched first
+    caplog.set_level(logging.INFO)
+    start_agent(d.setup)
+    wait_until(lambda: d.row(second).get("refused") == 1 and d.row(first)["remote_md5sum"] == md5(b"one"),
+               timeout=20, message="the second row refused, the first shipped")
+    assert (d.far / "x.dat").read_bytes() == b"one"
+    assert (produced / "two.dat").read_bytes() == b"two"  # left in place, never shipped
+    assert any("its far name arch:x.dat belongs to" in r.getMessage() for r in caplog.records)

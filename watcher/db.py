@@ -509,20 +509,10 @@ class Catalog:
         holders: dict[tuple[str, str], set[str]] = {}  # live local files of each far name
         kept: dict[tuple[str, str], str] = {}  # md5 of the far copy a gone file left
         for archive, remotes in by_archive.items():
-            for chunk in _chunks([to_db_path(r) for r in remotes]):
-                # Plain SQL, as in active_rows: peewee builds a long IN list slowly.
-                marks = ", ".join("?" * len(chunk))
-                cursor = self.db.execute_sql(
-                    "SELECT remote_path, local_path, removed IS NULL, local_md5sum FROM supersync_v0 "
-                    f"WHERE archive_name = ? AND remote_path IN ({marks}) "
-                    "AND (removed IS NULL OR remote_md5sum = local_md5sum) ORDER BY id",
-                    (archive, *chunk))
-                for remote, local, live, md5 in cursor.fetchall():
-                    key = (archive, _from_db_path(remote))
-                    if live:
-                        holders.setdefault(key, set()).add(_from_db_path(local))
-                    else:
-                        kept[key] = md5  # the newest verified copy is what lies there
+            live, gone = self._far_names(archive, remotes)
+            for remote, rows in live.items():
+                holders[(archive, remote)] = {local for _id, local in rows}
+            kept.update(((archive, remote), md5) for remote, md5 in gone.items())
         taken: dict[tuple[str, str], str] = {}
         first: dict[tuple[str, str], str] = {}
         versioned: dict[tuple[str, str], str] = {}
@@ -541,6 +531,57 @@ class Catalog:
                 named.add(version)
                 versioned[(f.local_path, f.archive_name)] = version
         return Claims(taken, versioned)
+
+    def _far_names(self, archive: str, remotes) -> tuple[dict[str, list[tuple[int, str]]], dict[str, str]]:
+        """Who holds these far names: ({name: [(id, local path)] of live rows,
+        oldest first}, {name: md5 of the newest verified copy whose file is gone})."""
+        live: dict[str, list[tuple[int, str]]] = {}
+        gone: dict[str, str] = {}
+        for chunk in _chunks([to_db_path(r) for r in remotes]):
+            # Plain SQL, as in active_rows: peewee builds a long IN list slowly.
+            marks = ", ".join("?" * len(chunk))
+            cursor = self.db.execute_sql(
+                "SELECT id, remote_path, local_path, removed IS NULL, local_md5sum FROM supersync_v0 "
+                f"WHERE archive_name = ? AND remote_path IN ({marks}) "
+                "AND (removed IS NULL OR remote_md5sum = local_md5sum) ORDER BY id",
+                (archive, *chunk))
+            for row_id, remote, local, is_live, md5 in cursor.fetchall():
+                if is_live:
+                    live.setdefault(_from_db_path(remote), []).append((row_id, _from_db_path(local)))
+                else:
+                    gone[_from_db_path(remote)] = md5  # the newest verified copy is what lies there
+        return live, gone
+
+    def far_name_claims(self, archive: str, rows: list[tuple[int, str, str, str]]) -> Claims:
+        """claim_remote_paths' rules for rows about to be shipped, ``(id, local
+        path, remote path, md5)``, whoever wrote them (socs' own add_file and
+        any writer of the catalog insert rows without the agent's claim):
+        ``taken`` maps (archive, name) to the older live row's local file
+        that keeps the name, for rows of other files; ``versioned`` maps
+        (local path, archive) to the numbered far name a row gets because
+        its name holds the only copy of other content. One indexed query
+        per batch."""
+        live, gone = self._far_names(archive, {remote for _i, _l, remote, _m in rows})
+        taken: dict[tuple[str, str], str] = {}
+        versioned: dict[tuple[str, str], str] = {}
+        named = {remote for _i, _l, remote, _m in rows}
+        for row_id, local, remote, md5 in rows:
+            older = [other for i, other in live.get(remote, ()) if other != local and i < row_id]
+            if older:
+                taken[(archive, remote)] = older[0]
+            elif (remote in gone and gone[remote] != md5
+                  and all(other == local for _i, other in live.get(remote, ()))):
+                version = self._next_version(archive, remote, named)
+                named.add(version)
+                versioned[(local, archive)] = version
+        return Claims(taken, versioned)
+
+    def rename_remote(self, renames: dict[int, str]) -> None:
+        """Give rows the far names ``far_name_claims`` numbered for them."""
+        with self.db.atomic("IMMEDIATE"):
+            for row_id, remote in renames.items():
+                self.db.execute_sql("UPDATE supersync_v0 SET remote_path = ? WHERE id = ?",
+                                    (to_db_path(remote), row_id))
 
     def _next_version(self, archive: str, remote_path: str, avoid: set[str]) -> str:
         """``remote_path.~N~`` with the smallest N >= 2 that no row of the archive has."""

@@ -157,6 +157,7 @@ class TransferWorker:
                 if cap is not None and total >= cap:
                     capped = True
                     break
+            items = self._claim_far_names(items, refused)
             if not refused:
                 return items, capped
             with_database_retry(lambda: self.catalog.refuse(refused), self.health, self.stop)
@@ -164,6 +165,38 @@ class TransferWorker:
                 return items, capped
             # only refused rows: the next ones (no longer returned) may be shippable
         return [], False
+
+    def _claim_far_names(self, items: list[Item], refused: list[int]) -> list[Item]:
+        """The batch with the far-name rules of registration applied to rows
+        the agent did not register (socs' add_file, any catalog writer): a
+        name another file's older live row holds is refused (added to
+        ``refused``), and a name holding the only copy of other content is
+        numbered (``name.~N~``), so that no row overwrites an earlier copy."""
+        a = self.archive
+        claims = with_database_retry(
+            lambda: self.catalog.far_name_claims(
+                a.name, [(i.id, i.local_path, i.remote_path, i.local_md5sum) for i in items]),
+            self.health, self.stop)
+        if not claims.taken and not claims.versioned:
+            return items
+        kept, renames = [], {}
+        for item in items:
+            owner = claims.taken.get((a.name, item.remote_path), item.local_path)
+            if owner != item.local_path:
+                log.warning("not shipping %s: its far name %s:%s belongs to %s (catalog row %d "
+                            "refused)", item.local_path, a.name, item.remote_path, owner, item.id)
+                refused.append(item.id)
+                continue
+            version = claims.versioned.get((item.local_path, a.name))
+            if version is not None:
+                log.info("%s -> %s:%s, as %s holds the only copy of other content",
+                         item.local_path, a.name, version, item.remote_path)
+                renames[item.id] = version
+                item = Item(item.id, item.local_path, version, item.local_md5sum, item.size)
+            kept.append(item)
+        if renames:
+            with_database_retry(lambda: self.catalog.rename_remote(renames), self.health, self.stop)
+        return kept
 
     def step(self) -> bool:
         """Ship and record one batch; False when nothing was pending."""
