@@ -46,7 +46,7 @@ def all_verified(database: Path, paths: list[str]) -> bool:
 def test_a_second_process_adding_files_in_a_loop_never_disturbs_the_agent(setup, agent_processes):
     """Promise 6: another process registering files one transaction at a time (socs'
     add_file) while the agent registers and ships its own never crashes it; all ship."""
-    far = setup.archive()
+    far = setup.archive(api_roots=[str(setup.root / "socs-data")])
     inbox = setup.rule()
     outside = write_files(setup.root / "socs-data", {f"s{i}.dat": b"socs %d\n" % i for i in range(300)})
     agent = agent_processes(setup).start().wait_ready()

@@ -106,10 +106,10 @@ def test_memory_stays_bounded_with_100000_files_waiting_for_an_unreachable_archi
         setup, agent_processes):
     """Resource bound: with 100,000 pending rows (the archive unreachable, so they stay
     pending and are charged nothing) the agent's resident memory stays under 150 MB."""
-    setup.archive(ssh_host="nobody@127.0.0.1", ssh_port=closed_port(), remote_basedir="/nowhere",
-                  cmd_timeout=2)
-    setup.rule()
     data = setup.root / "backlog"
+    setup.archive(ssh_host="nobody@127.0.0.1", ssh_port=closed_port(), remote_basedir="/nowhere",
+                  cmd_timeout=2, api_roots=[str(data)])
+    setup.rule()
     data.mkdir()
     sources = []
     for k in range(10):  # real files, so none is marked missing; many rows share one

@@ -71,6 +71,7 @@ def test_an_implausible_timecode_lands_today_and_finalizes_nothing_early(variant
     if not variant.relpath:  # socs, or an old watcher version, registered it
         outside = tmp_path / "socs"
         outside.mkdir()
+        setup.archives["arch"]["api_roots"] = [str(outside)]
         (outside / "x").write_bytes(b"socs")
         catalog.add_file(outside / "x", "55512/x", "arch")
         (outside / "today.dat").write_bytes(b"today")
