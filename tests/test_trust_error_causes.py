@@ -217,3 +217,49 @@ def test_a_far_directory_unwritable_for_seconds_spaces_its_file_s_attempts_and_s
     assert all(g >= 0.8 for g in gaps), attempts
     print(f"attempts charged at {['%.1f' % t for t in attempts]} s; verified after "
           f"{time.monotonic() - started:.1f} s with {r.failed_copy_attempts} attempts")
+
+
+@pytest.mark.parametrize("name", ['x": No space left on device (28)', "y: Disk quota exceeded (122)",
+                                  "No space left on device"])
+def test_a_file_named_like_a_full_disk_is_charged_as_a_file_not_taken_for_the_archive(
+        sshd, remote_dir, tmp_path, catalog, make_worker, name):
+    """rsync's complaint about one file quotes its name: a name that reads like
+    a full disk must not make every batch the archive's trouble (backed off
+    for ever, the file never charged, nothing else shipped)."""
+    unwritable_far_dir(sshd, remote_dir / "locked")
+    archive = ssh_archive(sshd, remote_dir)
+    ids = register(catalog, "arch", {f"locked/{name}": b"x", "ok.dat": b"ok"}, tmp_path / "src")
+    worker = make_worker(archive, sleep=Sleeps(limit=0))
+
+    assert worker.step() is True
+
+    assert row(catalog, ids["ok.dat"]).verified
+    locked = row(catalog, ids[f"locked/{name}"])
+    assert not locked.verified and locked.failed_copy_attempts == 1
+    assert not _status(catalog).get("degraded")
+
+
+def test_one_far_file_rsync_cannot_write_is_charged_after_a_few_tries_and_the_rest_ship(
+        far_bashrc, tmp_path, catalog, make_worker):
+    """rsync's file I/O error (exit 11) ends the whole transfer, and may be the
+    archive's (a disk going bad) or one file's: here a far file-size limit
+    (EFBIG) that one big file exceeds. The batch is tried a few times, then
+    judged as a batch of which nothing arrived, so it is halved until the big
+    file alone is charged, and the small file, sorted after it, ships."""
+    server, bashrc = far_bashrc
+    quiet = bashrc.read_bytes() if bashrc.exists() else b""
+    bashrc.write_bytes(b"ulimit -f 64\n" + quiet)  # 64 KiB per file, for every far command
+    archive = ssh_archive(server, server.remote_root(), max_copy_attempts=2)
+    ids = register(catalog, "arch", {"a-big.dat": os.urandom(200_000), "b-small.dat": b"small"},
+                   tmp_path / "src")
+    sleeps = Sleeps(limit=40)
+    worker = make_worker(archive, sleep=sleeps)
+
+    def done() -> bool:
+        worker.step()  # a charged file waits its 1 s back-off in real time
+        return (row(catalog, ids["b-small.dat"]).verified
+                and row(catalog, ids["a-big.dat"]).failed_copy_attempts >= 2)
+    wait_until(done, timeout=30, message="the small file shipped and the big one charged twice")
+    big = row(catalog, ids["a-big.dat"])
+    assert not big.verified and big.failed_copy_attempts == 2  # then it counts as failed
+    assert len(sleeps.delays) < 40

@@ -51,17 +51,23 @@ log = logging.getLogger(__name__)
 CONNECTION_EXIT_CODES = {255, 5, 10, 12, 30, 35}
 # rsync exit codes that describe the archive or its host, not a file: usage
 # (an rsync that does not take our options), protocol, the base directory,
-# an action not supported, file and IPC I/O (a full disk ends the receiver
-# with 11), memory. Nothing is charged; the worker backs off.
-ARCHIVE_EXIT_CODES = {1, 2, 3, 4, 6, 11, 13, 14, 21, 22}
+# an action not supported, IPC, memory. Nothing is charged; the worker backs off.
+ARCHIVE_EXIT_CODES = {1, 2, 3, 4, 6, 13, 14, 21, 22}
+# File I/O: a full disk ends the receiver with 11, and so does one far file
+# that cannot be written (EFBIG, EIO): a "batch" error, backed off a few
+# times, then blamed on files as a batch of which nothing arrived.
+BATCH_EXIT_CODES = {11}
 RSYNC_EXIT_MEANINGS = {
     1: "syntax or usage error", 2: "protocol incompatibility", 3: "errors selecting input/output files, dirs",
     4: "requested action not supported", 5: "error starting client-server protocol",
     10: "error in socket I/O", 11: "error in file I/O", 12: "error in rsync protocol data stream",
     13: "errors with program diagnostics", 14: "error in IPC code", 22: "error allocating memory",
     23: "partial transfer due to error", 30: "timeout in data send/receive"}
-# What in rsync's complaints about single files says the whole archive is in trouble.
-ARCHIVE_FULL = (b"No space left on device", b"Disk quota exceeded")
+# What in rsync's complaints says the whole archive is in trouble: the error
+# that ends a line (a file's name, earlier in it, cannot end one: rsync
+# writes a newline in a name as \#012).
+ARCHIVE_FULL = re.compile(rb": (?:No space left on device|Disk quota exceeded) \(\d+\)\s*$",
+                          re.MULTILINE)
 # The oldest rsync that refuses to write through a symlink below the destination.
 MIN_RSYNC_VERSION = (3, 4)
 SHELL_TEXT = ("the archive host's login shell prints text, so rsync and the md5 command cannot "
@@ -77,8 +83,10 @@ class TransferError(Exception):
     ``kind`` is "connection" (the network or the far host: back off and
     retry, the files are not to blame), "archive" (the archive itself: its
     rsync too old, its login shell printing text, its disk full, its base
-    directory unwritable; backed off the same way, nothing charged) or
-    "timeout" (a transfer or command stalled: killed, retried the same way).
+    directory unwritable; backed off the same way, nothing charged),
+    "batch" (rsync's file I/O failed: the archive, or one file of the batch;
+    backed off a few times, then judged as a batch of which nothing arrived)
+    or "timeout" (a transfer or command stalled: killed, retried the same way).
     """
 
     def __init__(self, kind: str, message: str, command: list[str] | None = None):
@@ -345,18 +353,20 @@ class Destination:
             raise TransferError("archive", f"{SHELL_TEXT}; {said}", argv)
         if code in CONNECTION_EXIT_CODES:
             raise TransferError("connection", said, argv)
-        if any(text in err for text in ARCHIVE_FULL):
+        if ARCHIVE_FULL.search(err):
             raise TransferError("archive", f"the archive's disk is full or over quota; {said}", argv)
         if code == 23:
             raise TransferError("archive", f"the archive's base directory cannot be written; {said}", argv)
         if code in ARCHIVE_EXIT_CODES:
             raise TransferError("archive", f"the archive refused the batch; {said}", argv)
+        if code in BATCH_EXIT_CODES:
+            raise TransferError("batch", f"the archive could not write the batch; {said}", argv)
         log.warning("%s", said)  # anything else: the far md5 judges each file
 
     def _archive_trouble(self, stderr: bytes) -> bool:
         """Whether rsync's complaints (exit 23) are about the archive as a
         whole: no space, over quota, or the base directory not writable."""
-        if any(text in stderr for text in ARCHIVE_FULL):
+        if ARCHIVE_FULL.search(stderr):
             return True
         base = self._base_as_rsync_names_it()
         if base is None:

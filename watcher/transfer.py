@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
-from tenacity import Retrying, retry_if_exception_type, wait_exponential
+from tenacity import Retrying, retry_if_exception_type, stop_any, stop_when_event_set, wait_exponential
 
 from watcher.config import Archive
 from watcher.db import Catalog
@@ -49,6 +49,10 @@ IDLE_WAIT = 2.0  # seconds between looks for rows that other processes added
 BATCH_BYTES = 256 << 20
 MISMATCH_WAIT = 1.0  # seconds before a file whose far copy did not match is tried again; doubles each time
 MISMATCH_WAIT_MAX = 300.0
+# A batch rsync could not write (its file I/O failed: a far disk going bad,
+# or one far file it cannot write) is tried this many times, then judged as
+# a batch of which nothing arrived: halved until one file alone is charged.
+BATCH_ERROR_TRIES = 3
 
 
 def _stat_size(path: str) -> int | None:
@@ -95,7 +99,7 @@ class TransferWorker:
 
     def _before_sleep(self, state) -> None:
         error = state.outcome.exception()
-        what = "in trouble" if getattr(error, "kind", None) == "archive" else "unreachable"
+        what = "in trouble" if getattr(error, "kind", None) in ("archive", "batch") else "unreachable"
         log.warning("archive %s %s (%s); retrying in %.0f s",
                     self.archive.name, what, error, state.upcoming_sleep)
         if getattr(error, "command", None):
@@ -107,14 +111,32 @@ class TransferWorker:
         return Retrying(
             retry=retry_if_exception_type(TransferError),
             wait=wait_exponential(multiplier=1, min=1, max=self._max_backoff),
-            stop=lambda state: self.stop.is_set(),
+            stop=stop_any(stop_when_event_set(self.stop), _batch_tried_enough),
             sleep=self._sleep,
             before_sleep=self._before_sleep,
             reraise=True,
         )
 
     def _ship(self, items: list[Item]):
-        return self._retrying()(ship_batch, self.destination, items, self.stop)
+        try:
+            return self._retrying()(ship_batch, self.destination, items, self.stop)
+        except TransferError as exc:
+            if exc.kind != "batch":
+                raise
+            return batch_results([], self._blamed(items, exc), {})
+
+    def _send(self, items: list[Item]) -> tuple[list[Item], list[Item]]:
+        try:
+            return self._retrying()(send_batch, self.destination, items, self.stop)
+        except TransferError as exc:
+            if exc.kind != "batch":
+                raise
+            return [], self._blamed(items, exc)
+
+    def _blamed(self, items: list[Item], error: TransferError) -> list[Item]:
+        log.warning("archive %s: %s; after %d tries the batch's files are judged as not arrived",
+                    self.archive.name, error, BATCH_ERROR_TRIES)
+        return items
 
     def _fetch(self, in_flight: _InFlight | None = None) -> tuple[list[Item], bool]:
         """The next batch: the oldest pending rows, less those in flight and
@@ -225,7 +247,7 @@ class TransferWorker:
                 return False
             self._finish_in_flight()
             return True
-        sent, refused = self._retrying()(send_batch, self.destination, items, self.stop)
+        sent, refused = self._send(items)
         if self._checker is None:
             self._checker = ThreadPoolExecutor(1, f"watcher-check-{self.archive.name}")
         far = self._checker.submit(self.destination.far_md5, [i.remote_path for i in sent],
@@ -348,3 +370,9 @@ class TransferWorker:
                 continue
             if not worked:
                 self.wake.wait(self._idle_wait())
+
+
+def _batch_tried_enough(state) -> bool:
+    """Stop retrying a batch whose file I/O failed BATCH_ERROR_TRIES times."""
+    error = state.outcome.exception() if state.outcome is not None else None
+    return getattr(error, "kind", None) == "batch" and state.attempt_number >= BATCH_ERROR_TRIES
