@@ -343,6 +343,32 @@ def test_refused_rows_leave_the_pending_index_and_are_found_again_through_their_
     catalog.close()
 
 
+def test_a_refused_row_holds_no_timecode_directory_open_and_no_far_name(tmp_path):
+    """A row never acted on must not act either: it does not keep its
+    timecode directory from finalizing, is not listed in a finalization
+    file, and holds no far name (else a producer's row for /nonexistent
+    could make any verified file undeletable and take any name)."""
+    catalog = Catalog(tmp_path / "c.db")
+    md5s = {"good": "1" * 32, "forged": "2" * 32}
+
+    def insert(local: str, md5: str, remote: str, verified: bool, refused: bool) -> int:
+        return catalog.db.execute_sql(
+            "INSERT INTO supersync_v0 (local_path, local_md5sum, remote_md5sum, archive_name, remote_path, "
+            "timestamp, refused) VALUES (?, ?, ?, 'a', ?, 1e9, ?)",
+            (local, md5, md5 if verified else None, remote, 1 if refused else None)).lastrowid
+
+    insert("/in/root/good.dat", md5s["good"], "17000/good.dat", verified=True, refused=False)
+    insert("/etc/shadow", md5s["forged"], "17000/forged.dat", verified=False, refused=True)
+    insert("/etc/forged", md5s["forged"], "17000/good.dat", verified=True, refused=True)
+    assert not catalog.timecode_dir_has_unverified("a", 17000)
+    assert catalog.timecode_dir_remote_paths("a", 17000) == ["17000/good.dat"]
+    assert catalog.contested_remote_paths("a", ["17000/good.dat"]) == set()
+    later = insert("/in/root/later.dat", "3" * 32, "17000/forged.dat", verified=False, refused=False)
+    claims = catalog.far_name_claims("a", [(later, "/in/root/later.dat", "17000/forged.dat", "3" * 32)])
+    assert claims.taken == {} and claims.versioned == {}
+    catalog.close()
+
+
 def _wide_mode(path: str) -> None:
     os.chmod(path, 0o644)
 
@@ -411,7 +437,8 @@ def test_a_producers_row_for_a_name_whose_only_copy_is_far_gets_a_numbered_name(
     agent.stop()
 
 
-def test_a_producers_row_for_a_name_an_older_live_row_holds_is_refused(deployment, start_agent, caplog):
+def test_a_producers_row_for_a_name_an_older_live_row_holds_waits_and_is_counted(
+        deployment, start_agent, caplog):
     d = deployment
     produced = _producers_root(d)
     _produce(d, produced / "one.dat", b"one")
@@ -422,8 +449,12 @@ def test_a_producers_row_for_a_name_an_older_live_row_holds_is_refused(deploymen
                       local_md5sum=md5(b"two"), timestamp=1e9)  # older timestamp: fetched first
     caplog.set_level(logging.INFO)
     start_agent(d.setup)
-    wait_until(lambda: d.row(second).get("refused") == 1 and d.row(first)["remote_md5sum"] == md5(b"one"),
-               timeout=20, message="the second row refused, the first shipped")
+    wait_until(lambda: d.row(first)["remote_md5sum"] == md5(b"one")
+               and json.loads(d.status("--json").stdout)["arch"]["problems"].get("far names taken"),
+               timeout=20, message="the first shipped, the second counted as waiting for its name")
     assert (d.far / "x.dat").read_bytes() == b"one"
     assert (produced / "two.dat").read_bytes() == b"two"  # left in place, never shipped
-    assert any("its far name arch:x.dat belongs to" in r.getMessage() for r in caplog.records)
+    second_row = d.row(second)
+    assert second_row["remote_md5sum"] is None and not second_row["failed_copy_attempts"]
+    assert second_row["refused"] is None  # not outside the roots: it waits, it is not refused
+    assert sum("its far name arch:x.dat belongs to" in r.getMessage() for r in caplog.records) == 1

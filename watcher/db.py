@@ -543,7 +543,7 @@ class Catalog:
             cursor = self.db.execute_sql(
                 "SELECT id, remote_path, local_path, removed IS NULL, local_md5sum FROM supersync_v0 "
                 f"WHERE archive_name = ? AND remote_path IN ({marks}) "
-                "AND (removed IS NULL OR remote_md5sum = local_md5sum) ORDER BY id",
+                "AND (removed IS NULL OR remote_md5sum = local_md5sum) AND refused IS NULL ORDER BY id",
                 (archive, *chunk))
             for row_id, remote, local, is_live, md5 in cursor.fetchall():
                 if is_live:
@@ -605,7 +605,7 @@ class Catalog:
         for chunk in _chunks([to_db_path(r) for r in remote_paths]):
             query = (self.File.select(self.File.remote_path)
                      .where(self.File.archive_name == archive, self.File.remote_path.in_(chunk),
-                            self.File.removed.is_null())
+                            self.File.removed.is_null(), self.File.refused.is_null())
                      .group_by(self.File.remote_path)
                      .having(fn.COUNT(self.File.local_md5sum.distinct()) > 1))
             contested.update(row.remote_path for row in query)
@@ -1007,7 +1007,7 @@ class Catalog:
     def _tcdir_unverified_query(self, archive: str, timecode: int, blob: bool = False):
         return (self.File.select(self.File.id)
                 .where(self._in_tcdir(archive, timecode, blob), _raw(UNVERIFIED),
-                       fn.coalesce(self.File.ignore, 0) == 0)
+                       fn.coalesce(self.File.ignore, 0) == 0, self.File.refused.is_null())
                 .limit(1))
 
     def timecode_dir_remote_paths(self, archive: str, timecode: int) -> list[str]:
@@ -1017,7 +1017,7 @@ class Catalog:
             query = (self.File.select(self.File.remote_path).distinct()
                      .where(self._in_tcdir(archive, timecode, blob),
                             self.File.remote_md5sum == self.File.local_md5sum,
-                            fn.coalesce(self.File.ignore, 0) == 0))
+                            fn.coalesce(self.File.ignore, 0) == 0, self.File.refused.is_null()))
             paths += [r.remote_path for r in query if not is_finalization_file(r.remote_path)]
         return paths
 

@@ -53,6 +53,9 @@ MISMATCH_WAIT_MAX = 300.0
 # or one far file it cannot write) is tried this many times, then judged as
 # a batch of which nothing arrived: halved until one file alone is charged.
 BATCH_ERROR_TRIES = 3
+# A row whose far name an older live row of another file holds waits this
+# long before it is looked at again (that file may be deleted meanwhile).
+FAR_NAME_WAIT = 300.0
 
 
 def _stat_size(path: str) -> int | None:
@@ -179,7 +182,7 @@ class TransferWorker:
                 if cap is not None and total >= cap:
                     capped = True
                     break
-            items = self._claim_far_names(items, refused)
+            items = self._claim_far_names(items)
             if not refused:
                 return items, capped
             with_database_retry(lambda: self.catalog.refuse(refused), self.health, self.stop)
@@ -188,12 +191,13 @@ class TransferWorker:
             # only refused rows: the next ones (no longer returned) may be shippable
         return [], False
 
-    def _claim_far_names(self, items: list[Item], refused: list[int]) -> list[Item]:
+    def _claim_far_names(self, items: list[Item]) -> list[Item]:
         """The batch with the far-name rules of registration applied to rows
         the agent did not register (socs' add_file, any catalog writer): a
-        name another file's older live row holds is refused (added to
-        ``refused``), and a name holding the only copy of other content is
-        numbered (``name.~N~``), so that no row overwrites an earlier copy."""
+        row for a name another file's older live row holds waits (FAR_NAME_WAIT,
+        counted in `watcher status` as "far names taken"), and a name
+        holding the only copy of other content is numbered (``name.~N~``),
+        so that no row overwrites an earlier copy."""
         a = self.archive
         claims = with_database_retry(
             lambda: self.catalog.far_name_claims(
@@ -205,9 +209,12 @@ class TransferWorker:
         for item in items:
             owner = claims.taken.get((a.name, item.remote_path), item.local_path)
             if owner != item.local_path:
-                log.warning("not shipping %s: its far name %s:%s belongs to %s (catalog row %d "
-                            "refused)", item.local_path, a.name, item.remote_path, owner, item.id)
-                refused.append(item.id)
+                self._held[item.id] = (self._clock() + FAR_NAME_WAIT, self._held.get(item.id, (0, 0))[1])
+                if self.health:
+                    self.health.problem(a.name, "far names taken", item.local_path,
+                                        f"not shipping {item.local_path}: its far name {a.name}:"
+                                        f"{item.remote_path} belongs to {owner} (catalog row "
+                                        f"{item.id} waits until that file is gone)")
                 continue
             version = claims.versioned.get((item.local_path, a.name))
             if version is not None:
