@@ -52,7 +52,8 @@ else:
             observer._emitter_class = _Emitter
         return observer
 
-from watcher.config import Config
+from watcher import state_files
+from watcher.config import Config, ConfigError
 from watcher.db import Catalog
 from watcher.roots import Roots
 from watcher.seal import Sealer, load_key
@@ -120,22 +121,45 @@ class AlreadyRunning(RuntimeError):
     """Another agent works on the same catalog or tree: two would finalize and delete twice."""
 
 
-def _lock_catalog(database: Path):
-    """Hold an exclusive lock beside the catalog for the agent's lifetime (freed by the kernel at any exit)."""
-    path = Path(f"{database}-watcher.lock")
-    f = open(path, "a+")
+class _CatalogLock:
+    """The lock file beside the catalog, held (flock) for the agent's lifetime."""
+
+    def __init__(self, fd: int, path: str):
+        self.fd = fd
+        self.name = path
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _lock_catalog(database: Path, dir_fd: int | None = None) -> _CatalogLock:
+    """Hold an exclusive lock beside the catalog for the agent's lifetime (freed by
+    the kernel at any exit). Opened in the state directory's descriptor without
+    following a link, never truncated before it is known to be the agent's own
+    file (see state_files.open_lock): its directory may be the catalog group's."""
+    path = f"{database}-watcher.lock"
+    own_dir = dir_fd is None
+    if own_dir:
+        dir_fd = state_files.open_dir(database.parent)
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = state_files.open_lock(dir_fd, os.path.basename(path), path)
+    finally:
+        if own_dir:
+            os.close(dir_fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "?"
-        f.close()
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
         raise AlreadyRunning(f"another watcher agent (pid {holder}) is running on {database}") from None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
-    return f
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return _CatalogLock(fd, path)
 
 
 def _lock_root(path: str) -> int:
@@ -285,8 +309,17 @@ class Agent:
         self.interval = min(housekeeping_interval, config.rescan_interval)
         self.stop_event = threading.Event()
         self.rescan_now = threading.Event()
-        config.database.parent.mkdir(parents=True, exist_ok=True)
-        self._catalog_lock = _lock_catalog(config.database)  # first: a second agent must touch nothing
+        # First, before anything is written: the state directory and file_root
+        # are safe to use, then the lock (a second agent must touch nothing).
+        try:
+            state_dir = state_files.prepare(config.database, config.file_root,
+                                            config.catalog_group)
+            try:
+                self._catalog_lock = _lock_catalog(config.database, state_dir)
+            finally:
+                os.close(state_dir)
+        except state_files.UnsafeStateFile as exc:
+            raise ConfigError([str(exc)]) from None
         try:
             ignore_lease_breaks()  # retention's and scans' read leases: a break must not kill us
         except ValueError:  # not the main thread (an embedding program): it must ignore SIGIO itself
@@ -538,7 +571,11 @@ class Agent:
         if now != self._catalog_id:
             return "was replaced by another file"
         lock = os.fstat(self._catalog_lock.fileno())
-        if _identity(self._catalog_lock.name) != (lock.st_dev, lock.st_ino):
+        try:
+            now = os.lstat(self._catalog_lock.name)  # a link put in its place is not the lock
+        except (FileNotFoundError, NotADirectoryError):
+            now = None
+        if now is None or (now.st_dev, now.st_ino) != (lock.st_dev, lock.st_ino):
             return f"lost its lock file {self._catalog_lock.name} (another agent could start on it)"
         return None
 
