@@ -17,17 +17,22 @@ from typing import Callable, TypeVar
 from peewee import OperationalError
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
+from watcher import state_files
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
 def health_path(database: str | os.PathLike) -> Path:
+    """Beside the catalog, in a directory the catalog group may write: written
+    only through state_files (never through a link planted at the name)."""
     return Path(f"{os.fspath(database)}-watcher.json")
 
 
 class Health:
     def __init__(self, database: str | os.PathLike):
         self.path = health_path(database)
+        self._dir: int | None = None  # the state directory, opened once: names are looked up in it
         self._lock = threading.Lock()
         self._state: dict = {"pid": os.getpid(), "started": time.time(),
                              "archives": {}, "database": {"locked": False}, "problems": {}}
@@ -35,10 +40,13 @@ class Health:
         self._write()
 
     def _write(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        """A new file with an unpredictable name, renamed over the health file in
+        the directory first opened: a link, FIFO or hard link planted at either
+        name is replaced, never written through."""
         try:
-            tmp.write_text(json.dumps(self._state, indent=1))
-            os.replace(tmp, self.path)
+            if self._dir is None:
+                self._dir = state_files.open_dir(self.path.parent)
+            state_files.write_atomic(self._dir, self.path.name, json.dumps(self._state, indent=1).encode())
         except OSError as exc:  # a full disk must not stop the agent
             log.debug("cannot write %s: %s", self.path, exc)
 
@@ -116,12 +124,19 @@ class Health:
 
     def close(self) -> None:
         """Remove the file, unless it is no longer ours (the state directory was
-        removed and another agent started there)."""
+        removed and another agent started there, or something was put in its
+        place: read only if it is a regular file of the agent's own)."""
+        at, self._dir = self._dir, None
+        if at is None:
+            return
         try:
-            if json.loads(self.path.read_text()).get("pid") == os.getpid():
-                self.path.unlink()
+            data = state_files.read_own(at, self.path.name)
+            if data is not None and json.loads(data).get("pid") == os.getpid():
+                os.unlink(self.path.name, dir_fd=at)
         except (OSError, ValueError, AttributeError):
             pass
+        finally:
+            os.close(at)
 
 
 def read_health(database: str | os.PathLike) -> dict | None:
