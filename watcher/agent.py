@@ -77,6 +77,7 @@ HOUSEKEEPING_INTERVAL = 5.0
 POLL_INTERVAL = 2.0  # seconds between snapshots of a polled tree (a full walk each)
 CATALOG_CHECK = 1.0  # seconds between looks at the catalog file: deleted, replaced, read-only?
 SCAN_KINDS = ("symlinks", "unreadable directories")  # problems a scan of their whole root re-checks
+BLOCKED = "blocked finalizations"  # a link (or file) planted where a finalization directory goes
 
 
 def sd_notify(message: str) -> None:
@@ -760,12 +761,24 @@ class Agent:
         with_database_retry(self.catalog.derive_timecode_dirs, self.health, stop)
         if not self.quiet():
             return False
+        waiting = self._findings.below({BLOCKED}, [str(self.config.file_root)])
+        met: set[tuple[str, str]] = set()
         for name in self.config.archives:
+            def blocked(exc, timecode, name=name) -> None:
+                met.add((BLOCKED, exc.path))
+                self._findings.report(
+                    BLOCKED, exc.path,
+                    f"finalization of {name} timecode {timecode} waits: {exc.path} {exc.why}, and is "
+                    "not followed (someone who may write file_root could have put it there to make "
+                    "the agent write elsewhere); remove it: the agent then makes the directory itself",
+                    [name])
             finalized = with_database_retry(
                 lambda: update_timecode_dirs(self.catalog, name, self.config.file_root,
-                                             self.config.instance_id, now), self.health, stop)
+                                             self.config.instance_id, now, blocked), self.health, stop)
             if finalized:
                 self._wake({name})
+        for kind, subject in waiting - met:
+            self._findings.solve(kind, subject)
         return True
 
     def retain_once(self, now: float | None = None) -> None:

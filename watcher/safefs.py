@@ -262,3 +262,21 @@ def release_lease(fd: int) -> None:
         fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_UNLCK)
     except OSError:
         pass
+
+
+def open_subdir(dir_fd: int, name: str, path: str, create: bool = False) -> int:
+    """A descriptor of the directory ``name`` in a directory, made first when
+    ``create`` and missing (mkdir relative to the descriptor, the process's
+    umask applies), never followed when it is a link: SymlinkInPath then
+    (``path`` names it), NotADirectoryError for another kind of file."""
+    if create:
+        try:
+            os.mkdir(name, dir_fd=dir_fd)
+        except FileExistsError:
+            pass
+    try:
+        return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP) and _is_link(name, dir_fd):
+            raise SymlinkInPath(path) from None
+        raise

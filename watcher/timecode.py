@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from typing import TYPE_CHECKING, Callable
 import yaml
 
 from watcher.faults import checkpoint
+from watcher.safefs import SymlinkInPath, open_subdir
+from watcher.state_files import write_atomic
 
 if TYPE_CHECKING:
     from watcher.db import Catalog
@@ -92,6 +95,46 @@ class Finalization:
     summary: dict
 
 
+class FinalizationBlocked(Exception):
+    """Something other than a directory (a symlink, a file) stands where a
+    finalization directory must be: never followed, the finalization waits."""
+
+    def __init__(self, path: str, why: str):
+        super().__init__(f"{path} {why}")
+        self.path = path
+        self.why = why
+
+
+def _finalization_dir(file_root: Path, tc_now: int, instance_id: str, create: bool) -> int:
+    """A descriptor of ``file_root/tc_now/instance_id``, made when missing;
+    neither component below file_root is followed if it is a link
+    (FinalizationBlocked). file_root itself is configured, and may be a link."""
+    if create:
+        os.makedirs(file_root, exist_ok=True)
+    at = os.open(file_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    path = str(file_root)
+    for name in (str(tc_now), instance_id):
+        path = os.path.join(path, name)
+        try:
+            fd = open_subdir(at, name, path, create=create)
+        except SymlinkInPath:
+            raise FinalizationBlocked(path, "is a symlink") from None
+        except NotADirectoryError:
+            raise FinalizationBlocked(path, "is not a directory") from None
+        finally:
+            os.close(at)
+        at = fd
+    return at
+
+
+def _exists(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def write_finalization(
     file_root: Path, instance_id: str, archive: str, timecode: int,
     num_files: int, subdirs: list[str], finalized_until: float, now: float,
@@ -99,20 +142,18 @@ def write_finalization(
 ) -> Finalization:
     """Write the YAML that tells downstream a directory is whole.
 
-    Written to a temporary name and renamed, so a crash never leaves a half
-    file; a file whose catalog row was never committed is harmless (nothing
-    ships it) and is replaced by a newer one. A directory finalized again
-    within the same second gets the next free second in its name (a name
-    that is here or ``taken`` in the catalog): a far copy is never overwritten.
+    Written to a new temporary name (O_EXCL, unpredictable) and renamed in
+    its directory, so a crash never leaves a half file; a file whose catalog
+    row was never committed is harmless (nothing ships it) and is replaced by
+    a newer one. A directory finalized again within the same second gets the
+    next free second in its name (a name that is here, as anything, or
+    ``taken`` in the catalog): a far copy is never overwritten.
+
+    file_root may be writable by the catalog group: the directories below it
+    are made and entered without following links (FinalizationBlocked when
+    one is in the way), and nothing planted at a name is written through.
     """
     tc_now = timecode_now(now)
-    named = int(now)
-    while True:
-        name = f"{named}_{archive}_{timecode}{FINALIZED_SUFFIX}"
-        local = Path(file_root) / str(tc_now) / instance_id / name
-        if not local.exists() and not taken(f"{tc_now}/suprsync/{instance_id}/{name}"):
-            break
-        named += 1
     summary = {
         "timecode": timecode,
         "num_files": num_files,
@@ -122,14 +163,69 @@ def write_finalization(
         "archive_name": archive,
         "instance_id": instance_id,
     }
-    local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local.with_name(f".{name}.tmp")
-    with open(tmp, "w") as f:
-        yaml.safe_dump(summary, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, local)
+    at = _finalization_dir(Path(file_root), tc_now, instance_id, create=True)
+    try:
+        named = int(now)
+        while True:
+            name = f"{named}_{archive}_{timecode}{FINALIZED_SUFFIX}"
+            if not _exists(at, name) and not taken(f"{tc_now}/suprsync/{instance_id}/{name}"):
+                break
+            named += 1
+        write_atomic(at, name, yaml.safe_dump(summary).encode(), sync=True)
+    finally:
+        os.close(at)
+    local = Path(file_root) / str(tc_now) / instance_id / name
     return Finalization(local, f"{tc_now}/suprsync/{instance_id}/{name}", summary)
+
+
+def remove_finalization(file_root: Path, local_path: Path) -> None:
+    """Unlink a finalization file this agent wrote, through no link."""
+    rel = Path(local_path).relative_to(file_root).parts
+    if len(rel) != 3:
+        return
+    try:
+        at = _finalization_dir(Path(file_root), int(rel[0]), rel[1], create=False)
+    except (OSError, ValueError, FinalizationBlocked):
+        return
+    try:
+        if stat.S_ISREG(os.stat(rel[2], dir_fd=at, follow_symlinks=False).st_mode):
+            os.unlink(rel[2], dir_fd=at)
+    except OSError:
+        pass
+    finally:
+        os.close(at)
+
+
+def _instance_files(file_root: Path, instance_id: str) -> list[tuple[str, str]]:
+    """(timecode directory, name) of the regular files in file_root/*/instance_id/,
+    walked through no link."""
+    found = []
+    try:
+        root = os.open(file_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return found
+    try:
+        with os.scandir(root) as entries:
+            tcs = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+        for tc in tcs:
+            try:
+                tc_fd = open_subdir(root, tc, os.path.join(file_root, tc))
+            except OSError:
+                continue
+            try:
+                inst = open_subdir(tc_fd, instance_id, os.path.join(file_root, tc, instance_id))
+            except OSError:
+                continue
+            finally:
+                os.close(tc_fd)
+            try:
+                with os.scandir(inst) as entries:
+                    found += [(tc, e.name) for e in entries if e.is_file(follow_symlinks=False)]
+            finally:
+                os.close(inst)
+    finally:
+        os.close(root)
+    return found
 
 
 def remove_unregistered_finalizations(catalog: "Catalog", file_root: Path, instance_id: str,
@@ -140,18 +236,22 @@ def remove_unregistered_finalizations(catalog: "Catalog", file_root: Path, insta
     would never be shipped, and a newer one replaces it. Files are matched
     by far name (the local one may be spelled another way by socs). Run at
     start, when this instance writes none. Returns how many were removed.
+    Directories are walked, and files unlinked, through no link: a link
+    planted in file_root never leads the deletion elsewhere.
     """
     removed = 0
+    files = _instance_files(Path(file_root), instance_id)
     for archive in archives:
-        named = re.compile(rf"^\.?\d+_{re.escape(archive)}_\d{{5}}{re.escape(FINALIZED_SUFFIX)}(\.tmp)?$")
-        found = {f"{p.parent.parent.name}/suprsync/{instance_id}/{p.name}": p
-                 for p in Path(file_root).glob(f"*/{instance_id}/*") if named.match(p.name)}
+        named = re.compile(rf"^\.?\d+_{re.escape(archive)}_\d{{5}}{re.escape(FINALIZED_SUFFIX)}"
+                           r"(\.[0-9a-f]{16})?(\.tmp)?$")
+        found = {f"{tc}/suprsync/{instance_id}/{name}": Path(file_root) / tc / instance_id / name
+                 for tc, name in files if named.match(name)}
         if not found:
             continue
         known = catalog.known_remote_paths(archive, list(found))
         for remote, path in found.items():
             if remote not in known:
-                path.unlink(missing_ok=True)
+                remove_finalization(Path(file_root), path)
                 removed += 1
                 log.info("removed %s: written before a crash, never registered", path)
     return removed
@@ -181,14 +281,16 @@ def is_complete(timecode: int, newest_timecode: int | None, now: float) -> bool:
 
 def update_timecode_dirs(
     catalog: "Catalog", archive: str, file_root: Path, instance_id: str,
-    now: float | None = None,
+    now: float | None = None, blocked: Callable[[FinalizationBlocked, int], None] | None = None,
 ) -> int:
     """Advance every open timecode directory of an archive; return how many were finalized.
 
     Completion is judged again each time, not taken from the stored flag: a
     flag set because of a future directory (by socs or an older watcher)
     would finalize a directory again after every new file. The flag is
-    corrected for socs' readers.
+    corrected for socs' readers. A finalization whose directory is blocked
+    (a link planted below file_root) waits, told to ``blocked`` with the
+    timecode; the others go on.
     """
     now = time.time() if now is None else now
     newest = catalog.newest_timecode(archive, timecode_now(now))
@@ -204,16 +306,22 @@ def update_timecode_dirs(
         if not tcdir.synced:
             catalog.set_tcdir_flags(tcdir.id, synced=True)
         paths = catalog.timecode_dir_remote_paths(archive, tcdir.timecode)
-        fin = write_finalization(
-            file_root, instance_id, archive, tcdir.timecode, len(paths),
-            subdirs_of(paths), catalog.finalized_until(archive, now), now,
-            taken=lambda remote: bool(catalog.known_remote_paths(archive, [remote])),
-        )
+        try:
+            fin = write_finalization(
+                file_root, instance_id, archive, tcdir.timecode, len(paths),
+                subdirs_of(paths), catalog.finalized_until(archive, now), now,
+                taken=lambda remote: bool(catalog.known_remote_paths(archive, [remote])),
+            )
+        except FinalizationBlocked as exc:
+            if blocked is None:
+                raise
+            blocked(exc, tcdir.timecode)
+            continue
         checkpoint("finalizing")
         if catalog.finalize_timecode_dir(tcdir.id, fin.local_path, fin.remote_path, now, len(paths)):
             finalized += 1
             log.info("finalized %s timecode %s (%d files): %s", archive, tcdir.timecode,
                      len(paths), fin.local_path)
         else:  # finalized or changed meanwhile: ours is never shipped (next round decides)
-            fin.local_path.unlink(missing_ok=True)
+            remove_finalization(Path(file_root), fin.local_path)
     return finalized
