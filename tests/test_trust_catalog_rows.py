@@ -458,3 +458,18 @@ def test_a_producers_row_for_a_name_an_older_live_row_holds_waits_and_is_counted
     assert second_row["remote_md5sum"] is None and not second_row["failed_copy_attempts"]
     assert second_row["refused"] is None  # not outside the roots: it waits, it is not refused
     assert sum("its far name arch:x.dat belongs to" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("size", ["abc", 1.5, b"\x00"], ids=["text", "real", "blob"])
+def test_a_row_with_a_size_of_the_wrong_type_ships_and_stops_nothing(deployment, start_agent, size):
+    """SQLite keeps whatever a writer puts in a column: a size that is no
+    integer must not make every batch (or retention round) fail."""
+    d = deployment
+    path = _producers_root(d) / "odd.dat"  # no scan of the agent's registers it anew
+    _produce(d, path, b"odd size")
+    d.insert(local_path=str(path), remote_path="odd.dat", local_md5sum=md5(b"odd size"), timestamp=1e9,
+             size=size.decode("latin-1") if isinstance(size, bytes) else size)
+    start_agent(d.setup)
+    wait_until(lambda: (d.far / "odd.dat").exists() and not path.exists(), timeout=20,
+               message="the row to be shipped, verified and its file deleted")
+    d.a_file_ships_and_goes("after.dat")

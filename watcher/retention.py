@@ -196,7 +196,7 @@ class _Round:
             elif not isinstance(opened, str):
                 candidates.append((row, *opened))
         far = destination.far_md5([r.remote_path for r, _, _ in candidates], stop,
-                                  sum(r.size or 0 for r, _, _ in candidates))
+                                  sum(identity.size for _, _, identity in candidates))
         differs, free = {}, []
         for row, fd, identity in candidates:
             found = far.get(row.remote_path)

@@ -173,7 +173,7 @@ class TransferWorker:
                     log.warning("%s", refusal)
                     refused.append(file_id)
                     continue
-                if size is None:
+                if not isinstance(size, int):  # socs wrote none; any catalog writer anything
                     size = _stat_size(local_path)
                 items.append(Item(file_id, local_path, remote_path, md5, size))
                 total += size or 0
