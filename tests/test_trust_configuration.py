@@ -129,3 +129,31 @@ def test_a_watch_directory_is_normalised_as_the_roots_policy_compares_paths_lexi
     (tmp_path / "data" / "inbox").mkdir(parents=True)
     text = GOOD.replace("  - watch: inbox\n", "  - watch: ./data/../data//inbox/.\n")
     assert accepted(write(tmp_path, text)).rules[0].watch == tmp_path / "data" / "inbox"
+
+
+@pytest.mark.parametrize("file_root, words", [
+    (".", "holds the catalog's directory"),
+    ("far", "overlaps archives.arch.remote_basedir"),
+    ("far/finalization", "overlaps archives.arch.remote_basedir"),
+])
+def test_a_file_root_that_holds_the_state_or_an_archive_is_refused(tmp_path, file_root, words):
+    """file_root is a root of every archive: rows below it are acted on."""
+    (tmp_path / "far" / "finalization").mkdir(parents=True)
+    text = f"file_root: {file_root}\n" + GOOD.replace("database: catalog.db", "database: state/catalog.db")
+    (tmp_path / "state").mkdir()
+    problems = problems_of(write(tmp_path, text))
+    assert any(key == "file_root" and words in message for _l, key, message in problems), problems
+
+
+@pytest.mark.parametrize("key", ["ssh_key", "known_hosts"])
+@pytest.mark.parametrize("where", ["inbox", "produced"], ids=["a watched tree", "api_roots"])
+def test_a_root_that_holds_an_ssh_key_or_known_hosts_is_refused(tmp_path, key, where):
+    (tmp_path / "produced").mkdir()
+    secret = tmp_path / where / "secret"
+    secret.parent.mkdir(exist_ok=True)
+    secret.write_text("x")
+    text = (GOOD.replace("    remote_basedir: far\n",
+                         f"    remote_basedir: far\n    ssh_host: me@archive\n    {key}: '{secret}'\n"
+                         f"    api_roots: [produced]\n"))
+    problems = problems_of(write(tmp_path, text))
+    assert any(f"holds archives.arch.{key}" in message for _l, _k, message in problems), problems

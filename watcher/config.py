@@ -587,19 +587,28 @@ def _check_overlaps(r: _Reader, archives: dict[str, Archive], watched: list[tupl
         for i, watch, real_watch in real:
             if _inside(real_where, real_watch):
                 r.problem((key,), f"{str(where)!r} is inside {rule_name(i, watch)}: {what}")
+    # Every root a catalog row may name (watched trees, api_roots, file_root):
+    # none may hold the agent's own state or secrets, or an archive's copies.
     bases = {name: os.path.realpath(a.remote_basedir) for name, a in archives.items()
              if not a.is_remote and a.remote_basedir}
-    for name, archive in archives.items():
-        for root in archive.api_roots:
-            real_root = os.path.realpath(root)
-            here = ("archives", name, "api_roots")
-            if _inside(os.path.realpath(database.parent), real_root):
-                r.problem(here, f"{root!r} holds the catalog's directory: a catalog row could "
-                          "have the agent ship and delete the catalog and its state")
-            for other, base in bases.items():
-                if _inside(base, real_root) or _inside(real_root, base):
-                    r.problem(here, f"{root!r} overlaps archives.{other}.remote_basedir: a "
-                              "catalog row could have retention delete archived copies")
+    secrets = {f"archives.{name}.{key}": path for name, a in archives.items()
+               for key, path in (("ssh_key", a.ssh_key), ("known_hosts", a.known_hosts)) if path}
+    roots = [(("archives", name, "api_roots"), root) for name, a in archives.items() for root in a.api_roots]
+    roots.append((("file_root",), str(file_root)))
+    for here, root in roots:
+        real_root = os.path.realpath(root)
+        if _inside(os.path.realpath(database.parent), real_root):
+            r.problem(here, f"{root!r} holds the catalog's directory: a catalog row could "
+                      "have the agent ship and delete the catalog and its state")
+        for other, base in bases.items():
+            if _inside(base, real_root) or _inside(real_root, base):
+                r.problem(here, f"{root!r} overlaps archives.{other}.remote_basedir: a "
+                          "catalog row could have retention delete archived copies")
+    for here, root in roots + [(("rules", i, "watch"), str(watch)) for i, watch in watched]:
+        for key, secret in secrets.items():
+            if _inside(os.path.realpath(secret), os.path.realpath(root)):
+                r.problem(here, f"{root!r} holds {key} ({secret!r}): it could be shipped "
+                          "and deleted as data")
 
 
 def _destination(archive: Archive) -> tuple[tuple, PurePosixPath]:
