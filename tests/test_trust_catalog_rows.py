@@ -277,6 +277,7 @@ def test_a_forged_verified_row_never_deletes_a_file_before_it_is_shipped_for_rea
     start_agent(d.setup)
     wait_until(lambda: not victim.exists(), timeout=20, message="the file to be shipped, then deleted")
     assert (d.far / "old" / "a.dat").read_bytes() == b"never shipped\n"  # shipped before deletion
+    assert replaced_copies(d, "old/a.dat") == [b"an earlier file's far copy\n"]  # and nothing destroyed
     row = d.row(row_id)
     assert row["local_md5sum"] == row["remote_md5sum"] == md5(b"never shipped\n")
     key = os.lstat(key_path(d.database))  # whatever the producer did, the key is the agent's
@@ -396,6 +397,38 @@ def test_a_seal_key_that_others_could_have_read_or_written_is_replaced(tmp_path,
 
 
 # -- 4. a producer's row never overwrites another file's far copy ------------------------------
+
+def replaced_copies(d: Deployment, remote: str) -> list[bytes]:
+    """The far copies of ``remote`` that later copies replaced, oldest first."""
+    kept = sorted((d.far / ".watcher-replaced").glob(f"*/{remote}"), key=lambda p: p.stat().st_mtime_ns)
+    return [p.read_bytes() for p in kept]
+
+
+@pytest.mark.parametrize("erase", ["DELETE FROM supersync_v0 WHERE id = ?",
+                                   "UPDATE supersync_v0 SET remote_md5sum = NULL WHERE id = ?",
+                                   "UPDATE supersync_v0 SET archive_name = 'elsewhere' WHERE id = ?"])
+def test_a_producer_that_erases_a_far_copys_history_still_destroys_no_far_copy(
+        deployment, start_agent, erase):
+    """The far-name rules read the catalog, which a producer can rewrite:
+    with the row of a.dat's only copy erased, its row for other content
+    takes the name, and the copy it replaces is kept in the archive."""
+    d = deployment
+    produced = _producers_root(d)
+    agent = start_agent(d.setup)
+    d.a_file_ships_and_goes("a.dat")
+    [first] = [r.id for r in agent.catalog.rows_for_path(str(d.inbox / "a.dat"))]
+    done = d.producer.python("import sqlite3, sys\ncon = sqlite3.connect(sys.argv[1], timeout=30)\n"
+                             "con.execute(sys.argv[2], (int(sys.argv[3]),))\ncon.commit()\n",
+                             str(d.database), erase, str(first))
+    assert done.returncode == 0, done.stderr
+    _produce(d, produced / "b.dat", b"junk")
+    row_id = d.insert(local_path=str(produced / "b.dat"), remote_path="a.dat", local_md5sum=md5(b"junk"),
+                      timestamp=1e9 + 1)
+    wait_until(lambda: d.row(row_id)["remote_md5sum"] == md5(b"junk"), timeout=20,
+               message="the producer's row to be shipped")
+    assert (d.far / "a.dat").read_bytes() == b"junk"
+    assert replaced_copies(d, "a.dat") == [b"a.dat"]
+
 
 def _producers_root(d: Deployment) -> Path:
     """A directory the producer writes, listed as the archive's api_roots."""

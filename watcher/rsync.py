@@ -22,6 +22,7 @@ by its cause: the archive's (nothing charged) or a file's.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import posixpath
@@ -41,7 +42,7 @@ import sh
 from watcher.config import Archive
 from watcher.db import md5_of_fd
 from watcher.faults import checkpoint
-from watcher.rules import remote_path_problem
+from watcher.rules import REPLACED_DIR, remote_path_problem
 from watcher.safefs import Beneath, Trees, open_in, split_beneath
 from watcher.ssh import ssh_args, stop_master
 
@@ -208,7 +209,7 @@ class Destination:
         """ssh with its options, connection sharing included."""
         return ssh_args(self.archive, self._control_dir)
 
-    def rsync_args(self, source: str) -> list[str]:
+    def rsync_args(self, source: str, replaced_dir: str = "") -> list[str]:
         """One rsync call that copies the files listed on its standard input
         (``--files-from``, NUL-separated, relative to ``source``; see
         ``_Listing``) into the base directory.
@@ -225,7 +226,10 @@ class Destination:
         ``--copy-links`` follows the listing's own links, each to a
         descriptor of a file the agent opened; the source is always that
         private tree, never a watched one. ``--out-format`` reports each
-        file sent (see ``reported_names``).
+        file sent (see ``reported_names``). ``--backup-dir``: a far file a
+        copy replaces (an edit, a retry after a bad copy, a name a catalog
+        writer chose) is moved to ``replaced_dir`` (relative to the base,
+        below REPLACED_DIR), never destroyed, whatever the catalog says.
         """
         a = self.archive
         args = ["rsync", "--no-dirs", "--copy-links", "--times", "--omit-dir-times",
@@ -235,6 +239,8 @@ class Destination:
                 # A line per file sent, names escaped only as rsync_escaped() says.
                 "--8-bit-output", f"--out-format={OUT_FORMAT}",
                 f"--timeout={max(1, int(a.copy_timeout))}"]
+        if replaced_dir:
+            args += ["--backup", f"--backup-dir={replaced_dir}"]
         if a.chmod:
             args += ["--perms", f"--chmod={a.chmod}"]
         if a.compression:
@@ -324,7 +330,7 @@ class Destination:
                 return sent, refused
             self.check_rsync(stop)
             source, names = listing.source_and_data()
-            argv = self.rsync_args(source)
+            argv = self.rsync_args(source, replaced_dir_name())
             result = run(argv, stdin=names, stop=stop, pass_fds=listing.fds)
         self._classify(result, argv)
         reported = reported_names(result.stdout)
@@ -411,6 +417,17 @@ def _dir_arg(path: str) -> str:
     if path.startswith("-"):
         path = "./" + path
     return path + "/"
+
+
+_batches = itertools.count(1)
+
+
+def replaced_dir_name(now: float | None = None) -> str:
+    """This batch's directory of replaced far files: its UTC time, the agent's
+    pid and a count, so no two batches share one (rsync would overwrite an
+    earlier batch's backup of the same name)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+    return f"{REPLACED_DIR}/{stamp}-{os.getpid()}-{next(_batches)}"
 
 
 BATCH_TREE_PREFIX = "watcher-batch-"

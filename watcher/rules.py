@@ -24,8 +24,14 @@ class UnsafeRemotePath(ValueError):
     """A rendered remote path that is absolute or climbs out of its archive."""
 
 
+# Where, below an archive's base, the far files that copies replaced are kept
+# (rsync --backup-dir): no file is shipped there.
+REPLACED_DIR = ".watcher-replaced"
+
+
 def remote_path_problem(remote_path: str) -> str | None:
-    """Why a remote path could escape its archive's base directory, or None."""
+    """Why a remote path could escape its archive's base directory (or land
+    among the replaced far files), or None."""
     if not remote_path or remote_path.startswith("/"):
         return "is empty or absolute"
     if ".." in remote_path.split("/"):
@@ -34,6 +40,8 @@ def remote_path_problem(remote_path: str) -> str | None:
         return "contains a NUL byte"
     if posixpath.normpath(remote_path) != remote_path:
         return "is not in normal form (no '//', './' or trailing '/')"
+    if remote_path.split("/", 1)[0] == REPLACED_DIR:
+        return f"is inside {REPLACED_DIR}/, where the archive keeps far files that copies replaced"
     return None
 
 
