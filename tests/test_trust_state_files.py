@@ -448,3 +448,24 @@ def test_sqlite_itself_never_writes_through_a_symlink_at_its_side_files(deployme
         except sqlite3.OperationalError:
             pass  # refused: that is fine too
     assert all(v.read_bytes() == SECRET for v in victims.values())
+
+
+@pytest.mark.parametrize("trap", ["fifo", "symlink to a forged health file"])
+def test_watcher_status_neither_hangs_on_nor_believes_a_trap_at_the_health_file(deployment, trap):
+    """With no agent running, the producer plants a FIFO (reading it would
+    block `watcher status` for ever) or a link to a health file of its own
+    naming a live pid (init) and a healthy archive."""
+    from tests.agent_process import watcher_command
+    d = deployment
+    Catalog(d.setup.database).close()
+    health = _health(d)
+    if trap == "fifo":
+        d.plant("mkfifo", str(health))
+    else:
+        forged = d.setup.database.parent / "forged.json"  # the state directory: the group writes it
+        d.plant("sh", "-c", f"echo '{{\"pid\": 1, \"archives\": {{}}}}' > '{forged}'")
+        d.plant("ln", "-s", str(forged), str(health))
+    shown = subprocess.run(watcher_command("status", "--config", str(d.setup.root / "rules.yaml")),
+                           capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    assert "agent: not running" in shown.stdout, shown.stdout

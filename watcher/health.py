@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -140,13 +141,22 @@ class Health:
 
 
 def read_health(database: str | os.PathLike) -> dict | None:
-    """The running agent's health, or None when no agent is running."""
+    """The running agent's health, or None when no agent is running. Read
+    without following a link or waiting on a FIFO that a writer of the state
+    directory planted; only a regular file counts."""
     try:
-        state = json.loads(health_path(database).read_text())
+        fd = os.open(health_path(database), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            with os.fdopen(os.dup(fd), "rb") as f:
+                state = json.loads(f.read(1 << 20))
+        finally:
+            os.close(fd)
         os.kill(int(state["pid"]), 0)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return state
+    return state if isinstance(state, dict) else None
 
 
 def catalog_error(exc: BaseException) -> str:
