@@ -600,7 +600,12 @@ def rsync_escaped(name: bytes) -> bytes:
 
 
 def reported_names(stdout: bytes) -> set[bytes]:
-    """The (escaped) names that rsync's ``--out-format`` lines report sent or unchanged."""
+    """The (escaped) names that rsync's ``--out-format`` lines report sent or unchanged.
+
+    The sender prints a line when it sends a file the far side asked for: a
+    file the far side would not take (below a symlinked directory, in a
+    directory it cannot make) has none. One the far side took and then
+    failed to write is reported all the same; the far md5 catches it."""
     found = set()
     for line in stdout.split(b"\n"):
         sent = _SENT.match(line)
