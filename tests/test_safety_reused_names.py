@@ -36,8 +36,13 @@ def status(setup) -> dict:
 
 
 def far_contents(far: Path) -> dict[str, bytes]:
+    """The far files under their names (not the copies rsync keeps in
+    .watcher-replaced/, where one identical to its file's new copy is
+    removed again)."""
     found = {}
-    for dirpath, _dirs, files in os.walk(far):
+    for dirpath, dirs, files in os.walk(far):
+        if Path(dirpath) == far and ".watcher-replaced" in dirs:
+            dirs.remove(".watcher-replaced")
         for name in files:
             path = Path(dirpath) / name
             if path.is_file() and not path.is_symlink():

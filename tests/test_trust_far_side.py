@@ -355,3 +355,38 @@ def test_an_old_local_rsync_refuses_a_local_archive(tmp_path, monkeypatch, desti
     assert raised.value.kind == "archive"
     assert "this host runs rsync 3.3.0" in str(raised.value) and "3.4 or later" in str(raised.value)
     assert not base.exists()
+
+
+# -- a far file a copy replaces is kept -------------------------------------------
+
+@pytest.mark.parametrize("remote", [True, False], ids=["ssh", "local"])
+def test_a_far_file_a_copy_replaces_is_kept_unless_identical_or_an_edit(
+        sshd, remote_dir, tmp_path, destinations, remote):
+    """rsync keeps the far file a copy replaces (--backup-dir) below
+    .watcher-replaced/; the far md5 step removes the kept copy again when it
+    is identical to the new one (a copy repeated after a restart or a lost
+    connection); a batch of edits (the far copy is an earlier version of the
+    same file, which the worker verified) keeps nothing."""
+    archive = ssh_archive(sshd, remote_dir) if remote else Archive("arch", str(tmp_path / "far"))
+    far = remote_dir if remote else tmp_path / "far"
+    dest = destinations(archive)
+    src = tmp_path / "src"
+    src.mkdir()
+
+    def ship(data: bytes, edit: bool = False) -> None:
+        (src / "a.dat").write_bytes(data)
+        item = Item(1, str(src / "a.dat"), "d/a.dat", md5(data), len(data), edit)
+        results, _ = ship_batch(dest, [item])
+        assert results[1] == (md5(data), md5(data))
+
+    def kept() -> list[bytes]:
+        return sorted(p.read_bytes() for p in far.glob(".watcher-replaced/*/d/a.dat"))
+
+    ship(b"first")
+    ship(b"first")  # the same again: the kept copy is identical, and removed
+    assert kept() == [] and not (far / ".watcher-replaced").exists()
+    ship(b"second")  # someone else's content under that name: the first is kept
+    assert kept() == [b"first"]
+    ship(b"third", edit=True)  # an edit of what this worker verified: nothing more kept
+    assert kept() == [b"first"]
+    assert (far / "d" / "a.dat").read_bytes() == b"third"

@@ -43,7 +43,7 @@ from watcher.config import Archive
 from watcher.db import md5_of_fd
 from watcher.faults import checkpoint
 from watcher.rules import REPLACED_DIR, remote_path_problem
-from watcher.safefs import Beneath, Trees, open_in, split_beneath
+from watcher.safefs import Beneath, Identity, Trees, open_in, split_beneath
 from watcher.ssh import ssh_args, stop_master
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,9 @@ class Item:
     remote_path: str
     local_md5sum: str
     size: int | None = None
+    # An edit: the far copy under its name is an earlier version of this
+    # very file, which this agent verified (see TransferWorker._is_edit).
+    edit: bool = False
 
 
 @dataclass
@@ -201,6 +204,9 @@ class Destination:
         self._roots = tuple(str(r) for r in local_roots)
         self._max_files = _descriptor_budget()
         self._rsync_checked = False
+        # remote path -> the --backup-dir of the batch that last sent it, until its far md5 ran
+        self._replaced: dict[str, str] = {}
+        self._replaced_lock = threading.Lock()
         self._home: str | None = None  # the far login's working directory, as rsync sees it
 
     # -- building commands (pure) --------------------------------------------
@@ -254,12 +260,19 @@ class Destination:
             dest = _dir_arg(a.remote_basedir)
         return args + ["--", source, dest]
 
-    def remote_md5_args(self) -> list[str]:
+    def remote_md5_args(self, replaced_dir: str = "") -> list[str]:
         """A far command that hashes the NUL-separated paths on its standard
-        input, with what proves no symlink was followed (see ``parse_far_md5``)."""
+        input, with what proves no symlink was followed (see ``parse_far_md5``);
+        and that removes from ``replaced_dir`` (the batch's ``--backup-dir``)
+        each copy identical to the file now under its name (a copy rewritten
+        after a restart or a lost connection), then its empty directories."""
         script = (f"cd -P -- {shlex.quote(self.archive.remote_basedir)} && "
                   f"printf '{MD5_HEADER.decode()}%s\\0' \"$PWD\" && "
-                  f"exec xargs -0 -r sh -c {shlex.quote(MD5_CHUNK)} sh")
+                  f"R={shlex.quote(replaced_dir)} && export R && "
+                  f"xargs -0 -r sh -c {shlex.quote(MD5_CHUNK)} sh; rc=$?; "
+                  f"{{ [ -z \"$R\" ] || [ ! -d \"$R\" ] || "
+                  f"find \"$R\" -depth -type d -empty -delete && rmdir -- \"${{R%/*}}\"; }} 2>/dev/null; "
+                  f"exit $rc")
         return self.ssh_args() + ["--", self.archive.ssh_host, script]
 
     def rsync_version_args(self) -> list[str]:
@@ -330,8 +343,15 @@ class Destination:
                 return sent, refused
             self.check_rsync(stop)
             source, names = listing.source_and_data()
-            argv = self.rsync_args(source, replaced_dir_name())
+            # A far file a copy replaces is kept, unless the batch is one of
+            # edits (the far copies are earlier versions of the same files):
+            # no catalog row, whatever its history says, destroys an archived copy.
+            replaced = "" if all(i.edit for i in sent) else replaced_dir_name()
+            argv = self.rsync_args(source, replaced)
             result = run(argv, stdin=names, stop=stop, pass_fds=listing.fds)
+            if replaced:
+                with self._replaced_lock:
+                    self._replaced.update((i.remote_path, replaced) for i in sent)
         self._classify(result, argv)
         reported = reported_names(result.stdout)
         unreported = [i for i in sent if rsync_escaped(os.fsencode(i.remote_path)) not in reported]
@@ -391,9 +411,10 @@ class Destination:
         """md5 of each far file that exists, keyed by its remote path."""
         if not remote_paths:
             return {}
+        replaced = self._replaced_dir_of(remote_paths)
         if not self.archive.is_remote:
-            return _local_md5(self.archive.remote_basedir, remote_paths)
-        argv = self.remote_md5_args()
+            return _local_md5(self.archive.remote_basedir, remote_paths, replaced)
+        argv = self.remote_md5_args(replaced)
         # "./": md5sum reads its standard input for a path "-", even after "--".
         stdin = b"".join(b"./" + os.fsencode(p) + b"\0" for p in remote_paths)
         timeout = self.archive.cmd_timeout + total_bytes / MIN_HASH_RATE
@@ -404,6 +425,14 @@ class Destination:
             raise TransferError("connection", f"remote md5 exited {result.exit_code}: {_tail(result.stderr)}", argv)
         return {os.fsdecode(name[2:]): md5
                 for name, md5 in parse_far_md5(result.stdout, result.stderr).items()}
+
+    def _replaced_dir_of(self, remote_paths: list[str]) -> str:
+        """The ``--backup-dir`` of the batch that last sent these paths ("" if
+        none: retention's check), forgotten once asked for."""
+        with self._replaced_lock:
+            dirs = {self._replaced.pop(p, "") for p in remote_paths}
+        dirs.discard("")
+        return dirs.pop() if len(dirs) == 1 else ""
 
     def close(self) -> None:
         """Stop the shared ssh connection, if one was started."""
@@ -620,7 +649,10 @@ def reported_names(stdout: bytes) -> set[bytes]:
 # records, an empty record (all NUL-terminated; no name or path is empty).
 MD5_HEADER = b"watcher-md5 "
 MD5_CHUNK = ('printf "%s\\0" "$#" "$@"; realpath -z -m -- "$@"; printf "\\0"; '
-             'md5sum -z -- "$@"; printf "\\0"')
+             'md5sum -z -- "$@"; printf "\\0"; '
+             # the batch's replaced copies identical to what now stands there (no output)
+             '[ -z "$R" ] || [ ! -d "$R" ] || for p; do [ -f "$R/$p" ] && [ ! -h "$R/$p" ] && '
+             'cmp -s -- "$p" "$R/$p" && rm -f -- "$R/$p"; done 2>/dev/null; true')
 
 
 def parse_far_md5(output: bytes, stderr: bytes = b"") -> dict[bytes, str]:
@@ -678,9 +710,11 @@ def _md5sum_records(records: list[bytes]):
             yield record[34:], record[:32].decode("ascii", "replace")
 
 
-def _local_md5(basedir: str, remote_paths: list[str]) -> dict[str, str]:
+def _local_md5(basedir: str, remote_paths: list[str], replaced_dir: str = "") -> dict[str, str]:
     """md5 of the far files of a local archive, opened below the base
-    directory without following links (a link there proves nothing)."""
+    directory without following links (a link there proves nothing); the
+    copies in ``replaced_dir`` identical to them are removed (see
+    ``Destination.remote_md5_args``)."""
     found = {}
     with Beneath(basedir.rstrip("/") or "/") as tree:
         for path in remote_paths:
@@ -695,7 +729,36 @@ def _local_md5(basedir: str, remote_paths: list[str]) -> dict[str, str]:
                 pass
             finally:
                 os.close(fd)
+        if replaced_dir:
+            _drop_identical_copies(tree, replaced_dir, found)
     return found
+
+
+def _drop_identical_copies(tree: Beneath, replaced_dir: str, found: dict[str, str]) -> None:
+    """Unlink the copies below ``replaced_dir`` whose md5 is that of the file
+    now under their name, then the directories that left empty."""
+    top = os.path.join(tree.root, replaced_dir)
+    if not os.path.isdir(top) or os.path.islink(top):
+        return
+    for path, md5 in found.items():
+        copy = os.path.join(top, path)
+        try:
+            fd = tree.open(copy)
+        except (OSError, ValueError):
+            continue
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and md5_of_fd(fd)[0] == md5:
+                tree.unlink_if(copy, Identity.of(st))
+        except (OSError, ValueError):
+            pass
+        finally:
+            os.close(fd)
+    for here in [*(d for d, _, _ in os.walk(top, topdown=False)), os.path.dirname(top)]:
+        try:
+            os.rmdir(here)
+        except OSError:
+            pass  # not empty: a copy of other content is kept
 
 
 def _descriptor_budget() -> int:
