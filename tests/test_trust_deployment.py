@@ -24,12 +24,9 @@ model" with a real producer account (tests/local_users.py):
    the agent delete or touch a producer file outside the roots that the
    agent's account could otherwise delete.
 
-Found here: a catalog the agent creates itself (the README's steps make none)
-is 0640, not group-writable, whatever the umask (SQLite creates databases
-0644 less the umask): socs producers cannot write it. Tests 2 and 3 run on
-such a catalog (xfail, strict: they pass once the agent or the README makes
-it 0660) and on one the administrator made 0660 beforehand (the workaround),
-so the rest of each promise is still checked.
+Tests 2 and 3 run on a catalog the agent creates itself (the README's steps
+make none: SQLite alone would make it 0644 less the umask, which the catalog
+group cannot write) and on one the administrator made 0660 beforehand.
 
 All waits poll with deadlines (AgentProcess.wait_for, tests/waiting.py).
 Everything needs root (accounts, setpriv); elsewhere it skips.
@@ -77,17 +74,8 @@ class ProducerCannotWriteCatalog(AssertionError):
     """The catalog group may not write the catalog the agent made."""
 
 
-# SQLite creates a database (and then its -wal and -shm, which copy the database's
-# mode) with mode 0644 (SQLITE_DEFAULT_FILE_PERMISSIONS) less the umask: the unit's
-# UMask=0007 gives 0640, so the catalog group may read the catalog but not write it.
-# The unit says "Files it creates (the catalog, finalization files) are shared with the
-# catalog group"; watcher/db.py (Catalog) makes the catalog without setting its mode.
-UNSHARED_CATALOG = pytest.mark.xfail(
-    strict=True, raises=ProducerCannotWriteCatalog,
-    reason="the catalog the agent creates under UMask=0007 is 0640 (SQLite's 0644 less the umask): "
-           "socs' add_file as a catalog-group member fails with 'attempt to write a readonly database'")
 BOTH_CATALOGS = pytest.mark.parametrize("catalog_by", [
-    pytest.param(BY_AGENT, marks=UNSHARED_CATALOG, id="catalog-by-agent"),
+    pytest.param(BY_AGENT, id="catalog-by-agent"),
     pytest.param(BY_ADMINISTRATOR, id="catalog-by-admin")])
 
 

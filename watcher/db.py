@@ -115,6 +115,17 @@ INDEXES = (
 OBSOLETE_INDEXES = ("watcher_pending", "watcher_deletable", "watcher_deletable_by_rule")
 
 
+def _create_shared(path: Path) -> None:
+    """Make a missing catalog file with mode 0666 less the umask: SQLite
+    would make it 0644 less the umask, and socs producers in the catalog
+    group (the unit's UMask=0007 gives 0660) could then not write it. Its
+    -wal and -shm take its mode. An existing file, or a link, is left alone."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666))
+    except FileExistsError:
+        pass
+
+
 def to_db_path(path: str | os.PathLike) -> str | bytes:
     """Text for a path that is UTF-8, the raw bytes (a BLOB) for one that is not."""
     path = os.fspath(path)
@@ -340,6 +351,7 @@ class Catalog:
         self.path = Path(path)
         self.sealer = sealer
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _create_shared(self.path)
         self.db = SqliteDatabase(
             str(self.path),
             timeout=busy_timeout,
