@@ -24,8 +24,8 @@ from tests.test_ssh_support import (  # noqa: F401  (fixtures)
 )
 from watcher.config import Archive
 from watcher.health import read_health
-from watcher.rsync import (Destination, Item, TransferError, reported_names, rsync_escaped,
-                           ship_batch)
+from watcher.rsync import (Destination, Item, TransferError, inode_generation, reported_names,
+                           rsync_escaped, ship_batch)
 from watcher.ssh import make_control_dir, remove_control_dir
 
 DECOY = b"the content the file is known to have\n"
@@ -373,20 +373,81 @@ def test_a_far_file_a_copy_replaces_is_kept_unless_identical_or_an_edit(
     src = tmp_path / "src"
     src.mkdir()
 
-    def ship(data: bytes, edit: bool = False) -> None:
-        (src / "a.dat").write_bytes(data)
-        item = Item(1, str(src / "a.dat"), "d/a.dat", md5(data), len(data), edit)
+    path = src / "a.dat"
+
+    def ship(data: bytes, new_file: bool) -> None:
+        if new_file:
+            path.unlink(missing_ok=True)
+        path.write_bytes(data)  # else rewritten in place: the same file
+        item = Item(1, str(path), "d/a.dat", md5(data), len(data),
+                    dest.may_be_edit(1, str(path), "d/a.dat"))
         results, _ = ship_batch(dest, [item])
         assert results[1] == (md5(data), md5(data))
+        dest.verified(item)
 
     def kept() -> list[bytes]:
         return sorted(p.read_bytes() for p in far.glob(".watcher-replaced/*/d/a.dat"))
 
-    ship(b"first")
-    ship(b"first")  # the same again: the kept copy is identical, and removed
+    ship(b"first", new_file=True)
+    ship(b"first", new_file=True)  # another file, the same content: the kept copy is identical, removed
     assert kept() == [] and not (far / ".watcher-replaced").exists()
-    ship(b"second")  # someone else's content under that name: the first is kept
+    ship(b"second", new_file=True)  # another file of other content: the first is kept
     assert kept() == [b"first"]
-    ship(b"third", edit=True)  # an edit of what this worker verified: nothing more kept
-    assert kept() == [b"first"]
+    ship(b"third", new_file=False)  # an edit of the very file verified: nothing more kept
     assert (far / "d" / "a.dat").read_bytes() == b"third"
+    with open(path) as f:
+        incarnations = inode_generation(f.fileno()) is not None
+    assert kept() == ([b"first"] if incarnations else [b"first", b"second"])
+
+
+@pytest.mark.parametrize("how", ["rewritten", "deleted and written again"])
+def test_a_revived_row_never_replaces_its_far_copy_as_an_edit(setup, tmp_path, how):
+    """A catalog writer marks a verified row's file gone, writes other content
+    at its path (the file system may give it the same inode number) and
+    revives the row: the far copy, now the only one of the first content,
+    is kept; only the very file verified (same inode incarnation) is an edit."""
+    import sqlite3
+    import threading
+    from watcher.roots import Roots
+    from watcher.transfer import TransferWorker
+    src = tmp_path / "src"
+    src.mkdir()
+    far = setup.archive(api_roots=[str(src)])
+    far.mkdir()
+    setup.rule()
+    config = setup.config()
+    catalog = setup.catalog()
+    a = src / "a.dat"
+    a.write_bytes(b"only copy of the first content")
+    catalog.add_file(str(a), "a.dat", "arch", timestamp=1000.0)
+    roots = Roots(config)
+    dest = Destination(config.archives["arch"], None, roots.of("arch"))
+    worker = TransferWorker(catalog, config.archives["arch"], dest, threading.Event(),
+                            sleep=lambda s: None, roots=roots)
+    assert worker.step()
+    assert (far / "a.dat").read_bytes() == b"only copy of the first content"
+    con = sqlite3.connect(setup.database)
+    [(row_id,)] = con.execute("SELECT id FROM supersync_v0").fetchall()
+    if how == "rewritten":  # an edit in place: the same file, replaced as such
+        a.write_bytes(b"the same file, edited")
+        new = b"the same file, edited"
+    else:
+        con.execute("UPDATE supersync_v0 SET removed = 1 WHERE id = ?", (row_id,))
+        con.commit()
+        a.unlink()
+        a.write_bytes(b"other content")
+        new = b"other content"
+        con.execute("UPDATE supersync_v0 SET removed = NULL WHERE id = ?", (row_id,))
+    con.execute("UPDATE supersync_v0 SET local_md5sum = ? WHERE id = ?", (md5(new), row_id))
+    con.commit()
+    con.close()
+    assert worker.step()
+    assert (far / "a.dat").read_bytes() == new
+    kept = sorted(p.read_bytes() for p in far.glob(".watcher-replaced/*/a.dat"))
+    with open(a) as f:
+        incarnations = inode_generation(f.fileno()) is not None  # else no file is an edit
+    if how == "rewritten" and incarnations:
+        assert kept == []
+    else:
+        assert kept == [b"only copy of the first content"]
+    catalog.close()

@@ -26,6 +26,7 @@ from watcher.faults import checkpoint
 from watcher.health import Health
 from watcher.roots import Roots
 from watcher.rsync import Destination
+from watcher.rules import remote_path_problem
 from watcher.safefs import (
     Identity, SymlinkInPath, Trees, WriterCheck, hold_against_writers, release_lease, replaced,
 )
@@ -185,6 +186,11 @@ class _Round:
         contested = self.catalog.contested_remote_paths(archive, [r.remote_path for r in rows])
         gone, candidates = [], []
         for row in rows:
+            problem = remote_path_problem(row.remote_path)
+            if problem:  # no copy the agent shipped lies there (a writer of the catalog made the row)
+                self._hold(row, HOLD_UNDELETABLE, logging.ERROR,
+                           f"not deleting {row.local_path}: its far name {archive}:{row.remote_path} {problem}")
+                continue
             if row.remote_path in contested:
                 self._hold(row, HOLD_UNDELETABLE, logging.ERROR,
                            f"not deleting {row.local_path}: other files of different content are "
@@ -207,6 +213,10 @@ class _Round:
                             "missing" if found is None else "different")
             elif self._lease(row, fd, release=True):  # nobody writes now; held again to unlink
                 free.append((row, fd, identity))
+        # The files of these rows are deleted now, and those of ``gone`` were:
+        # a file at their path later is another, whose copy must not replace
+        # theirs as an edit (Destination.may_be_edit).
+        destination.forget([r.id for r, _, _ in free] + [r.id for r in gone])
         deleted, changed = self._delete(free)
         for row, fd in changed:
             try:

@@ -21,7 +21,10 @@ by its cause: the archive's (nothing charged) or a file's.
 
 from __future__ import annotations
 
+import array
 import errno
+import fcntl
+from collections import OrderedDict
 import itertools
 import logging
 import os
@@ -109,8 +112,9 @@ class Item:
     remote_path: str
     local_md5sum: str
     size: int | None = None
-    # An edit: the far copy under its name is an earlier version of this
-    # very file, which this agent verified (see TransferWorker._is_edit).
+    # Maybe an edit: the far copy under its name may be an earlier version of
+    # this very file, which this agent verified (Destination.may_be_edit;
+    # the send checks the file opened is that file).
     edit: bool = False
 
 
@@ -207,6 +211,10 @@ class Destination:
         # remote path -> the --backup-dir of the batch that last sent it, until its far md5 ran
         self._replaced: dict[str, str] = {}
         self._replaced_lock = threading.Lock()
+        # Rows this agent verified: id -> (local path, remote path, dev, ino) of
+        # the file sent, newest last (see may_be_edit); and those sent, not yet judged.
+        self._verified: OrderedDict[int, tuple] = OrderedDict()
+        self._sent: dict[int, tuple] = {}
         self._home: str | None = None  # the far login's working directory, as rsync sees it
 
     # -- building commands (pure) --------------------------------------------
@@ -344,9 +352,14 @@ class Destination:
             self.check_rsync(stop)
             source, names = listing.source_and_data()
             # A far file a copy replaces is kept, unless the batch is one of
-            # edits (the far copies are earlier versions of the same files):
-            # no catalog row, whatever its history says, destroys an archived copy.
-            replaced = "" if all(i.edit for i in sent) else replaced_dir_name()
+            # edits (the far copies are earlier versions of the very files
+            # opened): no catalog row, whatever its history says, destroys an archived copy.
+            with self._replaced_lock:
+                for item, ident in zip(sent, listing.identities):
+                    self._sent[item.id] = (item.local_path, item.remote_path, *ident)
+                edits = all(self._sent[i.id][-1] is not None and self._verified.get(i.id) == self._sent[i.id]
+                            for i in sent)
+            replaced = "" if edits else replaced_dir_name()
             argv = self.rsync_args(source, replaced)
             result = run(argv, stdin=names, stop=stop, pass_fds=listing.fds)
             if replaced:
@@ -426,6 +439,37 @@ class Destination:
         return {os.fsdecode(name[2:]): md5
                 for name, md5 in parse_far_md5(result.stdout, result.stderr).items()}
 
+    # -- what this agent verified: edits ---------------------------------------
+
+    def may_be_edit(self, row_id: int, local_path: str, remote_path: str) -> bool:
+        """Whether this agent verified this row, under the same local and far
+        names, and has not deleted its file since: its far copy is then maybe
+        an earlier version of the same file, which a new copy replaces
+        without keeping it (an edit: a log appended to and shipped again).
+        From the agent's memory, never the catalog, which others write; the
+        send checks that the file it opens is the very file verified."""
+        with self._replaced_lock:
+            known = self._verified.get(row_id)
+        return known is not None and known[:2] == (local_path, remote_path)
+
+    def verified(self, item: Item) -> None:
+        """Remember a row verified (see may_be_edit), the least recent forgotten past VERIFIED_REMEMBERED."""
+        with self._replaced_lock:
+            sent = self._sent.pop(item.id, None)
+            if sent is None or sent[:2] != (item.local_path, item.remote_path):
+                return
+            self._verified[item.id] = sent
+            self._verified.move_to_end(item.id)
+            while len(self._verified) > VERIFIED_REMEMBERED:
+                self._verified.popitem(last=False)
+
+    def forget(self, row_ids) -> None:
+        """Rows whose file was deleted or is gone: a file at their path later is another."""
+        with self._replaced_lock:
+            for row_id in row_ids:
+                self._verified.pop(row_id, None)
+                self._sent.pop(row_id, None)
+
     def _replaced_dir_of(self, remote_paths: list[str]) -> str:
         """The ``--backup-dir`` of the batch that last sent these paths ("" if
         none: retention's check), forgotten once asked for."""
@@ -449,6 +493,9 @@ def _dir_arg(path: str) -> str:
 
 
 _batches = itertools.count(1)
+# How many verified rows a destination remembers, to tell an edit of a file
+# the agent shipped from a copy that replaces someone else's (may_be_edit).
+VERIFIED_REMEMBERED = 100_000
 
 
 def replaced_dir_name(now: float | None = None) -> str:
@@ -519,6 +566,9 @@ class _Listing:
         self._parent_fds: dict[str, int] = {}  # per local directory (owned by _trees)
         self._top = ""
         self.fds: list[int] = []
+        # (dev, ino, generation) of each file listed: which incarnation of an inode
+        # number it is (a file deleted and written again may get the same number)
+        self.identities: list[tuple[int, int, int | None]] = []
 
     def __enter__(self) -> "_Listing":
         return self
@@ -610,7 +660,9 @@ class _Listing:
         except BaseException:
             os.close(fd)
             raise
+        st = os.fstat(fd)
         self.fds.append(fd)
+        self.identities.append((st.st_dev, st.st_ino, inode_generation(fd)))
         self._remotes.append(item.remote_path)
 
 
@@ -759,6 +811,21 @@ def _drop_identical_copies(tree: Beneath, replaced_dir: str, found: dict[str, st
             os.rmdir(here)
         except OSError:
             pass  # not empty: a copy of other content is kept
+
+
+FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long)
+
+
+def inode_generation(fd: int) -> int | None:
+    """The file's inode generation (ext4, btrfs...), which changes when an
+    inode number is given to a new file; None where the file system has none
+    (tmpfs, NFS): a file there is never taken for an edit."""
+    buf = array.array("l", [0])
+    try:
+        fcntl.ioctl(fd, FS_IOC_GETVERSION, buf, True)
+    except OSError:
+        return None
+    return buf[0]
 
 
 def _descriptor_budget() -> int:

@@ -25,7 +25,6 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -58,9 +57,6 @@ BATCH_ERROR_TRIES = 3
 # A row whose far name an older live row of another file holds waits this
 # long before it is looked at again (that file may be deleted meanwhile).
 FAR_NAME_WAIT = 300.0
-# How many verified rows a worker remembers, to tell an edit of a file it
-# shipped from a row that replaces someone else's far copy (_is_edit).
-VERIFIED_REMEMBERED = 100_000
 
 
 def _stat_size(path: str) -> int | None:
@@ -104,8 +100,6 @@ class TransferWorker:
         self._checker: ThreadPoolExecutor | None = None
         self._clock = clock
         self._held: dict[int, tuple[float, int]] = {}  # row id -> (not before, far mismatches so far)
-        # row id -> (local path, remote path) of the rows this worker verified, newest last
-        self._verified: OrderedDict[int, tuple[str, str]] = OrderedDict()
 
     def _before_sleep(self, state) -> None:
         error = state.outcome.exception()
@@ -172,7 +166,7 @@ class TransferWorker:
                                                   a.max_copy_attempts),
                 self.health, self.stop)
             items, total, capped, refused = [], 0, False, []
-            edits: bool | None = None  # the batch's kind: see _is_edit
+            edits: bool | None = None  # the batch's kind: see Destination.may_be_edit
             for file_id, local_path, remote_path, md5, size in rows:
                 if file_id in skip_ids or remote_path in skip_paths:
                     continue
@@ -183,7 +177,7 @@ class TransferWorker:
                     continue
                 if not isinstance(size, int):  # socs wrote none; any catalog writer anything
                     size = _stat_size(local_path)
-                edit = self._is_edit(file_id, local_path, remote_path)
+                edit = self.destination.may_be_edit(file_id, local_path, remote_path)
                 if edits is None:
                     edits = edit
                 elif edit != edits:
@@ -203,21 +197,6 @@ class TransferWorker:
                 return items, capped
             # only refused rows: the next ones (no longer returned) may be shippable
         return [], False
-
-    def _is_edit(self, file_id: int, local_path: str, remote_path: str) -> bool:
-        """Whether this agent verified this very row (same local file, same far
-        name) before: its far copy is then an earlier version of the file,
-        which a new copy replaces without keeping it (an edit). Known from
-        the worker's own memory, never from the catalog, which others write.
-        Such rows travel in batches of their own (see Destination.send)."""
-        return self._verified.get(file_id) == (local_path, remote_path)
-
-    def _remember_verified(self, items: list[Item]) -> None:
-        for item in items:
-            self._verified[item.id] = (item.local_path, item.remote_path)
-            self._verified.move_to_end(item.id)
-        while len(self._verified) > VERIFIED_REMEMBERED:
-            self._verified.popitem(last=False)
 
     def _claim_far_names(self, items: list[Item]) -> list[Item]:
         """The batch with the far-name rules of registration applied to rows
@@ -345,13 +324,14 @@ class TransferWorker:
         log.info("%s: %d verified, %d not verified, %d missing", a.name, verified, failed, len(missing))
         for item in missing:
             self._held.pop(item.id, None)
+        self.destination.forget(i.id for i in missing)
         for item in items:
             if item.id not in results:
                 continue
             sent, found = results[item.id]
             if found == sent:
                 self._held.pop(item.id, None)
-                self._remember_verified([item])
+                self.destination.verified(item)
                 continue
             wait = self._hold(item.id)
             log.warning("%s -> %s:%s not verified (local md5 %s, far md5 %s); next attempt in %.0f s",
