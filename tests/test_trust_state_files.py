@@ -230,6 +230,12 @@ FINALIZATION_TRAPS = {
         d.plant("ln", "-s", str(d.private), str(d.setup.file_root / str(tc) / iid))),
     "timecode directory is a file": lambda d, tc, iid: d.plant(
         "touch", str(d.setup.file_root / str(tc))),
+    # the producer's own directory: it could swap the finalization file in it
+    "timecode directory made by the producer": lambda d, tc, iid: d.plant(
+        "mkdir", "-m", "0755", str(d.setup.file_root / str(tc))),
+    "instance directory made by the producer, read-only": lambda d, tc, iid: (
+        d.plant("mkdir", str(d.setup.file_root / str(tc))),
+        d.plant("mkdir", "-m", "0555", str(d.setup.file_root / str(tc) / iid))),
 }
 
 
@@ -255,10 +261,7 @@ def test_a_link_planted_in_file_root_makes_the_finalization_wait_and_writes_noth
     assert sorted(os.listdir(d.private)) == ["victim"], "a finalization was written through the link"
     assert d.victim_intact()
 
-    trapped = d.setup.file_root / str(tc)
-    if trap.startswith("instance"):
-        trapped = trapped / iid
-    d.plant("rm", "-f", str(trapped))
+    d.plant("rm", "-rf", str(d.setup.file_root / str(tc)))
     written = d.setup.file_root / str(tc) / iid
     wait_until(lambda: written.is_dir() and not written.is_symlink()
                and any(n.endswith("_arch_17000_finalized.yaml") for n in os.listdir(written)),

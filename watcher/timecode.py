@@ -121,9 +121,18 @@ def _finalization_dir(file_root: Path, tc_now: int, instance_id: str, create: bo
             raise FinalizationBlocked(path, "is a symlink") from None
         except NotADirectoryError:
             raise FinalizationBlocked(path, "is not a directory") from None
+        except PermissionError:
+            raise FinalizationBlocked(path, "cannot be made or entered (permission denied)") from None
         finally:
             os.close(at)
         at = fd
+        st = os.fstat(at)
+        if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o002:
+            os.close(at)
+            # Made by someone else (a writer of file_root), or writable by
+            # anyone: they could swap a finalization file before it ships.
+            raise FinalizationBlocked(path, f"belongs to uid {st.st_uid} or may be written by "
+                                            f"anyone (mode {stat.S_IMODE(st.st_mode):o})")
     return at
 
 
@@ -171,7 +180,11 @@ def write_finalization(
             if not _exists(at, name) and not taken(f"{tc_now}/suprsync/{instance_id}/{name}"):
                 break
             named += 1
-        write_atomic(at, name, yaml.safe_dump(summary).encode(), sync=True)
+        try:
+            write_atomic(at, name, yaml.safe_dump(summary).encode(), sync=True)
+        except PermissionError:
+            raise FinalizationBlocked(str(Path(file_root) / str(tc_now) / instance_id),
+                                      "cannot be written (permission denied)") from None
     finally:
         os.close(at)
     local = Path(file_root) / str(tc_now) / instance_id / name
