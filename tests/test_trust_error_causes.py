@@ -263,3 +263,17 @@ def test_one_far_file_rsync_cannot_write_is_charged_after_a_few_tries_and_the_re
     big = row(catalog, ids["a-big.dat"])
     assert not big.verified and big.failed_copy_attempts == 2  # then it counts as failed
     assert len(sleeps.delays) < 40
+
+
+def test_a_replaced_copies_directory_the_archive_cannot_make_is_its_trouble_not_the_files(
+        sshd, remote_dir, tmp_path, catalog, make_worker):
+    """A copy that replaces a far file keeps it in .watcher-replaced/; when the
+    archive cannot make that directory (a file stands there), no file is
+    charged, the archive is degraded, and the far file stays."""
+    archive = ssh_archive(sshd, remote_dir)
+    (remote_dir / "a.dat").write_bytes(b"an earlier copy")  # a far file no row knows
+    (remote_dir / ".watcher-replaced").write_bytes(b"")
+    ids = register(catalog, "arch", {"a.dat": b"new content"}, tmp_path / "src")
+    seen = _backs_off_without_charging(catalog, make_worker, archive, ids)
+    assert ".watcher-replaced directory" in seen[-1]["last_error"], seen[-1]
+    assert (remote_dir / "a.dat").read_bytes() == b"an earlier copy"

@@ -153,8 +153,11 @@ def read_health(database: str | os.PathLike) -> dict | None:
                 state = json.loads(f.read(1 << 20))
         finally:
             os.close(fd)
-        os.kill(int(state["pid"]), 0)
-    except (OSError, ValueError, KeyError, TypeError):
+        try:
+            os.kill(int(state["pid"]), 0)
+        except PermissionError:
+            pass  # alive, as another account (the agent's own, asked by a producer)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     return state if isinstance(state, dict) else None
 

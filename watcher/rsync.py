@@ -398,6 +398,9 @@ class Destination:
             raise TransferError("archive", f"the archive's base directory cannot be written; {said}", argv)
         if code in ARCHIVE_EXIT_CODES:
             raise TransferError("archive", f"the archive refused the batch; {said}", argv)
+        if code in BATCH_EXIT_CODES and REPLACED_DIR.encode() in err:
+            raise TransferError("archive", f"the archive's {REPLACED_DIR} directory, where replaced "
+                                f"far copies are kept, cannot be written; {said}", argv)
         if code in BATCH_EXIT_CODES:
             raise TransferError("batch", f"the archive could not write the batch; {said}", argv)
         log.warning("%s", said)  # anything else: the far md5 judges each file
@@ -430,7 +433,8 @@ class Destination:
         argv = self.remote_md5_args(replaced)
         # "./": md5sum reads its standard input for a path "-", even after "--".
         stdin = b"".join(b"./" + os.fsencode(p) + b"\0" for p in remote_paths)
-        timeout = self.archive.cmd_timeout + total_bytes / MIN_HASH_RATE
+        # A batch that replaced far copies may compare each with its new one too.
+        timeout = self.archive.cmd_timeout + total_bytes / MIN_HASH_RATE * (3 if replaced else 1)
         result = run(argv, stdin=stdin, timeout=timeout, stop=stop)
         if result.exit_code == 255:
             raise TransferError("connection", f"ssh exited 255: {_tail(result.stderr)}", argv)
