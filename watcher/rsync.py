@@ -791,8 +791,9 @@ def _local_md5(basedir: str, remote_paths: list[str], replaced_dir: str = "") ->
 
 
 def _drop_identical_copies(tree: Beneath, replaced_dir: str, found: dict[str, str]) -> None:
-    """Unlink the copies below ``replaced_dir`` whose md5 is that of the file
-    now under their name, then the directories that left empty."""
+    """Unlink the copies below ``replaced_dir`` identical, byte for byte, to
+    the file now under their name (an md5 match is only where to look),
+    then the directories that left empty."""
     top = os.path.join(tree.root, replaced_dir)
     if not os.path.isdir(top) or os.path.islink(top):
         return
@@ -804,7 +805,8 @@ def _drop_identical_copies(tree: Beneath, replaced_dir: str, found: dict[str, st
             continue
         try:
             st = os.fstat(fd)
-            if stat.S_ISREG(st.st_mode) and md5_of_fd(fd)[0] == md5:
+            if (stat.S_ISREG(st.st_mode) and md5_of_fd(fd)[0] == md5
+                    and _same_bytes(fd, tree, os.path.join(tree.root, path))):
                 tree.unlink_if(copy, Identity.of(st))
         except (OSError, ValueError):
             pass
@@ -830,6 +832,24 @@ def inode_generation(fd: int) -> int | None:
     except OSError:
         return None
     return buf[0]
+
+
+def _same_bytes(fd: int, tree: Beneath, path: str) -> bool:
+    """Whether the file of ``fd`` holds exactly what ``path`` below the tree holds."""
+    other = tree.open(path)
+    try:
+        if os.fstat(other).st_size != os.fstat(fd).st_size:
+            return False
+        offset = 0
+        while True:
+            a, b = os.pread(fd, 1 << 20, offset), os.pread(other, 1 << 20, offset)
+            if a != b:
+                return False
+            if not a:
+                return True
+            offset += len(a)
+    finally:
+        os.close(other)
 
 
 def _descriptor_budget() -> int:
