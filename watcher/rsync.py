@@ -708,6 +708,7 @@ MD5_CHUNK = ('printf "%s\\0" "$#" "$@"; realpath -z -m -- "$@"; printf "\\0"; '
              'md5sum -z -- "$@"; printf "\\0"; '
              # the batch's replaced copies identical to what now stands there (no output)
              '[ -z "$R" ] || [ ! -d "$R" ] || for p; do [ -f "$R/$p" ] && [ ! -h "$R/$p" ] && '
+             '[ ! -h "$p" ] && ! [ "$p" -ef "$R/$p" ] && '  # never a file compared with itself
              'cmp -s -- "$p" "$R/$p" && rm -f -- "$R/$p"; done 2>/dev/null; true')
 
 
