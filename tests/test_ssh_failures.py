@@ -20,7 +20,7 @@ import pytest
 from tests.sshd import _process_tree
 from tests.test_ssh_support import (  # noqa: F401  (fixtures)
     Sleeps, api_roots_config, catalog, destinations, health, make_worker, md5,
-    register, row, ssh_archive, tool_log, unwritable_far_dir,
+    register, row, ssh_archive, tiny_far_disk, tool_log, unwritable_far_dir,
 )
 from tests.waiting import wait_until
 from watcher.config import Config
@@ -113,29 +113,6 @@ def test_a_far_copy_that_differs_stays_pending_and_its_local_file_is_never_delet
     assert row(catalog, ids["stale/f.dat"]).removed is None
 
 
-@pytest.fixture
-def tiny_far_disk(sshd, remote_dir):
-    """A 64 KiB tmpfs inside remote_dir, owned by the ssh user.
-
-    Needs root with the right to mount (a container may lack it); without it
-    the test is skipped, and test_a_far_copy_that_differs_... still covers a
-    far copy that does not match, by permissions alone.
-    """
-    path = remote_dir / "tiny"
-    path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=755", "tmpfs", str(path)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        os.chown(path, sshd.pw.pw_uid, sshd.pw.pw_gid)
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root; "
-                    "test_a_far_copy_that_differs_... covers the md5 mismatch without it")
 def test_a_full_far_disk_leaves_no_partial_file_and_the_local_copy_in_place(
         sshd, remote_dir, tmp_path, catalog, make_worker, destinations, tiny_far_disk):
     """A full far disk is the archive's trouble, not the file's: nothing is

@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import stat
+import subprocess
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.sshd import SshServer
+from tests.waiting import wait_until
 from watcher.config import Archive, Config
 from watcher.db import Catalog
 from watcher.health import Health
@@ -226,3 +228,24 @@ class ToolLog:
 @pytest.fixture
 def tool_log(tmp_path, monkeypatch) -> ToolLog:
     return ToolLog(tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def tiny_far_disk(sshd, remote_dir):
+    """A 64 KiB tmpfs inside remote_dir, owned by the ssh user: a far disk that
+    fills up. Mounting needs root (and a container may forbid it): the test
+    is skipped then, saying so."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path = remote_dir / "tiny"
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=755", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        os.chown(path, sshd.pw.pw_uid, sshd.pw.pw_gid)
+        yield path
+    finally:
+        wait_until(lambda: subprocess.run(["umount", str(path)], capture_output=True).returncode == 0,
+                   timeout=10, message=f"umount {path}")

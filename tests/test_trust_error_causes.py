@@ -24,7 +24,7 @@ import pytest
 
 from tests.test_ssh_support import (  # noqa: F401  (fixtures)
     Sleeps, catalog, destinations, health, make_far_dir_writable, make_worker, register, row,
-    ssh_archive, unwritable_far_dir,
+    ssh_archive, tiny_far_disk, unwritable_far_dir,
 )
 from tests.test_trust_far_side import far_server  # noqa: F401  (fixture)
 from tests.waiting import wait_until
@@ -103,28 +103,9 @@ def test_a_login_shell_that_prints_text_degrades_the_archive_and_charges_nothing
 
 # -- a full far disk -----------------------------------------------------------
 
-@pytest.fixture
-def tiny_far_base(sshd, remote_dir):
-    """A 64 KiB tmpfs owned by the ssh user, to be an archive's base directory."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    path = remote_dir / "tiny"
-    path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=755", "tmpfs", str(path)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        os.chown(path, sshd.pw.pw_uid, sshd.pw.pw_gid)
-        yield path
-    finally:
-        wait_until(lambda: subprocess.run(["umount", str(path)], capture_output=True).returncode == 0,
-                   timeout=10, message=f"umount {path}")
-
-
 def test_a_full_far_disk_charges_nothing_and_the_files_ship_once_there_is_room(
-        sshd, tiny_far_base, tmp_path, catalog, make_worker):
-    archive = ssh_archive(sshd, tiny_far_base)
+        sshd, tiny_far_disk, tmp_path, catalog, make_worker):
+    archive = ssh_archive(sshd, tiny_far_disk)
     data = os.urandom(300_000)
     ids = register(catalog, "arch", {"big.dat": data}, tmp_path / "src")
 
@@ -132,8 +113,8 @@ def test_a_full_far_disk_charges_nothing_and_the_files_ship_once_there_is_room(
 
     assert "disk is full" in seen[-1]["last_error"]
     assert "No space left on device" in seen[-1]["last_error"]
-    assert "big.dat" not in os.listdir(tiny_far_base)
-    subprocess.run(["mount", "-o", "remount,size=1m", str(tiny_far_base)], check=True)
+    assert "big.dat" not in os.listdir(tiny_far_disk)
+    subprocess.run(["mount", "-o", "remount,size=1m", str(tiny_far_disk)], check=True)
     assert make_worker(archive).step() is True
     assert row(catalog, ids["big.dat"]).verified
     assert row(catalog, ids["big.dat"]).failed_copy_attempts == 0
