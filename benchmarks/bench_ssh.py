@@ -55,7 +55,7 @@ if os.environ.get("WATCHER_SRC"):  # measure another copy of the package (e.g. a
 import yaml  # noqa: E402
 
 from tests.sshd import SshServer, force_rmtree  # noqa: E402
-from watcher.db import UNVERIFIED  # noqa: E402
+from watcher.catalog.states import UNVERIFIED  # noqa: E402
 
 KiB, MiB = 1 << 10, 1 << 20
 POLL = 0.02            # seconds between catalog polls

@@ -1,15 +1,17 @@
 """The agent as a real subprocess, for tests that kill it.
 
 ``watcher run --config FILE`` is started from the same virtualenv as the
-tests, with its log going to a file; the test can freeze it at a named
-pause point (watcher/faults.py), SIGKILL it (alone, or with the rsync it
-runs, as a power cut would), start it again, stop it with SIGTERM, freeze it
-with SIGSTOP, and read its memory and CPU use from /proc.
+tests, with its log going to a file; the test can block it at a named
+fault point (or make the point fail or wait: watcher/faults.py), SIGKILL
+it (alone, or with the rsync it runs, as a power cut would), start it
+again, stop it with SIGTERM, freeze it with SIGSTOP, and read its memory
+and CPU use from /proc.
 
-Fixtures (import them into a test module): ``agent_processes`` hands out
-``AgentProcess`` objects for a ``Setup`` (tests/conftest.py) and makes sure
-none outlives its test; ``memory_dir`` is a tmpfs directory for tests that
-make tens of thousands of files.
+Fixtures (a conftest plugin: tests/conftest.py lists it): ``agent_processes``
+hands out ``AgentProcess`` objects for a ``Setup`` (tests/conftest.py) and
+makes sure none outlives its test; ``agent_prefix`` and ``without_dac`` run
+those agents under another command; ``memory_dir`` is a tmpfs directory for
+tests that make tens of thousands of files.
 """
 
 from __future__ import annotations
@@ -57,27 +59,31 @@ class AgentProcess:
         self.workdir = Path(workdir)
         self.env = dict(env or {})
         self.proc: subprocess.Popen | None = None
-        self.pause_file: Path | None = None
+        self.faults_file: Path | None = None  # where the agent records each fault it fires
         self.log_path: Path | None = None
         self.logs: list[Path] = []
 
     # -- life cycle ---------------------------------------------------------------
 
-    def start(self, pause_at: str | None = None, env: dict[str, str] | None = None) -> "AgentProcess":
-        """Start ``watcher run``; with ``pause_at`` it freezes at that pause point."""
+    def start(self, pause_at: str | None = None, env: dict[str, str] | None = None,
+              faults: str | None = None) -> "AgentProcess":
+        """Start ``watcher run``; with ``pause_at`` it blocks at that fault point; ``faults``
+        is a WATCHER_FAULTS specification (watcher/faults.py) such as "copied=1*fail"."""
         assert not self.running(), "the agent is already running"
         n = next(_serial)
         self.log_path = self.workdir / f"agent-{n}.log"
         self.logs.append(self.log_path)
         full_env = {k: v for k, v in os.environ.items()
-                    if k not in ("WATCHER_PAUSE_AT", "WATCHER_PAUSE_FILE", "NOTIFY_SOCKET")}
+                    if k not in ("WATCHER_FAULTS", "WATCHER_FAULTS_FILE", "WATCHER_PAUSE_AT",
+                                 "WATCHER_PAUSE_FILE", "NOTIFY_SOCKET")}
         full_env.update(self.env)
         full_env.update(env or {})
-        self.pause_file = None
-        if pause_at:
-            self.pause_file = self.workdir / f"paused-{n}-{pause_at}"
-            full_env["WATCHER_PAUSE_AT"] = pause_at
-            full_env["WATCHER_PAUSE_FILE"] = str(self.pause_file)
+        spec = ";".join(filter(None, [faults, pause_at and f"{pause_at}=block"]))
+        self.faults_file = None
+        if spec:
+            self.faults_file = self.workdir / f"faults-{n}"
+            full_env["WATCHER_FAULTS"] = spec
+            full_env["WATCHER_FAULTS_FILE"] = str(self.faults_file)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 watcher_command("run", "--config", str(self.config)),
@@ -100,9 +106,20 @@ class AgentProcess:
         return self
 
     def wait_paused(self, timeout: float = 30) -> None:
-        """Until the agent reached its pause point (and blocks there)."""
-        assert self.pause_file is not None, "started without a pause point"
-        self.wait_for(self.pause_file.exists, timeout, f"pause file {self.pause_file.name}")
+        """Until the agent reached a point set to block (and blocks there)."""
+        assert self.faults_file is not None, "started without a fault point"
+        self.wait_for(self.paused, timeout, "a fault point to block")
+
+    def fired(self, point: str | None = None) -> list[str]:
+        """The faults this run fired so far, in order ("copied 1*fail"), of one point or all."""
+        if self.faults_file is None or not self.faults_file.exists():
+            return []
+        lines = self.faults_file.read_text().splitlines()
+        return [line for line in lines if point is None or line.split(" ", 1)[0] == point]
+
+    def paused(self) -> bool:
+        """Whether this run blocked at a fault point."""
+        return any(line.endswith("block") for line in self.fired())
 
     def kill(self) -> None:
         """SIGKILL: no handler runs, nothing is cleaned up."""
@@ -258,10 +275,33 @@ def agent_processes(tmp_path):
     problems = []
     for agent in made:
         if agent.running():
-            if agent.pause_file is not None:
-                agent.kill()  # frozen at a pause point on purpose
+            if agent.paused():
+                agent.kill()  # blocked at a fault point on purpose
                 continue
             status = agent.terminate()
             if status != 0:
                 problems.append(f"agent exited {status} on SIGTERM\n{agent.log_tail()}")
     assert not problems, "\n".join(problems)
+
+
+# Root without the capabilities that let it read any file.
+WITHOUT_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+@pytest.fixture
+def agent_prefix(monkeypatch):
+    """``use(*argv)``: agents of agent_processes run under this command (setpriv, unshare)."""
+    plain = watcher_command
+
+    def use(*prefix: str) -> None:
+        monkeypatch.setattr(sys.modules[__name__], "watcher_command", lambda *args: [*prefix, *plain(*args)])
+    return use
+
+
+@pytest.fixture
+def without_dac(agent_prefix):
+    """Agents run as root without the capabilities that let root read any file."""
+    if os.geteuid() == 0:
+        if subprocess.run([*WITHOUT_DAC, "true"], capture_output=True).returncode:
+            pytest.skip("setpriv cannot drop capabilities here")
+        agent_prefix(*WITHOUT_DAC)

@@ -12,9 +12,9 @@ import yaml
 from tests.waiting import wait_until
 from watcher.agent import Agent
 from watcher.config import load_config
-from watcher.db import Catalog
+from watcher.catalog import Catalog
 
-pytest_plugins = ["tests.sshd", "tests.local_users"]
+pytest_plugins = ["tests.sshd", "tests.local_users", "tests.ssh_support", "tests.agent_process"]
 
 
 @pytest.fixture(autouse=True)

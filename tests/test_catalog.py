@@ -9,7 +9,10 @@ import time
 
 import pytest
 
-from watcher.db import SOCS_DDL, Catalog, _active_rows_sql
+from watcher.catalog import Catalog
+from watcher.catalog.files import _active_rows_sql
+from watcher.catalog.schema import SOCS_DDL
+from watcher.catalog.shipping import PENDING_SQL
 
 ROWS = 200_000
 PENDING = (7, 50_000, 123_456, 150_001, 199_999)  # row numbers never copied
@@ -101,21 +104,22 @@ def assert_uses_index(plan: list[str], index: str, sorted_by_index: bool = True)
 
 
 def test_the_next_batch_walks_the_index_of_unverified_files_in_order(big):
-    assert_uses_index(plan_of(big, big._pending_query("big", 1000, MAX_ATTEMPTS)), "watcher_pending")
+    """The very text the transfer worker runs, every cycle."""
+    assert_uses_index(plan_of(big, PlainSql(PENDING_SQL, ["big", MAX_ATTEMPTS, 1000])), "watcher_pending")
 
 
 def test_files_past_retention_are_found_through_the_index_of_deletable_files(big):
     for default, index in ((3600.0, "watcher_deletable"), (None, "watcher_deletable_by_rule")):
-        query = big._deletable_query("big", time.time(), default, 3600.0, 500)
+        query = big.removals.deletable_query("big", time.time(), default, 3600.0, 500)
         assert_uses_index(plan_of(big, query), index)
 
 
 def test_finalized_until_reads_the_first_entry_of_the_pending_index(big):
-    assert_uses_index(plan_of(big, big._finalized_until_query("big")), "watcher_pending")
+    assert_uses_index(plan_of(big, big.reports.finalized_until_query("big")), "watcher_pending")
 
 
 def test_a_timecode_dirs_unverified_files_are_found_through_an_index(big):
-    assert_uses_index(plan_of(big, big._tcdir_unverified_query("big", 16002)), "watcher_unverified_path")
+    assert_uses_index(plan_of(big, big.timecode_dirs.unverified_query("big", 16002)), "watcher_unverified_path")
 
 
 def test_registered_paths_are_looked_up_by_the_local_path_index(big):
@@ -127,15 +131,15 @@ def test_registered_paths_are_looked_up_by_the_local_path_index(big):
 
 
 def test_the_next_batch_of_a_mostly_verified_catalog_costs_almost_nothing(big, full_scan):
-    rows, steps = vm_steps(big, lambda: big.pending_batch("big", 1000, MAX_ATTEMPTS))
+    rows, steps = vm_steps(big, lambda: big.shipping.pending("big", 1000, MAX_ATTEMPTS))
     assert [int(r.local_path.rsplit("/", 1)[1].split(".")[0]) for r in rows] == list(PENDING)
     assert steps * 100 < full_scan, (steps, full_scan)
-    found, steps = vm_steps(big, lambda: bool(big.pending_batch("big", 1, MAX_ATTEMPTS)))
+    found, steps = vm_steps(big, lambda: bool(big.shipping.pending("big", 1, MAX_ATTEMPTS)))
     assert found and steps * 100 < full_scan
 
 
 def test_finalized_until_costs_almost_nothing(big, full_scan):
-    until, steps = vm_steps(big, lambda: big.finalized_until("big", time.time()))
+    until, steps = vm_steps(big, lambda: big.reports.finalized_until("big", time.time()))
     # the oldest file not yet verified (row 7) holds it back
     assert until == BASE_TS + 7 - 1
     assert steps * 100 < full_scan, (steps, full_scan)
@@ -143,8 +147,8 @@ def test_finalized_until_costs_almost_nothing(big, full_scan):
 
 def test_deleting_costs_in_proportion_to_the_batch(big, full_scan):
     now = BASE_TS + ROWS + 10 * 86400
-    small, small_steps = vm_steps(big, lambda: big.deletable_batch("big", now, 3600.0, 3600.0, 50))
-    large, large_steps = vm_steps(big, lambda: big.deletable_batch("big", now, 3600.0, 3600.0, 500))
+    small, small_steps = vm_steps(big, lambda: big.removals.deletable("big", now, 3600.0, 3600.0, 50))
+    large, large_steps = vm_steps(big, lambda: big.removals.deletable("big", now, 3600.0, 3600.0, 500))
     assert (len(small), len(large)) == (50, 500)
     assert large_steps * 10 < full_scan, (large_steps, full_scan)
     assert small_steps * 4 < large_steps, (small_steps, large_steps)
@@ -153,14 +157,14 @@ def test_deleting_costs_in_proportion_to_the_batch(big, full_scan):
 def test_a_timecode_dirs_check_costs_nothing_however_many_files_it_holds(big, full_scan):
     expected = {16000 + i // PER_DIR for i in (*PENDING, *FAILED)}
     for timecode in range(16000, 16000 + ROWS // PER_DIR):
-        waiting, steps = vm_steps(big, lambda: big.timecode_dir_has_unverified("big", timecode))
+        waiting, steps = vm_steps(big, lambda: big.timecode_dirs.has_unverified("big", timecode))
         assert waiting == (timecode in expected), timecode
         assert steps * 100 < full_scan, (timecode, steps, full_scan)
 
 
 def test_looking_up_registered_paths_costs_in_proportion_to_the_paths(big, full_scan):
     paths = [f"/data/big/{i}.dat" for i in range(0, ROWS, ROWS // 500)]
-    found, steps = vm_steps(big, lambda: big.active_rows(paths))
+    found, steps = vm_steps(big, lambda: big.files.active_rows(paths))
     assert len(found) == 500
     assert steps * 10 < full_scan, (steps, full_scan)
 
@@ -169,23 +173,23 @@ def test_deriving_timecode_dirs_walks_only_rows_added_since_the_last_time(big, f
     statements = []
     big.db.connection().set_trace_callback(statements.append)
     try:
-        assert big.derive_timecode_dirs() == ROWS  # the first time: every row, once
+        assert big.timecode_dirs.derive() == ROWS  # the first time: every row, once
     finally:
         big.db.connection().set_trace_callback(None)
     # a few statements per chunk of rows, not one per row
     assert len(statements) < ROWS / 1000, len(statements)
     assert big.TimecodeDir.select().count() == ROWS // PER_DIR
-    walked, steps = vm_steps(big, big.derive_timecode_dirs)
+    walked, steps = vm_steps(big, big.timecode_dirs.derive)
     assert walked == 0 and steps * 100 < full_scan, steps
     late = big.add_file("/data/big/late.dat", "16009/late.dat", "big", local_md5sum="e" * 32)
     try:
-        assert big.derive_timecode_dirs() == 1
+        assert big.timecode_dirs.derive() == 1
     finally:
         big.File.delete().where(big.File.id == late.id).execute()
 
 
 def test_registering_many_files_commits_them_in_one_transaction(tmp_path):
-    from watcher.db import NewFile
+    from watcher.catalog import NewFile
 
     catalog = Catalog(tmp_path / "c.db")
     try:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from watcher.db import Catalog, md5_of
+from watcher.catalog import Catalog
+from watcher.hashing import md5_of
 
 
 def watcher(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -6,10 +6,7 @@ from __future__ import annotations
 import os
 
 from tests.hostile_names import canary_fired, fired_canaries, hostile_names
-from tests.test_ssh_support import (  # noqa: F401  (fixtures)
-    catalog, destinations, health, make_worker, md5, row, ssh_archive, ssh_archive_options,
-    tool_log,
-)
+from tests.ssh_support import md5, row, ssh_archive, ssh_archive_options
 from tests.waiting import wait_until
 from watcher.agent import Agent
 
@@ -116,7 +113,7 @@ def test_agent_ships_hostile_names_dropped_into_its_inbox_over_ssh(
         catalog = setup.catalog()
         try:
             wait_until(lambda: all(
-                [r.verified for r in catalog.rows_for_path(os.fsdecode(os.path.join(inbox, n)))]
+                [r.verified for r in catalog.files.rows_for_path(os.fsdecode(os.path.join(inbox, n)))]
                 == [True] for n in names), timeout=10,
                 message="one verified row per hostile name")
         finally:

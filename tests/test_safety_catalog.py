@@ -19,11 +19,8 @@ import time
 
 import pytest
 
-from tests.agent_process import agent_processes  # noqa: F401  (fixture)
 from tests.test_faults import verified
-from tests.test_safety_degradation import (  # noqa: F401  (fixtures)
-    agent_prefix, row_of, status, wait_for_problems, without_dac,
-)
+from tests.test_safety_degradation import row_of, status, wait_for_problems
 from tests.waiting import wait_until
 
 

@@ -26,12 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from tests import agent_process
-from tests.agent_process import agent_processes, watcher_command  # noqa: F401  (fixture)
+from tests.agent_process import watcher_command
 from tests.test_faults import rows, verified
 from tests.waiting import wait_until
 
-WITHOUT_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
 # In a user namespace of its own, with the inotify watch limit given after it.
 LIMITED_WATCHES = ["unshare", "--user", "--map-root-user", "sh", "-c",
                    'echo "$0" > /proc/sys/user/max_inotify_watches && exec "$@"']
@@ -74,25 +72,6 @@ def shipped(database: Path, far: Path, path: Path, remote: str) -> bool:
 
 def warnings_about(log: str, subject: str) -> list[str]:
     return [line for line in log.splitlines() if " WARNING " in line and subject in line]
-
-
-@pytest.fixture
-def agent_prefix(monkeypatch):
-    """``use(*argv)``: agents of agent_processes run under this command (setpriv, unshare)."""
-    plain = agent_process.watcher_command
-
-    def use(*prefix: str) -> None:
-        monkeypatch.setattr(agent_process, "watcher_command", lambda *args: [*prefix, *plain(*args)])
-    return use
-
-
-@pytest.fixture
-def without_dac(agent_prefix):
-    """Agents run as root without the capabilities that let root read any file."""
-    if os.geteuid() == 0:
-        if subprocess.run([*WITHOUT_DAC, "true"], capture_output=True).returncode:
-            pytest.skip("setpriv cannot drop capabilities here")
-        agent_prefix(*WITHOUT_DAC)
 
 
 # -- polling and scans never follow a symlink -----------------------------------------
@@ -318,7 +297,7 @@ def test_a_held_row_is_left_out_of_batches_until_its_wait_is_over(setup, tmp_pat
     """The worker alone, with a clock of its own: a row whose far copy did not
     match is not in the next batches until 1 s, then 2 s, have passed; a file
     registered meanwhile ships in the next batch."""
-    from watcher.db import Catalog
+    from watcher.catalog import Catalog
     from watcher.roots import Roots
     from watcher.rsync import Destination
     from watcher.transfer import TransferWorker

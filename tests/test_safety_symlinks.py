@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.agent_process import watcher_command
-from tests.test_ssh_support import ssh_archive_options
+from tests.ssh_support import ssh_archive_options
 from tests.waiting import wait_until
 
 
@@ -63,13 +63,13 @@ def make_secret(directory: Path, name: str = "secret.txt") -> tuple[Path, bytes]
 
 
 def verified(catalog, path) -> bool:
-    rows = catalog.rows_for_path(str(path))
+    rows = catalog.files.rows_for_path(str(path))
     return len(rows) == 1 and rows[0].verified
 
 
 def rows_under(catalog, archive: str, directory: Path) -> list[str]:
     prefix = str(directory).rstrip("/") + "/"
-    return [r.local_path for r in catalog.known_files(archive, 0)
+    return [r.local_path for r in catalog.reports.known_files(archive, 0)
             if r.local_path == str(directory) or r.local_path.startswith(prefix)]
 
 
@@ -78,8 +78,8 @@ def ship_a_control_file(setup, catalog, inbox: Path, name: str = "control.dat") 
     agent has handled the link's events, and its retention has run."""
     control = inbox / name
     control.write_bytes(os.urandom(64))
-    wait_until(lambda: catalog.rows_for_path(str(control))
-               and (catalog.rows_for_path(str(control))[0].removed or 0) > 0,
+    wait_until(lambda: catalog.files.rows_for_path(str(control))
+               and (catalog.files.rows_for_path(str(control))[0].removed or 0) > 0,
                timeout=15, message=f"{name} shipped, verified and deleted by retention")
     assert not control.exists()
     return control
@@ -105,7 +105,7 @@ def test_a_link_to_an_outside_file_made_while_the_agent_runs_is_reported_and_nev
     os.symlink(secret, inbox / "x")
     wait_for_the_links_to_be_handled(setup, catalog, [inbox / "x"], 1)
     ship_a_control_file(setup, catalog, inbox)
-    assert catalog.rows_for_path(str(inbox / "x")) == []
+    assert catalog.files.rows_for_path(str(inbox / "x")) == []
     assert_nowhere_in(far, data)
     assert secret.read_bytes() == data
     assert (inbox / "x").is_symlink()
@@ -147,7 +147,7 @@ def test_a_link_present_before_the_agent_starts_is_reported_by_the_start_up_scan
     agent = start_agent(setup)
     catalog = setup.catalog()
     ship_a_control_file(setup, catalog, inbox)
-    assert catalog.rows_for_path(str(inbox / "sub" / "x")) == []
+    assert catalog.files.rows_for_path(str(inbox / "sub" / "x")) == []
     assert rows_under(catalog, "arch", inbox / "d") == []
     assert rows_under(catalog, "arch", inbox / "sub" / "up") == []
     assert_nowhere_in(far, data)
@@ -171,7 +171,7 @@ def test_a_relative_link_climbing_out_of_the_tree_is_never_followed(setup, start
     assert (inbox / "sub" / "x").read_bytes() == data  # it does lead out
     wait_for_the_links_to_be_handled(setup, catalog, [inbox / "sub" / "x"], 1)
     ship_a_control_file(setup, catalog, inbox / "sub")
-    assert catalog.rows_for_path(str(inbox / "sub" / "x")) == []
+    assert catalog.files.rows_for_path(str(inbox / "sub" / "x")) == []
     assert_nowhere_in(far, data)
     assert secret.read_bytes() == data
     assert symlink_problems(setup) == 1
@@ -188,7 +188,7 @@ def test_a_link_to_a_file_inside_the_tree_ships_that_file_once_and_never_the_lin
     os.symlink("run1.dat", inbox / "latest")  # as data-taking software often keeps one
     wait_for_the_links_to_be_handled(setup, catalog, [inbox / "latest"], 1)
     wait_until(lambda: not run.exists(), timeout=15, message="run1.dat shipped and deleted")
-    assert catalog.rows_for_path(str(inbox / "latest")) == []
+    assert catalog.files.rows_for_path(str(inbox / "latest")) == []
     assert far_contents(far) == {"run1.dat": b"the run's data"}
     assert os.path.islink(inbox / "latest")  # left alone, dangling now
     assert symlink_problems(setup) == 1
@@ -208,7 +208,7 @@ def test_a_link_loop_in_the_tree_registers_each_real_file_once(setup, start_agen
     later = inbox / "later.dat"
     later.write_bytes(b"later")
     wait_until(lambda: verified(catalog, later), timeout=15)
-    paths = [r.local_path for r in catalog.known_files("arch", 0)]
+    paths = [r.local_path for r in catalog.reports.known_files("arch", 0)]
     assert sorted(paths) == sorted([str(later), str(real)])
     assert sorted(far_contents(far)) == ["later.dat", "sub/real.dat"]
     assert symlink_problems(setup) == 1
@@ -227,8 +227,8 @@ def test_a_link_to_an_outside_file_is_never_shipped_over_ssh(sshd, remote_dir, s
     os.symlink("../../outside/secret.txt", inbox / "sub" / "y")
     wait_for_the_links_to_be_handled(setup, catalog, [inbox / "x", inbox / "sub" / "y"], 2)
     ship_a_control_file(setup, catalog, inbox)
-    assert catalog.rows_for_path(str(inbox / "x")) == []
-    assert catalog.rows_for_path(str(inbox / "sub" / "y")) == []
+    assert catalog.files.rows_for_path(str(inbox / "x")) == []
+    assert catalog.files.rows_for_path(str(inbox / "sub" / "y")) == []
     assert "control.dat" in far_contents(base)
     assert_nowhere_in(base, data)
     assert secret.read_bytes() == data
@@ -248,7 +248,7 @@ def test_a_polled_tree_never_enters_a_link_to_an_outside_directory(setup, start_
     wait_for_the_links_to_be_handled(setup, catalog, [inbox / "d", inbox / "sub" / "up"], 2)
     ship_a_control_file(setup, catalog, inbox)
     assert rows_under(catalog, "arch", inbox / "d") == []
-    assert [p for p in (r.local_path for r in catalog.known_files("arch", 0)) if "/up/" in p] == []
+    assert [p for p in (r.local_path for r in catalog.reports.known_files("arch", 0)) if "/up/" in p] == []
     assert_nowhere_in(far, data)
     assert secret.read_bytes() == data
     assert symlink_problems(setup) == 2
@@ -280,7 +280,7 @@ def test_a_verified_directory_moved_away_and_replaced_by_a_link_is_not_deleted_t
     for _ in range(3):
         agent.housekeep_once()
     assert (elsewhere / "d" / "f.dat").read_bytes() == b"precious data"
-    [row] = catalog.rows_for_path(str(f))
+    [row] = catalog.files.rows_for_path(str(f))
     assert row.removed is None
     assert (far / "d" / "f.dat").read_bytes() == b"precious data"
     wait_until(lambda: symlink_problems(setup) >= 1, timeout=10,
@@ -309,7 +309,7 @@ def test_a_verified_file_replaced_by_a_link_to_its_copy_elsewhere_is_not_deleted
         agent.housekeep_once()
     assert (elsewhere / "f.dat").read_bytes() == b"precious data"
     assert f.is_symlink()
-    [row] = catalog.rows_for_path(str(f))
+    [row] = catalog.files.rows_for_path(str(f))
     assert row.removed is None
     assert (far / "f.dat").read_bytes() == b"precious data"
     wait_until(lambda: symlink_problems(setup) >= 1, timeout=10,
@@ -332,20 +332,20 @@ def test_a_registered_file_swapped_for_a_link_before_it_ships_never_sends_the_li
     companion.write_bytes(b"companion's data")
 
     def tried() -> bool:
-        rows = catalog.rows_for_path(str(victim))
+        rows = catalog.files.rows_for_path(str(victim))
         return bool(rows) and ((rows[0].failed_copy_attempts or 0) > 0 or status(setup)["arch"]["degraded"])
 
     wait_until(tried, timeout=15, message="a failed attempt to ship the victim")
     link = inbox / ".victim.link"  # excluded name, renamed over the file at once
     os.symlink(secret, link)
     os.rename(link, victim)
-    attempts_before = catalog.rows_for_path(str(victim))[0].failed_copy_attempts or 0
+    attempts_before = catalog.files.rows_for_path(str(victim))[0].failed_copy_attempts or 0
     blocker.unlink()
     wait_until(lambda: verified(catalog, companion), timeout=20,
                message="the companion shipped once the archive works")
 
     def victim_tried_again_and_never_verified():
-        [row] = catalog.rows_for_path(str(victim))
+        [row] = catalog.files.rows_for_path(str(victim))
         assert not row.verified, "the link was shipped and verified"
         return (row.failed_copy_attempts or 0) >= attempts_before + 2
 
@@ -378,4 +378,4 @@ def test_a_watch_root_that_is_itself_a_link_is_watched_shipped_and_cleaned_as_us
                    message=f"{name} shipped and deleted through the linked root")
     assert far_contents(far) == {"before.dat": b"before the start", "sub/after.dat": b"after the start"}
     assert symlink_problems(setup) == 0
-    assert all((r.removed or 0) > 0 and r.verified for r in catalog.known_files("arch", 0))
+    assert all((r.removed or 0) > 0 and r.verified for r in catalog.reports.known_files("arch", 0))

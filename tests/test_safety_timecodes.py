@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from tests.waiting import wait_until
-from watcher.db import Catalog
+from watcher.catalog import Catalog
 from watcher.rules import template_fields
-from watcher.timecode import (FINALIZED_SUFFIX, find_ctime, is_complete, timecode_now, timecode_of,
-                              update_timecode_dirs)
+from watcher.finalization import update_timecode_dirs
+from watcher.timecodes import FINALIZED_SUFFIX, find_ctime, is_complete, timecode_now, timecode_of
 
 YEAR_2100 = 4_102_444_800
 YEAR_1990 = 631_152_000  # nine digits: its first five are no timecode
@@ -77,14 +77,14 @@ def test_an_implausible_timecode_lands_today_and_finalizes_nothing_early(variant
         (outside / "today.dat").write_bytes(b"today")
         catalog.add_file(outside / "today.dat", f"{today}/today.dat", "arch")
         if variant.stale_flag:
-            catalog.derive_timecode_dirs()
-            [tcdir] = [t for t in catalog.open_timecode_dirs("arch") if t.timecode == today]
-            catalog.set_tcdir_flags(tcdir.id, completed=True)
+            catalog.timecode_dirs.derive()
+            [tcdir] = [t for t in catalog.timecode_dirs.open_dirs("arch") if t.timecode == today]
+            catalog.timecode_dirs.set_flags(tcdir.id, completed=True)
     # Housekeeping runs when the test says, right after the files it must count.
     agent = start_agent(setup, housekeeping_interval=3600)
     if variant.relpath:
         bogus = move_in(staging, inbox, variant.relpath.format(now=int(now)), variant.mtime or now)
-        [row] = wait_until(lambda: catalog.rows_for_path(str(bogus)), message="the bogus file's row")
+        [row] = wait_until(lambda: catalog.files.rows_for_path(str(bogus)), message="the bogus file's row")
         remote = row.remote_path
     else:
         remote = "55512/x"
@@ -93,11 +93,11 @@ def test_an_implausible_timecode_lands_today_and_finalizes_nothing_early(variant
     wait_until(lambda: (far / expected).exists(), timeout=20, message=f"{expected} on the far side")
 
     def shipped_and_housekept(count):
-        wait_until(lambda: len(catalog.known_files("arch", 0)) >= count
-                   and all(r.verified for r in catalog.known_files("arch", 0)), timeout=20,
+        wait_until(lambda: len(catalog.reports.known_files("arch", 0)) >= count
+                   and all(r.verified for r in catalog.reports.known_files("arch", 0)), timeout=20,
                    message=f"{count} files verified")
         wait_until(agent.timecodes_once, message="housekeeping while nothing waits to be registered")
-        assert not [r.remote_path for r in catalog.known_files("arch", 0)
+        assert not [r.remote_path for r in catalog.reports.known_files("arch", 0)
                     if r.remote_path.endswith(FINALIZED_SUFFIX)]
         assert not list(setup.file_root.rglob(f"*{FINALIZED_SUFFIX}"))
         assert not [t.timecode for t in catalog.TimecodeDir.select() if t.completed]
@@ -105,8 +105,8 @@ def test_an_implausible_timecode_lands_today_and_finalizes_nothing_early(variant
     shipped_and_housekept(2 if not variant.relpath else 1)
     for i in range(2):  # each one used to be a late file of a finalized directory
         more = move_in(staging, inbox, f"{int(now)}_more{i}.dat", now, data=b"more %d" % i)
-        wait_until(lambda: catalog.rows_for_path(str(more)), message="the new file's row")
-        assert catalog.rows_for_path(str(more))[0].remote_path.startswith(f"{today}/")
+        wait_until(lambda: catalog.files.rows_for_path(str(more)), message="the new file's row")
+        assert catalog.files.rows_for_path(str(more))[0].remote_path.startswith(f"{today}/")
         shipped_and_housekept(3 + i if not variant.relpath else 2 + i)
 
 
@@ -119,10 +119,10 @@ def test_a_future_directory_is_complete_only_in_its_own_time(tmp_path):
             local = tmp_path / remote.replace("/", "_")
             local.write_bytes(remote.encode())
             row = catalog.add_file(local, remote, "arch")
-            catalog.record_transfer({row.id: (row.local_md5sum, row.local_md5sum)}, now)
-        catalog.derive_timecode_dirs()
-        assert catalog.newest_timecode("arch", today) == today
-        assert catalog.newest_timecode("arch", today - 1) is None
+            catalog.shipping.record({row.id: (row.local_md5sum, row.local_md5sum)}, now)
+        catalog.timecode_dirs.derive()
+        assert catalog.timecode_dirs.newest("arch", today) == today
+        assert catalog.timecode_dirs.newest("arch", today - 1) is None
         assert update_timecode_dirs(catalog, "arch", tmp_path / "fin", "inst", now) == 0
         # when 55512 is two timecodes old, both are complete and finalized, each once
         later = 55514 * 1e5

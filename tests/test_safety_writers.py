@@ -22,9 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent_process import agent_processes  # noqa: F401  (fixture)
 from tests.waiting import wait_until
-from watcher.db import Catalog
+from watcher.catalog import Catalog
 
 LINES = 10
 SETTLE = 0.3
@@ -90,7 +89,7 @@ def run_writer_under_the_agent(catalog, log: Path, mode: str, lines: int = LINES
             running = writer.poll() is None
             if running:
                 assert os.path.lexists(log), "the file was deleted while its writer had it open"
-            seen["registered"] |= bool(catalog.rows_for_path(str(log)))
+            seen["registered"] |= bool(catalog.files.rows_for_path(str(log)))
             return not running
 
         wait_until(writer_done, timeout=lines * PAUSE + 10, interval=0.02,
@@ -131,7 +130,7 @@ def test_a_paused_writer_keeps_its_file_and_every_line_reaches_the_far_copy(setu
 
     def every_line_verified_on_the_far_side() -> bool:
         watch.deleted()
-        [row] = catalog.rows_for_path(str(log))
+        [row] = catalog.files.rows_for_path(str(log))
         return (row.verified and (far / "run.log").exists()
                 and (far / "run.log").read_bytes() == expected_text())
 
@@ -153,7 +152,7 @@ def test_a_file_its_writer_closed_is_deleted_once_its_last_lines_are_verified(se
     watch = DeletedOnlyWhenComplete(log, far / "run.log", expected_text(lines))
     wait_until(watch.deleted, timeout=10, interval=0.02,
                message="the closed file shipped with every line, then deleted")
-    [row] = catalog.rows_for_path(str(log))
+    [row] = catalog.files.rows_for_path(str(log))
     assert (row.removed or 0) > 0 and row.verified
 
 
@@ -167,7 +166,7 @@ def test_the_signal_a_broken_lease_sends_never_stops_the_agent(setup, agent_proc
     (inbox / "after.dat").write_bytes(b"after")
     catalog = Catalog(setup.database)
     try:
-        wait_until(lambda: any(r.verified for r in catalog.rows_for_path(str(inbox / "after.dat"))),
+        wait_until(lambda: any(r.verified for r in catalog.files.rows_for_path(str(inbox / "after.dat"))),
                    timeout=15, message="a file shipped after the signal")
     finally:
         catalog.close()

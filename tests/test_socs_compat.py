@@ -96,7 +96,7 @@ def test_opening_a_socs_catalog_changes_no_row_and_adds_only_watcher_objects(soc
     tcdirs = contents(socs_db, "timecode_dirs_v0", SOCS_TCDIR_COLUMNS)
     assert len(files) == 30 and len(tcdirs) == 7
     catalog = Catalog(socs_db)
-    catalog.derive_timecode_dirs()  # what the agent does first on every cycle
+    catalog.timecode_dirs.derive()  # what the agent does first on every cycle
     catalog.close()
     assert contents(socs_db, "supersync_v0", SOCS_FILE_COLUMNS) == files
     assert contents(socs_db, "timecode_dirs_v0", SOCS_TCDIR_COLUMNS) == tcdirs
@@ -124,10 +124,11 @@ def test_socs_can_keep_inserting_with_its_own_columns_after_watcher_migrated(soc
         db.execute("COMMIT")
     catalog = Catalog(socs_db)
     try:
-        pending = catalog.pending_batch("timestreams", 100, 10)
+        pending = catalog.shipping.pending("timestreams", 100, 10)
         new = [r for r in pending if r.remote_path == "16753/obs/new.g3"]
-        assert len(new) == 1 and new[0].size is None and new[0].retain is None
-        catalog.derive_timecode_dirs()
+        assert len(new) == 1 and new[0].size is None
+        assert catalog.File.get_by_id(new[0].id).retain is None
+        catalog.timecode_dirs.derive()
         assert catalog.TimecodeDir.select().where(catalog.TimecodeDir.timecode == 16753).count() == 1
     finally:
         catalog.close()
@@ -256,10 +257,10 @@ def test_timecode_dirs_are_derived_by_the_agents_step_from_rows_whoever_wrote_th
     srfm.catalog.close()
     catalog = Catalog(socs_db)  # a different process's view: the agent
     try:
-        catalog.derive_timecode_dirs()
+        catalog.timecode_dirs.derive()
         TC = catalog.TimecodeDir
         assert TC.select().where(TC.archive_name == "smurf", TC.timecode == 16756).count() == 1
-        assert catalog.derive_timecode_dirs() == 0  # nothing new: nothing walked
+        assert catalog.timecode_dirs.derive() == 0  # nothing new: nothing walked
     finally:
         catalog.close()
 

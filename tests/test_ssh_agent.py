@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from tests.test_ssh_support import control_sockets, processes_mentioning, ssh_archive_options
+from tests.ssh_support import control_sockets, processes_mentioning, ssh_archive_options
 from tests.waiting import wait_until
 from watcher.agent import Agent
 

@@ -18,10 +18,7 @@ import time
 import pytest
 
 from tests.sshd import _process_tree
-from tests.test_ssh_support import (  # noqa: F401  (fixtures)
-    Sleeps, api_roots_config, catalog, destinations, health, make_worker, md5,
-    register, row, ssh_archive, tiny_far_disk, tool_log, unwritable_far_dir,
-)
+from tests.ssh_support import Sleeps, api_roots_config, md5, register, row, ssh_archive, unwritable_far_dir
 from tests.waiting import wait_until
 from watcher.config import Config
 from watcher.health import read_health
@@ -104,7 +101,7 @@ def test_a_far_copy_that_differs_stays_pending_and_its_local_file_is_never_delet
     r = row(catalog, ids["stale/f.dat"])
     assert r.remote_md5sum == md5(b"old and wrong") and not r.verified
     assert r.failed_copy_attempts == 1
-    assert catalog.stats("arch", archive.max_copy_attempts, time.time())["pending"] == 1
+    assert catalog.reports.stats("arch", archive.max_copy_attempts, time.time())["pending"] == 1
     deleted = delete_expired(catalog, config_for(archive, tmp_path), "arch",
                              destinations(archive), now=time.time() + 30 * 86400)
     assert deleted == 1  # ok.dat: retention did run
@@ -241,9 +238,9 @@ def test_max_copy_attempts_stops_a_hopeless_file_which_then_counts_as_failed(
     assert worker.step() is False  # the hopeless file is no longer offered
 
     assert row(catalog, ids["locked/x.dat"]).failed_copy_attempts == 2
-    stats = catalog.stats("arch", archive.max_copy_attempts, time.time())
+    stats = catalog.reports.stats("arch", archive.max_copy_attempts, time.time())
     assert (stats["failed"], stats["pending"], stats["verified"]) == (1, 0, 1)
-    [failed] = catalog.list_files("arch", "failed", archive.max_copy_attempts)
+    [failed] = catalog.reports.list_files("arch", "failed", archive.max_copy_attempts)
     assert failed.id == ids["locked/x.dat"]
 
 
@@ -268,7 +265,7 @@ def test_retention_checks_the_far_md5_over_ssh_and_keeps_a_file_whose_far_copy_c
     assert (src / "altered.dat").read_bytes() == b"original"
     altered = row(catalog, ids["altered.dat"])
     assert altered.removed is None and altered.remote_md5sum == md5(b"tampered")
-    assert catalog.stats("arch", archive.max_copy_attempts, time.time())["pending"] == 1
+    assert catalog.reports.stats("arch", archive.max_copy_attempts, time.time())["pending"] == 1
 
     assert worker.step() is True  # shipped again
     assert row(catalog, ids["altered.dat"]).verified

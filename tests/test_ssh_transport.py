@@ -11,10 +11,7 @@ import threading
 
 import pytest
 
-from tests.test_ssh_support import (  # noqa: F401  (fixtures)
-    Sleeps, catalog, destinations, health, make_worker, md5, register, row, ssh_archive,
-    ssh_archive_options, tool_log,
-)
+from tests.ssh_support import Sleeps, md5, register, row, ssh_archive, ssh_archive_options
 from tests.waiting import wait_until
 from watcher.health import read_health
 from watcher.rsync import Item, TransferError, _Listing, ship_batch

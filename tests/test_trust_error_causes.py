@@ -22,11 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_ssh_support import (  # noqa: F401  (fixtures)
-    Sleeps, catalog, destinations, health, make_far_dir_writable, make_worker, register, row,
-    ssh_archive, tiny_far_disk, unwritable_far_dir,
-)
-from tests.test_trust_far_side import far_server  # noqa: F401  (fixture)
+from tests.ssh_support import Sleeps, make_far_dir_writable, register, row, ssh_archive, unwritable_far_dir
 from tests.waiting import wait_until
 from watcher.health import read_health
 

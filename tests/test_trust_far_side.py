@@ -11,7 +11,6 @@ the transfer and its checks, runs unmocked: real rsync, ssh, md5sum.
 from __future__ import annotations
 
 import os
-import pwd
 import subprocess
 from pathlib import Path
 
@@ -19,9 +18,7 @@ import pytest
 
 from tests.hostile_names import hostile_names
 from tests.sshd import SshServer
-from tests.test_ssh_support import (  # noqa: F401  (fixtures)
-    Sleeps, catalog, health, make_worker, md5, register, row, ssh_archive, tool_log,
-)
+from tests.ssh_support import Sleeps, md5, register, row, ssh_archive
 from watcher.config import Archive
 from watcher.health import read_health
 from watcher.rsync import (Destination, Item, TransferError, inode_generation, reported_names,
@@ -42,55 +39,6 @@ def _maker(sshd: SshServer | None):
     if sshd is None:
         return lambda *argv: subprocess.run([os.fspath(a) for a in argv], check=True)
     return lambda *argv: as_far_account(sshd, *argv)
-
-
-FAR_USER = "watcherfar"
-
-
-def far_account() -> pwd.struct_passwd:
-    """A login of its own for a misbehaving far side (its start-up files are
-    the tests' to change: the sshd fixture's login serves every other test)."""
-    if subprocess.run(["id", FAR_USER], capture_output=True).returncode != 0:
-        r = subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "-p", "*", FAR_USER],
-                           capture_output=True, text=True)
-        if r.returncode not in (0, 9):  # 9: made concurrently
-            raise RuntimeError(f"useradd {FAR_USER} failed: {r.stderr}")
-    return pwd.getpwnam(FAR_USER)
-
-
-class FarServer(SshServer):
-    """A second sshd, with its own host key, whose sessions may get extra
-    environment (``SetEnv``, e.g. a PATH with another rsync first) and may
-    log in as an account of their own (``own_account``: its ~/.bashrc can
-    be made to print)."""
-
-    def __init__(self, env: dict[str, str], own_account: bool = False):
-        super().__init__()
-        if own_account:
-            self.pw = far_account()
-            self.user = self.pw.pw_name
-            self._write_config()
-        if env:
-            with open(self.config, "a") as f:
-                f.write("SetEnv " + " ".join(f"{k}={v}" for k, v in env.items()) + "\n")
-
-
-@pytest.fixture
-def far_server():
-    """Start FarServers with the given session environment; cleaned up afterwards."""
-    servers: list[FarServer] = []
-
-    def start(own_account: bool = False, **env: str) -> FarServer:
-        if own_account and os.geteuid() != 0:
-            pytest.skip("a far account of its own needs root")
-        server = FarServer(env, own_account)
-        servers.append(server)
-        server.start()
-        return server
-
-    yield start
-    for server in servers:
-        server.cleanup()
 
 
 @pytest.fixture

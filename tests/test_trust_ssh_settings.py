@@ -25,8 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent_process import agent_processes  # noqa: F401  (fixture)
-from tests.test_ssh_support import processes_mentioning, ssh_archive, ssh_archive_options
+from tests.ssh_support import processes_mentioning, ssh_archive, ssh_archive_options
 from tests.waiting import wait_until
 from watcher.health import read_health
 from watcher.ssh import (CONTROL_DIR_PREFIX, make_control_dir, remove_control_dir,
@@ -67,7 +66,7 @@ def known_hosts_file(sshd, path: Path, right: bool) -> Path:
 def verified(setup, path: Path) -> bool:
     catalog = setup.catalog()
     try:
-        rows = catalog.rows_for_path(str(path))
+        rows = catalog.files.rows_for_path(str(path))
         return bool(rows) and all(r.verified for r in rows)
     finally:
         catalog.close()

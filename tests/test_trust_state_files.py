@@ -28,13 +28,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent_process import agent_processes  # noqa: F401  (fixture)
 from tests.conftest import Setup
 from tests.test_safety_degradation import problems, row_of
 from tests.test_faults import verified
 from tests.waiting import wait_until
-from watcher.db import Catalog
-from watcher.timecode import timecode_now
+from watcher.catalog import Catalog
+from watcher.timecodes import timecode_now
 
 SECRET = b"root's secret\n"
 

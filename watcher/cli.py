@@ -18,7 +18,7 @@ from watcher import __version__
 from watcher.config import (
     Config, ConfigError, default_state_dir, load_config, load_default_config,
 )
-from watcher.db import Catalog
+from watcher.catalog import Catalog
 
 log = logging.getLogger("watcher")
 
@@ -113,11 +113,11 @@ def _status(args) -> dict:
     catalog, config = _catalog(args)
     now = time.time()
     names = list(config.archives) if config else []
-    names += [n for n in catalog.archive_names() if n not in names]
+    names += [n for n in catalog.reports.archive_names() if n not in names]
     health = read_health(catalog.path) or {}
     out = {}
     for name in names:
-        stats = catalog.stats(name, _max_attempts(config, name), now)
+        stats = catalog.reports.stats(name, _max_attempts(config, name), now)
         state = health.get("archives", {}).get(name)
         stats["degraded"] = bool(state and state.get("degraded"))
         stats["last_error"] = state.get("last_error") if state else None
@@ -190,7 +190,7 @@ def _describe(row, max_attempts: int) -> str:
 def cmd_check(args) -> int:
     catalog, config = _catalog(args)
     path = _abspath(args.path)
-    rows = catalog.rows_for_path(path)
+    rows = catalog.files.rows_for_path(path)
     if not rows:
         print(f"{path}: not in the catalog")
         return 1
@@ -203,7 +203,7 @@ def cmd_list(args) -> int:
     catalog, config = _catalog(args)
     state = "failed" if args.failed else "pending" if args.pending else None
     limit = _max_attempts(config, args.archive)
-    for row in catalog.list_files(args.archive, state, limit):
+    for row in catalog.reports.list_files(args.archive, state, limit):
         print(_describe(row, limit))
     return 0
 
@@ -211,14 +211,14 @@ def cmd_list(args) -> int:
 def cmd_retry(args) -> int:
     catalog, _ = _catalog(args)
     paths = [_abspath(p) for p in args.paths] or None
-    n = catalog.retry(args.archive, paths)
+    n = catalog.files.retry(args.archive, paths)
     print(f"{n} files of {args.archive} are pending again")
     return 0
 
 
 def cmd_ignore(args) -> int:
     catalog, _ = _catalog(args)
-    n = catalog.ignore([_abspath(p) for p in args.paths])
+    n = catalog.files.ignore([_abspath(p) for p in args.paths])
     print(f"{n} catalog rows now ignored")
     return 0 if n else 1
 
@@ -226,7 +226,8 @@ def cmd_ignore(args) -> int:
 def cmd_add_local_files(args) -> int:
     from tqdm import tqdm
 
-    from watcher.db import NewFile, hash_with_identity, identity_columns
+    from watcher.catalog import NewFile, identity_columns
+    from watcher.hashing import hash_with_identity
     from watcher.handlers import walk_files
 
     root = _abspath(args.root)
@@ -238,7 +239,7 @@ def cmd_add_local_files(args) -> int:
         catalog = None
     cutoff = time.time() - args.last_edit
     found = [e for e in walk_files(root) if e.stat().st_mtime <= cutoff]
-    known = catalog.known_paths([e.path for e in found]) if catalog else set()
+    known = catalog.files.known_paths([e.path for e in found]) if catalog else set()
     todo = sorted((e for e in found if e.path not in known), key=lambda e: e.path)
     print(f"{len(found)} files under {root}: {len(known)} already registered, {len(todo)} to add")
     if args.dry_run:

@@ -24,9 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NamedTuple
 
 from watcher.config import Config, Rule
-from watcher.db import Catalog, Claims, NewFile, Registered, identity_columns, md5_of_fd
+from watcher.catalog import Catalog, Claims, NewFile, Registered, identity_columns
 from watcher.faults import checkpoint
 from watcher.handlers import SettleTracker
+from watcher.hashing import md5_of_fd
 from watcher.health import Health, with_database_retry
 from watcher.roots import Roots
 from watcher.rules import UnsafeRemotePath, remote_path_problem, render_remote_path, select_rule
@@ -101,7 +102,7 @@ class Registrar:
     def known(self, paths: list[str]) -> dict[str, Identity | None]:
         """The recorded identity of registered paths, for scans (None for a row
         the agent did not seal: its file is handed over and hashed)."""
-        rows = with_database_retry(lambda: self.catalog.active_rows(paths), self.health, self.stop)
+        rows = with_database_retry(lambda: self.catalog.files.active_rows(paths), self.health, self.stop)
         return {path: self.catalog.trusted_identity(row) for (path, _archive), row in rows.items()}
 
     def run(self) -> None:
@@ -145,17 +146,17 @@ class Registrar:
     def _close_gone(self, paths: list[str]) -> None:
         """Mark removed the live rows of deleted files, unless their file is
         back as it was: whatever is at the path now is another file."""
-        rows = with_database_retry(lambda: self.catalog.active_rows(paths), self.health, self.stop)
+        rows = with_database_retry(lambda: self.catalog.files.active_rows(paths), self.health, self.stop)
         closed = [row.id for row in rows.values() if _current_identity(row.local_path) != row.identity]
         if closed:
-            with_database_retry(lambda: self.catalog.mark_missing(closed), self.health, self.stop)
+            with_database_retry(lambda: self.catalog.files.mark_missing(closed), self.health, self.stop)
 
     def _register(self, paths: list[str], trees: Trees) -> int:
         found = [c for c in (self._candidate(p, trees) for p in dict.fromkeys(paths)) if c is not None]
         if not found:
             return 0
         existing = with_database_retry(
-            lambda: self.catalog.active_rows([c.path for c in found]), self.health, self.stop)
+            lambda: self.catalog.files.active_rows([c.path for c in found]), self.health, self.stop)
         todo: list[tuple[Candidate, Registered | None, str | None]] = []  # remote path of a new file
         for c in found:
             row = existing.get((c.path, c.rule.archive))
@@ -192,7 +193,7 @@ class Registrar:
                         files.append(self._new_file(c, remote, md5, now))
                         closed.append(row.id)
                     continue
-                if self.catalog.update_content(row.id, md5, c.identity):
+                if self.catalog.files.update_content(row.id, md5, c.identity):
                     if md5 != row.local_md5sum:
                         log.info("%s changed after it was registered; it will be shipped again",
                                  row.local_path)
@@ -200,7 +201,7 @@ class Registrar:
                 remote = self._remote_path(c)  # its row was removed meanwhile: a new file
                 if remote is not None:
                     files.append(self._new_file(c, remote, md5, now))
-            claims = (self.catalog.register_files(files, vanished=self._vanished, replaced=closed)
+            claims = (self.catalog.files.register(files, vanished=self._vanished, replaced=closed)
                       if files else Claims({}, {}))
             return files, claims
 

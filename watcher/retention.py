@@ -21,8 +21,9 @@ import threading
 import time
 
 from watcher.config import Config
-from watcher.db import Catalog, File, md5_of_fd
+from watcher.catalog import Catalog, File
 from watcher.faults import checkpoint
+from watcher.hashing import md5_of_fd
 from watcher.health import Health
 from watcher.roots import Roots
 from watcher.rsync import Destination
@@ -75,7 +76,7 @@ def delete_expired(catalog: Catalog, config: Config, archive: str, destination: 
 
     # Held rows are the oldest, so they come first; looking past a bounded
     # number of them keeps a round's cost to a batch when many are held.
-    rows = [r for r in catalog.deletable_batch(archive, now, default, shortest,
+    rows = [r for r in catalog.removals.deletable(archive, now, default, shortest,
                                                limit + min(len(held), HELD_LOOKED_PAST))
             if not holding(r)][:limit]
     rows = _admitted(catalog, Roots(config), rows)
@@ -96,7 +97,7 @@ def _admitted(catalog: Catalog, roots: Roots, rows: list[File]) -> list[File]:
             refused.append(row.id)
     if not refused:
         return rows
-    catalog.refuse(refused)
+    catalog.files.refuse(refused)
     gone = set(refused)
     return [r for r in rows if r.id not in gone]
 
@@ -161,7 +162,7 @@ class _Round:
                     log.warning("%s is not what its catalog row %d says (md5 %s, not %s); it is "
                                 "shipped before it may be deleted", row.local_path, row.id, md5,
                                 row.local_md5sum)
-                    self.catalog.update_content(row.id, md5, Identity.of(st))
+                    self.catalog.files.update_content(row.id, md5, Identity.of(st))
                     return "changed"
                 identity = Identity.of(st)
             elif replaced(identity, st):  # another file has the path: the registrar's to register
@@ -177,13 +178,13 @@ class _Round:
 
     def _record_change(self, row: File, md5: str, st: os.stat_result) -> None:
         """The file is not what was hashed: record what it is; new content ships again."""
-        self.catalog.update_content(row.id, md5, Identity.of(st))
+        self.catalog.files.update_content(row.id, md5, Identity.of(st))
         if md5 != row.local_md5sum:
             log.warning("%s changed after it was shipped; it will be shipped again", row.local_path)
 
     def run(self, rows: list[File], destination: Destination, stop: threading.Event | None) -> int:
         archive = self.archive
-        contested = self.catalog.contested_remote_paths(archive, [r.remote_path for r in rows])
+        contested = self.catalog.far_names.contested(archive, [r.remote_path for r in rows])
         gone, candidates = [], []
         for row in rows:
             problem = remote_path_problem(row.remote_path)
@@ -224,11 +225,11 @@ class _Round:
             except OSError as exc:
                 log.error("cannot read %s: %s", row.local_path, exc.strerror or exc)
         if gone:
-            self.catalog.mark_missing([r.id for r in gone])
+            self.catalog.files.mark_missing([r.id for r in gone])
             for row in gone:
                 log.warning("%s was already gone; marked removed", row.local_path)
         if differs:
-            self.catalog.mark_unverified(differs)
+            self.catalog.shipping.mark_unverified(differs)
         return deleted
 
     def _lease(self, row: File, fd: int, release: bool = False) -> bool:
@@ -251,13 +252,13 @@ class _Round:
 
     def _delete(self, free: list[tuple[File, int, Identity]]) -> tuple[int, list[tuple[File, int]]]:
         """Unlink files nobody writes to that are still what was hashed; the
-        rows are marked removed first (Catalog.claim_removal), so no new file
+        rows are marked removed first (catalog.removals.claim), so no new file
         at a path is ever taken for the one deleted. Each file's lease is held
         only while it is checked and unlinked (a writer opening it waits that
         long). Returns how many were deleted, and the files found changed."""
         if not free:
             return 0, []
-        claimed = self.catalog.claim_removal([(r.id, r.local_md5sum) for r, _, _ in free], time.time())
+        claimed = self.catalog.removals.claim([(r.id, r.local_md5sum) for r, _, _ in free], time.time())
         deleted, kept, changed = [], [], []
         for row, fd, identity in free:
             if row.id not in claimed:
@@ -289,7 +290,7 @@ class _Round:
                            f"(trying again in {HOLD_UNDELETABLE:.0f} s)")
             finally:
                 release_lease(fd)
-        self.catalog.end_removal(deleted, kept)
+        self.catalog.removals.end(deleted, kept)
         if self.health is not None:
             gone = set(deleted)
             for row, _, _ in free:
@@ -300,16 +301,16 @@ class _Round:
 
 
 def settle_claimed_removals(catalog: Catalog, config: Config) -> int:
-    """Rows an agent claimed for removal before it stopped (Catalog.claim_removal):
+    """Rows an agent claimed for removal before it stopped (catalog.removals.claim):
     a file still there, unchanged, keeps its row (live again); any other was
     deleted. Run at start, before anything registers. Returns rows made live."""
-    rows = catalog.claimed_removals()
+    rows = catalog.removals.claimed()
     if not rows:
         return 0
     roots = Roots(config)
     outside = [r for r in rows if not roots.admits(r.archive_name, r.local_path)]
     if outside:  # a writer of the catalog flagged them: live again, and refused, unopened
-        catalog.end_removal([], [r.id for r in outside])
+        catalog.removals.end([], [r.id for r in outside])
         _admitted(catalog, roots, outside)
         rows = [r for r in rows if roots.admits(r.archive_name, r.local_path)]
     kept, deleted = [], []
@@ -317,5 +318,5 @@ def settle_claimed_removals(catalog: Catalog, config: Config) -> int:
         for row in rows:
             opened = round_._open(row)
             (kept if isinstance(opened, tuple) else deleted).append(row.id)
-    catalog.end_removal(deleted, kept)
+    catalog.removals.end(deleted, kept)
     return len(kept)

@@ -1,18 +1,15 @@
-"""Timecode directories: extraction, completion rules, finalization files.
+"""Finalizing timecode directories: the YAML file that says one is whole.
 
-A timecode is the first five digits of a ten-digit unix time, about one a
-day. A directory is *complete* when its archive has a file in a newer one
-that is not in the future, or when more than a whole timecode has passed
-since it; *synced* when every file of it in that archive is verified; then a
-small YAML file says so and is shipped like any other file (socs-compatible
-names and keys).
+A complete directory (watcher.timecodes) is *synced* when every file of it
+in its archive is verified; then a small YAML file says so and is shipped
+like any other file (socs-compatible names and keys). The catalog records
+it; this module writes, registers and cleans up the files.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import stat
 import time
 from dataclasses import dataclass
@@ -22,70 +19,19 @@ from typing import TYPE_CHECKING, Callable
 import yaml
 
 from watcher.faults import checkpoint
-from watcher.safefs import SymlinkInPath, open_subdir
+from watcher.safefs import Identity, SymlinkInPath, open_subdir
 from watcher.state_files import write_atomic
 
+from watcher.hashing import md5_and_stat
+from watcher.timecodes import (
+    finalization_leftover, finalization_name, finalization_remote_path, is_complete, subdirs_of,
+    timecode_now,
+)
+
 if TYPE_CHECKING:
-    from watcher.db import Catalog
+    from watcher.catalog import Catalog
 
 log = logging.getLogger(__name__)
-
-TEMPLATE_FIELDS = ("relpath", "name", "stem", "suffix", "parent", "timecode", "ctime")
-# ASCII digits only: directories are looked up by their text ("17960/"),
-# which another spelling of the same number would never match.
-_CTIME = re.compile(r"(?<![0-9])([0-9]{10})(?![0-9])")
-_TIMECODE_DIR = re.compile(r"^([1-9][0-9]{4})/")
-FINALIZED_SUFFIX = "_finalized.yaml"
-# One timecode: a producer's clock ahead of ours, or local time taken for
-# UTC (14 hours at most), is still a time, and a file then lands at most in
-# the next directory. Further out, a number is no time of this data.
-FUTURE_TOLERANCE = 1e5
-
-
-def plausible_time(t: float, now: float) -> bool:
-    """Whether a unix time may name a timecode directory.
-
-    From 2001-09-09 on: only a ten-digit time has its timecode as its first
-    five digits, and ten digits with a leading zero would name a directory
-    ("09466/") that the catalog, looking directories up by their number,
-    never finds. Up to one timecode after ``now``: further out, a phone
-    number or a clock set to 2100 would put files in a directory that stays
-    open for a century.
-    """
-    return 1e9 <= t <= now + FUTURE_TOLERANCE
-
-
-def is_ctime(text: str, now: float) -> bool:
-    """Whether text (a path's number, a regex group) is a plausible ten-digit unix time."""
-    return bool(_CTIME.fullmatch(text)) and plausible_time(int(text), now)
-
-
-def find_ctime(relpath: str, now: float) -> str | None:
-    """The first ten-digit number in a path that is a plausible unix time, as text, or None."""
-    for found in _CTIME.finditer(relpath):
-        if plausible_time(int(found.group(1)), now):
-            return found.group(1)
-    return None
-
-
-def timecode_of(remote_path: str) -> int | None:
-    """The timecode directory a remote path lies in, or None.
-
-    A future one counts (its rows exist and are finalized in their time);
-    one with a leading zero does not (see plausible_time).
-    """
-    found = _TIMECODE_DIR.match(remote_path) if isinstance(remote_path, str) else None
-    return int(found.group(1)) if found else None
-
-
-def timecode_now(now: float) -> int:
-    return int(now // 1e5)
-
-
-def is_finalization_file(remote_path: str) -> bool:
-    """Finalization files never reopen the directory they land in."""
-    parts = remote_path.split("/") if isinstance(remote_path, str) else []
-    return len(parts) == 4 and parts[1] == "suprsync" and parts[3].endswith(FINALIZED_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -176,8 +122,8 @@ def write_finalization(
     try:
         named = int(now)
         while True:
-            name = f"{named}_{archive}_{timecode}{FINALIZED_SUFFIX}"
-            if not _exists(at, name) and not taken(f"{tc_now}/suprsync/{instance_id}/{name}"):
+            name = finalization_name(named, archive, timecode)
+            if not _exists(at, name) and not taken(finalization_remote_path(tc_now, instance_id, name)):
                 break
             named += 1
         try:
@@ -188,7 +134,7 @@ def write_finalization(
     finally:
         os.close(at)
     local = Path(file_root) / str(tc_now) / instance_id / name
-    return Finalization(local, f"{tc_now}/suprsync/{instance_id}/{name}", summary)
+    return Finalization(local, finalization_remote_path(tc_now, instance_id, name), summary)
 
 
 def remove_finalization(file_root: Path, local_path: Path) -> None:
@@ -255,41 +201,18 @@ def remove_unregistered_finalizations(catalog: "Catalog", file_root: Path, insta
     removed = 0
     files = _instance_files(Path(file_root), instance_id)
     for archive in archives:
-        named = re.compile(rf"^\.?\d+_{re.escape(archive)}_\d{{5}}{re.escape(FINALIZED_SUFFIX)}"
-                           r"(\.[0-9a-f]{16})?(\.tmp)?$")
-        found = {f"{tc}/suprsync/{instance_id}/{name}": Path(file_root) / tc / instance_id / name
+        named = finalization_leftover(archive)
+        found = {finalization_remote_path(tc, instance_id, name): Path(file_root) / tc / instance_id / name
                  for tc, name in files if named.match(name)}
         if not found:
             continue
-        known = catalog.known_remote_paths(archive, list(found))
+        known = catalog.files.known_remote_paths(archive, list(found))
         for remote, path in found.items():
             if remote not in known:
                 remove_finalization(Path(file_root), path)
                 removed += 1
                 log.info("removed %s: written before a crash, never registered", path)
     return removed
-
-
-def subdirs_of(remote_paths: list[str]) -> list[str]:
-    """The second-level directories of a timecode directory's files (socs' `subdirs`)."""
-    found = set()
-    for path in remote_paths:
-        parts = path.split("/") if isinstance(path, str) else []
-        if len(parts) > 2:
-            found.add(parts[1])
-    return sorted(found)
-
-
-def is_complete(timecode: int, newest_timecode: int | None, now: float) -> bool:
-    """Whether a directory expects no more files: its archive has a newer one
-    that is not in the future, or more than a whole timecode has passed.
-
-    A directory in the future (a bogus path, a clock far ahead, whoever
-    registered it) makes no other complete early, and is not complete
-    itself before its own time.
-    """
-    newer = newest_timecode is not None and timecode < newest_timecode <= timecode_now(now)
-    return newer or timecode_now(now) - timecode > 1
 
 
 def update_timecode_dirs(
@@ -306,24 +229,24 @@ def update_timecode_dirs(
     timecode; the others go on.
     """
     now = time.time() if now is None else now
-    newest = catalog.newest_timecode(archive, timecode_now(now))
+    newest = catalog.timecode_dirs.newest(archive, timecode_now(now))
     finalized = 0
-    for tcdir in catalog.open_timecode_dirs(archive):
+    for tcdir in catalog.timecode_dirs.open_dirs(archive):
         complete = is_complete(tcdir.timecode, newest, now)
         if bool(tcdir.completed) != complete:
-            catalog.set_tcdir_flags(tcdir.id, completed=complete)
+            catalog.timecode_dirs.set_flags(tcdir.id, completed=complete)
         if not complete:
             continue
-        if catalog.timecode_dir_has_unverified(archive, tcdir.timecode):
+        if catalog.timecode_dirs.has_unverified(archive, tcdir.timecode):
             continue
         if not tcdir.synced:
-            catalog.set_tcdir_flags(tcdir.id, synced=True)
-        paths = catalog.timecode_dir_remote_paths(archive, tcdir.timecode)
+            catalog.timecode_dirs.set_flags(tcdir.id, synced=True)
+        paths = catalog.timecode_dirs.remote_paths(archive, tcdir.timecode)
         try:
             fin = write_finalization(
                 file_root, instance_id, archive, tcdir.timecode, len(paths),
-                subdirs_of(paths), catalog.finalized_until(archive, now), now,
-                taken=lambda remote: bool(catalog.known_remote_paths(archive, [remote])),
+                subdirs_of(paths), catalog.reports.finalized_until(archive, now), now,
+                taken=lambda remote: bool(catalog.files.known_remote_paths(archive, [remote])),
             )
         except FinalizationBlocked as exc:
             if blocked is None:
@@ -331,7 +254,9 @@ def update_timecode_dirs(
             blocked(exc, tcdir.timecode)
             continue
         checkpoint("finalizing")
-        if catalog.finalize_timecode_dir(tcdir.id, fin.local_path, fin.remote_path, now, len(paths)):
+        md5, st = md5_and_stat(fin.local_path)  # hashed before the catalog's write lock is taken
+        if catalog.timecode_dirs.finalize(tcdir.id, fin.local_path, fin.remote_path, md5, Identity.of(st),
+                                          now, len(paths)):
             finalized += 1
             log.info("finalized %s timecode %s (%d files): %s", archive, tcdir.timecode,
                      len(paths), fin.local_path)

@@ -1,7 +1,10 @@
-"""Helpers shared by the tests that ship to an archive over ssh (tests/test_ssh_*.py,
-tests/test_hostile_names.py): an ssh Archive for the test sshd, destinations with
-their own control directory, a catalog, an injected sleep, and logging wrappers
-around the real rsync and ssh.
+"""Fixtures and helpers for the tests that drive a TransferWorker or ship over ssh
+(tests/test_ssh_*.py, tests/test_trust_*.py, tests/test_hostile_names.py): an ssh
+Archive for the test sshd, destinations with their own control directory, a
+catalog, an injected sleep, and logging wrappers around the real rsync and ssh.
+
+A conftest plugin (tests/conftest.py lists it), so test modules use its fixtures
+by name and import only its helpers.
 
 Nothing here replaces a real part: the wrappers append one record to a log and
 exec the real binary.
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pwd
 import shutil
 import stat
 import subprocess
@@ -22,7 +26,7 @@ import pytest
 from tests.sshd import SshServer
 from tests.waiting import wait_until
 from watcher.config import Archive, Config
-from watcher.db import Catalog
+from watcher.catalog import Catalog
 from watcher.health import Health
 from watcher.roots import Roots
 from watcher.rsync import Destination
@@ -249,3 +253,52 @@ def tiny_far_disk(sshd, remote_dir):
     finally:
         wait_until(lambda: subprocess.run(["umount", str(path)], capture_output=True).returncode == 0,
                    timeout=10, message=f"umount {path}")
+
+
+FAR_USER = "watcherfar"
+
+
+def far_account() -> pwd.struct_passwd:
+    """A login of its own for a misbehaving far side (its start-up files are
+    the tests' to change: the sshd fixture's login serves every other test)."""
+    if subprocess.run(["id", FAR_USER], capture_output=True).returncode != 0:
+        r = subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "-p", "*", FAR_USER],
+                           capture_output=True, text=True)
+        if r.returncode not in (0, 9):  # 9: made concurrently
+            raise RuntimeError(f"useradd {FAR_USER} failed: {r.stderr}")
+    return pwd.getpwnam(FAR_USER)
+
+
+class FarServer(SshServer):
+    """A second sshd, with its own host key, whose sessions may get extra
+    environment (``SetEnv``, e.g. a PATH with another rsync first) and may
+    log in as an account of their own (``own_account``: its ~/.bashrc can
+    be made to print)."""
+
+    def __init__(self, env: dict[str, str], own_account: bool = False):
+        super().__init__()
+        if own_account:
+            self.pw = far_account()
+            self.user = self.pw.pw_name
+            self._write_config()
+        if env:
+            with open(self.config, "a") as f:
+                f.write("SetEnv " + " ".join(f"{k}={v}" for k, v in env.items()) + "\n")
+
+
+@pytest.fixture
+def far_server():
+    """Start FarServers with the given session environment; cleaned up afterwards."""
+    servers: list[FarServer] = []
+
+    def start(own_account: bool = False, **env: str) -> FarServer:
+        if own_account and os.geteuid() != 0:
+            pytest.skip("a far account of its own needs root")
+        server = FarServer(env, own_account)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in servers:
+        server.cleanup()

@@ -1,7 +1,8 @@
 """socs' ``SupRsyncFilesManager`` API over the watcher catalog.
 
 Code written for ``socs.db.suprsync`` only changes its import:
-``from watcher.db import SupRsyncFilesManager, create_file``. Sessions are
+``from watcher.db import SupRsyncFilesManager, create_file`` (watcher.db
+re-exports this module's names, and ``add_file``). Sessions are
 emulated: ``with srfm.Session.begin() as s: s.add_all(files)`` commits the
 new rows in one transaction, and rows a method returned for a session are
 saved when it commits, as SQLAlchemy would. Unlike socs, no method loads the
@@ -17,8 +18,9 @@ from pathlib import Path
 
 from peewee import SQL, Case, fn
 
-from watcher.db import Catalog, File, NewFile, md5_of
-from watcher.timecode import update_timecode_dirs
+from watcher.catalog import Catalog, File, NewFile
+from watcher.finalization import update_timecode_dirs
+from watcher.hashing import md5_of
 
 SupRsyncFile = File
 _NO_LIMIT = 2 ** 10
@@ -126,19 +128,19 @@ class SupRsyncFilesManager:
 
     def get_copyable_files(self, archive_name, session=None, max_copy_attempts=None, num_files=None):
         limit = num_files if num_files is not None else -1
-        rows = self.catalog.pending_batch(archive_name, limit, max_copy_attempts or _NO_LIMIT)
-        return self._rows(session, rows)
+        pending = self.catalog.shipping.pending(archive_name, limit, max_copy_attempts or _NO_LIMIT)
+        return self._rows(session, self.catalog.files.by_ids([row.id for row in pending]))
 
     def get_deletable_files(self, archive_name, delete_after, session=None):
-        rows = self.catalog.deletable_batch(archive_name, time.time(), delete_after, delete_after, -1)
+        rows = self.catalog.removals.deletable(archive_name, time.time(), delete_after, delete_after, -1)
         return self._rows(session, rows)
 
     def get_known_files(self, archive_name, session=None, min_ctime=None):
-        rows = self.catalog.known_files(archive_name, min_ctime or 0)
+        rows = self.catalog.reports.known_files(archive_name, min_ctime or 0)
         return self._rows(session, rows)
 
     def get_finalized_until(self, archive_name, session=None) -> float:
-        return self.catalog.finalized_until(archive_name, time.time())
+        return self.catalog.reports.finalized_until(archive_name, time.time())
 
     def get_archive_stats(self, archive_name, session=None) -> dict:
         """socs' numbers: 'uncopied' is every unverified, not-ignored row, and
@@ -154,7 +156,7 @@ class SupRsyncFilesManager:
         added = F.select(F.local_path).where(mine).order_by(*latest).first()
         copied = F.select(F.local_path).where(mine, verified).order_by(*latest).first()
         return {
-            "finalized_until": self.catalog.finalized_until(archive_name, time.time()),
+            "finalized_until": self.catalog.reports.finalized_until(archive_name, time.time()),
             "num_files": counts["files"],
             "uncopied_files": int(counts["uncopied"] or 0),
             "last_file_added": added.local_path if added else "",
@@ -162,8 +164,22 @@ class SupRsyncFilesManager:
         }
 
     def create_all_timecode_dirs(self, archive_name, min_ctime=None) -> None:
-        self.catalog.derive_timecode_dirs()
+        self.catalog.timecode_dirs.derive()
 
     def update_all_timecode_dirs(self, archive_name, file_root, sync_id) -> None:
-        self.catalog.derive_timecode_dirs()
+        self.catalog.timecode_dirs.derive()
         update_timecode_dirs(self.catalog, archive_name, Path(file_root), sync_id)
+
+
+def add_file(local_path, remote_path, archive_name, local_md5sum=None, timestamp=None,
+             deletable=True, db_path=None) -> File:
+    """Register one file in the catalog at ``db_path`` (or $SUPRSYNC_DB)."""
+    db_path = db_path or os.environ.get("SUPRSYNC_DB")
+    if not db_path:
+        raise ValueError("add_file needs db_path= or the SUPRSYNC_DB environment variable")
+    catalog = Catalog(db_path)
+    try:
+        return catalog.add_file(local_path, remote_path, archive_name, local_md5sum,
+                                timestamp, deletable)
+    finally:
+        catalog.close()

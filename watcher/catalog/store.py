@@ -1,0 +1,192 @@
+"""One open catalog: the SQLite file, its migration, and its query modules.
+
+A ``Catalog`` holds the connection and the models bound to it; the queries
+live in one module per concern, reached as attributes so that each caller
+names what it works with:
+
+- ``catalog.files``: registering files and the operator's edits;
+- ``catalog.far_names``: who may have which far name;
+- ``catalog.shipping``: what the transfer worker ships and what arrived;
+- ``catalog.removals``: what retention may delete, and its claims;
+- ``catalog.timecode_dirs``: timecode directories and their finalization;
+- ``catalog.reports``: counts and listings for the operator and socs.
+
+``add_file``/``add_files`` stay on the catalog itself: they are socs'
+producer API.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Iterable
+
+from peewee import SqliteDatabase
+
+from watcher.catalog.far_names import FarNames
+from watcher.catalog.files import Files
+from watcher.catalog.removals import Removals
+from watcher.catalog.reports import Reports
+from watcher.catalog.schema import (
+    ADDED_COLUMNS, INDEXES, INSERT_FILE, OBSOLETE_INDEXES, SOCS_DDL, File, NewFile, bind_models,
+    identity_columns, identity_of_row, insert_params,
+)
+from watcher.catalog.shipping import Shipping
+from watcher.catalog.timecode_dirs import TimecodeDirs
+from watcher.hashing import hash_with_identity
+from watcher.rules import remote_path_problem
+from watcher.safefs import Identity
+from watcher.seal import Sealer
+
+# Seconds a write waits for another process's lock before it is retried
+# (WATCHER_BUSY_TIMEOUT shortens it for the fault-injection tests).
+BUSY_TIMEOUT = float(os.environ.get("WATCHER_BUSY_TIMEOUT") or 10.0)
+
+
+def create_shared(path: Path) -> None:
+    """Make a missing catalog file with mode 0666 less the umask: SQLite
+    would make it 0644 less the umask, and socs producers in the catalog
+    group (the unit's UMask=0007 gives 0660) could then not write it. Its
+    -wal and -shm take its mode. An existing file, or a link, is left alone."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666))
+    except FileExistsError:
+        pass
+
+
+class Catalog:
+    """One SQLite catalog file, safe to share between threads (a connection each)."""
+
+    def __init__(self, path: str | os.PathLike, busy_timeout: float = BUSY_TIMEOUT,
+                 sealer: Sealer | None = None):
+        """``sealer``: the agent's (watcher.seal); rows it writes with an md5
+        it computed are sealed. Without one (socs, the commands) none are."""
+        self.path = Path(path)
+        self.sealer = sealer
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        create_shared(self.path)
+        self.db = SqliteDatabase(
+            str(self.path),
+            timeout=busy_timeout,
+            pragmas={"journal_mode": "wal", "busy_timeout": int(busy_timeout * 1000),
+                     "synchronous": "normal"},
+            check_same_thread=False,
+        )
+        # Models of this catalog's own, so two catalogs in one process never mix.
+        self.File, self.TimecodeDir = bind_models(self.db)
+        self.migrate()
+        self.far_names = FarNames(self)
+        self.timecode_dirs = TimecodeDirs(self)
+        self.files = Files(self)
+        self.shipping = Shipping(self)
+        self.removals = Removals(self)
+        self.reports = Reports(self)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def migrate(self) -> None:
+        """Create socs' tables if missing; add watcher's columns and indexes.
+
+        A catalog that already has them all is only read, so opening one that
+        another process holds locked (`watcher status`) does not wait for it.
+        """
+        if self._migrated():
+            return
+        with self.db.atomic("IMMEDIATE"):
+            for ddl in SOCS_DDL:
+                self.db.execute_sql(ddl)
+            for table, column, kind in ADDED_COLUMNS:
+                have = {c.name for c in self.db.get_columns(table)}
+                if column not in have:
+                    self.db.execute_sql(f'ALTER TABLE {table} ADD COLUMN "{column}" {kind}')
+            for name in OBSOLETE_INDEXES:
+                self.db.execute_sql(f"DROP INDEX IF EXISTS {name}")
+            for ddl in INDEXES:
+                self.db.execute_sql(ddl)
+
+    def meta_get(self, key: str, default: str | None = None) -> str | None:
+        """A value of watcher's own table (what the agent remembers across starts)."""
+        cursor = self.db.execute_sql("SELECT value FROM watcher_meta WHERE key = ?", (key,))
+        row = cursor.fetchone()
+        return row[0] if row else default
+
+    def meta_set(self, key: str, value: str) -> None:
+        self.db.execute_sql("INSERT OR REPLACE INTO watcher_meta (key, value) VALUES (?, ?)", (key, value))
+
+    def _migrated(self) -> bool:
+        names = {row[0] for row in self.db.execute_sql("SELECT name FROM sqlite_master")}
+        wanted = {"supersync_v0", "timecode_dirs_v0"} | {ddl.split(" EXISTS ", 1)[1].split()[0] for ddl in INDEXES}
+        if not wanted <= names or names & set(OBSOLETE_INDEXES):
+            return False
+        return all(column in {c.name for c in self.db.get_columns(table)}
+                   for table, column, _kind in ADDED_COLUMNS)
+
+    def add_file(self, local_path, remote_path, archive_name, local_md5sum=None,
+                 timestamp=None, deletable=True) -> File:
+        """Register one file (socs' signature); hashes it when no md5 is given."""
+        local_path = os.fspath(local_path)
+        identity = None  # an md5 we did not compute is checked by hashing before any deletion
+        if local_md5sum is None:
+            local_md5sum, identity = hash_with_identity(local_path)
+        new = NewFile(local_path, os.fspath(remote_path), archive_name, local_md5sum,
+                      time.time() if timestamp is None else timestamp,
+                      True if deletable is None else bool(deletable), **identity_columns(identity))
+        return self.add_files([new])[0]
+
+    def add_files(self, files: Iterable[NewFile]) -> list[File]:
+        """Register many files in one transaction (one commit, not one per file).
+
+        Returns the new rows. Raises ValueError, writing nothing, when a
+        remote path could leave its archive or is another live local file's.
+        A far name whose verified copy holds other content of a file that is
+        gone is never overwritten: the file gets a version name (see
+        FarNames.claim). (The agent's registrar uses register_files,
+        which skips refused files instead.)
+        """
+        files = list(files)
+        for f in files:
+            problem = remote_path_problem(f.remote_path)
+            if problem:
+                raise ValueError(f"remote path {f.remote_path!r} of {f.local_path} {problem}")
+        with self.db.atomic("IMMEDIATE"):
+            claims = self.far_names.claim(files)
+            if claims.taken:
+                (archive, remote), local = next(iter(claims.taken.items()))
+                raise ValueError(f"remote path {remote!r} of archive {archive} is already "
+                                 f"taken by {local}: one far copy would overwrite the other")
+            files = claims.apply(files)
+            made = []
+            for f in files:
+                cursor = self.db.execute_sql(INSERT_FILE, self.insert_params(f))
+                made.append(self.File(
+                    id=cursor.lastrowid, local_path=f.local_path, remote_path=f.remote_path,
+                    archive_name=f.archive_name, local_md5sum=f.local_md5sum,
+                    timestamp=f.timestamp, failed_copy_attempts=0,
+                    deletable=f.deletable, ignore=False, size=f.size,
+                    mtime_ns=f.mtime_ns, retain=f.retain, dev=f.dev, ino=f.ino, ctime_ns=f.ctime_ns,
+                ))
+        return made
+
+    def seal(self, archive, local_path, remote_path, md5, identity) -> str | None:
+        """The seal of what the agent hashed (None without a sealer, or an identity)."""
+        if self.sealer is None:
+            return None
+        return self.sealer.seal(archive, local_path, remote_path, md5, identity)
+
+    def insert_params(self, f: NewFile) -> tuple:
+        """INSERT_FILE's parameters for a new file, sealed if the agent hashed it."""
+        return (*insert_params(f), self.seal(f.archive_name, f.local_path, f.remote_path,
+                                             f.local_md5sum, identity_of_row(f)))
+
+    def sealed(self, row) -> bool:
+        """Whether the agent provably hashed a row's file as its columns say
+        (its md5 and identity are then facts, not a writer's claims)."""
+        return self.sealer is not None and self.sealer.valid(row)
+
+    def trusted_identity(self, row) -> Identity | None:
+        """A row's identity if the agent sealed it, else None: the file is then
+        hashed before its md5 is relied on (a writer of the catalog can copy
+        any identity from stat)."""
+        return identity_of_row(row) if self.sealed(row) else None
