@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 from watcher.config import Rule
-from watcher.rules import UnsafeRemotePath, match_rule
+from watcher.rules import (
+    ABSOLUTE, CLIMBS, EMPTY, NOT_NORMAL, REPLACED_DIR, UnsafeRemotePath, match_rule, remote_path_flaw,
+    remote_path_problem, render_remote_path,
+)
 
 WATCH = Path("/data/smurf")
 
@@ -185,3 +188,52 @@ def test_a_regex_group_that_makes_the_path_absolute_is_refused():
 def test_a_name_containing_dots_but_not_a_dot_dot_component_is_safe():
     r = rule("{timecode}/{name}", exclude=())
     assert remote("1675000000/..data..", r) == "16750/..data.."
+
+
+# -- the one rule of a safe far name --------------------------------------------------
+
+
+@pytest.mark.parametrize("remote_path, problem", [
+    ("", "is empty or absolute"),
+    ("/etc/passwd", "is empty or absolute"),
+    ("//a", "is empty or absolute"),
+    ("..", "contains '..'"),
+    ("a/../b", "contains '..'"),
+    ("a/..", "contains '..'"),
+    ("a\0b", "contains a NUL byte"),
+    ("a//b", "is not in normal form (no '//', './' or trailing '/')"),
+    ("./a", "is not in normal form (no '//', './' or trailing '/')"),
+    ("a/", "is not in normal form (no '//', './' or trailing '/')"),
+    (f"{REPLACED_DIR}/x", f"is inside {REPLACED_DIR}/, where the archive keeps far files that copies replaced"),
+    (REPLACED_DIR, f"is inside {REPLACED_DIR}/, where the archive keeps far files that copies replaced"),
+])
+def test_each_unsafe_far_name_is_refused_with_what_is_wrong(remote_path, problem):
+    assert remote_path_problem(remote_path) == problem
+
+
+@pytest.mark.parametrize("remote_path", [
+    "a", "16750/a.dat", "..a", "a..", "...", "a/.b", f"{REPLACED_DIR}x/a", f"a/{REPLACED_DIR}/b", "a b/$(x)",
+])
+def test_far_names_that_stay_in_the_archive_are_safe(remote_path):
+    assert remote_path_problem(remote_path) is None
+
+
+# What a regex group may capture: every value a hostile path could put in a name.
+HOSTILE_GROUPS = ["", ".", "..", "/", "//", "./", "a/..", "a/../..", "../x", "x/../y", "./..", "a//b", "a/./b", "a/"]
+
+
+@pytest.mark.parametrize("template", ["{g}", "{g}/{name}", "x/{g}", "x/{g}/{g}", "{g}{g}/{name}"])
+@pytest.mark.parametrize("group", HOSTILE_GROUPS)
+def test_a_rendered_name_with_dot_dot_is_refused_and_any_other_passes_the_one_rule(template, group):
+    """Whatever a field holds, a name with a '..' component is refused even
+    where normalising would bring it back inside; any name accepted is one
+    the rule calls relative, normal and inside the archive."""
+    r = rule(template, match=r"^g(?P<g>.*)$", exclude=())
+    relpath = f"g{group}"
+    as_written = template.format(g=group, name=relpath.rpartition("/")[2])
+    try:
+        rendered = render_remote_path(r, relpath, r.match.search(relpath).groupdict(), 0, now=1_700_000_000)
+    except UnsafeRemotePath:
+        return
+    assert ".." not in as_written.split("/"), (as_written, rendered)
+    assert remote_path_flaw(rendered) not in (EMPTY, ABSOLUTE, CLIMBS, NOT_NORMAL), (as_written, rendered)

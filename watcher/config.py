@@ -21,7 +21,8 @@ from typing import Any
 import yaml
 from yaml.composer import ComposerError
 
-from watcher.timecode import TEMPLATE_FIELDS
+from watcher.rules import ABSOLUTE, CLIMBS, remote_path_flaw
+from watcher.timecodes import TEMPLATE_FIELDS
 
 DEFAULT_CONFIG = Path(__file__).with_name("rules.yaml")
 STATE_DIR_ENV = "WATCHER_STATE_DIR"
@@ -517,9 +518,12 @@ def check_template(template: str, fields: set[str]) -> str | None:
         sample = template.format(**{name: "x" for name in fields})
     except (ValueError, IndexError, KeyError) as exc:
         return f"not a valid template: {exc}"
-    if sample.startswith("/"):
+    # Only what no file can repair is refused here: an empty or unnormal name
+    # may still render well, and each rendered name is judged again.
+    flaw = remote_path_flaw(sample)
+    if flaw == ABSOLUTE:
         return "must be relative to the archive's remote_basedir, not absolute"
-    if ".." in sample.split("/"):
+    if flaw == CLIMBS:
         return "must not climb out of the archive with '..'"
     return None
 

@@ -14,10 +14,12 @@ import re
 import time
 from dataclasses import dataclass
 from fnmatch import translate
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
-from watcher.config import Rule
-from watcher.timecode import find_ctime, is_ctime, plausible_time
+from watcher.timecodes import find_ctime, is_ctime, plausible_time
+
+if TYPE_CHECKING:  # config reads templates with the rule below: no import at run time
+    from watcher.config import Rule
 
 
 class UnsafeRemotePath(ValueError):
@@ -29,20 +31,48 @@ class UnsafeRemotePath(ValueError):
 REPLACED_DIR = ".watcher-replaced"
 
 
+# What can be wrong with a remote path, in the order remote_path_flaw judges it.
+EMPTY, ABSOLUTE, CLIMBS, NUL, NOT_NORMAL, REPLACED = (
+    "empty", "absolute", "climbs", "nul", "not normal", "replaced")
+
+
+def remote_path_flaw(remote_path: str) -> str | None:
+    """The one definition of a safe far name: the first flaw found, or None.
+
+    Every place that judges a remote path (a template when the rules file is
+    read, a rendered name, a catalog row, a batch's listing, retention) asks
+    this function, and words the answer for its own reader.
+    """
+    if not remote_path:
+        return EMPTY
+    if remote_path.startswith("/"):
+        return ABSOLUTE
+    if ".." in remote_path.split("/"):
+        return CLIMBS
+    if "\0" in remote_path:
+        return NUL
+    if posixpath.normpath(remote_path) != remote_path:
+        return NOT_NORMAL
+    if remote_path.split("/", 1)[0] == REPLACED_DIR:
+        return REPLACED
+    return None
+
+
+_PROBLEMS = {
+    EMPTY: "is empty or absolute",
+    ABSOLUTE: "is empty or absolute",
+    CLIMBS: "contains '..'",
+    NUL: "contains a NUL byte",
+    NOT_NORMAL: "is not in normal form (no '//', './' or trailing '/')",
+    REPLACED: f"is inside {REPLACED_DIR}/, where the archive keeps far files that copies replaced",
+}
+
+
 def remote_path_problem(remote_path: str) -> str | None:
     """Why a remote path could escape its archive's base directory (or land
     among the replaced far files), or None."""
-    if not remote_path or remote_path.startswith("/"):
-        return "is empty or absolute"
-    if ".." in remote_path.split("/"):
-        return "contains '..'"
-    if "\0" in remote_path:
-        return "contains a NUL byte"
-    if posixpath.normpath(remote_path) != remote_path:
-        return "is not in normal form (no '//', './' or trailing '/')"
-    if remote_path.split("/", 1)[0] == REPLACED_DIR:
-        return f"is inside {REPLACED_DIR}/, where the archive keeps far files that copies replaced"
-    return None
+    flaw = remote_path_flaw(remote_path)
+    return None if flaw is None else _PROBLEMS[flaw]
 
 
 @dataclass(frozen=True)
@@ -137,10 +167,13 @@ def render_remote_path(rule: Rule, relpath: str, groups: dict[str, str], mtime: 
     if (rendered.startswith("/") and not rule.remote_path.startswith("/")
             and not any(v.startswith("/") for v in fields.values())):
         rendered = rendered.lstrip("/")  # an empty leading field: {parent} of a top-level file
+    # Fields may leave '//' or './' behind: the name is judged as rendered,
+    # then normalised (a '..' that normalising would hide is refused too).
     normal = posixpath.normpath(rendered)
-    if rendered.startswith("/") or normal == "." or normal.split("/")[0] == "..":
+    flaw = remote_path_flaw(rendered)
+    if flaw in (EMPTY, ABSOLUTE) or normal == "." or remote_path_flaw(normal) == CLIMBS:
         raise UnsafeRemotePath(f"remote path {rendered!r} escapes the archive")
-    if ".." in rendered.split("/"):
+    if flaw == CLIMBS:
         raise UnsafeRemotePath(f"remote path {rendered!r} contains '..'")
     return normal
 
