@@ -4,7 +4,10 @@ design says (durations, relative paths, per-rule retention)."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -12,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from watcher.config import ConfigError, load_config, parse_duration
+from watcher.config import (
+    ARCHIVE_KEYS, DEFAULT_DATABASE, DEFAULT_FILE_ROOT, RULE_KEYS, TOP_KEYS, Archive, Config, ConfigError, Rule,
+    defaults, load_config, parse_config, parse_duration,
+)
 
 GOOD = """\
 database: catalog.db
@@ -497,3 +503,141 @@ def test_run_reports_overlaps_settle_and_ssh_files_together_one_line_each_and_ex
         [f"{path}:7", "archives.there.ssh_key"],
         [f"{path}:8", "archives.there.known_hosts"],
         [f"{path}:12", "rules[0].settle"]]), lines
+
+
+# -- defaults: written once (the dataclasses), stated alike in the README -------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+MINIMAL = """\
+archives:
+  a:
+    remote_basedir: far
+rules:
+  -
+    watch: inbox
+    archive: a
+"""
+KEYS = {"top": TOP_KEYS, "archive": ARCHIVE_KEYS, "rule": RULE_KEYS}
+
+
+def read_minimal(tmp_path: Path, section: str = "", line: str = "", without: str = "") -> Config:
+    """A minimal rules file, with one more line in ``section`` or one key fewer."""
+    (tmp_path / "inbox").mkdir(exist_ok=True)
+    text = MINIMAL
+    if without:
+        text = re.sub(rf"(?m)^\s*{without}: .*\n", "", text)
+    if section == "top":
+        text = line + "\n" + text
+    elif section == "archive":
+        text = text.replace("    remote_basedir: far\n", f"    remote_basedir: far\n    {line}\n")
+    elif section == "rule":
+        text += f"    {line}\n"
+    return parse_config(text, str(tmp_path / "rules.yaml"), tmp_path, live=False)
+
+
+def setting_of(config: Config, section: str, key: str):
+    return getattr({"top": config, "archive": config.archives["a"], "rule": config.rules[0]}[section], key)
+
+
+def test_the_reader_takes_every_default_from_the_settings_dataclasses(tmp_path):
+    config = read_minimal(tmp_path)
+    for section, cls in (("top", Config), ("archive", Archive), ("rule", Rule)):
+        for key, default in defaults(cls).items():
+            if key in KEYS[section]:
+                assert setting_of(config, section, key) == default, (section, key)
+    assert config.database == tmp_path / DEFAULT_DATABASE
+    assert config.file_root == tmp_path / DEFAULT_FILE_ROOT
+    assert config.instance_id == socket.gethostname()
+
+
+_LINE = re.compile(r"^( *)(?:- )?([a-z_]+):\s*(.*?)\s*(?:#\s*(.*))?$")
+
+
+def readme_reference() -> list[tuple[str, str, str, str]]:
+    """(section, key, value as written, comment) of each setting in the
+    README's configuration reference (its first yaml block)."""
+    text = README.read_text(encoding="utf-8")
+    block = text.split("## Configuration reference (rules.yaml)", 1)[1]
+    block = block.split("```yaml\n", 1)[1].split("```", 1)[0]
+    entries, parent = [], None
+    for line in block.splitlines():
+        m = _LINE.match(line)
+        if not m:
+            continue
+        indent, key, value, comment = len(m[1]), m[2], m[3], m[4] or ""
+        if indent == 0:
+            parent = key
+            entries.append(("top", key, value, comment))
+        elif parent == "archives" and indent > 2:  # indent 2: the archive's name
+            entries.append(("archive", key, value, comment))
+        elif parent == "rules":
+            entries.append(("rule", key, value, comment))
+    return entries
+
+
+def test_the_readme_documents_every_setting_and_no_other():
+    documented = {section: set() for section in KEYS}
+    for section, key, _value, _comment in readme_reference():
+        documented[section].add(key)
+    assert documented == {section: set(keys) for section, keys in KEYS.items()}
+
+
+def _what_the_readme_states(value: str, comment: str) -> tuple[str, str | None]:
+    """("default", its words), ("required", None), ("absent", None): the
+    comment says what an absent key means; else ("value", the example's value)."""
+    if m := re.search(r"\bdefault:? ([^;]+)", comment):
+        return "default", m[1].strip()
+    if re.search(r"\brequired\b", comment):
+        return "required", None
+    if re.search(r"\b(absent|optional)\b", comment):
+        return "absent", None
+    return "value", value
+
+
+_NOTHING = ("nobody", "none", "ssh's own")  # words for a default of None or ()
+
+
+# A README that disagrees with the code fails here, one key each, until the
+# README is fixed (issue 10 found: rule.watch and rule.archive do not say
+# "required"; archive.ssh_key, archive.ssh_port, archive.api_roots and
+# rule.remote_path show an example where the default differs, and state none).
+@pytest.mark.parametrize("section, key, value, comment", [
+    pytest.param(*entry, id=f"{entry[0]}.{entry[1]}") for entry in readme_reference()
+    if (entry[0], entry[1]) not in (("top", "archives"), ("top", "rules"))])
+def test_the_readme_states_the_default_the_code_has(tmp_path, section, key, value, comment):
+    said, words = _what_the_readme_states(value, comment)
+    shown = f"README.md shows `{key}: {value}{f'  # {comment}' if comment else ''}`"
+    try:
+        read_minimal(tmp_path, without=key)
+        required = False
+    except ConfigError as exc:
+        required = any(f"{key}: is required" in p for p in exc.problems)
+        assert required, exc.problems
+    if required or said == "required":
+        assert required and said == "required", (
+            f"{shown}; the code {'requires it' if required else 'has a default'}: the README's "
+            f"comment should {'say required' if required else 'state the default'}")
+        return
+    code = setting_of(read_minimal(tmp_path), section, key)
+    if said == "absent":
+        assert code is None, f"{shown}, as if absent meant none; the code's default is {code!r}"
+        return
+    if said == "default" and words == "host name":
+        assert code == socket.gethostname(), f"{shown}; the code's default is {code!r}"
+        return
+    if said == "default" and (m := re.fullmatch(r"(\S+?)/? beside (this file|the database)", words)):
+        beside = tmp_path if m[2] == "this file" else read_minimal(tmp_path).database.parent
+        assert code == beside / m[1], f"{shown}; the code's default is {code!r}"
+        return
+    if said == "default" and words.startswith(_NOTHING):
+        assert code in (None, ()), f"{shown}; the code's default is {code!r}"
+        return
+    if said == "default" and words.startswith("`") and words.endswith("`"):
+        words = json.dumps(words.strip("`"))
+    try:  # an example or a default written as a value: read it as a rules file would
+        documented = setting_of(read_minimal(tmp_path, section, f"{key}: {words}"), section, key)
+    except ConfigError as exc:
+        documented = f"refused ({'; '.join(exc.problems)})"
+    assert documented == code, (
+        f"{shown}, which reads as {documented!r}; the code's default is {code!r}: the README "
+        f"should show the default or state it in the comment (default: ...)")

@@ -7,6 +7,7 @@ unknown archive 'smurff'``), so that a person can fix them all in one go.
 
 from __future__ import annotations
 
+import dataclasses
 import grp
 import math
 import os
@@ -93,6 +94,28 @@ class Config:
     # The group whose members may write the catalog and the state directory
     # (socs producers); None: only the agent's own account.
     catalog_group: str | None = None
+
+
+# Defaults that depend on where things are (not a field's own): the catalog
+# beside the rules file, finalization files beside the catalog.
+DEFAULT_DATABASE = "suprsync.db"
+DEFAULT_FILE_ROOT = "finalization"
+
+
+def defaults(cls) -> dict[str, Any]:
+    """Each setting's default, read from its dataclass field: the one place
+    a default is written (the reader and the README's check take it here)."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+def _settings(cls, *not_settings: str) -> frozenset[str]:
+    """The keys a rules file may set: the dataclass's fields but those the reader derives."""
+    return frozenset(f.name for f in dataclasses.fields(cls)) - set(not_settings)
+
+
+TOP_KEYS = _settings(Config, "source")
+ARCHIVE_KEYS = _settings(Archive, "name")
+RULE_KEYS = _settings(Rule, "overrides_retention")
 
 
 # Python's waits refuse timeouts past about 292 years; retention past 100 is "never".
@@ -276,6 +299,10 @@ class _Reader:
         except (TypeError, ValueError) as exc:
             self.problem(here, str(exc))
             return default
+
+    def setting(self, data: dict, of: type, key: str, path: tuple, kind):
+        """``key`` of ``data`` as ``kind`` reads it; its dataclass default when absent or wrong."""
+        return self.get(data, key, path, kind, defaults(of)[key])
 
     def path(self, value: Any) -> Path:
         if not isinstance(value, str) or not value:
@@ -528,20 +555,6 @@ def check_template(template: str, fields: set[str]) -> str | None:
     return None
 
 
-_TOP = {"instance_id", "database", "file_root", "archives", "rules", "rescan_interval",
-        "catalog_group"}
-_ARCHIVE = {
-    "remote_basedir", "ssh_host", "ssh_key", "ssh_port", "known_hosts",
-    "accept_new_host_keys", "delete_local_after", "max_copy_attempts",
-    "copy_timeout", "cmd_timeout", "files_per_batch", "compression", "bwlimit", "chmod",
-    "api_roots",
-}
-_RULE = {
-    "watch", "archive", "include", "exclude", "match", "remote_path",
-    "deletable", "settle", "poll", "delete_local_after",
-}
-
-
 def _unreadable_file(path: Path) -> str | None:
     """What stops ``path`` being read as a file, or None."""
     if not path.exists():
@@ -667,19 +680,20 @@ def _read_archive(r: _Reader, name: Any, data: Any) -> Archive | None:
     if data is not None and not isinstance(data, dict):
         r.problem(path, f"expected a mapping of archive settings, got {type(data).__name__}")
         return None
-    data = r.mapping(data, path, _ARCHIVE)
+    data = r.mapping(data, path, ARCHIVE_KEYS)
     remote = data.get("ssh_host") is not None
     # A refused host still marks the archive remote: no local check runs on its far path.
-    ssh_host = r.get(data, "ssh_host", path, _ssh_host) or (str(data["ssh_host"]) if remote else None)
+    ssh_host = (r.setting(data, Archive, "ssh_host", path, _ssh_host)
+                or (str(data["ssh_host"]) if remote else None))
     basedir = r.get(data, "remote_basedir", path, _remote_dir if remote else _local_dir(r),
                     required=True)
-    ssh_key = r.get(data, "ssh_key", path, _ssh_file(r))
+    ssh_key = r.setting(data, Archive, "ssh_key", path, _ssh_file(r))
     if ssh_key is not None:
         wrong = _unreadable_file(ssh_key)
         if wrong:
             r.problem(path + ("ssh_key",), wrong)
-    known_hosts = r.get(data, "known_hosts", path, _ssh_file(r))
-    accept_new = r.get(data, "accept_new_host_keys", path, _bool, False)
+    known_hosts = r.setting(data, Archive, "known_hosts", path, _ssh_file(r))
+    accept_new = r.setting(data, Archive, "accept_new_host_keys", path, _bool)
     if known_hosts is not None:
         if accept_new:
             if not known_hosts.parent.is_dir():
@@ -689,24 +703,24 @@ def _read_archive(r: _Reader, name: Any, data: Any) -> Archive | None:
             r.problem(path + ("known_hosts",), f"file {str(known_hosts)!r} does not exist, so ssh "
                       "would refuse every connection (add the host's key to it, or set "
                       "accept_new_host_keys: true)")
-    retention = r.get(data, "delete_local_after", path, parse_duration)
+    retention = r.setting(data, Archive, "delete_local_after", path, parse_duration)
     return Archive(
         name=name,
         remote_basedir=basedir or "",
         ssh_host=ssh_host,
         ssh_key=str(ssh_key) if ssh_key else None,
-        ssh_port=r.get(data, "ssh_port", path, _port),
+        ssh_port=r.setting(data, Archive, "ssh_port", path, _port),
         known_hosts=str(known_hosts) if known_hosts else None,
         accept_new_host_keys=accept_new,
         delete_local_after=retention,
-        max_copy_attempts=r.get(data, "max_copy_attempts", path, _positive_int, 10),
-        copy_timeout=r.get(data, "copy_timeout", path, _timeout, 60.0),
-        cmd_timeout=r.get(data, "cmd_timeout", path, _timeout, 5.0),
-        files_per_batch=r.get(data, "files_per_batch", path, _positive_int, 5000),
-        compression=r.get(data, "compression", path, _bool, False),
-        bwlimit=r.get(data, "bwlimit", path, _bwlimit),
-        chmod=r.get(data, "chmod", path, _chmod),
-        api_roots=r.get(data, "api_roots", path, _api_roots(r), ()),
+        max_copy_attempts=r.setting(data, Archive, "max_copy_attempts", path, _positive_int),
+        copy_timeout=r.setting(data, Archive, "copy_timeout", path, _timeout),
+        cmd_timeout=r.setting(data, Archive, "cmd_timeout", path, _timeout),
+        files_per_batch=r.setting(data, Archive, "files_per_batch", path, _positive_int),
+        compression=r.setting(data, Archive, "compression", path, _bool),
+        bwlimit=r.setting(data, Archive, "bwlimit", path, _bwlimit),
+        chmod=r.setting(data, Archive, "chmod", path, _chmod),
+        api_roots=r.setting(data, Archive, "api_roots", path, _api_roots(r)),
     )
 
 
@@ -715,7 +729,7 @@ def _read_rule(r: _Reader, i: int, data: Any, archives: dict[str, Archive]) -> R
     if not data or not isinstance(data, dict):
         r.problem(path, "a rule is a mapping with at least 'watch' and 'archive'")
         return None
-    data = r.mapping(data, path, _RULE)
+    data = r.mapping(data, path, RULE_KEYS)
     # Normalised: the roots policy compares rows' paths with it lexically.
     watch = r.get(data, "watch", path, lambda v: Path(os.path.normpath(r.path(v))), required=True)
     if watch is not None and r.live and not watch.is_dir():
@@ -724,8 +738,8 @@ def _read_rule(r: _Reader, i: int, data: Any, archives: dict[str, Archive]) -> R
     if archive is not None and archive not in archives:
         known = ", ".join(sorted(archives)) or "none defined"
         r.problem(path + ("archive",), f"unknown archive {archive!r} (known: {known})")
-    match = r.get(data, "match", path, _regex)
-    template = r.get(data, "remote_path", path, _str, "{relpath}")
+    match = r.setting(data, Rule, "match", path, _regex)
+    template = r.setting(data, Rule, "remote_path", path, _str)
     fields = set(TEMPLATE_FIELDS) | set(match.groupindex if match else ())
     wrong = check_template(template, fields)
     if wrong:
@@ -737,13 +751,13 @@ def _read_rule(r: _Reader, i: int, data: Any, archives: dict[str, Archive]) -> R
     return Rule(
         watch=watch or Path("."),
         archive=archive or "",
-        include=r.get(data, "include", path, _globs, ("*",)),
-        exclude=r.get(data, "exclude", path, _globs, Rule.exclude),
+        include=r.setting(data, Rule, "include", path, _globs),
+        exclude=r.setting(data, Rule, "exclude", path, _globs),
         match=match,
         remote_path=template,
-        deletable=r.get(data, "deletable", path, _bool, True),
-        settle=r.get(data, "settle", path, _settle, 2.0),
-        poll=r.get(data, "poll", path, _bool, False),
+        deletable=r.setting(data, Rule, "deletable", path, _bool),
+        settle=r.setting(data, Rule, "settle", path, _settle),
+        poll=r.setting(data, Rule, "poll", path, _bool),
         overrides_retention=overrides,
         delete_local_after=retention,
     )
@@ -758,7 +772,7 @@ def parse_config(text: str, source: str, base: Path, live: bool = True) -> Confi
     if not isinstance(data, dict):
         r.problem((), f"expected a mapping with 'archives' and 'rules', got {type(data).__name__}")
         raise ConfigError(r.problems)
-    data = r.mapping(data, (), _TOP)
+    data = r.mapping(data, (), TOP_KEYS)
     archives: dict[str, Archive] = {}
     raw_archives = data.get("archives")
     if not isinstance(raw_archives, dict) or not raw_archives:
@@ -782,8 +796,8 @@ def parse_config(text: str, source: str, base: Path, live: bool = True) -> Confi
             rules.append(rule)
             if rule.watch.is_absolute() and rule.watch.is_dir():  # not a refused watch's stand-in
                 watched.append((i, rule.watch))
-    database = r.get(data, "database", (), r.path, base / "suprsync.db")
-    file_root = r.get(data, "file_root", (), r.path, database.parent / "finalization")
+    database = r.get(data, "database", (), r.path, base / DEFAULT_DATABASE)
+    file_root = r.get(data, "file_root", (), r.path, database.parent / DEFAULT_FILE_ROOT)
     _check_overlaps(r, archives, watched, database, file_root)
     _check_shared_destinations(r, archives)
     config = Config(
@@ -792,9 +806,9 @@ def parse_config(text: str, source: str, base: Path, live: bool = True) -> Confi
         file_root=file_root,
         archives=archives,
         rules=tuple(rules),
-        rescan_interval=r.get(data, "rescan_interval", (), _rescan, 300.0),
+        rescan_interval=r.setting(data, Config, "rescan_interval", (), _rescan),
         source=Path(source),
-        catalog_group=r.get(data, "catalog_group", (), _group(r)),
+        catalog_group=r.setting(data, Config, "catalog_group", (), _group(r)),
     )
     if r.problems:
         raise ConfigError(r.problems)
