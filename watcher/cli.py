@@ -173,16 +173,9 @@ def _when(t: float | None) -> str:
 
 
 def _describe(row, max_attempts: int) -> str:
-    if row.removed is not None:
-        state = "removed" if row.removed else "removed (found gone)"
-    elif row.ignore:
-        state = "ignored"
-    elif row.verified:
-        state = "verified"
-    elif (row.failed_copy_attempts or 0) >= max_attempts:
-        state = "failed"
-    else:
-        state = "pending"
+    state = row.state(max_attempts)
+    if state == "removed" and not row.removed:
+        state = "removed (found gone)"
     return (f"{row.id}\t{state}\t{row.archive_name}:{row.remote_path}\tlocal {row.local_md5sum}\t"
             f"far {row.remote_md5sum or '-'}\tattempts {row.failed_copy_attempts or 0}\t{row.local_path}")
 
