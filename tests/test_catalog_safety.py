@@ -10,7 +10,7 @@ import time
 import pytest
 
 from watcher.catalog import Catalog, NewFile
-from watcher.finalization import update_timecode_dirs
+from watcher.finalize import update_timecode_dirs
 
 
 @pytest.fixture

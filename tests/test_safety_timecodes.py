@@ -17,8 +17,8 @@ import pytest
 from tests.waiting import wait_until
 from watcher.catalog import Catalog
 from watcher.rules import template_fields
-from watcher.finalization import update_timecode_dirs
-from watcher.timecodes import FINALIZED_SUFFIX, find_ctime, is_complete, timecode_now, timecode_of
+from watcher.finalize import update_timecode_dirs
+from watcher.paths import FINALIZED_SUFFIX, find_ctime, is_complete, timecode_now, timecode_of
 
 YEAR_2100 = 4_102_444_800
 YEAR_1990 = 631_152_000  # nine digits: its first five are no timecode

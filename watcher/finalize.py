@@ -1,6 +1,6 @@
 """Finalizing timecode directories: the YAML file that says one is whole.
 
-A complete directory (watcher.timecodes) is *synced* when every file of it
+A complete directory (watcher.paths) is *synced* when every file of it
 in its archive is verified; then a small YAML file says so and is shipped
 like any other file (socs-compatible names and keys). The catalog records
 it; this module writes, registers and cleans up the files.
@@ -23,7 +23,7 @@ from watcher.safefs import Identity, SymlinkInPath, open_subdir
 from watcher.state_files import write_atomic
 
 from watcher.hashing import md5_and_stat
-from watcher.timecodes import (
+from watcher.paths import (
     finalization_leftover, finalization_name, finalization_remote_path, is_complete, subdirs_of,
     timecode_now,
 )

@@ -19,7 +19,7 @@ from pathlib import Path
 from peewee import SQL, Case, fn
 
 from watcher.catalog import Catalog, File, NewFile
-from watcher.finalization import update_timecode_dirs
+from watcher.finalize import update_timecode_dirs
 from watcher.hashing import md5_of
 
 SupRsyncFile = File
