@@ -23,7 +23,7 @@ import yaml
 from yaml.composer import ComposerError
 
 from watcher.rules import ABSOLUTE, CLIMBS, remote_path_flaw
-from watcher.timecodes import TEMPLATE_FIELDS
+from watcher.paths import TEMPLATE_FIELDS
 
 DEFAULT_CONFIG = Path(__file__).with_name("rules.yaml")
 STATE_DIR_ENV = "WATCHER_STATE_DIR"
@@ -307,10 +307,19 @@ class _Reader:
     def path(self, value: Any) -> Path:
         if not isinstance(value, str) or not value:
             raise ValueError(f"expected a path, got {value!r}")
-        if "\0" in value:
-            raise ValueError(f"a path cannot contain a NUL character, got {value!r}")
+        _no_nul(value)
         p = Path(os.path.expanduser(value))
         return p if p.is_absolute() else (self.base / p)
+
+    def root(self, value: Any) -> Path:
+        """A local directory as a root: normalised, as the roots policy compares
+        rows' paths with it lexically (a link is taken as its own name)."""
+        return Path(os.path.normpath(self.path(value)))
+
+
+def _no_nul(path: str) -> None:
+    if "\0" in path:
+        raise ValueError(f"a path cannot contain a NUL character, got {path!r}")
 
 
 def _typed(kind, name):
@@ -393,8 +402,7 @@ def _remote_dir(value):
     both start there)."""
     if not _str(value):
         raise ValueError(f"expected a directory on the archive host, got {value!r}")
-    if "\0" in value:
-        raise ValueError(f"a path cannot contain a NUL character, got {value!r}")
+    _no_nul(value)
     if value.startswith("~"):
         raise ValueError(f"'~' is not expanded on the archive host (rsync -s takes it literally); "
                          f"a relative path is already relative to the login's home, got {value!r}")
@@ -431,11 +439,24 @@ def _ssh_file(r: _Reader):
     (older ones do not) and expand ``${VAR}`` (see watcher/ssh.py)."""
     def check(value):
         p = r.path(value)
-        if any(c in '"\\' or ord(c) < 32 or c == "\x7f" for c in str(p)) or "${" in str(p):
+        if ssh_path_problem(str(p)):
             raise ValueError(f"{str(p)!r}: a path for ssh must not contain a double quote, "
                              "a backslash, '${' or control characters")
         return p
     return check
+
+
+def ssh_path_problem(path: str) -> str | None:
+    """Why ssh cannot be given ``path`` unchanged as an option's value, or None."""
+    if '"' in path:
+        return 'ssh cannot be given a path with a double quote (")'
+    if "\\" in path:
+        return "ssh cannot be given a path with a backslash"
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        return "ssh cannot be given a path with a control character (newline, tab, ...)"
+    if "${" in path:
+        return "ssh would read ${...} in a path as an environment variable"
+    return None
 
 
 def _api_roots(r: _Reader):
@@ -449,7 +470,7 @@ def _api_roots(r: _Reader):
             raise ValueError(f"expected a list of local directories, got {value!r}")
         roots = []
         for item in value:
-            p = Path(os.path.normpath(r.path(item)))
+            p = r.root(item)
             if p == Path("/"):
                 raise ValueError("'/' would let any catalog row name any file on the host; "
                                  "list the directories producers write to")
@@ -730,8 +751,7 @@ def _read_rule(r: _Reader, i: int, data: Any, archives: dict[str, Archive]) -> R
         r.problem(path, "a rule is a mapping with at least 'watch' and 'archive'")
         return None
     data = r.mapping(data, path, RULE_KEYS)
-    # Normalised: the roots policy compares rows' paths with it lexically.
-    watch = r.get(data, "watch", path, lambda v: Path(os.path.normpath(r.path(v))), required=True)
+    watch = r.get(data, "watch", path, r.root, required=True)
     if watch is not None and r.live and not watch.is_dir():
         r.problem(path + ("watch",), f"directory {str(watch)!r} does not exist")
     archive = r.get(data, "archive", path, _str, required=True)

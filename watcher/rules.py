@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from fnmatch import translate
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from watcher.timecodes import find_ctime, is_ctime, plausible_time
+from watcher.paths import find_ctime, is_ctime, plausible_time
 
 if TYPE_CHECKING:  # config reads templates with the rule below: no import at run time
     from watcher.config import Rule
@@ -100,12 +100,17 @@ def _any_glob(patterns: tuple[str, ...]) -> Callable[[str], object]:
     return re.compile("|".join(f"(?:{translate(p)})" for p in patterns)).match
 
 
+def _path_or_name_hits(relpath: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a glob matches the whole relative path or the file's name."""
+    hits = _any_glob(patterns)
+    return bool(hits(relpath) or hits(relpath.rpartition("/")[2]))
+
+
 def _glob_hits(relpath: str, patterns: tuple[str, ...]) -> bool:
     # A pattern matches the whole relative path or any single component, so
     # that '.*' excludes hidden files in subdirectories too.
-    hits = _any_glob(patterns)
-    parent, _, name = relpath.rpartition("/")
-    return bool(hits(relpath) or hits(name)) or (bool(parent) and _dir_hits(parent, patterns))
+    parent = relpath.rpartition("/")[0]
+    return _path_or_name_hits(relpath, patterns) or (bool(parent) and _dir_hits(parent, patterns))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -117,9 +122,7 @@ def _dir_hits(parent: str, patterns: tuple[str, ...]) -> bool:
 
 def is_selected(relpath: str, rule: Rule) -> bool:
     """Whether the rule's include and exclude globs keep this path."""
-    name = relpath.rsplit("/", 1)[-1]
-    included = _any_glob(tuple(rule.include))
-    return bool(included(relpath) or included(name)) and not _glob_hits(relpath, tuple(rule.exclude))
+    return _path_or_name_hits(relpath, tuple(rule.include)) and not _glob_hits(relpath, tuple(rule.exclude))
 
 
 def _path_ctime(relpath: str, groups: dict[str, str], now: float) -> str | None:
