@@ -1,7 +1,7 @@
 """Wiring: observers, threads, wake-ups, signals and service notifications.
 
 Threads, each with one job:
-- watchdog observers feed a WatchHandler per watched directory;
+- watchdog observers (watcher.observers) feed a WatchHandler per watched directory;
 - the settle tracker completes files that had no close event;
 - the registrar hashes complete files and commits them in batches;
 - one transfer worker per archive ships pending rows;
@@ -23,42 +23,19 @@ import socket
 import stat
 import threading
 import time
-import warnings
 
 from pathlib import Path
 
 from peewee import OperationalError
-from watchdog.observers import Observer
-from watchdog.observers.polling import PollingObserverVFS
-
-try:  # Linux: report a move from outside the tree as a move, not a bare creation
-    from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver
-except ImportError:  # pragma: no cover - other platforms
-    InotifyObserver = None
-else:
-    class _Emitter(InotifyFullEmitter):
-        """Full inotify events without watchdog's synthetic ones (its listing of
-        a directory moved into or within the tree): that directory's own move
-        event has it scanned, and a tree of 20,000 files would queue and
-        dispatch 20,000 events the handler ignores."""
-
-        def queue_event(self, event) -> None:
-            if not event.is_synthetic:
-                super().queue_event(event)
-
-    def _inotify_observer():
-        observer = InotifyObserver(generate_full_events=True)
-        if hasattr(observer, "_emitter_class"):  # else the handler ignores them instead
-            observer._emitter_class = _Emitter
-        return observer
 
 from watcher import state_files
 from watcher.config import Config, ConfigError
 from watcher.db import Catalog
 from watcher.roots import Roots
 from watcher.seal import Sealer, load_key
-from watcher.handlers import SettleTracker, WatchHandler, polling_listdir, scan
+from watcher.handlers import SettleTracker, WatchHandler, scan
 from watcher.health import Health, with_database_retry
+from watcher.observers import make_observer
 from watcher.registrar import Registrar
 from watcher.retention import delete_expired, settle_claimed_removals
 from watcher.safefs import ignore_lease_breaks
@@ -69,12 +46,7 @@ from watcher.transfer import TransferWorker
 
 log = logging.getLogger(__name__)
 
-# watchdog warns when a directory's watch is re-added during a recursive
-# rebuild; it is harmless and would only alarm an operator reading the log.
-warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
-
 HOUSEKEEPING_INTERVAL = 5.0
-POLL_INTERVAL = 2.0  # seconds between snapshots of a polled tree (a full walk each)
 CATALOG_CHECK = 1.0  # seconds between looks at the catalog file: deleted, replaced, read-only?
 SCAN_KINDS = ("symlinks", "unreadable directories")  # problems a scan of their whole root re-checks
 BLOCKED = "blocked finalizations"  # a link (or file) planted where a finalization directory goes
@@ -92,18 +64,6 @@ def sd_notify(message: str) -> None:
             s.sendto(message.encode(), address)
     except OSError as exc:
         log.debug("sd_notify failed: %s", exc)
-
-
-class _OverflowWatch(logging.Handler):
-    """watchdog only logs an inotify queue overflow; turn that into a rescan."""
-
-    def __init__(self, event: threading.Event):
-        super().__init__(logging.WARNING)
-        self.event = event
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "overflow" in record.getMessage().lower():
-            self.event.set()
 
 
 def outermost(dirs: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
@@ -349,7 +309,6 @@ class Agent:
                                    self.stop_event, self.health)
         self._scan_queue: queue.Queue[tuple[str, bool]] = queue.Queue()
         self._threads: list[threading.Thread] = []
-        self._overflow = _OverflowWatch(self.rescan_now)
         self.scans_done = 0
         self._undeletable: dict = {}  # retention's rows held back (a writer, a failed unlink), across rounds
 
@@ -459,8 +418,7 @@ class Agent:
                 except OSError as exc:  # unreadable: say so; tried again every rescan
                     self._cannot_watch(root, exc)
                     return
-            observer = (PollingObserverVFS(os.lstat, polling_listdir(root.path), polling_interval=POLL_INTERVAL)
-                        if root.poll else _inotify_observer() if InotifyObserver else Observer())
+            observer = make_observer(root.path, root.poll, overflowed=self.rescan_now.set)
             handler = WatchHandler(list(self.config.rules), self._complete, self.settle, self._scan_dir,
                                    gone=self.registrar.submit_gone)
             try:
@@ -624,8 +582,6 @@ class Agent:
             self._check_catalog()
 
     def start(self) -> None:
-        for name in ("watchdog.observers.inotify", "watchdog.observers.inotify_c"):
-            logging.getLogger(name).addHandler(self._overflow)
         log.info("catalog %s; finalization files under %s", self.config.database, self.config.file_root)
         for name, a in self.config.archives.items():
             where = f"{a.ssh_host}:{a.remote_basedir}" if a.is_remote else a.remote_basedir
@@ -665,8 +621,6 @@ class Agent:
             observer.join(max(0.1, deadline - time.monotonic()))
         for t in self._threads:
             t.join(max(0.1, deadline - time.monotonic()))
-        for name in ("watchdog.observers.inotify", "watchdog.observers.inotify_c"):
-            logging.getLogger(name).removeHandler(self._overflow)
         for dest in self.destinations.values():
             dest.close()
         if self._control_dir:

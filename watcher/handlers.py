@@ -173,6 +173,8 @@ class WatchHandler(FileSystemEventHandler):
         if event.is_synthetic:
             # watchdog listing what a directory moved into (or within) the tree
             # holds: that directory's own move event scans all of it, once.
+            # (watcher.observers drops them before they are queued; the
+            # platform's own observer, off Linux, does not.)
             return
         try:
             super().dispatch(event)
@@ -312,28 +314,6 @@ def _unreadable(problem: Problem | None, path: str, exc: OSError) -> None:
     elif exc.errno != errno.ENOENT:
         problem("unreadable directories", path, f"cannot read directory {path} ({exc.strerror}): "
                 "nothing below it is shipped until a rescan can read it", None)
-
-
-def polling_listdir(root: str) -> Callable[[str], list[os.DirEntry]]:
-    """A ``listdir`` for watchdog's polling snapshots that enters no directory
-    through a symlink below ``root`` (it already stats entries with os.lstat,
-    so it recurses only into real directories; this closes the gap between
-    that stat and the listing)."""
-
-    def listdir(path: str) -> list[os.DirEntry]:
-        try:
-            fd = os.open(path, DIR_FLAGS if path != root else DIR_FLAGS & ~os.O_NOFOLLOW)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:  # a link now: what a vanished directory looks like to the snapshot
-                raise NotADirectoryError(errno.ENOTDIR, exc.strerror, path) from None
-            raise
-        try:
-            with os.scandir(fd) as entries:
-                return list(entries)  # only names are used
-        finally:
-            os.close(fd)
-
-    return listdir
 
 
 def scan(roots: Iterable[str], rules: list[Rule], known: Callable[[list[str]], dict[str, tuple]],
