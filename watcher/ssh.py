@@ -20,7 +20,7 @@ import stat
 import subprocess
 import tempfile
 
-from watcher.config import Archive
+from watcher.config import Archive, ssh_path_problem
 
 CONTROL_DIR_PREFIX = "watcher-ssh-"
 CONTROL_DIR_BASE = "/tmp"  # short: a socket path holds at most 107 bytes
@@ -56,25 +56,12 @@ def ssh_path(path: str, what: str) -> str:
     refused, as are ``"``, control characters and ``${``, which ssh
     expands as an environment variable with no way to escape it).
     """
-    wrong = unpassable(path)
+    wrong = ssh_path_problem(path)  # the configuration refused such paths already
     if wrong:
         raise ValueError(f"{what} {path!r}: {wrong}")
     if not path.startswith("/"):
         path = "./" + path  # never ~ (a home directory)
     return '"' + path.replace("%", "%%") + '"'
-
-
-def unpassable(path: str) -> str | None:
-    """Why ssh cannot be given ``path`` unchanged, or None."""
-    if '"' in path:
-        return 'ssh cannot be given a path with a double quote (")'
-    if "\\" in path:
-        return "ssh cannot be given a path with a backslash"
-    if any(ord(c) < 32 or ord(c) == 127 for c in path):
-        return "ssh cannot be given a path with a control character (newline, tab, ...)"
-    if "${" in path:
-        return "ssh would read ${...} in a path as an environment variable"
-    return None
 
 
 def control_socket(archive: Archive, control_dir: str) -> str:
