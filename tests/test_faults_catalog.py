@@ -18,7 +18,7 @@ from tests.test_faults import md5, rows, verified, write_files
 
 WRITER = textwrap.dedent("""
     import sys
-    from watcher.db import Catalog
+    from watcher.catalog import Catalog
     database, archive, *paths = sys.argv[1:]
     catalog = Catalog(database)
     for path in paths:  # one add_file (one transaction) per file, as socs does

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from tests.agent_process import agent_processes, memory_dir  # noqa: F401  (fixtures)
-from watcher.db import Catalog
+from watcher.catalog import Catalog
 
 BURST = 50_000
 BACKLOG = 100_000

@@ -30,7 +30,7 @@ def md5(data: bytes) -> str:
 
 
 def verified(catalog, path) -> bool:
-    rows = catalog.rows_for_path(str(path))
+    rows = catalog.files.rows_for_path(str(path))
     return len(rows) == 1 and rows[0].verified
 
 
@@ -102,7 +102,7 @@ def edit_keeping_size_and_mtime(path: Path, new: bytes, scratch: Path, how) -> N
 # -- waiting while checking the invariant --------------------------------------------------------
 
 def newest_row(catalog, local: Path):
-    return catalog.rows_for_path(str(local))[-1]
+    return catalog.files.rows_for_path(str(local))[-1]
 
 
 class FarMustFollow:
@@ -212,9 +212,9 @@ def test_a_file_touched_back_to_its_old_time_without_new_content_keeps_its_proof
     data = os.urandom(SIZE)
     c.write_bytes(data)
     wait_until(lambda: verified(catalog, c), timeout=15)
-    copied = catalog.rows_for_path(str(c))[0].copied
+    copied = catalog.files.rows_for_path(str(c))[0].copied
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     edit_keeping_size_and_mtime(c, data, scratch, python_in_place_then_utime)
     shipped_again_then_deleted(catalog, c, far, data, data, housekeep=agent.housekeep_once)
-    assert catalog.rows_for_path(str(c))[0].copied == copied, "the same content was shipped again"
+    assert catalog.files.rows_for_path(str(c))[0].copied == copied, "the same content was shipped again"

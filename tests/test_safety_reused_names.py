@@ -51,7 +51,7 @@ def far_contents(far: Path) -> dict[str, bytes]:
 
 
 def deleted_rows(catalog: Catalog, path: Path) -> list:
-    return [r for r in catalog.rows_for_path(str(path)) if (r.removed or 0) > 0]
+    return [r for r in catalog.files.rows_for_path(str(path)) if (r.removed or 0) > 0]
 
 
 class FarCopiesStay:
@@ -103,8 +103,8 @@ def test_a_reused_name_never_overwrites_the_only_far_copy_of_an_earlier_file(set
     # The content the far name already holds keeps the name: no new version.
     write_and_wait_until_deleted(catalog, c, b"monday\n", copies, 4)
     assert far_contents(far) == {"c": b"monday\n", "c.~2~": b"tuesday\n", "c.~3~": b"wednesday\n"}
-    assert [r.remote_path for r in catalog.rows_for_path(str(c))] == ["c", "c.~2~", "c.~3~", "c"]
-    assert all(r.verified for r in catalog.rows_for_path(str(c)))
+    assert [r.remote_path for r in catalog.files.rows_for_path(str(c))] == ["c", "c.~2~", "c.~3~", "c"]
+    assert all(r.verified for r in catalog.files.rows_for_path(str(c)))
 
 
 def test_a_reused_name_in_a_subdirectory_gets_its_version_beside_the_first(setup, start_agent):
@@ -160,15 +160,15 @@ def test_a_name_reused_the_moment_retention_deletes_it_never_overwrites_its_far_
     catalog = setup.catalog()
     c = inbox / "c"
     c.write_bytes(b"monday\n")
-    wait_until(lambda: catalog.rows_for_path(str(c)), timeout=10)
+    wait_until(lambda: catalog.files.rows_for_path(str(c)), timeout=10)
     (inbox / "others").mkdir()
     others = 499  # registered after c: deleted after it in the same round
     for i in range(others):
         (inbox / "others" / f"f{i:03d}").write_bytes(b"other %d" % i)
-    wait_until(lambda: sum(r.verified for r in catalog.known_files("arch", 0)) == others + 1,
+    wait_until(lambda: sum(r.verified for r in catalog.reports.known_files("arch", 0)) == others + 1,
                timeout=15, message="every file verified")
-    wait_until(lambda: catalog.deletable_batch("arch", time.time(), 0.5, 0.5, others + 1)
-               and len(catalog.deletable_batch("arch", time.time(), 0.5, 0.5, others + 1)) == others + 1,
+    wait_until(lambda: catalog.removals.deletable("arch", time.time(), 0.5, 0.5, others + 1)
+               and len(catalog.removals.deletable("arch", time.time(), 0.5, 0.5, others + 1)) == others + 1,
                timeout=5, message="every file past its retention")
     copies = FarCopiesStay(far)
     copies.check()
@@ -213,22 +213,22 @@ def _rename_keeps_far_names(setup, start_agent, wait_for_verified: bool) -> None
     for name, data in files.items():
         (inbox / "d1" / name).write_bytes(data)
     if wait_for_verified:
-        wait_until(lambda: all(catalog.rows_for_path(str(inbox / "d1" / n))
-                               and catalog.rows_for_path(str(inbox / "d1" / n))[0].verified
+        wait_until(lambda: all(catalog.files.rows_for_path(str(inbox / "d1" / n))
+                               and catalog.files.rows_for_path(str(inbox / "d1" / n))[0].verified
                                for n in files), timeout=15)
     else:
-        wait_until(lambda: all(catalog.rows_for_path(str(inbox / "d1" / n)) for n in files), timeout=15)
+        wait_until(lambda: all(catalog.files.rows_for_path(str(inbox / "d1" / n)) for n in files), timeout=15)
     os.rename(inbox / "d1", inbox / "d2")
 
     def registered_again() -> bool:
-        rows = [catalog.rows_for_path(str(inbox / "d2" / n)) for n in files]
+        rows = [catalog.files.rows_for_path(str(inbox / "d2" / n)) for n in files]
         return all(len(r) == 1 and r[0].verified for r in rows)
 
     wait_until(registered_again, timeout=15, message="the renamed files registered and verified")
     for name, data in files.items():
-        [row] = catalog.rows_for_path(str(inbox / "d2" / name))
+        [row] = catalog.files.rows_for_path(str(inbox / "d2" / name))
         assert row.remote_path == name
-        [old] = catalog.rows_for_path(str(inbox / "d1" / name))
+        [old] = catalog.files.rows_for_path(str(inbox / "d1" / name))
         assert old.removed is not None, "the vanished file's row still holds its far name"
     assert far_contents(far) == files
 
@@ -297,7 +297,7 @@ def test_a_producer_registering_the_same_file_again_keeps_its_far_name(setup, tm
     again = add_file(str(p), "kept.dat", "arch", db_path=str(setup.database))
     srfm = SupRsyncFilesManager(str(setup.database))
     srfm.add_file(str(p), "kept.dat", "arch")
-    rows = catalog.rows_for_path(str(p))
+    rows = catalog.files.rows_for_path(str(p))
     assert [r.remote_path for r in rows] == ["kept.dat"] * 3
     assert first.remote_path == again.remote_path == "kept.dat"
 
@@ -319,7 +319,7 @@ def test_socs_files_manager_gives_a_reused_name_with_other_content_a_version(
     with srfm.Session.begin() as session:  # as socs producers batch their files
         session.add_all([create_file(str(p), "produced.dat", "arch")])
     wait_until(lambda: len(deleted_rows(catalog, p)) == 2 and not p.exists(), timeout=15)
-    assert [r.remote_path for r in catalog.rows_for_path(str(p))] == ["produced.dat", "produced.dat.~2~"]
+    assert [r.remote_path for r in catalog.files.rows_for_path(str(p))] == ["produced.dat", "produced.dat.~2~"]
     assert far_contents(far) == {"produced.dat": b"first", "produced.dat.~2~": b"second"}
 
 
@@ -353,7 +353,7 @@ def test_a_verified_file_replaced_by_another_file_keeps_its_far_copy_and_the_new
     far_copies = FarCopiesStay(far)
     c = inbox / "c.dat"
     c.write_bytes(b"first")
-    wait_until(lambda: any(r.verified for r in catalog.rows_for_path(str(c))), timeout=15)
+    wait_until(lambda: any(r.verified for r in catalog.files.rows_for_path(str(c))), timeout=15)
     far_copies.check()
     scratch = tmp_path / "scratch"
     scratch.mkdir()
@@ -364,7 +364,7 @@ def test_a_verified_file_replaced_by_another_file_keeps_its_far_copy_and_the_new
         return far_contents(far) == {"c.dat": b"first", "c.dat.~2~": b"second"}
 
     wait_until(both_shipped, timeout=15, message="the replacement shipped beside the first copy")
-    rows = catalog.rows_for_path(str(c))
+    rows = catalog.files.rows_for_path(str(c))
     assert [(r.remote_path, r.removed is not None) for r in rows] == [("c.dat", True), ("c.dat.~2~", False)]
 
 
@@ -379,7 +379,7 @@ def test_a_file_replaced_while_the_agent_is_stopped_never_overwrites_the_first_f
     a = inbox / "zz" / "a.dat"
     a.parent.mkdir()
     a.write_bytes(b"FIRST content\n")
-    wait_until(lambda: any(r.verified for r in catalog.rows_for_path(str(a))), timeout=15)
+    wait_until(lambda: any(r.verified for r in catalog.files.rows_for_path(str(a))), timeout=15)
     first.stop()
     (inbox / "zz" / ".a.tmp").write_bytes(b"SECOND content\n")
     os.rename(inbox / "zz" / ".a.tmp", a)  # another inode, other content, same name

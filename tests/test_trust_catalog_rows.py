@@ -24,7 +24,7 @@ import pytest
 from tests.agent_process import watcher_command
 from tests.conftest import Setup
 from tests.waiting import wait_until
-from watcher.db import Catalog
+from watcher.catalog import Catalog
 from watcher.seal import KEY_BYTES, Sealer, key_path, load_key
 
 SECRET = b"root only: the producer may not read, ship or delete this\n"
@@ -291,9 +291,9 @@ def test_a_file_the_agent_hashed_and_sealed_is_deleted_without_hashing_it_again(
     agent = start_agent(d.setup)
     path = d.inbox / "mine.dat"
     path.write_bytes(b"registered by the agent")
-    wait_until(lambda: [r for r in agent.catalog.rows_for_path(str(path)) if r.verified],
+    wait_until(lambda: [r for r in agent.catalog.files.rows_for_path(str(path)) if r.verified],
                timeout=15, message="the file to be verified")
-    row = agent.catalog.rows_for_path(str(path))[0]
+    row = agent.catalog.files.rows_for_path(str(path))[0]
     assert agent.catalog.sealed(row) and agent.catalog.trusted_identity(row) == row.identity
     assert not Catalog(d.database).sealed(row)  # without the key (socs, a producer), nothing is
     wait_until(lambda: not path.exists(), timeout=15, message="the file to be deleted")
@@ -335,12 +335,12 @@ def test_refused_rows_leave_the_pending_index_and_are_found_again_through_their_
         catalog.db.execute_sql(
             "INSERT INTO supersync_v0 (local_path, local_md5sum, archive_name, remote_path, timestamp, refused) "
             "VALUES (?, ?, 'a', ?, ?, ?)", (f"/x/{i}", "0" * 32, f"{i}", float(i), 1 if i % 2 else None))
-    assert [r[0] for r in catalog.pending_rows("a", 100, 10)] == list(range(1, 51, 2))  # ids of even i
+    assert [r[0] for r in catalog.shipping.pending("a", 100, 10)] == list(range(1, 51, 2))  # ids of even i
     sql = "SELECT id, archive_name, local_path FROM supersync_v0 WHERE refused IS NOT NULL AND id > ? ORDER BY id LIMIT ?"
     plan = [row[3] for row in catalog.db.execute_sql("EXPLAIN QUERY PLAN " + sql, (0, 10))]
     assert any("watcher_refused" in step for step in plan), plan
-    assert catalog.readmit(lambda archive, path: path.endswith("1")) == 5  # /x/1, 11, 21, 31, 41
-    assert len(catalog.pending_rows("a", 100, 10)) == 30
+    assert catalog.files.readmit(lambda archive, path: path.endswith("1")) == 5  # /x/1, 11, 21, 31, 41
+    assert len(catalog.shipping.pending("a", 100, 10)) == 30
     catalog.close()
 
 
@@ -361,11 +361,11 @@ def test_a_refused_row_holds_no_timecode_directory_open_and_no_far_name(tmp_path
     insert("/in/root/good.dat", md5s["good"], "17000/good.dat", verified=True, refused=False)
     insert("/etc/shadow", md5s["forged"], "17000/forged.dat", verified=False, refused=True)
     insert("/etc/forged", md5s["forged"], "17000/good.dat", verified=True, refused=True)
-    assert not catalog.timecode_dir_has_unverified("a", 17000)
-    assert catalog.timecode_dir_remote_paths("a", 17000) == ["17000/good.dat"]
-    assert catalog.contested_remote_paths("a", ["17000/good.dat"]) == set()
+    assert not catalog.timecode_dirs.has_unverified("a", 17000)
+    assert catalog.timecode_dirs.remote_paths("a", 17000) == ["17000/good.dat"]
+    assert catalog.far_names.contested("a", ["17000/good.dat"]) == set()
     later = insert("/in/root/later.dat", "3" * 32, "17000/forged.dat", verified=False, refused=False)
-    claims = catalog.far_name_claims("a", [(later, "/in/root/later.dat", "17000/forged.dat", "3" * 32)])
+    claims = catalog.far_names.claims_for_rows("a", [(later, "/in/root/later.dat", "17000/forged.dat", "3" * 32)])
     assert claims.taken == {} and claims.versioned == {}
     catalog.close()
 
@@ -416,7 +416,7 @@ def test_a_producer_that_erases_a_far_copys_history_still_destroys_no_far_copy(
     produced = _producers_root(d)
     agent = start_agent(d.setup)
     d.a_file_ships_and_goes("a.dat")
-    [first] = [r.id for r in agent.catalog.rows_for_path(str(d.inbox / "a.dat"))]
+    [first] = [r.id for r in agent.catalog.files.rows_for_path(str(d.inbox / "a.dat"))]
     done = d.producer.python("import sqlite3, sys\ncon = sqlite3.connect(sys.argv[1], timeout=30)\n"
                              "con.execute(sys.argv[2], (int(sys.argv[3]),))\ncon.commit()\n",
                              str(d.database), erase, str(first))

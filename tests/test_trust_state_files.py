@@ -33,7 +33,7 @@ from tests.test_safety_degradation import problems, row_of
 from tests.test_faults import verified
 from tests.waiting import wait_until
 from watcher.catalog import Catalog
-from watcher.timecodes import timecode_now
+from watcher.paths import timecode_now
 
 SECRET = b"root's secret\n"
 

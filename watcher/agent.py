@@ -30,7 +30,7 @@ from peewee import OperationalError
 
 from watcher import state_files
 from watcher.config import Config, ConfigError
-from watcher.db import Catalog
+from watcher.catalog import Catalog
 from watcher.roots import Roots
 from watcher.seal import Sealer, load_key
 from watcher.handlers import SettleTracker, WatchHandler, scan
@@ -41,7 +41,7 @@ from watcher.retention import delete_expired, settle_claimed_removals
 from watcher.safefs import ignore_lease_breaks
 from watcher.rsync import Destination, Stopped, TransferError, remove_stale_batch_trees
 from watcher.ssh import make_control_dir, remove_control_dir, remove_stale_control_dirs
-from watcher.timecode import remove_unregistered_finalizations, update_timecode_dirs
+from watcher.finalize import remove_unregistered_finalizations, update_timecode_dirs
 from watcher.transfer import TransferWorker
 
 log = logging.getLogger(__name__)
@@ -589,7 +589,7 @@ class Agent:
         remove_stale_batch_trees()  # left by an agent killed mid-batch
         remove_stale_control_dirs()  # masters and control directories of agents killed (SIGKILL)
         settle_claimed_removals(self.catalog, self.config)  # left by an agent killed while deleting
-        if readmitted := self.catalog.readmit(self.roots.admits):  # a root added since they were refused
+        if readmitted := self.catalog.files.readmit(self.roots.admits):  # a root added since they were refused
             log.info("%d catalog rows refused before are inside their archive's roots now", readmitted)
         remove_unregistered_finalizations(self.catalog, self.config.file_root, self.config.instance_id,
                                           list(self.config.archives))
@@ -712,7 +712,7 @@ class Agent:
         declared whole before its files were counted.
         """
         stop = self.stop_event
-        with_database_retry(self.catalog.derive_timecode_dirs, self.health, stop)
+        with_database_retry(self.catalog.timecode_dirs.derive, self.health, stop)
         if not self.quiet():
             return False
         waiting = self._findings.below({BLOCKED}, [str(self.config.file_root)])
