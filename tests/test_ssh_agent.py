@@ -3,12 +3,14 @@ directory arrive on the far side through one shared ssh connection, and
 stopping the agent closes that connection and removes its control directory."""
 from __future__ import annotations
 
+import glob
 import os
 import subprocess
 
 from tests.ssh_support import control_sockets, processes_mentioning, ssh_archive_options
 from tests.waiting import wait_until
 from watcher.agent import Agent
+from watcher.ssh import CONTROL_DIR_BASE, CONTROL_DIR_PREFIX
 
 
 def test_agent_ships_over_one_shared_ssh_connection_and_stop_closes_it(sshd, remote_dir, setup):
@@ -30,14 +32,15 @@ def test_agent_ships_over_one_shared_ssh_connection_and_stop_closes_it(sshd, rem
                                    for n, d in files.items()), timeout=20,
                        message="both files on the far side")
             wait_until(lambda: all(r.verified for n in files
-                                   for r in catalog.rows_for_path(str(inbox / n))) and
-                       all(catalog.rows_for_path(str(inbox / n)) for n in files),
+                                   for r in catalog.files.rows_for_path(str(inbox / n))) and
+                       all(catalog.files.rows_for_path(str(inbox / n)) for n in files),
                        timeout=10, message="both files verified in the catalog")
         finally:
             catalog.close()
 
-        control_dir = agent._control_dir
-        assert control_dir and os.path.isdir(control_dir)
+        # the agent runs in this process: its control directory is named after our pid
+        [control_dir] = glob.glob(os.path.join(CONTROL_DIR_BASE, f"{CONTROL_DIR_PREFIX}{os.getpid()}-*"))
+        assert os.path.isdir(control_dir)
         assert os.stat(control_dir).st_mode & 0o077 == 0  # private
         [socket] = control_sockets(control_dir)
         check = subprocess.run(agent.destinations["arch"].ssh_args()

@@ -55,9 +55,9 @@ def test_every_listed_file_is_a_link_to_a_descriptor_of_the_file_opened_without_
 
     with _Listing((str(inbox),)) as listing:
         sent, refused = listing.add_all(items)
-        tree = listing._tree
         source, data = listing.source_and_data()
-        assert source == f"{tree}/t/"
+        assert source.endswith("/t/") and os.path.isdir(source), source
+        tree = source[:-len("/t/")]
         assert data == b"1700000000/a.dat\0./#b.dat\0renamed/c.dat\0"  # '#' would be a comment
         for fd, remote, path in zip(listing.fds, ["1700000000/a.dat", "#b.dat", "renamed/c.dat"],
                                     [here, hashed, elsewhere]):
