@@ -885,7 +885,7 @@ def ship_batch(dest: Destination, items: list[Item], stop: threading.Event | Non
 def send_batch(dest: Destination, items: list[Item], stop: threading.Event | None = None) -> tuple[list[Item], list[Item]]:
     """The copy half of ship_batch: (items handed to rsync, items refused)."""
     sent, refused = dest.send(items, stop)
-    checkpoint("copied")
+    checkpoint("copied", lambda message: TransferError("connection", message))  # as if cut off
     return sent, refused
 
 
