@@ -14,6 +14,7 @@ import time
 import pytest
 import yaml
 
+from tests import md5_audit
 from tests.waiting import wait_until
 from watcher.db import Catalog
 
@@ -45,9 +46,14 @@ def test_nested_directories_created_and_filled_at_once_are_shipped(setup, start_
         assert (far / p.relative_to(inbox)).read_bytes() == p.read_bytes()
 
 
-def test_file_written_slowly_is_shipped_with_its_final_content(setup, start_agent):
+def test_a_file_written_with_pauses_shorter_than_settle_has_only_its_final_md5_recorded(setup, start_agent):
+    """Promise 1, the settle rule: a writer that keeps the file open and pauses less
+    than ``settle`` between chunks is not registered until it is done; the catalog
+    never held another md5 for the file (a partial file registered, then shipped
+    again, would leave the same end state)."""
     far = setup.archive()
     inbox = setup.rule(settle=1)
+    md5_audit.install(setup.database)
     start_agent(setup)
     target = inbox / "slow.bin"
     chunks = [os.urandom(4096) for _ in range(6)]
@@ -58,9 +64,10 @@ def test_file_written_slowly_is_shipped_with_its_final_content(setup, start_agen
             time.sleep(0.4)  # the writer is slow on purpose
     final = b"".join(chunks)
     catalog = setup.catalog()
-    wait_until(lambda: verified(catalog, target), timeout=15)
-    assert catalog.rows_for_path(str(target))[0].local_md5sum == md5(final)
+    wait_until(lambda: verified(catalog, target)
+               and catalog.files.rows_for_path(str(target))[0].local_md5sum == md5(final), timeout=15)
     assert (far / "slow.bin").read_bytes() == final
+    assert set(md5_audit.md5s_recorded(setup.database, target)) == {md5(final)}
 
 
 def test_a_file_renamed_into_the_watched_tree_is_shipped(setup, start_agent, tmp_path):

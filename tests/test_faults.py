@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests import md5_audit
 from tests.agent_process import agent_processes, memory_dir  # noqa: F401  (fixtures)
 from tests.waiting import wait_until
 from watcher.db import Catalog
@@ -267,22 +268,38 @@ def shipped_as(database: Path, far: Path, path: Path, remote: str, content: byte
             and far_copy.exists() and far_copy.read_bytes() == content)
 
 
-def test_file_written_slowly_is_shipped_with_its_final_content(setup, agent_processes):
-    """Promise 1: a file written in chunks over ~3 s, never closed in between, ships as it ends."""
+def test_a_file_still_open_when_its_new_directory_is_scanned_has_only_its_final_md5_recorded(
+        setup, agent_processes):
+    """Promise 1, the scan's rule: a file made with its directory before the agent
+    watches it (the agent frozen meanwhile) arrives with no events of its own; the
+    directory's scan finds it open for writing and must not take it for complete.
+    Written in chunks over ~3 s, it is registered once done: the catalog never held
+    another md5 for it (a partial file registered, then shipped again, would leave
+    the same end state)."""
     far = setup.archive()
     inbox = setup.rule()
+    md5_audit.install(setup.database)
     agent = agent_processes(setup).start().wait_ready()
     chunks = [os.urandom(32 << 10) for _ in range(15)]
-    path = inbox / "slow.dat"
-    with open(path, "wb") as f:
-        for chunk in chunks:
+    path = inbox / "new run" / "slow.dat"
+    agent.freeze()
+    try:
+        path.parent.mkdir()
+        f = open(path, "wb")
+        f.write(chunks[0])
+        f.flush()
+    finally:
+        agent.thaw()
+    with f:
+        for chunk in chunks[1:]:
+            time.sleep(0.2)  # the writer's pace (under the rule's 0.5 s settle), not a wait
             f.write(chunk)
             f.flush()
-            time.sleep(0.2)  # the writer's pace (under the rule's 0.5 s settle), not a wait
     content = b"".join(chunks)
-    agent.wait_for(lambda: shipped_as(setup.database, far, path, "slow.dat", content),
+    agent.wait_for(lambda: shipped_as(setup.database, far, path, "new run/slow.dat", content),
                    message="the final content verified on both sides")
     assert path.read_bytes() == content
+    assert set(md5_audit.md5s_recorded(setup.database, path)) == {md5(content)}
 
 
 def test_file_appended_after_it_was_shipped_is_shipped_again_with_its_new_content(setup, agent_processes):
