@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import errno
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -45,12 +46,12 @@ def test_fail_raises_what_the_call_site_says_and_a_count_limits_it(tmp_path):
     with pytest.raises(OSError) as raised:
         armed["deleting"].fire("deleting", None)
     assert raised.value.errno == errno.EIO
-    assert [fire(armed["deleting"], "deleting") for _ in range(2)] == ["OSError: [Errno 5] fault injected at deleting"] * 2
+    assert [fire(armed["deleting"], "deleting") for _ in range(2)] == [
+        "OSError: [Errno 5] fault injected at deleting"] * 2
     assert record.read_text().splitlines() == ["copied 2*fail"] * 2 + ["deleting fail"] * 3
 
 
-def test_delay_waits_then_goes_on(tmp_path):
-    import time
+def test_delay_waits_then_goes_on():
     armed = parse("hashed=1*delay(0.3)")
     started = time.monotonic()
     assert fire(armed["hashed"], "hashed") == "passed"
@@ -80,7 +81,8 @@ def test_a_specification_mistake_is_named_in_one_line(spec, problem):
 def test_a_checkpoint_with_an_unknown_name_is_an_error_naming_the_known_ones():
     with pytest.raises(UnknownFaultPoint) as raised:
         checkpoint("copyed")
-    assert str(raised.value) == "unknown fault point 'copyed' (known: hashed, copied, verified, deleting, finalizing)"
+    assert str(raised.value) == ("unknown fault point 'copyed' "
+                                 "(known: hashed, copied, verified, deleting, finalizing)")
     for point in POINTS:  # unarmed (this process has no WATCHER_FAULTS): nothing happens
         checkpoint(point)
 
