@@ -19,8 +19,8 @@ import time
 
 import pytest
 
-from tests.test_faults import verified
-from tests.test_safety_degradation import row_of, status, wait_for_problems
+from tests.catalog_rows import row_of, verified
+from tests.status_command import status, wait_for_problems
 from tests.waiting import wait_until
 
 

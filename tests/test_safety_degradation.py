@@ -15,7 +15,6 @@ the agent alone, in a user namespace of its own.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -26,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent_process import watcher_command
-from tests.test_faults import rows, verified
+from tests.catalog_rows import row_of, rows, verified
+from tests.status_command import status, wait_for_problems
 from tests.waiting import wait_until
 
 # In a user namespace of its own, with the inotify watch limit given after it.
@@ -36,32 +35,6 @@ LIMITED_WATCHES = ["unshare", "--user", "--map-root-user", "sh", "-c",
 
 
 # -- helpers -----------------------------------------------------------------------
-
-
-def status(setup, *args: str, by_db: bool = False) -> subprocess.CompletedProcess:
-    """`watcher status` on the setup's rules file (``by_db``: on its catalog,
-    which needs no watched directory to exist)."""
-    where = ["--db", str(setup.database)] if by_db else ["--config", str(setup.root / "rules.yaml")]
-    shown = subprocess.run(watcher_command("status", *where, *args), capture_output=True, text=True, timeout=60)
-    assert shown.returncode == 0, shown.stderr
-    return shown
-
-
-def problems(setup, archive: str = "arch", by_db: bool = False) -> dict[str, int]:
-    """The problem counts `watcher status --json` shows for an archive."""
-    return json.loads(status(setup, "--json", by_db=by_db).stdout)[archive]["problems"]
-
-
-def wait_for_problems(setup, expected: dict[str, int], agent=None, timeout: float = 10,
-                      by_db: bool = False) -> None:
-    wait = agent.wait_for if agent is not None else wait_until
-    wait(lambda: problems(setup, by_db=by_db) == expected, timeout=timeout,
-         message=f"status to show problems {expected} (it shows {problems(setup, by_db=by_db)})")
-
-
-def row_of(database: Path, path: Path) -> dict | None:
-    found = [r for r in rows(database) if r["local_path"] == str(path)]
-    return found[-1] if found else None
 
 
 def shipped(database: Path, far: Path, path: Path, remote: str) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_config_refusals import (
+from tests.rules_files import (
     GOOD, accepted, only_problem, problems_of, refused_by_cli, with_archive_key, write,
 )
 

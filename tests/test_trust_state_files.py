@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Setup
-from tests.test_safety_degradation import problems, row_of
-from tests.test_faults import verified
+from tests.catalog_rows import row_of, verified
+from tests.status_command import problems
 from tests.waiting import wait_until
 from watcher.catalog import Catalog
 from watcher.paths import timecode_now
