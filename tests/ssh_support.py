@@ -11,6 +11,7 @@ exec the real binary.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pwd
@@ -117,25 +118,34 @@ class Sleeps:
             self.on_sleep(len(self.delays))
 
 
-@pytest.fixture
-def destinations():
-    """Make Destinations, each with its own ssh control directory (so no test
-    reuses another's connection); their masters are stopped afterwards.
-
-    They may send any file ("/" is their one root, nothing below it followed):
-    which rows a worker ships is its own roots' say (see make_worker)."""
+@contextlib.contextmanager
+def destination_maker(local_roots: tuple[str, ...]):
+    """``make(archive)`` -> a Destination that may send files below
+    ``local_roots``, each with its own ssh control directory (so no test
+    reuses another's connection); their masters are stopped on exit."""
     made: list[tuple[Destination, str]] = []
 
     def make(archive: Archive) -> Destination:
         control = make_control_dir()
-        dest = Destination(archive, control, ("/",))
+        dest = Destination(archive, control, local_roots)
         made.append((dest, control))
         return dest
 
-    yield make
-    for dest, control in made:
-        dest.close()
-        remove_control_dir(control)
+    try:
+        yield make
+    finally:
+        for dest, control in made:
+            dest.close()
+            remove_control_dir(control)
+
+
+@pytest.fixture
+def destinations():
+    """Make Destinations (destination_maker) that may send any file ("/" is
+    their one root, nothing below it followed): which rows a worker ships is
+    its own roots' say (see make_worker)."""
+    with destination_maker(("/",)) as make:
+        yield make
 
 
 @pytest.fixture

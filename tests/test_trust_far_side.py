@@ -18,12 +18,11 @@ import pytest
 
 from tests.hostile_names import hostile_names
 from tests.sshd import SshServer
-from tests.ssh_support import Sleeps, md5, register, row, ssh_archive
+from tests.ssh_support import Sleeps, destination_maker, md5, register, row, ssh_archive
 from watcher.config import Archive
 from watcher.health import read_health
 from watcher.rsync import (Destination, Item, TransferError, inode_generation, reported_names,
                            rsync_escaped, ship_batch)
-from watcher.ssh import make_control_dir, remove_control_dir
 
 DECOY = b"the content the file is known to have\n"
 
@@ -43,20 +42,9 @@ def _maker(sshd: SshServer | None):
 
 @pytest.fixture
 def destinations(tmp_path):
-    """Make Destinations that may send files below ``tmp_path``, each with its
-    own ssh control directory; their masters are stopped afterwards."""
-    made: list[tuple[Destination, str]] = []
-
-    def make(archive: Archive) -> Destination:
-        control = make_control_dir()
-        dest = Destination(archive, control, local_roots=(str(tmp_path),))
-        made.append((dest, control))
-        return dest
-
-    yield make
-    for dest, control in made:
-        dest.close()
-        remove_control_dir(control)
+    """Make Destinations (destination_maker) that may send files below ``tmp_path`` only."""
+    with destination_maker((str(tmp_path),)) as make:
+        yield make
 
 
 def fake_rsync(bin_dir: Path, version: str) -> Path:
