@@ -76,6 +76,16 @@ def archive_state(setup, name: str) -> dict:
     return ((read_health(setup.database) or {}).get("archives") or {}).get(name) or {}
 
 
+def assert_refused_and_degraded(setup, archive: str, local: Path, far_copy: Path, shipped: str) -> None:
+    """The archive degrades over a file just written, which is neither shipped
+    (``shipped`` says what it would mean) nor verified."""
+    wait_until(lambda: archive_state(setup, archive).get("degraded") or far_copy.exists(),
+               timeout=30, message=f"archive {archive} degraded (or, wrongly, shipped)")
+    assert not far_copy.exists(), shipped
+    assert not verified(setup, local)
+    assert archive_state(setup, archive)["degraded"] is True
+
+
 def masters_of(sshd) -> dict[int, str]:
     """Live ssh master processes connected to the test sshd, with their control
     directories (a master's title is ``ssh: <socket> [mux]``)."""
@@ -125,12 +135,8 @@ def test_an_archive_that_cannot_connect_never_ships_through_another_archives_con
     wait_until(lambda: verified(setup, good_inbox / "first.dat"), timeout=30,
                message="the good archive's file verified (its master connection up)")
     (bad_inbox / "second.dat").write_bytes(b"must not ride the good archive's connection\n")
-    wait_until(lambda: archive_state(setup, "bad").get("degraded") or (far_bad / "second.dat").exists(),
-               timeout=30, message="the intruding archive degraded (or, wrongly, shipped)")
-
-    assert not (far_bad / "second.dat").exists(), f"{kind}: shipped through the other archive's master"
-    assert not verified(setup, bad_inbox / "second.dat")
-    assert archive_state(setup, "bad")["degraded"] is True
+    assert_refused_and_degraded(setup, "bad", bad_inbox / "second.dat", far_bad / "second.dat",
+                                f"{kind}: shipped through the other archive's master")
     assert not archive_state(setup, "good").get("degraded")
 
 
@@ -169,11 +175,8 @@ def test_a_known_hosts_path_pinning_another_key_refuses_the_host_whatever_its_na
     start_agent(setup)
 
     (inbox / "a.dat").write_bytes(b"for the pinned host only\n")
-    wait_until(lambda: archive_state(setup, "arch").get("degraded") or (remote_dir / "a.dat").exists(),
-               timeout=30, message="the archive degraded (or, wrongly, shipped)")
-    assert not (remote_dir / "a.dat").exists(), f"{directory!r}: a changed host key was accepted"
-    assert not verified(setup, inbox / "a.dat")
-    assert archive_state(setup, "arch")["degraded"] is True
+    assert_refused_and_degraded(setup, "arch", inbox / "a.dat", remote_dir / "a.dat",
+                                f"{directory!r}: a changed host key was accepted")
     assert known.read_text().count("\n") == 1  # nothing was added to the pinned file
     direct = ssh_true(setup.config().archives["arch"], None)  # the md5 step's chain, without rsync
     assert direct.returncode == 255 and "reached" not in direct.stdout, direct.stderr
