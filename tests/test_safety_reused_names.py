@@ -252,14 +252,21 @@ def test_a_directory_renamed_before_shipping_is_registered_again_under_its_far_n
 
 # -- the producers' API -------------------------------------------------------------------------
 
-def test_the_api_gives_a_reused_name_with_other_content_a_version_and_keeps_it_for_the_same(
-        setup, start_agent, tmp_path):
-    produced = tmp_path / "produced"  # where producers put files: an API root
+def _producers_deployment(setup, start_agent, tmp_path):
+    """A running agent whose archive takes files producers register under
+    tmp_path/produced (an API root) and deletes them 0.5 s after. Returns
+    (far, catalog, produced)."""
+    produced = tmp_path / "produced"
     produced.mkdir()
     far = setup.archive(delete_local_after=0.5, api_roots=[str(produced)])
     setup.rule()
     start_agent(setup)
-    catalog = setup.catalog()
+    return far, setup.catalog(), produced
+
+
+def test_the_api_gives_a_reused_name_with_other_content_a_version_and_keeps_it_for_the_same(
+        setup, start_agent, tmp_path):
+    far, catalog, produced = _producers_deployment(setup, start_agent, tmp_path)
     p = produced / "c.dat"
     copies = FarCopiesStay(far)
 
@@ -304,12 +311,7 @@ def test_a_producer_registering_the_same_file_again_keeps_its_far_name(setup, tm
 
 def test_socs_files_manager_gives_a_reused_name_with_other_content_a_version(
         setup, start_agent, tmp_path):
-    produced = tmp_path / "produced"  # where producers put files: an API root
-    produced.mkdir()
-    far = setup.archive(delete_local_after=0.5, api_roots=[str(produced)])
-    setup.rule()
-    start_agent(setup)
-    catalog = setup.catalog()
+    far, catalog, produced = _producers_deployment(setup, start_agent, tmp_path)
     srfm = SupRsyncFilesManager(str(setup.database))
     p = produced / "produced.dat"
     p.write_bytes(b"first")
