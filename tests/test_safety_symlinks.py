@@ -256,62 +256,38 @@ def test_a_polled_tree_never_enters_a_link_to_an_outside_directory(setup, start_
 
 # -- data moved away and replaced by a link -------------------------------------------------
 
-def test_a_verified_directory_moved_away_and_replaced_by_a_link_is_not_deleted_through_it(
-        setup, start_agent, tmp_path):
+@pytest.mark.parametrize("moved", ["d", "f.dat"], ids=["its directory", "the file"])
+def test_a_verified_file_moved_away_and_replaced_by_a_link_is_not_deleted_through_it(
+        setup, start_agent, tmp_path, moved):
+    """The file, or the directory it lies in, is moved elsewhere and a link to it
+    takes its place: retention deletes nothing through the link."""
     far = setup.archive(delete_local_after=0.5)
     inbox = setup.rule()
     # Housekeeping (and so retention) only when the test says: the file must be
-    # verified, and still here, when its directory is swapped for a link.
+    # verified, and still here, when it or its directory is swapped for a link.
     agent = start_agent(setup, housekeeping_interval=3600)
     catalog = setup.catalog()
-    (inbox / "d").mkdir()
-    f = inbox / "d" / "f.dat"
+    rel = "d/f.dat" if moved == "d" else "f.dat"
+    f = inbox / rel
+    f.parent.mkdir(exist_ok=True)
     f.write_bytes(b"precious data")
     control = inbox / "control.dat"
     control.write_bytes(b"control")
     wait_until(lambda: verified(catalog, f) and verified(catalog, control), timeout=15)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    os.rename(inbox / "d", elsewhere / "d")
-    os.symlink(elsewhere / "d", inbox / "d")
+    os.rename(inbox / moved, elsewhere / moved)
+    os.symlink(elsewhere / moved, inbox / moved)
     # Rounds of retention until the plain file of the same age is deleted, and some more.
     wait_until(lambda: agent.housekeep_once() or not control.exists(), timeout=10,
                message="retention to delete the plain control file")
     for _ in range(3):
         agent.housekeep_once()
-    assert (elsewhere / "d" / "f.dat").read_bytes() == b"precious data"
+    assert (elsewhere / rel).read_bytes() == b"precious data"
+    assert (inbox / moved).is_symlink()
     [row] = catalog.files.rows_for_path(str(f))
     assert row.removed is None
-    assert (far / "d" / "f.dat").read_bytes() == b"precious data"
-    wait_until(lambda: symlink_problems(setup) >= 1, timeout=10,
-               message="status to show the symlink in the way")
-
-
-def test_a_verified_file_replaced_by_a_link_to_its_copy_elsewhere_is_not_deleted_through_it(
-        setup, start_agent, tmp_path):
-    far = setup.archive(delete_local_after=0.5)
-    inbox = setup.rule()
-    agent = start_agent(setup, housekeeping_interval=3600)
-    catalog = setup.catalog()
-    f = inbox / "f.dat"
-    f.write_bytes(b"precious data")
-    control = inbox / "control.dat"
-    control.write_bytes(b"control")
-    wait_until(lambda: verified(catalog, f) and verified(catalog, control), timeout=15)
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    os.rename(f, elsewhere / "f.dat")
-    os.symlink(elsewhere / "f.dat", f)
-    # Rounds of retention until the plain file of the same age is deleted, and some more.
-    wait_until(lambda: agent.housekeep_once() or not control.exists(), timeout=10,
-               message="retention to delete the plain control file")
-    for _ in range(3):
-        agent.housekeep_once()
-    assert (elsewhere / "f.dat").read_bytes() == b"precious data"
-    assert f.is_symlink()
-    [row] = catalog.files.rows_for_path(str(f))
-    assert row.removed is None
-    assert (far / "f.dat").read_bytes() == b"precious data"
+    assert (far / rel).read_bytes() == b"precious data"
     wait_until(lambda: symlink_problems(setup) >= 1, timeout=10,
                message="status to show the symlink in the way")
 
