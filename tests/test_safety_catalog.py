@@ -44,6 +44,19 @@ REMOVALS = {
 }
 
 
+def agent_whose_retention_works(setup, agent_processes, delete_local_after: float):
+    """An agent process with housekeeping and retention rounds every second,
+    started and seen to ship and delete a first file. Returns (inbox, agent)."""
+    setup.top["rescan_interval"] = 1
+    setup.archive(delete_local_after=delete_local_after)
+    inbox = setup.rule(settle=0.2)
+    agent = agent_processes(setup).start().wait_ready()
+    early = inbox / "early.dat"
+    early.write_bytes(b"early")
+    agent.wait_for(lambda: not early.exists(), message="early.dat shipped and deleted: retention works")
+    return inbox, agent
+
+
 @pytest.mark.parametrize("how", REMOVALS)
 def test_a_catalog_taken_from_under_the_agent_stops_it_before_it_deletes_anything_more(
         setup, agent_processes, how):
@@ -52,13 +65,7 @@ def test_a_catalog_taken_from_under_the_agent_stops_it_before_it_deletes_anythin
     on the same configuration meanwhile is refused (the tree is locked); started
     after the first exited, it is the only one deleting."""
     setup.database = setup.root / "state" / "catalog.db"
-    setup.top["rescan_interval"] = 1  # housekeeping and retention rounds every second
-    setup.archive(delete_local_after=2)
-    inbox = setup.rule(settle=0.2)
-    first = agent_processes(setup).start().wait_ready()
-    early = inbox / "early.dat"
-    early.write_bytes(b"early")
-    first.wait_for(lambda: not early.exists(), message="early.dat shipped and deleted: retention works")
+    inbox, first = agent_whose_retention_works(setup, agent_processes, delete_local_after=2)
     due = inbox / "due.dat"
     due.write_bytes(b"due")
     first.wait_for(lambda: (row_of(setup.database, due) or {}).get("remote_md5sum"), message="due.dat verified")
@@ -109,13 +116,7 @@ def test_a_read_only_catalog_pauses_deletion_until_it_is_writable_again(setup, a
         request.getfixturevalue("without_dac")
     elif subprocess.run(["chattr", "-i", str(setup.root)], capture_output=True).returncode:
         pytest.skip("this file system has no immutable attribute")
-    setup.top["rescan_interval"] = 1
-    setup.archive(delete_local_after=1)
-    inbox = setup.rule(settle=0.2)
-    agent = agent_processes(setup).start().wait_ready()
-    early = inbox / "early.dat"
-    early.write_bytes(b"early")
-    agent.wait_for(lambda: not early.exists(), message="early.dat shipped and deleted: retention works")
+    inbox, agent = agent_whose_retention_works(setup, agent_processes, delete_local_after=1)
 
     make = ["chattr", "+i"] if how == "immutable" else ["chmod", "a-w"]
     undo = ["chattr", "-i"] if how == "immutable" else ["chmod", "u+w"]
