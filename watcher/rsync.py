@@ -39,6 +39,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import sh
 
@@ -116,6 +117,29 @@ class Item:
     # this very file, which this agent verified (Destination.may_be_edit;
     # the send checks the file opened is that file).
     edit: bool = False
+
+
+class FarCheck(NamedTuple):
+    """One file of a shipped batch: the md5 sent, and the far copy's (None: none was read)."""
+
+    sent: str
+    found: str | None
+
+
+class Sent(NamedTuple):
+    """A batch copied: the items handed to rsync, and those refused before
+    it (unopenable, or not reported sent), which are charged without a far md5."""
+
+    sent: list[Item]
+    refused: list[Item]
+
+
+class BatchResult(NamedTuple):
+    """What a shipped batch came to: a FarCheck per row judged, and the items
+    whose local file was gone (not charged: the caller marks them removed)."""
+
+    checked: dict[int, FarCheck]
+    missing: list[Item]
 
 
 @dataclass
@@ -871,10 +895,9 @@ def _descriptor_budget() -> int:
     return max(64, (min(soft, 1 << 20) - 1024) // 2)
 
 
-def ship_batch(dest: Destination, items: list[Item], stop: threading.Event | None = None) -> tuple[dict[int, tuple[str, str | None]], list[Item]]:
+def ship_batch(dest: Destination, items: list[Item], stop: threading.Event | None = None) -> BatchResult:
     """Copy and verify a batch.
 
-    Returns ``({id: (md5 sent, far md5 or None)}, items whose local file was gone)``.
     Raises TransferError when the connection fails; nothing is then charged.
     """
     sent, refused = send_batch(dest, items, stop)
@@ -882,16 +905,15 @@ def ship_batch(dest: Destination, items: list[Item], stop: threading.Event | Non
     return batch_results(sent, refused, far)
 
 
-def send_batch(dest: Destination, items: list[Item], stop: threading.Event | None = None) -> tuple[list[Item], list[Item]]:
-    """The copy half of ship_batch: (items handed to rsync, items refused)."""
+def send_batch(dest: Destination, items: list[Item], stop: threading.Event | None = None) -> Sent:
+    """The copy half of ship_batch."""
     sent, refused = dest.send(items, stop)
     checkpoint("copied", lambda message: TransferError("connection", message))  # as if cut off
-    return sent, refused
+    return Sent(sent, refused)
 
 
-def batch_results(sent: list[Item], refused: list[Item], far: dict[str, str]) -> tuple[dict[int, tuple[str, str | None]], list[Item]]:
-    """The check half of ship_batch, given the far md5 sums: ``({id: (md5 sent,
-    far md5 or None)}, items whose local file was gone)``.
+def batch_results(sent: list[Item], refused: list[Item], far: dict[str, str]) -> BatchResult:
+    """The check half of ship_batch, given the far md5 sums.
 
     Only a file that was not verified is looked for on the local disk: one
     that is gone is not charged (the caller marks it removed).
@@ -902,10 +924,10 @@ def batch_results(sent: list[Item], refused: list[Item], far: dict[str, str]) ->
         if found != item.local_md5sum and not os.path.lexists(item.local_path):
             missing.append(item)
         else:
-            results[item.id] = (item.local_md5sum, found)
+            results[item.id] = FarCheck(item.local_md5sum, found)
     for item in refused:  # charged, so they end failed
         if os.path.lexists(item.local_path):
-            results[item.id] = (item.local_md5sum, None)
+            results[item.id] = FarCheck(item.local_md5sum, None)
         else:
             missing.append(item)
-    return results, missing
+    return BatchResult(results, missing)
