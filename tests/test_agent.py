@@ -370,10 +370,26 @@ def test_a_second_agent_on_the_same_catalog_refuses_to_start(setup, start_agent)
     assert "Traceback" not in proc.stderr
 
 
+class _Pauses(list):
+    """A worker's back-off pauses, recorded instead of slept. A step goes on
+    after a batch of which nothing arrived (the retry policy's result), so
+    ``look()``, when set, is asked at each pause: its answers are ``seen``."""
+
+    def __init__(self):
+        super().__init__()
+        self.look = None
+        self.seen = []
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+        if self.look is not None:
+            self.seen.append(self.look())
+
+
 def _worker_with_pending(setup, tmp_path, files: dict[str, int], files_per_batch: int = 4):
     """A local archive and a rule; ``files`` ({remote path: size}) written under
     tmp_path/src (the archive's API root) and registered, oldest first; a
-    transfer worker whose back-off pauses are recorded instead of slept.
+    transfer worker whose back-off pauses are recorded instead of slept (_Pauses).
     Returns (far, catalog, worker, pauses)."""
     from watcher.roots import Roots
     from watcher.rsync import Destination
@@ -390,11 +406,11 @@ def _worker_with_pending(setup, tmp_path, files: dict[str, int], files_per_batch
         p = src / os.path.basename(remote)
         p.write_bytes(os.urandom(size))
         catalog.add_file(str(p), remote, "arch", timestamp=1000.0 + i)
-    pauses = []
+    pauses = _Pauses()
     roots = Roots(config)
     worker = TransferWorker(catalog, config.archives["arch"],
                             Destination(config.archives["arch"], None, roots.of("arch")),
-                            threading.Event(), sleep=pauses.append, roots=roots)
+                            threading.Event(), sleep=pauses, roots=roots)
     return far, catalog, worker, pauses
 
 
@@ -405,14 +421,14 @@ def _attempts(catalog) -> dict[str, int]:
 def test_a_batch_of_which_nothing_arrives_blames_the_archive_and_charges_no_file(setup, tmp_path):
     far, catalog, worker, pauses = _worker_with_pending(
         setup, tmp_path, {f"d/f{i}.dat": 100 for i in range(4)})
+    pauses.look = lambda: sorted(_attempts(catalog).values())
     _refuse_deletion(far / "x")  # the archive's base directory takes no new entry
     try:
-        assert worker.step() and worker.step()
-        attempts = [r.failed_copy_attempts for r in catalog.known_files("arch", 0)]
-        assert attempts == [0, 0, 0, 0]  # two batches (4, then 2 files) charged nothing
+        assert worker.step()
         assert pauses == [1.0, 2.0]
-        assert worker.step()  # a batch of one is the file's own: charged
-        assert sorted(r.failed_copy_attempts for r in catalog.known_files("arch", 0)) == [0, 0, 0, 1]
+        assert pauses.seen == [[0, 0, 0, 0]] * 2  # two batches (4, then 2 files) charged nothing
+        # then a batch of one, the file's own: charged
+        assert sorted(r.failed_copy_attempts for r in catalog.reports.known_files("arch", 0)) == [0, 0, 0, 1]
     finally:
         _allow_deletion(far / "x")
     def everything_shipped():  # room again; the charged file waits its 1 s after a mismatch
@@ -438,9 +454,10 @@ def test_a_big_file_alone_in_its_batch_is_tried_with_the_next_before_the_archive
     try:
         assert worker.step()  # big0 alone (the byte cap): nothing charged, tried again at once
         assert _attempts(catalog) == {"big0.dat": 0, "big1.dat": 0} and pauses == []
+        pauses.look = lambda: _attempts(catalog)
         assert worker.step()  # with big1: nothing arrives, the archive is blamed
-        assert _attempts(catalog) == {"big0.dat": 0, "big1.dat": 0} and pauses == [1.0]
-        assert worker.step()  # then a batch of one, the file's own: charged
+        assert pauses == [1.0] and pauses.seen == [{"big0.dat": 0, "big1.dat": 0}]
+        # then a batch of one, the file's own: charged
         assert _attempts(catalog) == {"big0.dat": 1, "big1.dat": 0}
     finally:
         _allow_deletion(far / "x")
@@ -500,18 +517,19 @@ def test_a_batch_missing_locally_save_a_row_held_back_is_not_marked_gone_at_once
         "VALUES (?, ?, 'arch', 'x.dat', 1)", (str(tmp_path / "src" / "x2.dat"), "1" * 32))
     for name in ("x.dat", "y.dat"):
         (tmp_path / "src" / name).unlink()
+    pauses.look = lambda: [r.removed for r in catalog.reports.known_files("arch", 0)]
     assert worker.step()  # every file handed to rsync is gone: an unmounted disk, not deleted data
-    assert [r.removed for r in catalog.known_files("arch", 0)] == [None] * 3
-    assert pauses == [1.0]
+    assert pauses == [1.0] and pauses.seen == [[None] * 3]
 
 
 def test_a_whole_batch_missing_locally_is_not_marked_gone_at_once(setup, tmp_path):
     _, catalog, worker, pauses = _worker_with_pending(setup, tmp_path, {f"m{i}.dat": 1 for i in range(4)})
     for i in range(4):  # registered, then their disk "goes away"
         (tmp_path / "src" / f"m{i}.dat").unlink()
-    assert worker.step() and worker.step()  # 4, then 2 missing: an unmounted disk, not deleted data
-    assert [r.removed for r in catalog.known_files("arch", 0)] == [None] * 4
-    assert worker.step()  # a batch of one is marked as before
-    assert sorted(r.removed is not None for r in catalog.known_files("arch", 0)) == [False] * 3 + [True]
+    pauses.look = lambda: [r.removed for r in catalog.reports.known_files("arch", 0)]
+    assert worker.step()  # 4, then 2 missing: an unmounted disk, not deleted data
+    assert pauses.seen == [[None] * 4] * 2
+    # then a batch of one is marked as before
+    assert sorted(r.removed is not None for r in catalog.reports.known_files("arch", 0)) == [False] * 3 + [True]
     assert worker.step()  # and the next whole batch waits longer: the trouble goes on
     assert pauses == [1.0, 2.0, 4.0]

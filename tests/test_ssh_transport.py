@@ -244,13 +244,14 @@ def test_files_that_vanished_are_marked_removed_one_batch_of_one_at_a_time(
     ids = register(catalog, "arch", {"a.dat": b"a", "b.dat": b"b"}, tmp_path / "src")
     for name in ("a.dat", "b.dat"):
         (tmp_path / "src" / name).unlink()
-    worker = make_worker(archive)
+    seen = []
+    sleeps = Sleeps(lambda n: seen.append([row(catalog, i).removed for i in ids.values()]))
+    worker = make_worker(archive, sleep=sleeps)
 
-    # A whole batch gone looks like an unmounted disk: nothing is marked yet.
+    # A whole batch gone looks like an unmounted disk: nothing is marked yet,
+    # the worker backs off; then a batch of one is marked as usual, then the other.
     assert worker.step() is True
-    assert [row(catalog, i).removed for i in ids.values()] == [None, None]
-    # A batch of one is marked as usual, then the other.
-    assert worker.step() is True
+    assert seen == [[None, None]] and len(sleeps.delays) == 1
     assert worker.step() is True
 
     # A file that cannot be opened is not sent: no command runs at all.

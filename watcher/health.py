@@ -15,10 +15,8 @@ import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from peewee import OperationalError
-from tenacity import Retrying, retry_if_exception_type, wait_exponential
-
 from watcher import state_files
+from watcher.retry import catalog_retrying
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -185,15 +183,7 @@ def with_database_retry(work: Callable[[], T], health: Health | None, stop: thre
         if health:
             health.database(locked, error)
 
-    retrying = Retrying(
-        retry=retry_if_exception_type(OperationalError),
-        wait=wait_exponential(multiplier=0.5, min=0.5, max=15),
-        stop=lambda state: stop.is_set(),
-        sleep=sleep or stop.wait,
-        before_sleep=before_sleep,
-        reraise=True,
-    )
-    result = retrying(work)
+    result = catalog_retrying(stop, before_sleep, sleep)(work)
     if health:
         health.database(False)
     return result

@@ -3,14 +3,17 @@
 A loop of steps: each step ships one batch and says whether there was one;
 when none is left the worker waits on its wake event (set by the registrar,
 or a timeout that picks up rows other processes added), never spinning.
-A connection failure is not the files' fault: tenacity backs off and
-retries the same batch, the archive shows as degraded, nothing is charged.
+A connection failure is not the files' fault: the retry policy
+(watcher.retry) backs off and retries the same batch, the archive shows as
+degraded, nothing is charged. Nor is a batch of which nothing arrived: it
+is a result the same policy retries, with a batch half as big.
 
 run() overlaps batches: while the far md5 of one batch runs (on a helper
 thread, over its own session of the shared ssh connection), the next batch,
 which leaves out the rows in flight and their remote paths, is laid out and
 copied; results are recorded in order. In trouble it goes one batch at a
-time. step() ships and records one batch, start to end.
+time. step() ships and records one batch, start to end (and, when nothing
+of it arrived, the smaller ones after it, until one is judged).
 
 A file whose far copy did not match waits before its next attempt, twice
 as long after each (MISMATCH_WAIT up to MISMATCH_WAIT_MAX), while the
@@ -29,14 +32,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
-from tenacity import Retrying, retry_if_exception_type, stop_any, stop_when_event_set, wait_exponential
+from tenacity import RetryCallState, Retrying
 
 from watcher.config import Archive
 from watcher.db import Catalog
 from watcher.faults import checkpoint
 from watcher.health import Health, with_database_retry
+from watcher.retry import MAX_BACKOFF, connection_retrying, result_retrying, stop_after_attempt_if
 from watcher.roots import Roots
-from watcher.rsync import Destination, Item, TransferError, batch_results, send_batch, ship_batch
+from watcher.rsync import BatchResult, Destination, Item, Sent, TransferError, batch_results, send_batch, ship_batch
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,18 @@ def _stat_size(path: str) -> int | None:
         return None
 
 
+@dataclass(frozen=True)
+class NothingArrived:
+    """A batch of which not one file arrived: the archive's trouble, not the
+    files'. The result the retry policy retries, with half the batch."""
+
+    count: int
+    what: str  # with {} for the count
+
+    def __str__(self) -> str:
+        return self.what.format(self.count)
+
+
 @dataclass
 class _InFlight:
     """A batch copied whose far md5 is running."""
@@ -81,7 +97,7 @@ class _InFlight:
 class TransferWorker:
     def __init__(self, catalog: Catalog, archive: Archive, destination: Destination,
                  stop: threading.Event, health: Health | None = None,
-                 sleep: Callable[[float], object] | None = None, max_backoff: float = 60.0,
+                 sleep: Callable[[float], object] | None = None, max_backoff: float = MAX_BACKOFF,
                  clock: Callable[[], float] = time.monotonic, *, roots: Roots):
         """``roots``: which local paths rows of this archive may name (watcher.roots)."""
         self.catalog = catalog
@@ -91,7 +107,7 @@ class TransferWorker:
         self.stop = stop
         self.health = health
         self.wake = threading.Event()
-        self._sleep = sleep or stop.wait
+        self._sleep = stop.wait if sleep is None else sleep
         self._max_backoff = max_backoff
         self._batch_size = archive.files_per_batch
         self._trouble = 0  # batches in a row of which nothing arrived
@@ -112,16 +128,29 @@ class TransferWorker:
             self.health.degraded(self.archive.name, str(error))
 
     def _retrying(self) -> Retrying:
-        return Retrying(
-            retry=retry_if_exception_type(TransferError),
-            wait=wait_exponential(multiplier=1, min=1, max=self._max_backoff),
-            stop=stop_any(stop_when_event_set(self.stop), _batch_tried_enough),
-            sleep=self._sleep,
-            before_sleep=self._before_sleep,
-            reraise=True,
-        )
+        """The same batch again after a TransferError; a batch error only BATCH_ERROR_TRIES times."""
+        return connection_retrying(
+            self.stop, TransferError, max_backoff=self._max_backoff,
+            give_up=stop_after_attempt_if(BATCH_ERROR_TRIES, _is_batch_error),
+            sleep=self._sleep, before_sleep=self._before_sleep)
 
-    def _ship(self, items: list[Item]):
+    def _until_judged(self, one_batch: Callable[[], bool | NothingArrived]) -> bool:
+        """Run ``one_batch`` (True: a batch was taken, False: none was pending)
+        and again, with the next smaller batch, after each NothingArrived, per the
+        retry policy; its wait counts the batches in a row of which nothing arrived."""
+        outcome = result_retrying(
+            self.stop, lambda outcome: isinstance(outcome, NothingArrived), lambda: self._trouble,
+            max_backoff=self._max_backoff, sleep=self._sleep,
+            before_sleep=self._before_next_batch)(one_batch)
+        return outcome is not False
+
+    def _before_next_batch(self, state: RetryCallState) -> None:
+        message = f"{state.outcome.result()}; trying {self._batch_size} in {state.upcoming_sleep:.0f} s"
+        log.warning("archive %s: %s", self.archive.name, message)
+        if self.health:
+            self.health.degraded(self.archive.name, message)
+
+    def _ship(self, items: list[Item]) -> BatchResult:
         try:
             return self._retrying()(ship_batch, self.destination, items, self.stop)
         except TransferError as exc:
@@ -129,13 +158,13 @@ class TransferWorker:
                 raise
             return batch_results([], self._blamed(items, exc), {})
 
-    def _send(self, items: list[Item]) -> tuple[list[Item], list[Item]]:
+    def _send(self, items: list[Item]) -> Sent:
         try:
             return self._retrying()(send_batch, self.destination, items, self.stop)
         except TransferError as exc:
             if exc.kind != "batch":
                 raise
-            return [], self._blamed(items, exc)
+            return Sent([], self._blamed(items, exc))
 
     def _blamed(self, items: list[Item], error: TransferError) -> list[Item]:
         log.warning("archive %s: %s; after %d tries the batch's files are judged as not arrived",
@@ -235,46 +264,49 @@ class TransferWorker:
         return kept
 
     def step(self) -> bool:
-        """Ship and record one batch; False when nothing was pending."""
+        """Ship and record one batch (after one of which nothing arrived, the
+        smaller ones that follow); False when nothing was pending."""
+        return self._until_judged(self._one_batch)
+
+    def _one_batch(self) -> bool | NothingArrived:
         if self._in_flight is not None:
-            self._finish_in_flight()
-            return True
+            return self._finish_in_flight() or True
         items, capped = self._fetch()
         if not items:
             return False
-        results, missing = self._ship(items)
-        self._conclude(items, results, missing, capped)
-        return True
+        return self._conclude(items, self._ship(items), capped) or True
 
     def _pipelined_step(self) -> bool:
         """Copy the next batch while the previous one is checked, then record
         the previous one; False when nothing was pending or in flight."""
+        return self._until_judged(self._pipelined_batch)
+
+    def _pipelined_batch(self) -> bool | NothingArrived:
         previous = self._in_flight
         if previous is not None and (self._trouble or self._uncap_next):
             # In trouble, or about to try a failed batch again with the files
             # after it: one batch at a time, so none of them is in flight.
-            self._finish_in_flight()
-            return True
+            return self._finish_in_flight() or True
         items, capped = self._fetch(previous)
         if not items:
             if previous is None:
                 return False
-            self._finish_in_flight()
-            return True
+            return self._finish_in_flight() or True
         sent, refused = self._send(items)
         if self._checker is None:
             self._checker = ThreadPoolExecutor(1, f"watcher-check-{self.archive.name}")
         far = self._checker.submit(self.destination.far_md5, [i.remote_path for i in sent],
                                    self.stop, sum(i.size or 0 for i in sent))
         batch = _InFlight(items, capped, sent, refused, far)
+        judged = None
         try:
             if previous is not None:
-                self._finish_in_flight()
+                judged = self._finish_in_flight()
         finally:
             self._in_flight = batch
-        return True
+        return judged or True
 
-    def _finish_in_flight(self) -> None:
+    def _finish_in_flight(self) -> NothingArrived | None:
         """Wait for the in-flight batch's far md5 and record it."""
         batch, self._in_flight = self._in_flight, None
         try:
@@ -282,15 +314,16 @@ class TransferWorker:
         except TransferError:
             # The connection failed during the check: copy and check the
             # batch again, backing off as for any connection failure.
-            results, missing = self._ship(batch.items)
+            result = self._ship(batch.items)
         else:
-            results, missing = batch_results(batch.sent, batch.refused, far)
-        self._conclude(batch.items, results, missing, batch.capped)
+            result = batch_results(batch.sent, batch.refused, far)
+        return self._conclude(batch.items, result, batch.capped)
 
-    def _conclude(self, items: list[Item], results: dict[int, tuple[str, str | None]],
-                  missing: list[Item], capped: bool = False) -> None:
-        """Judge and record one shipped batch (``capped``: BATCH_BYTES ended it)."""
+    def _conclude(self, items: list[Item], result: BatchResult, capped: bool = False) -> NothingArrived | None:
+        """Judge and record one shipped batch (``capped``: BATCH_BYTES ended it);
+        a NothingArrived is recorded nowhere: the policy retries it."""
         a = self.archive
+        results, missing = result
         nothing_arrived = bool(results) and not any(found == sent for sent, found in results.values())
         if capped and (nothing_arrived or (missing and not results)):
             # Big files travel alone: one failing says nothing yet about
@@ -298,15 +331,13 @@ class TransferWorker:
             self._uncap_next = True
             log.info("archive %s: a batch of %d big files failed as a whole; trying it again "
                      "with the files after it", a.name, len(items))
-            return
+            return None
         if len(results) > 1 and nothing_arrived:
-            self._archive_trouble(len(results), "none of {} files arrived intact")
-            return
+            return self._archive_trouble(len(results), "none of {} files arrived intact")
         if len(missing) > 1 and not results:
             # A whole batch gone at once is more likely an unmounted disk than
             # deleted data: mark none; a batch of one is marked as usual.
-            self._archive_trouble(len(missing), "none of {} files is on the local disk (unmounted?)")
-            return
+            return self._archive_trouble(len(missing), "none of {} files is on the local disk (unmounted?)")
         self._batch_size = a.files_per_batch
         if any(found == sent for sent, found in results.values()):
             self._trouble = 0  # only a file that arrived proves the archive well
@@ -336,6 +367,7 @@ class TransferWorker:
             wait = self._hold(item.id)
             log.warning("%s -> %s:%s not verified (local md5 %s, far md5 %s); next attempt in %.0f s",
                         item.local_path, a.name, item.remote_path, sent, found, wait)
+        return None
 
     def _hold(self, row_id: int) -> float:
         """Keep a row whose far copy did not match out of batches for a while; returns how long."""
@@ -350,20 +382,15 @@ class TransferWorker:
         due = [until - now for until, _ in self._held.values() if until > now]
         return min([IDLE_WAIT, *due])
 
-    def _archive_trouble(self, count: int, what: str) -> None:
+    def _archive_trouble(self, count: int, what: str) -> NothingArrived:
         """Not one file of a batch arrived: blame the archive (a full disk, an
         unwritable base directory), not the files. Nothing is charged; the
-        worker backs off and tries again with half the batch, so that a
+        policy backs off and the next try takes half the batch, so that a
         batch of one, whose failure is charged, ends a run of files that
         really are hopeless and one bad file never holds up the others."""
         self._trouble += 1
-        pause = min(self._max_backoff, 2.0 ** (self._trouble - 1))
         self._batch_size = max(1, count // 2)
-        message = f"{what.format(count)}; trying {self._batch_size} in {pause:.0f} s"
-        log.warning("archive %s: %s", self.archive.name, message)
-        if self.health:
-            self.health.degraded(self.archive.name, message)
-        self._sleep(pause)
+        return NothingArrived(count, what)
 
     def run(self) -> None:
         try:
@@ -388,7 +415,6 @@ class TransferWorker:
                 self.wake.wait(self._idle_wait())
 
 
-def _batch_tried_enough(state) -> bool:
-    """Stop retrying a batch whose file I/O failed BATCH_ERROR_TRIES times."""
-    error = state.outcome.exception() if state.outcome is not None else None
-    return getattr(error, "kind", None) == "batch" and state.attempt_number >= BATCH_ERROR_TRIES
+def _is_batch_error(error: BaseException) -> bool:
+    """rsync's file I/O failed: tried BATCH_ERROR_TRIES times, then judged."""
+    return getattr(error, "kind", None) == "batch"
