@@ -16,11 +16,11 @@ import yaml
 
 from tests import md5_audit
 from tests.waiting import wait_until
-from watcher.db import Catalog
+from watcher.catalog import Catalog
 
 
 def verified(catalog: Catalog, path) -> bool:
-    rows = catalog.rows_for_path(str(path))
+    rows = catalog.files.rows_for_path(str(path))
     return len(rows) == 1 and rows[0].verified
 
 
@@ -95,8 +95,8 @@ def test_excluded_names_are_not_shipped_until_renamed_to_an_included_name(setup,
     catalog = setup.catalog()
     wait_until(lambda: verified(catalog, inbox / "data.txt") and verified(catalog, inbox / "marker.txt"))
     assert sorted(p.name for p in far.rglob("*") if p.is_file()) == ["data.txt", "marker.txt"]
-    assert catalog.rows_for_path(str(inbox / ".hidden")) == []
-    assert catalog.rows_for_path(str(inbox / "data.tmp")) == []
+    assert catalog.files.rows_for_path(str(inbox / ".hidden")) == []
+    assert catalog.files.rows_for_path(str(inbox / "data.tmp")) == []
 
 
 def test_two_rules_ship_to_two_archives(setup, start_agent):
@@ -112,8 +112,8 @@ def test_two_rules_ship_to_two_archives(setup, start_agent):
     wait_until(lambda: verified(catalog, inbox_a / "one.txt") and verified(catalog, inbox_b / "x" / "two.txt"))
     assert (far_a / "a" / "one.txt").read_text() == "1"
     assert (far_b / "b" / "x" / "two.txt").read_text() == "2"
-    assert catalog.rows_for_path(str(inbox_a / "one.txt"))[0].archive_name == "alpha"
-    assert catalog.rows_for_path(str(inbox_b / "x" / "two.txt"))[0].archive_name == "beta"
+    assert catalog.files.rows_for_path(str(inbox_a / "one.txt"))[0].archive_name == "alpha"
+    assert catalog.files.rows_for_path(str(inbox_b / "x" / "two.txt"))[0].archive_name == "beta"
 
 
 def test_files_added_by_another_process_are_shipped_without_a_restart(setup, start_agent, tmp_path):
@@ -151,7 +151,7 @@ def test_retention_deletes_only_verified_deletable_files_past_their_time(setup, 
     catalog = setup.catalog()
     # A wrong md5: its copy never verifies, so it must never be deleted.
     catalog.add_file(str(unshipped), "unshipped.dat", "arch", local_md5sum="0" * 32)
-    wait_until(lambda: [r for r in catalog.rows_for_path(str(files["inbox"])) if (r.removed or 0) > 0],
+    wait_until(lambda: [r for r in catalog.files.rows_for_path(str(files["inbox"])) if (r.removed or 0) > 0],
                timeout=15, message="expired file not deleted")
     assert not files["inbox"].exists()
     assert (far / "inbox.dat").exists()
@@ -161,7 +161,7 @@ def test_retention_deletes_only_verified_deletable_files_past_their_time(setup, 
     for name in ("keep", "forever", "longer"):
         assert files[name].exists(), name
     assert unshipped.exists()
-    assert catalog.rows_for_path(str(unshipped))[0].removed is None
+    assert catalog.files.rows_for_path(str(unshipped))[0].removed is None
 
 
 def test_a_timecode_directory_is_finalized_exactly_once_and_again_for_a_late_file(setup, start_agent, tmp_path):
@@ -182,10 +182,10 @@ def test_a_timecode_directory_is_finalized_exactly_once_and_again_for_a_late_fil
     catalog = setup.catalog()
 
     def finalizations():
-        return [r for r in catalog.known_files("arch", 0) if r.remote_path.endswith("_16000_finalized.yaml")]
+        return [r for r in catalog.reports.known_files("arch", 0) if r.remote_path.endswith("_16000_finalized.yaml")]
 
-    wait_until(lambda: len(catalog.known_files("arch", 0)) == 4
-               and all(r.verified for r in catalog.known_files("arch", 0)), timeout=20)
+    wait_until(lambda: len(catalog.reports.known_files("arch", 0)) == 4
+               and all(r.verified for r in catalog.reports.known_files("arch", 0)), timeout=20)
     wait_until(agent.timecodes_once, message="housekeeping while nothing waits to be registered")
     wait_until(lambda: len(finalizations()) == 1 and finalizations()[0].verified, timeout=20)
     for _ in range(3):
@@ -297,7 +297,7 @@ def test_a_file_that_cannot_be_deleted_is_reported_once_and_left(setup, start_ag
             for _ in range(3):
                 agent.housekeep_once()
         assert keep.exists()
-        assert catalog.rows_for_path(str(keep))[0].removed is None
+        assert catalog.files.rows_for_path(str(keep))[0].removed is None
         assert len([r for r in caplog.records if "cannot delete" in r.getMessage()]) == 1
     finally:
         _allow_deletion(keep)
@@ -312,14 +312,14 @@ def test_a_second_file_under_a_taken_far_name_is_not_registered_and_stays(setup,
     first, second = inbox / "a" / "same.dat", inbox / "b" / "same.dat"
     first.write_bytes(b"first")
     catalog = setup.catalog()
-    wait_until(lambda: catalog.rows_for_path(str(first)))
+    wait_until(lambda: catalog.files.rows_for_path(str(first)))
     with caplog.at_level(logging.WARNING):
         second.write_bytes(b"second")
         wait_until(lambda: any("already taken" in r.getMessage() for r in caplog.records))
     wait_until(lambda: not first.exists())  # shipped, verified, past retention: deleted
     assert (far / "same.dat").read_bytes() == b"first"
     assert second.read_bytes() == b"second"
-    assert catalog.rows_for_path(str(second)) == []
+    assert catalog.files.rows_for_path(str(second)) == []
 
 
 def test_one_registration_batch_keeps_the_first_file_of_a_far_name_and_skips_a_fifo(setup, caplog):
@@ -339,9 +339,9 @@ def test_one_registration_batch_keeps_the_first_file_of_a_far_name_and_skips_a_f
                           lambda archives: None, threading.Event())
     with caplog.at_level(logging.WARNING, logger="watcher.registrar"):
         assert registrar.register([str(first), str(second), str(fifo)]) == 1
-    [row] = catalog.rows_for_path(str(first))
+    [row] = catalog.files.rows_for_path(str(first))
     assert row.remote_path == "same.dat"
-    assert catalog.rows_for_path(str(second)) == [] and catalog.rows_for_path(str(fifo)) == []
+    assert catalog.files.rows_for_path(str(second)) == [] and catalog.files.rows_for_path(str(fifo)) == []
     assert any(f"already taken by {first}" in r.getMessage() for r in caplog.records)
 
 
@@ -353,9 +353,9 @@ def test_a_file_under_nested_watched_directories_is_registered_once(setup, start
     path.write_bytes(b"once")
     start_agent(setup)
     catalog = setup.catalog()
-    wait_until(lambda: [r.verified for r in catalog.rows_for_path(str(path))] == [True],
+    wait_until(lambda: [r.verified for r in catalog.files.rows_for_path(str(path))] == [True],
                message="x.dat shipped")
-    assert len(catalog.rows_for_path(str(path))) == 1
+    assert len(catalog.files.rows_for_path(str(path))) == 1
 
 
 def test_a_second_agent_on_the_same_catalog_refuses_to_start(setup, start_agent):
@@ -415,7 +415,7 @@ def _worker_with_pending(setup, tmp_path, files: dict[str, int], files_per_batch
 
 
 def _attempts(catalog) -> dict[str, int]:
-    return {os.path.basename(r.local_path): r.failed_copy_attempts for r in catalog.known_files("arch", 0)}
+    return {os.path.basename(r.local_path): r.failed_copy_attempts for r in catalog.reports.known_files("arch", 0)}
 
 
 def test_a_batch_of_which_nothing_arrives_blames_the_archive_and_charges_no_file(setup, tmp_path):
@@ -433,7 +433,7 @@ def test_a_batch_of_which_nothing_arrives_blames_the_archive_and_charges_no_file
         _allow_deletion(far / "x")
     def everything_shipped():  # room again; the charged file waits its 1 s after a mismatch
         worker.step()
-        return all(r.verified for r in catalog.known_files("arch", 0))
+        return all(r.verified for r in catalog.reports.known_files("arch", 0))
 
     wait_until(everything_shipped, timeout=10)
     assert worker._batch_size == 4
@@ -472,7 +472,7 @@ def test_a_big_file_that_fails_alone_while_the_next_arrives_is_charged_without_a
     assert _attempts(catalog) == {"big0.dat": 0, "big1.dat": 0}
     assert worker.step()  # with big1, which arrives: big0's failure is its own
     assert _attempts(catalog) == {"big0.dat": 1, "big1.dat": 0}
-    assert [r.verified for r in catalog.known_files("arch", 0)] == [False, True]
+    assert [r.verified for r in catalog.reports.known_files("arch", 0)] == [False, True]
     assert pauses == []
 
 
@@ -504,7 +504,7 @@ def test_a_batch_stops_growing_at_batch_bytes_yet_always_holds_one_file(setup, t
         files_per_batch=100)
     verified = []
     while worker.step():
-        verified.append(sum(r.verified for r in catalog.known_files("arch", 0)))
+        verified.append(sum(r.verified for r in catalog.reports.known_files("arch", 0)))
     # The big file alone, then two small ones (200,000 bytes reach the cap), then the last.
     assert verified == [1, 3, 4]
 

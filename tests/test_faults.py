@@ -22,7 +22,7 @@ import yaml
 from tests import md5_audit
 from tests.agent_process import agent_processes, memory_dir  # noqa: F401  (fixtures)
 from tests.waiting import wait_until
-from watcher.db import Catalog
+from watcher.catalog import Catalog
 from watcher.faults import POINTS
 from watcher.rsync import BATCH_TREE_PREFIX
 

@@ -44,7 +44,7 @@ from typing import NamedTuple
 import sh
 
 from watcher.config import Archive
-from watcher.db import md5_of_fd
+from watcher.hashing import md5_of_fd
 from watcher.faults import checkpoint
 from watcher.rules import REPLACED_DIR, remote_path_problem
 from watcher.safefs import Beneath, Identity, Trees, open_in, split_beneath

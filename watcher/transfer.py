@@ -35,7 +35,7 @@ from typing import Callable
 from tenacity import RetryCallState, Retrying
 
 from watcher.config import Archive
-from watcher.db import Catalog
+from watcher.catalog import Catalog
 from watcher.faults import checkpoint
 from watcher.health import Health, with_database_retry
 from watcher.retry import MAX_BACKOFF, connection_retrying, result_retrying, stop_after_attempt_if
@@ -191,12 +191,13 @@ class TransferWorker:
         self._uncap_next = False
         for _ in range(10):  # a batch of refused rows only: look past it, a few times at most
             rows = with_database_retry(
-                lambda: self.catalog.pending_rows(a.name, self._batch_size + len(skip_ids),
-                                                  a.max_copy_attempts),
+                lambda: self.catalog.shipping.pending(a.name, self._batch_size + len(skip_ids),
+                                                      a.max_copy_attempts),
                 self.health, self.stop)
             items, total, capped, refused = [], 0, False, []
             edits: bool | None = None  # the batch's kind: see Destination.may_be_edit
-            for file_id, local_path, remote_path, md5, size in rows:
+            for row in rows:
+                file_id, local_path, remote_path, size = row.id, row.local_path, row.remote_path, row.size
                 if file_id in skip_ids or remote_path in skip_paths:
                     continue
                 refusal = self.roots.refusal(a.name, file_id, local_path)
@@ -211,7 +212,7 @@ class TransferWorker:
                     edits = edit
                 elif edit != edits:
                     continue  # the other kind waits for the next batch
-                items.append(Item(file_id, local_path, remote_path, md5, size, edit))
+                items.append(Item(file_id, local_path, remote_path, row.local_md5sum, size, edit))
                 total += size or 0
                 if len(items) >= self._batch_size:
                     break
@@ -221,7 +222,7 @@ class TransferWorker:
             items = self._claim_far_names(items)
             if not refused:
                 return items, capped
-            with_database_retry(lambda: self.catalog.refuse(refused), self.health, self.stop)
+            with_database_retry(lambda: self.catalog.files.refuse(refused), self.health, self.stop)
             if items or self.stop.is_set():
                 return items, capped
             # only refused rows: the next ones (no longer returned) may be shippable
@@ -236,7 +237,7 @@ class TransferWorker:
         so that no row overwrites an earlier copy."""
         a = self.archive
         claims = with_database_retry(
-            lambda: self.catalog.far_name_claims(
+            lambda: self.catalog.far_names.claims_for_rows(
                 a.name, [(i.id, i.local_path, i.remote_path, i.local_md5sum) for i in items]),
             self.health, self.stop)
         if not claims.taken and not claims.versioned:
@@ -260,7 +261,7 @@ class TransferWorker:
                 item = dataclasses.replace(item, remote_path=version, edit=False)
             kept.append(item)
         if renames:
-            with_database_retry(lambda: self.catalog.rename_remote(renames), self.health, self.stop)
+            with_database_retry(lambda: self.catalog.far_names.rename(renames), self.health, self.stop)
         return kept
 
     def step(self) -> bool:
@@ -346,9 +347,9 @@ class TransferWorker:
         checkpoint("verified")
         now = time.time()
         verified, failed = with_database_retry(
-            lambda: self.catalog.record_transfer(results, now), self.health, self.stop)
+            lambda: self.catalog.shipping.record(results, now), self.health, self.stop)
         if missing:
-            with_database_retry(lambda: self.catalog.mark_missing([i.id for i in missing]),
+            with_database_retry(lambda: self.catalog.files.mark_missing([i.id for i in missing]),
                                 self.health, self.stop)
             for item in missing:
                 log.warning("%s disappeared before it was shipped; marked removed", item.local_path)
