@@ -34,6 +34,13 @@ def verified(row: dict) -> bool:
     return row["remote_md5sum"] is not None and row["remote_md5sum"] == row["local_md5sum"]
 
 
+def verified_once(catalog, path) -> bool:
+    """One row for the path, verified: read through a Catalog, for tests that
+    already hold one."""
+    rows = catalog.files.rows_for_path(str(path))
+    return len(rows) == 1 and rows[0].verified
+
+
 def shipped_as(database: Path, far: Path, path: Path, remote: str, content: bytes) -> bool:
     """One row for the path, verified with this content's md5, and the far copy is this content."""
     mine = rows_of(database, path)

@@ -1,0 +1,53 @@
+"""The registrar (watcher/registrar.py): two local files never share a far
+name, and what cannot be read as a regular file is skipped, seen through
+the catalog, the files and `watcher status --json`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from tests.waiting import wait_until
+
+
+def test_a_second_file_under_a_taken_far_name_is_not_registered_and_stays(setup, start_agent, caplog):
+    far = setup.archive(delete_local_after=0.5)
+    inbox = setup.rule(remote_path="{name}")  # a template that can collide
+    start_agent(setup)
+    (inbox / "a").mkdir()
+    (inbox / "b").mkdir()
+    first, second = inbox / "a" / "same.dat", inbox / "b" / "same.dat"
+    first.write_bytes(b"first")
+    catalog = setup.catalog()
+    wait_until(lambda: catalog.files.rows_for_path(str(first)))
+    with caplog.at_level(logging.WARNING):
+        second.write_bytes(b"second")
+        wait_until(lambda: any("already taken" in r.getMessage() for r in caplog.records))
+    wait_until(lambda: not first.exists())  # shipped, verified, past retention: deleted
+    assert (far / "same.dat").read_bytes() == b"first"
+    assert second.read_bytes() == b"second"
+    assert catalog.files.rows_for_path(str(second)) == []
+
+
+def test_one_registration_batch_keeps_the_first_file_of_a_far_name_and_skips_a_fifo(setup, caplog):
+    from watcher.handlers import SettleTracker
+    from watcher.registrar import Registrar
+
+    setup.archive()
+    inbox = setup.rule(remote_path="{name}")  # a template that can collide
+    (inbox / "a").mkdir()
+    (inbox / "b").mkdir()
+    first, second, fifo = inbox / "a" / "same.dat", inbox / "b" / "same.dat", inbox / "pipe.dat"
+    first.write_bytes(b"first")
+    second.write_bytes(b"second")
+    os.mkfifo(fifo)  # reading it would block the registrar for good
+    catalog = setup.catalog()
+    registrar = Registrar(catalog, setup.config(), SettleTracker(lambda path: None),
+                          lambda archives: None, threading.Event())
+    with caplog.at_level(logging.WARNING, logger="watcher.registrar"):
+        assert registrar.register([str(first), str(second), str(fifo)]) == 1
+    [row] = catalog.files.rows_for_path(str(first))
+    assert row.remote_path == "same.dat"
+    assert catalog.files.rows_for_path(str(second)) == [] and catalog.files.rows_for_path(str(fifo)) == []
+    assert any(f"already taken by {first}" in r.getMessage() for r in caplog.records)
