@@ -4,14 +4,14 @@ the catalog, the files and `watcher status --json`."""
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 
+from tests.status_command import problems, wait_for_problems
 from tests.waiting import wait_until
 
 
-def test_a_second_file_under_a_taken_far_name_is_not_registered_and_stays(setup, start_agent, caplog):
+def test_a_second_file_under_a_taken_far_name_is_not_registered_and_stays(setup, start_agent):
     far = setup.archive(delete_local_after=0.5)
     inbox = setup.rule(remote_path="{name}")  # a template that can collide
     start_agent(setup)
@@ -21,17 +21,17 @@ def test_a_second_file_under_a_taken_far_name_is_not_registered_and_stays(setup,
     first.write_bytes(b"first")
     catalog = setup.catalog()
     wait_until(lambda: catalog.files.rows_for_path(str(first)))
-    with caplog.at_level(logging.WARNING):
-        second.write_bytes(b"second")
-        wait_until(lambda: any("already taken" in r.getMessage() for r in caplog.records))
+    second.write_bytes(b"second")
+    wait_for_problems(setup, {"far names taken": 1})
     wait_until(lambda: not first.exists())  # shipped, verified, past retention: deleted
     assert (far / "same.dat").read_bytes() == b"first"
     assert second.read_bytes() == b"second"
     assert catalog.files.rows_for_path(str(second)) == []
 
 
-def test_one_registration_batch_keeps_the_first_file_of_a_far_name_and_skips_a_fifo(setup, caplog):
+def test_one_registration_batch_keeps_the_first_file_of_a_far_name_and_skips_a_fifo(setup):
     from watcher.handlers import SettleTracker
+    from watcher.health import Health
     from watcher.registrar import Registrar
 
     setup.archive()
@@ -43,11 +43,14 @@ def test_one_registration_batch_keeps_the_first_file_of_a_far_name_and_skips_a_f
     second.write_bytes(b"second")
     os.mkfifo(fifo)  # reading it would block the registrar for good
     catalog = setup.catalog()
-    registrar = Registrar(catalog, setup.config(), SettleTracker(lambda path: None),
-                          lambda archives: None, threading.Event())
-    with caplog.at_level(logging.WARNING, logger="watcher.registrar"):
+    health = Health(setup.database)  # what `watcher status` reads
+    try:
+        registrar = Registrar(catalog, setup.config(), SettleTracker(lambda path: None),
+                              lambda archives: None, threading.Event(), health=health)
         assert registrar.register([str(first), str(second), str(fifo)]) == 1
-    [row] = catalog.files.rows_for_path(str(first))
-    assert row.remote_path == "same.dat"
-    assert catalog.files.rows_for_path(str(second)) == [] and catalog.files.rows_for_path(str(fifo)) == []
-    assert any(f"already taken by {first}" in r.getMessage() for r in caplog.records)
+        [row] = catalog.files.rows_for_path(str(first))
+        assert row.remote_path == "same.dat"
+        assert catalog.files.rows_for_path(str(second)) == [] and catalog.files.rows_for_path(str(fifo)) == []
+        assert problems(setup) == {"far names taken": 1}
+    finally:
+        health.close()
