@@ -365,7 +365,8 @@ def test_a_refused_row_holds_no_timecode_directory_open_and_no_far_name(tmp_path
     assert catalog.timecode_dirs.remote_paths("a", 17000) == ["17000/good.dat"]
     assert catalog.far_names.contested("a", ["17000/good.dat"]) == set()
     later = insert("/in/root/later.dat", "3" * 32, "17000/forged.dat", verified=False, refused=False)
-    claims = catalog.far_names.claims_for_rows("a", [(later, "/in/root/later.dat", "17000/forged.dat", "3" * 32)])
+    claims = catalog.far_names.claims_for_rows("a", catalog.shipping.pending("a", 10, 10))
+    assert [row.id for row in catalog.shipping.pending("a", 10, 10)] == [later]
     assert claims.taken == {} and claims.versioned == {}
     catalog.close()
 

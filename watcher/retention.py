@@ -258,7 +258,7 @@ class _Round:
         long). Returns how many were deleted, and the files found changed."""
         if not free:
             return 0, []
-        claimed = self.catalog.removals.claim([(r.id, r.local_md5sum) for r, _, _ in free], time.time())
+        claimed = self.catalog.removals.claim([row for row, _, _ in free], time.time())
         deleted, kept, changed = [], [], []
         for row, fd, identity in free:
             if row.id not in claimed:

@@ -237,8 +237,7 @@ class TransferWorker:
         so that no row overwrites an earlier copy."""
         a = self.archive
         claims = with_database_retry(
-            lambda: self.catalog.far_names.claims_for_rows(
-                a.name, [(i.id, i.local_path, i.remote_path, i.local_md5sum) for i in items]),
+            lambda: self.catalog.far_names.claims_for_rows(a.name, items),
             self.health, self.stop)
         if not claims.taken and not claims.versioned:
             return items

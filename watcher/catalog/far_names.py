@@ -8,11 +8,20 @@ copy of that content. These rules apply to every row, whoever wrote it
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from peewee import fn
 
 from watcher.catalog.schema import NewFile, Queries, chunks, from_db_path, to_db_path
+
+
+class ShippedRow(Protocol):
+    """What the far-name rules read of a row about to be shipped."""
+
+    id: int
+    local_path: str
+    remote_path: str
+    local_md5sum: str
 
 
 class Claims(NamedTuple):
@@ -97,20 +106,21 @@ class FarNames(Queries):
                     gone[from_db_path(remote)] = md5  # the newest verified copy is what lies there
         return live, gone
 
-    def claims_for_rows(self, archive: str, rows: list[tuple[int, str, str, str]]) -> Claims:
-        """claim's rules for rows about to be shipped, ``(id, local
-        path, remote path, md5)``, whoever wrote them (socs' own add_file and
+    def claims_for_rows(self, archive: str, rows: list[ShippedRow]) -> Claims:
+        """claim's rules for rows about to be shipped (PendingRow, or the
+        transfer's items: anything with the ShippedRow fields), whoever wrote them (socs' own add_file and
         any writer of the catalog insert rows without the agent's claim):
         ``taken`` maps (archive, name) to the older live row's local file
         that keeps the name, for rows of other files; ``versioned`` maps
         (local path, archive) to the numbered far name a row gets because
         its name holds the only copy of other content. One indexed query
         per batch."""
-        live, gone = self._holders(archive, {remote for _i, _l, remote, _m in rows})
+        named = {row.remote_path for row in rows}
+        live, gone = self._holders(archive, named)
         taken: dict[tuple[str, str], str] = {}
         versioned: dict[tuple[str, str], str] = {}
-        named = {remote for _i, _l, remote, _m in rows}
-        for row_id, local, remote, md5 in rows:
+        for row in rows:
+            row_id, local, remote, md5 = row.id, row.local_path, row.remote_path, row.local_md5sum
             older = [other for i, other in live.get(remote, ()) if other != local and i < row_id]
             if older:
                 taken[(archive, remote)] = older[0]

@@ -35,25 +35,25 @@ class Removals(Queries):
             query = query.where(self.File.timestamp + fn.coalesce(self.File.retain, default_retention) <= now)
         return query.order_by(self.File.timestamp).limit(limit)
 
-    def claim(self, rows: list[tuple[int, str]], when: float) -> set[int]:
-        """Mark removed, before their files are unlinked, the rows ``(id, md5)``
-        still verified with that md5 and not removed; return the ids marked.
+    def claim(self, rows: list[File], when: float) -> set[int]:
+        """Mark removed, before their files are unlinked, the rows still
+        verified with the md5 they hold and not removed; return the ids marked.
 
         Marking first leaves no moment in which a file is gone while its row
         says live: a new file at the same path is then registered as new (and
         never taken for an edit of the one deleted, whose far copy it would
-        overwrite). The rows stay flagged ``deleting`` until ``end_removal``
+        overwrite). The rows stay flagged ``deleting`` until ``end``
         says which files were unlinked; after a crash in between,
-        ``claimed_removals`` lists them for the agent to settle at start.
+        ``claimed`` lists them for the agent to settle at start.
         """
         marked = set()
         with self.db.atomic("IMMEDIATE"):
-            for file_id, md5 in rows:
+            for row in rows:
                 cursor = self.db.execute_sql(
                     "UPDATE supersync_v0 SET removed = ?, deleting = 1 WHERE id = ? AND removed IS NULL "
-                    "AND local_md5sum = ? AND remote_md5sum = local_md5sum", (when, file_id, md5))
+                    "AND local_md5sum = ? AND remote_md5sum = local_md5sum", (when, row.id, row.local_md5sum))
                 if cursor.rowcount:
-                    marked.add(file_id)
+                    marked.add(row.id)
         return marked
 
     def end(self, deleted: list[int], kept: list[int]) -> None:
