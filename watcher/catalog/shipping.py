@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Mapping
+
 from watcher.catalog.schema import PendingRow, Queries, from_db_path
 from watcher.catalog.states import ATTEMPTS, PENDING
 
@@ -28,7 +30,7 @@ class Shipping(Queries):
         return [PendingRow(i, from_db_path(local), from_db_path(remote), md5, size, ts)
                 for i, local, remote, md5, size, ts in cursor.fetchall()]
 
-    def record(self, results: dict[int, tuple[str, str | None]], now: float) -> tuple[int, int]:
+    def record(self, results: Mapping[int, tuple[str, str | None]], now: float) -> tuple[int, int]:
         """Store far md5 sums of a batch: ``{id: (md5 sent, md5 found or None)}``.
 
         A row whose content changed while it travelled (its local md5 is no
