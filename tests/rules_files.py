@@ -31,9 +31,10 @@ rules:
 # 7 rules, 8 watch, 9 archive, 10 remote_path; a key appended to the rule is line 11.
 
 
-def write(tmp_path: Path, text: str) -> Path:
+def write(tmp_path: Path, text: str, name: str = "rules.yaml") -> Path:
+    """``text`` (dedented) as tmp_path/name, beside the ``inbox`` its rules watch."""
     (tmp_path / "inbox").mkdir(exist_ok=True)
-    path = tmp_path / "rules.yaml"
+    path = tmp_path / name
     path.write_text(textwrap.dedent(text))
     return path
 

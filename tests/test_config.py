@@ -10,11 +10,11 @@ import re
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
+from tests.rules_files import write
 from watcher.config import (
     ARCHIVE_KEYS, DEFAULT_DATABASE, DEFAULT_FILE_ROOT, RULE_KEYS, TOP_KEYS, Archive, Config, ConfigError, Rule,
     defaults, load_config, parse_config, parse_duration,
@@ -31,13 +31,6 @@ rules:
     archive: arch
     remote_path: "{timecode}/{relpath}"
 """
-
-
-def write(tmp_path: Path, text: str, name: str = "rules.yaml") -> Path:
-    (tmp_path / "inbox").mkdir(exist_ok=True)
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 def problems_of(path: Path) -> list[str]:
