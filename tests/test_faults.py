@@ -8,7 +8,6 @@ pause points (watcher/faults.py) let a test SIGKILL it at an exact instant.
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 import sqlite3
@@ -21,6 +20,7 @@ import yaml
 
 from tests import md5_audit
 from tests.agent_process import agent_processes, memory_dir  # noqa: F401  (fixtures)
+from tests.catalog_rows import md5, rows, rows_of, shipped_as, verified, write_files
 from tests.waiting import wait_until
 from watcher.catalog import Catalog
 from watcher.faults import POINTS
@@ -39,21 +39,10 @@ FILES = {
 # -- reading the end state ------------------------------------------------------------
 
 
-def rows(database: Path) -> list[dict]:
-    """Every row of the file table, as dicts (plain sqlite3: no agent code)."""
-    with sqlite3.connect(database, timeout=30) as db:
-        db.row_factory = sqlite3.Row
-        return [dict(r) for r in db.execute("SELECT * FROM supersync_v0 ORDER BY id")]
-
-
 def tcdirs(database: Path) -> list[dict]:
     with sqlite3.connect(database, timeout=30) as db:
         db.row_factory = sqlite3.Row
         return [dict(r) for r in db.execute("SELECT * FROM timecode_dirs_v0 ORDER BY id")]
-
-
-def verified(row: dict) -> bool:
-    return row["remote_md5sum"] is not None and row["remote_md5sum"] == row["local_md5sum"]
 
 
 def finalization_rows(all_rows: list[dict]) -> list[dict]:
@@ -68,17 +57,6 @@ def far_files(far: Path) -> dict[str, bytes]:
             path = Path(top) / name
             found[str(path.relative_to(far))] = path.read_bytes()
     return found
-
-
-def write_files(inbox: Path, files: dict[str, bytes]) -> dict[str, bytes]:
-    """Create the files; return {absolute local path: content}."""
-    out = {}
-    for rel, content in files.items():
-        path = inbox / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content)
-        out[str(path)] = content
-    return out
 
 
 def timecoded_deployment(setup, **archive_options):
@@ -250,22 +228,6 @@ def test_power_cut_during_a_transfer_leaves_no_partial_file_under_a_final_name(s
 
 
 # -- promise 1: complete files only, changes shipped again -----------------------------------
-
-
-def md5(data: bytes) -> str:
-    return hashlib.md5(data).hexdigest()
-
-
-def rows_of(database: Path, path: Path | str) -> list[dict]:
-    return [r for r in rows(database) if r["local_path"] == str(path)]
-
-
-def shipped_as(database: Path, far: Path, path: Path, remote: str, content: bytes) -> bool:
-    """One row for the path, verified with this content's md5, and the far copy is this content."""
-    mine = rows_of(database, path)
-    far_copy = far / remote
-    return (len(mine) == 1 and verified(mine[0]) and mine[0]["local_md5sum"] == md5(content)
-            and far_copy.exists() and far_copy.read_bytes() == content)
 
 
 def test_a_file_still_open_when_its_new_directory_is_scanned_has_only_its_final_md5_recorded(

@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 from tests.agent_process import agent_processes, watcher_command  # noqa: F401  (fixture)
-from tests.test_faults import md5, rows, verified, write_files
+from tests.catalog_rows import md5, rows, verified, write_files
 
 WRITER = textwrap.dedent("""
     import sys
