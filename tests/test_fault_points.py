@@ -8,13 +8,14 @@ from __future__ import annotations
 import ast
 import errno
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.agent_process import agent_processes  # noqa: F401  (fixture)
-from tests.test_faults import md5, rows_of, shipped_as
+from tests.catalog_rows import md5, rows_of, shipped_as
 from watcher import faults
 from watcher.faults import POINTS, FaultSpecError, UnknownFaultPoint, checkpoint, parse
 
@@ -127,6 +128,16 @@ def test_the_agent_refuses_to_start_on_a_fault_it_cannot_inject(env, named, setu
 
 
 # -- the agent survives what the points inject ---------------------------------------------------
+
+
+@pytest.mark.parametrize("env", [{"WATCHER_FAULTS": "copid=block"}, {"WATCHER_PAUSE_AT": "copied"}])
+def test_a_program_that_only_imports_watcher_is_not_stopped_by_a_fault_mistake(env, tmp_path):
+    """socs producers import watcher.db: only the agent refuses to start."""
+    code = ("from watcher.db import add_file; from watcher import faults; "
+            "print(faults.environment_problem() is not None)")
+    done = subprocess.run([sys.executable, "-c", code], env=os.environ | env, capture_output=True, text=True,
+                          timeout=60)
+    assert (done.returncode, done.stdout.strip()) == (0, "True"), done.stderr
 
 
 def test_a_connection_lost_after_the_copy_is_retried_without_charging_the_files(setup, agent_processes):

@@ -17,10 +17,12 @@ Entries are separated by ``;``, each ``POINT=[COUNT*]ACTION``:
 With WATCHER_FAULTS_FILE=<path>, each fault appends ``POINT ACTION`` there
 as it fires (before blocking), so a test knows it fired and when.
 
-The environment is read once, at import: a mistake (an unknown point or
-action) ends the process with one line and status 2, since a test that asked
-for a fault must not pass without it. A checkpoint is then one dict lookup;
-a name that is not a point raises UnknownFaultPoint.
+The environment is read once, at import. A mistake (an unknown point or
+action) leaves every point inert and makes the agent refuse to start with
+one line and status 2 (environment_problem), since a test that asked for a
+fault must not pass without it; importing watcher elsewhere is not stopped.
+A checkpoint is one dict lookup; a name that is not a point raises
+UnknownFaultPoint.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import sys
 import threading
 import time
 from typing import Callable
@@ -130,8 +131,15 @@ def checkpoint(name: str, failure: Callable[[str], BaseException] | None = None)
         fault.fire(name, failure)
 
 
+def environment_problem() -> str | None:
+    """What is wrong with the environment's fault specification, or None.
+    The agent refuses to start on it (a test that asked for a fault must
+    not pass without it); a program that only imports watcher (a socs
+    producer) is not stopped by it: its points stay inert."""
+    return _PROBLEM
+
+
 try:
-    _ARMED = from_environment(os.environ)
+    _ARMED, _PROBLEM = from_environment(os.environ), None
 except FaultSpecError as exc:
-    print(f"watcher: {exc}", file=sys.stderr)
-    raise SystemExit(2) from None
+    _ARMED, _PROBLEM = dict.fromkeys(POINTS), str(exc)
