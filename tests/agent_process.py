@@ -17,7 +17,6 @@ tests that make tens of thousands of files.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import shutil
 import signal
@@ -189,10 +188,8 @@ class AgentProcess:
         return read_health(self.database)
 
     def _health_pid(self) -> int | None:
-        try:
-            return int(json.loads(Path(f"{self.database}-watcher.json").read_text())["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+        health = self.health()
+        return health["pid"] if health else None
 
     def _status_kb(self, key: str) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():

@@ -8,14 +8,19 @@ deadline. Each part's own rules are tested in the module that mirrors it
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 import time
+
+import yaml
 
 from tests import md5_audit
 from tests.catalog_rows import md5, verified_once
 from tests.waiting import wait_until
 from watcher.catalog import Catalog
+from watcher.health import read_health, served_archives
 
 
 def test_nested_directories_created_and_filled_at_once_are_shipped(setup, start_agent):
@@ -197,3 +202,94 @@ def test_a_second_agent_on_the_same_catalog_refuses_to_start(setup, start_agent)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("watcher: another watcher agent (pid ")
     assert "Traceback" not in proc.stderr
+
+
+def _one_archive_each(tmp_path, names: dict[str, str | None]) -> dict:
+    """A Setup per archive, all on one catalog and one file_root (as an SO
+    site runs watcher@timestreams and watcher@smurf): {archive: (setup, far, inbox)}."""
+    from tests.conftest import Setup
+
+    shared_db, shared_root = tmp_path / "state" / "catalog.db", tmp_path / "state" / "finalization"
+    made = {}
+    for archive, instance_id in names.items():
+        s = Setup(tmp_path / archive)
+        s.root.mkdir()
+        s.database, s.file_root = shared_db, shared_root
+        far = s.archive(archive, **({"instance_id": instance_id} if instance_id else {}))
+        inbox = s.rule(archive=archive, remote_path="{timecode}/{relpath}")
+        made[archive] = (s, far, inbox)
+    return made
+
+
+def test_two_agents_serve_one_catalog_one_archive_each_with_its_own_instance_id(tmp_path, start_agent):
+    """Each agent ships its archive's files and finalizes them under its
+    archive's instance_id (directory, file name and key), as socs' two
+    SupRsync instances did; `watcher status` sees both agents."""
+    deployments = _one_archive_each(tmp_path, {"timestreams": "timestream-sync-srv20",
+                                               "smurf": "smurf-sync-srv20"})
+    agents = {a: start_agent(s, housekeeping_interval=3600) for a, (s, _far, _inbox) in deployments.items()}
+    for archive, (_s, _far, inbox) in deployments.items():
+        (inbox / "obs_1600000000").mkdir()
+        (inbox / "obs_1600000000" / f"1600000001_{archive}.g3").write_bytes(archive.encode())
+    catalog = Catalog(tmp_path / "state" / "catalog.db")
+    for archive, agent in agents.items():
+        wait_until(lambda: [r.verified for r in catalog.reports.known_files(archive, 0)] == [True], timeout=20,
+                   message=f"{archive}'s file shipped by its own agent")
+        wait_until(agent.timecodes_once, message="housekeeping while nothing waits to be registered")
+    for archive, (_s, far, _inbox) in deployments.items():
+        instance_id = "timestream-sync-srv20" if archive == "timestreams" else "smurf-sync-srv20"
+        wait_until(lambda: list(far.glob(f"*/suprsync/{instance_id}/*_{archive}_16000_finalized.yaml")),
+                   timeout=20, message=f"{archive}'s finalization file shipped under {instance_id}")
+        [shipped] = far.glob(f"*/suprsync/{instance_id}/*_{archive}_16000_finalized.yaml")
+        summary = yaml.safe_load(shipped.read_text())
+        assert (summary["instance_id"], summary["archive_name"], summary["subdirs"]) == \
+            (instance_id, archive, ["obs_1600000000"])
+        assert not list(far.glob("*/suprsync/test-instance/*")), "the top-level id named an archive's file"
+        assert len(list(far.rglob("*_finalized.yaml"))) == 1, "one agent finalized the other's archive"
+    shown = subprocess.run([sys.executable, "-m", "watcher.cli", "status", "--json",
+                            "--db", str(tmp_path / "state" / "catalog.db")],
+                           capture_output=True, text=True, timeout=60)
+    report = json.loads(shown.stdout)
+    assert set(report) == {"timestreams", "smurf"} and not any(r["degraded"] for r in report.values())
+    health = read_health(tmp_path / "state" / "catalog.db")
+    assert health["pids"] == [os.getpid()] and set(served_archives(tmp_path / "state" / "catalog.db")) == \
+        {"timestreams", "smurf"}
+    catalog.close()
+
+
+def test_a_second_agent_for_an_archive_already_served_is_refused_naming_it(tmp_path, start_agent):
+    """Another archive of the same catalog may start; the same archive again
+    may not, even from a configuration that also names a free archive."""
+    deployments = _one_archive_each(tmp_path, {"smurf": None, "timestreams": None})
+    smurf, _far, _inbox = deployments["smurf"]
+    start_agent(smurf)
+    both = deployments["timestreams"][0]
+    both.archives.update(smurf.archives)
+    both.rules.append({**smurf.rules[0]})
+    proc = subprocess.run([sys.executable, "-m", "watcher.cli", "run", "--config", str(both.write())],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f"watcher: another watcher agent (pid {os.getpid()}) is running archive smurf " \
+                   f"on {smurf.database}", last
+    assert "Traceback" not in proc.stderr
+
+
+def test_an_agent_of_an_older_watcher_holding_the_whole_catalog_is_respected(setup, tmp_path):
+    """Older watchers lock <catalog>-watcher.lock exclusively; a new agent
+    takes it shared, so neither starts beside the other."""
+    import fcntl
+
+    setup.archive()
+    setup.rule()
+    setup.database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{setup.database}-watcher.lock", "w") as old:
+        old.write("4242")
+        old.flush()
+        fcntl.flock(old, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what the older agent holds
+        proc = subprocess.run([sys.executable, "-m", "watcher.cli", "run", "--config", str(setup.write())],
+                              capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"watcher: another watcher agent (pid 4242, an older version, which serves every archive) "
+        f"is running on {setup.database}")

@@ -536,11 +536,13 @@ def test_the_reader_takes_every_default_from_the_settings_dataclasses(tmp_path):
     config = read_minimal(tmp_path)
     for section, cls in (("top", Config), ("archive", Archive), ("rule", Rule)):
         for key, default in defaults(cls).items():
-            if key in KEYS[section]:
+            if key in KEYS[section] and (section, key) != ("archive", "instance_id"):
                 assert setting_of(config, section, key) == default, (section, key)
     assert config.database == tmp_path / DEFAULT_DATABASE
     assert config.file_root == tmp_path / DEFAULT_FILE_ROOT
     assert config.instance_id == socket.gethostname()
+    # an archive without its own instance_id takes the top-level one
+    assert all(a.instance_id == config.instance_id for a in config.archives.values())
 
 
 _LINE = re.compile(r"^( *)(?:- )?([a-z_]+):\s*(.*?)\s*(?:#\s*(.*))?$")
@@ -615,6 +617,9 @@ def test_the_readme_states_the_default_the_code_has(tmp_path, section, key, valu
     if said == "absent":
         assert code is None, f"{shown}, as if absent meant none; the code's default is {code!r}"
         return
+    if said == "default" and words == "the top-level instance_id":
+        assert code == read_minimal(tmp_path).instance_id, f"{shown}; the code's default is {code!r}"
+        return
     if said == "default" and words == "host name":
         assert code == socket.gethostname(), f"{shown}; the code's default is {code!r}"
         return
@@ -634,3 +639,14 @@ def test_the_readme_states_the_default_the_code_has(tmp_path, section, key, valu
     assert documented == code, (
         f"{shown}, which reads as {documented!r}; the code's default is {code!r}: the README "
         f"should show the default or state it in the comment (default: ...)")
+
+
+def test_an_archive_has_its_own_instance_id_or_the_top_level_one(tmp_path):
+    """socs ran one SupRsync instance per archive, each with its own id."""
+    config = read_minimal(tmp_path, "archive", "instance_id: smurf-sync-srv20")
+    assert [a.instance_id for a in config.archives.values()] == ["smurf-sync-srv20"]
+    for bad in ("a/b", "..", "''", "x" * 201):
+        with pytest.raises(ConfigError) as refused:
+            read_minimal(tmp_path, "archive", f"instance_id: {bad}")
+        [problem] = refused.value.problems
+        assert "archives.a.instance_id:" in problem and ("finalization" in problem or "non-empty" in problem), problem

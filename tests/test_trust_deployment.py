@@ -396,7 +396,8 @@ def test_the_service_account_ships_verifies_and_deletes_a_producers_file(deploym
         assert stat.S_IMODE(st.st_mode) & 0o007 == 0, f"{name} is open to others: {oct(st.st_mode)}"
     key = (d.state / "catalog.db-watcher.key").stat()
     assert key.st_uid == d.service.uid and stat.S_IMODE(key.st_mode) == 0o600
-    for name in ("catalog.db-watcher.key", "catalog.db-watcher.json", "catalog.db-watcher.lock"):
+    for name in ("catalog.db-watcher.key", f"catalog.db-watcher-{ARCHIVE}.json", "catalog.db-watcher.lock",
+                 f"catalog.db-watcher-{ARCHIVE}.lock"):
         assert (d.state / name).stat().st_uid == d.service.uid, name
     # timecode 17000 is complete: its finalization file is written in file_root and shipped
     agent.wait_for(lambda: list(d.far.glob(f"*/suprsync/trust-deployment/*_{ARCHIVE}_17000_finalized.yaml")),

@@ -127,15 +127,18 @@ def _root_hard_link(d: Deployment, lock: str) -> None:
 LOCK_TRAPS["hard link to a root-only file (protected_hardlinks=0)"] = _root_hard_link
 
 
+@pytest.mark.parametrize("which", ["catalog", "archive"])
 @pytest.mark.parametrize("trap", LOCK_TRAPS)
-def test_a_trap_at_the_lock_file_is_never_written_through(deployment, agent_processes, trap):
-    """The producer plants a trap at catalog.db-watcher.lock: the agent opens
+def test_a_trap_at_the_lock_file_is_never_written_through(deployment, agent_processes, trap, which):
+    """The producer plants a trap at catalog.db-watcher.lock (shared by the
+    agents of the catalog) or the archive's catalog.db-watcher-ARCHIVE.lock: the agent opens
     it without following it, truncates nothing, and refuses to start with one
     line naming it (exit 2: the lock's inode is what excludes a second agent,
     so a wrong one is for an operator to remove, not replaced behind another
     agent's back)."""
     d = deployment
-    lock = f"{d.setup.database}-watcher.lock"
+    [archive] = d.setup.archives
+    lock = f"{d.setup.database}-watcher{'' if which == 'catalog' else '-' + archive}.lock"
     catalog_before = None
     LOCK_TRAPS[trap](d, lock)
     if d.setup.database.exists():
@@ -149,10 +152,11 @@ def test_a_trap_at_the_lock_file_is_never_written_through(deployment, agent_proc
 
 def test_a_lock_file_of_the_agents_own_is_reused_and_a_second_agent_is_still_refused(
         deployment, agent_processes):
-    """The lock left by an earlier run (root's, one link) is taken again, its
-    old pid replaced; a second agent then exits 1 naming the first's pid."""
+    """The archive's lock left by an earlier run (root's, one link) is taken
+    again, its old pid replaced; a second agent then exits 1 naming the first's pid."""
     d = deployment
-    lock = Path(f"{d.setup.database}-watcher.lock")
+    [archive] = d.setup.archives
+    lock = Path(f"{d.setup.database}-watcher-{archive}.lock")
     lock.write_text("999999 and more")
     first = agent_processes(d.setup).start().wait_ready()
     assert lock.read_text() == str(first.pid)
@@ -165,7 +169,9 @@ def test_a_lock_file_of_the_agents_own_is_reused_and_a_second_agent_is_still_ref
 
 
 def _health(d: Deployment) -> Path:
-    return Path(f"{d.setup.database}-watcher.json")
+    """The health file of the deployment's one archive."""
+    [archive] = d.setup.archives
+    return Path(f"{d.setup.database}-watcher-{archive}.json")
 
 
 HEALTH_TRAPS = {
@@ -339,8 +345,8 @@ def test_a_state_directory_others_may_write_or_swap_is_refused(deployment, agent
     agent = agent_processes(d.setup).start()
     line = refused(agent, d, str(named))
     assert "refusing" in line
-    assert not Path(f"{d.setup.database}-watcher.lock").exists()
-    assert not Path(f"{d.setup.database}-watcher.json").exists()
+    assert not list(d.setup.database.parent.glob(f"{d.setup.database.name}-watcher*.lock"))
+    assert not list(d.setup.database.parent.glob(f"{d.setup.database.name}-watcher*.json"))
 
 
 @pytest.mark.parametrize("mode", [0o2770, 0o700, 0o755], ids=["2770", "0700", "0755"])
@@ -359,7 +365,7 @@ import os, signal, sys, threading, time
 os.chdir(sys.argv[1]); os.umask(int(sys.argv[2], 8))
 def stop_when_ready():
     deadline = time.monotonic() + 60
-    health = os.path.join('watcher-data', 'catalog.db-watcher.json')
+    health = os.path.join('watcher-data', 'catalog.db-watcher-local.json')
     while time.monotonic() < deadline:
         try:
             if str(os.getpid()) in open(health).read():

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from peewee import OperationalError
 
-from watcher import state_files
+from watcher import faults, state_files
 from watcher.config import Config, ConfigError
 from watcher.catalog import Catalog
 from watcher.roots import Roots
@@ -82,45 +82,56 @@ class AlreadyRunning(RuntimeError):
     """Another agent works on the same catalog or tree: two would finalize and delete twice."""
 
 
-class _CatalogLock:
-    """The lock file beside the catalog, held (flock) for the agent's lifetime."""
+class _Locks:
+    """The lock files the agent holds (flock) for its lifetime, freed by the
+    kernel at any exit: the catalog's, shared by every agent on it (an agent
+    of an older watcher, which serves the whole catalog, takes it
+    exclusively), and one per archive it serves, exclusive: two agents may
+    share a catalog (one service per archive, as socs ran one SupRsync
+    instance per archive) but never an archive."""
 
-    def __init__(self, fd: int, path: str):
-        self.fd = fd
-        self.name = path
-
-    def fileno(self) -> int:
-        return self.fd
+    def __init__(self):
+        self.held: list[tuple[int, str]] = []  # (descriptor, path)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for fd, _path in self.held:
+            os.close(fd)
+        self.held = []
 
 
-def _lock_catalog(database: Path, dir_fd: int | None = None) -> _CatalogLock:
-    """Hold an exclusive lock beside the catalog for the agent's lifetime (freed by
-    the kernel at any exit). Opened in the state directory's descriptor without
-    following a link, never truncated before it is known to be the agent's own
-    file (see state_files.open_lock): its directory may be the catalog group's."""
-    path = f"{database}-watcher.lock"
-    own_dir = dir_fd is None
-    if own_dir:
-        dir_fd = state_files.open_dir(database.parent)
+def lock_path(database: Path, archive: str | None = None) -> str:
+    """The catalog's lock file, or an archive's (archive names are file names: see config)."""
+    return f"{database}-watcher.lock" if archive is None else f"{database}-watcher-{archive}.lock"
+
+
+def _lock_archives(database: Path, archives: list[str], dir_fd: int) -> _Locks:
+    """Hold the catalog's lock shared and each archive's exclusively. Opened in
+    the state directory's descriptor without following a link, never truncated
+    before it is known to be the agent's own file (see state_files.open_lock):
+    its directory may be the catalog group's."""
+    locks = _Locks()
     try:
-        fd = state_files.open_lock(dir_fd, os.path.basename(path), path)
-    finally:
-        if own_dir:
-            os.close(dir_fd)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise AlreadyRunning(f"another watcher agent (pid {holder}) is running on {database}") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    return _CatalogLock(fd, path)
+        for archive in [None] + sorted(archives):
+            path = lock_path(database, archive)
+            fd = state_files.open_lock(dir_fd, os.path.basename(path), path)
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if archive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                if archive is None:
+                    raise AlreadyRunning(f"another watcher agent (pid {holder}, an older version, which "
+                                         f"serves every archive) is running on {database}") from None
+                raise AlreadyRunning(f"another watcher agent (pid {holder}) is running archive {archive} "
+                                     f"on {database}") from None
+            if archive is not None:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
+            locks.held.append((fd, path))
+    except BaseException:
+        locks.close()
+        raise
+    return locks
 
 
 def _lock_root(path: str) -> int:
@@ -265,6 +276,8 @@ def _not_shutdown_noise(record: logging.LogRecord) -> bool:
 
 class Agent:
     def __init__(self, config: Config, housekeeping_interval: float = HOUSEKEEPING_INTERVAL):
+        if problem := faults.environment_problem():
+            raise ConfigError([problem])
         self.config = config
         # A rescan_interval shorter than the housekeeping tick shortens the tick.
         self.interval = min(housekeeping_interval, config.rescan_interval)
@@ -276,7 +289,7 @@ class Agent:
             state_dir = state_files.prepare(config.database, config.file_root,
                                             config.catalog_group)
             try:
-                self._catalog_lock = _lock_catalog(config.database, state_dir)
+                self._locks = _lock_archives(config.database, list(config.archives), state_dir)
             finally:
                 os.close(state_dir)
         except state_files.UnsafeStateFile as exc:
@@ -291,7 +304,7 @@ class Agent:
         self.roots = Roots(config)
         self.catalog = Catalog(config.database, sealer=Sealer(load_key(config.database)))
         self._catalog_id = _identity(config.database)
-        self.health = Health(config.database)
+        self.health = Health(config.database, config.archives)
         self._findings = _Findings(self.health, config)
         self._roots_lock = threading.Lock()  # observers are replaced while the agent runs
         self._catalog_guard = threading.Lock()
@@ -369,7 +382,7 @@ class Agent:
         except AlreadyRunning:
             for root in roots.values():
                 root.release()
-            self._catalog_lock.close()
+            self._locks.close()
             raise
         return roots
 
@@ -529,13 +542,14 @@ class Agent:
             return "was deleted"
         if now != self._catalog_id:
             return "was replaced by another file"
-        lock = os.fstat(self._catalog_lock.fileno())
-        try:
-            now = os.lstat(self._catalog_lock.name)  # a link put in its place is not the lock
-        except (FileNotFoundError, NotADirectoryError):
-            now = None
-        if now is None or (now.st_dev, now.st_ino) != (lock.st_dev, lock.st_ino):
-            return f"lost its lock file {self._catalog_lock.name} (another agent could start on it)"
+        for fd, path in self._locks.held:
+            lock = os.fstat(fd)
+            try:
+                now = os.lstat(path)  # a link put in its place is not the lock
+            except (FileNotFoundError, NotADirectoryError):
+                now = None
+            if now is None or (now.st_dev, now.st_ino) != (lock.st_dev, lock.st_ino):
+                return f"lost its lock file {path} (another agent could start on it)"
         return None
 
     def _check_catalog(self) -> bool:
@@ -591,8 +605,11 @@ class Agent:
         settle_claimed_removals(self.catalog, self.config)  # left by an agent killed while deleting
         if readmitted := self.catalog.files.readmit(self.roots.admits):  # a root added since they were refused
             log.info("%d catalog rows refused before are inside their archive's roots now", readmitted)
-        remove_unregistered_finalizations(self.catalog, self.config.file_root, self.config.instance_id,
-                                          list(self.config.archives))
+        by_instance: dict[str, list[str]] = {}
+        for name, archive in self.config.archives.items():
+            by_instance.setdefault(archive.instance_id, []).append(name)
+        for instance_id, names in by_instance.items():
+            remove_unregistered_finalizations(self.catalog, self.config.file_root, instance_id, names)
         self._thread(self.settle.run, "watcher-settle")
         self._thread(self.registrar.run, "watcher-registrar")
         self._thread(self._scanner, "watcher-scanner")
@@ -631,7 +648,7 @@ class Agent:
         self.catalog.close()
         for root in self._roots.values():
             root.release()
-        self._catalog_lock.close()
+        self._locks.close()
 
     def run(self) -> int:
         """Run until SIGTERM or SIGINT; return the exit status."""
@@ -728,7 +745,8 @@ class Agent:
                     [name])
             finalized = with_database_retry(
                 lambda: update_timecode_dirs(self.catalog, name, self.config.file_root,
-                                             self.config.instance_id, now, blocked), self.health, stop)
+                                             self.config.archives[name].instance_id, now, blocked),
+                self.health, stop)
             if finalized:
                 self._wake({name})
         for kind, subject in waiting - met:

@@ -56,10 +56,14 @@ class Archive:
     files_per_batch: int = 5000
     compression: bool = False
     bwlimit: str | None = None
-    chmod: str | None = None
+    chmod: str | None = "g+rwX,o+rX"  # socs' SupRsync default
     # Local directories whose files producers register through the API
     # (socs' add_file, `watcher add`) for this archive; see watcher/roots.py.
     api_roots: tuple[str, ...] = ()
+    # Names its finalization files, their directory and their instance_id
+    # key (socs ran one SupRsync instance per archive, each with its own
+    # id); None in a rules file: the top-level instance_id (the reader fills it in).
+    instance_id: str | None = None
 
     @property
     def is_remote(self) -> bool:
@@ -742,6 +746,7 @@ def _read_archive(r: _Reader, name: Any, data: Any) -> Archive | None:
         bwlimit=r.setting(data, Archive, "bwlimit", path, _bwlimit),
         chmod=r.setting(data, Archive, "chmod", path, _chmod),
         api_roots=r.setting(data, Archive, "api_roots", path, _api_roots(r)),
+        instance_id=r.setting(data, Archive, "instance_id", path, _name),
     )
 
 
@@ -820,8 +825,11 @@ def parse_config(text: str, source: str, base: Path, live: bool = True) -> Confi
     file_root = r.get(data, "file_root", (), r.path, database.parent / DEFAULT_FILE_ROOT)
     _check_overlaps(r, archives, watched, database, file_root)
     _check_shared_destinations(r, archives)
+    instance_id = r.get(data, "instance_id", (), _name) or socket.gethostname()
+    archives = {name: a if a.instance_id else dataclasses.replace(a, instance_id=instance_id)
+                for name, a in archives.items()}
     config = Config(
-        instance_id=r.get(data, "instance_id", (), _name) or socket.gethostname(),
+        instance_id=instance_id,
         database=database,
         file_root=file_root,
         archives=archives,

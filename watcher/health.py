@@ -1,7 +1,9 @@
-"""What the running agent says about itself, for `watcher status`.
+"""What the running agents say about themselves, for `watcher status`.
 
-A small JSON file beside the catalog (not in it: a locked catalog is one of
-the things it must be able to report). Written atomically, only on change.
+A small JSON file per archive beside the catalog (not in it: a locked
+catalog is one of the things it must be able to report), written by the
+agent serving that archive: two agents may share a catalog, one per
+archive. Written atomically, only on change.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import stat
 import threading
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterable, TypeVar
 
 from watcher import state_files
 from watcher.retry import catalog_retrying
@@ -22,15 +24,18 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def health_path(database: str | os.PathLike) -> Path:
+def health_path(database: str | os.PathLike, archive: str) -> Path:
     """Beside the catalog, in a directory the catalog group may write: written
     only through state_files (never through a link planted at the name)."""
-    return Path(f"{os.fspath(database)}-watcher.json")
+    return Path(f"{os.fspath(database)}-watcher-{archive}.json")
 
 
 class Health:
-    def __init__(self, database: str | os.PathLike):
-        self.path = health_path(database)
+    def __init__(self, database: str | os.PathLike, archives: Iterable[str] = ()):
+        """``archives``: those the agent serves, each with its file from the
+        start; an archive named later (a worker's) gets its file then."""
+        self.catalog_path = Path(database)
+        self._archives = list(dict.fromkeys(archives))
         self._dir: int | None = None  # the state directory, opened once: names are looked up in it
         self._lock = threading.Lock()
         self._state: dict = {"pid": os.getpid(), "started": time.time(),
@@ -38,19 +43,31 @@ class Health:
         self._subjects: dict[tuple[str, str], set[str]] = {}  # (archive, kind) -> subjects
         self._write()
 
+    def _serve(self, archives) -> None:
+        for archive in archives:
+            if archive not in self._archives:
+                self._archives.append(archive)
+
     def _write(self) -> None:
-        """A new file with an unpredictable name, renamed over the health file in
-        the directory first opened: a link, FIFO or hard link planted at either
-        name is replaced, never written through."""
-        try:
-            if self._dir is None:
-                self._dir = state_files.open_dir(self.path.parent)
-            state_files.write_atomic(self._dir, self.path.name, json.dumps(self._state, indent=1).encode())
-        except OSError as exc:  # a full disk must not stop the agent
-            log.debug("cannot write %s: %s", self.path, exc)
+        """Each archive's file: a new file with an unpredictable name, renamed
+        over it in the directory first opened: a link, FIFO or hard link
+        planted at either name is replaced, never written through."""
+        for archive in self._archives:
+            path = health_path(self.catalog_path, archive)
+            mine = {"pid": self._state["pid"], "started": self._state["started"], "archive": archive,
+                    "archives": {k: v for k, v in self._state["archives"].items() if k == archive},
+                    "database": self._state["database"],
+                    "problems": {k: v for k, v in self._state["problems"].items() if k == archive}}
+            try:
+                if self._dir is None:
+                    self._dir = state_files.open_dir(self.catalog_path.parent)
+                state_files.write_atomic(self._dir, path.name, json.dumps(mine, indent=1).encode())
+            except OSError as exc:  # a full disk must not stop the agent
+                log.debug("cannot write %s: %s", path, exc)
 
     def _set(self, section: dict, key: str, value: dict) -> None:
         with self._lock:
+            self._serve([key])
             if section.get(key, {}) | {"since": None} == value | {"since": None}:
                 return
             section[key] = value
@@ -88,6 +105,7 @@ class Health:
         archives = [archives] if isinstance(archives, str) else list(archives)
         new = False
         with self._lock:
+            self._serve(archives)
             for archive in archives:
                 subjects = self._subjects.setdefault((archive, kind), set())
                 if subject in subjects:
@@ -122,28 +140,31 @@ class Health:
                 self._write()
 
     def close(self) -> None:
-        """Remove the file, unless it is no longer ours (the state directory was
+        """Remove the files, unless one is no longer ours (the state directory was
         removed and another agent started there, or something was put in its
         place: read only if it is a regular file of the agent's own)."""
         at, self._dir = self._dir, None
         if at is None:
             return
         try:
-            data = state_files.read_own(at, self.path.name)
-            if data is not None and json.loads(data).get("pid") == os.getpid():
-                os.unlink(self.path.name, dir_fd=at)
-        except (OSError, ValueError, AttributeError):
-            pass
+            for archive in self._archives:
+                name = health_path(self.catalog_path, archive).name
+                try:
+                    data = state_files.read_own(at, name)
+                    if data is not None and json.loads(data).get("pid") == os.getpid():
+                        os.unlink(name, dir_fd=at)
+                except (OSError, ValueError, AttributeError):
+                    pass
         finally:
             os.close(at)
 
 
-def read_health(database: str | os.PathLike) -> dict | None:
-    """The running agent's health, or None when no agent is running. Read
-    without following a link or waiting on a FIFO that a writer of the state
-    directory planted; only a regular file counts."""
+def _read_one(path: Path) -> dict | None:
+    """One health file of a running agent, or None. Read without following a
+    link or waiting on a FIFO that a writer of the state directory planted;
+    only a regular file counts."""
     try:
-        fd = os.open(health_path(database), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return None
@@ -158,6 +179,42 @@ def read_health(database: str | os.PathLike) -> dict | None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     return state if isinstance(state, dict) else None
+
+
+def served_archives(database: str | os.PathLike) -> list[str]:
+    """The archives that have a health file beside the catalog (running or not)."""
+    database = Path(database)
+    prefix = f"{database.name}-watcher-"
+    try:
+        names = os.listdir(database.parent)
+    except OSError:
+        return []
+    return sorted(n[len(prefix):-len(".json")] for n in names
+                  if n.startswith(prefix) and n.endswith(".json") and len(n) > len(prefix) + 5)
+
+
+def read_health(database: str | os.PathLike, archives: Iterable[str] | None = None) -> dict | None:
+    """What the running agents on a catalog say, merged (one per archive at
+    most): ``pids`` of the agents, each archive's state and problems, the
+    catalog's state (locked if any agent finds it locked). None when no agent
+    of these archives (default: any) is running."""
+    states = [s for s in (_read_one(health_path(database, a))
+                          for a in (served_archives(database) if archives is None else archives))
+              if s is not None]
+    if not states:
+        return None
+    merged: dict = {"pid": states[0].get("pid"), "pids": sorted({s.get("pid") for s in states}),
+                    "started": min(s.get("started") or 0 for s in states),
+                    "archives": {}, "problems": {}, "database": {"locked": False}}
+    for s in states:
+        for section in ("archives", "problems"):
+            if isinstance(s.get(section), dict):
+                merged[section].update(s[section])
+        db = s.get("database")
+        worse = isinstance(db, dict) and (db.get("locked") or db.get("last_error"))
+        if worse and not merged["database"].get("locked"):
+            merged["database"] = db
+    return merged
 
 
 def catalog_error(exc: BaseException) -> str:
