@@ -80,6 +80,25 @@ def test_a_batch_of_which_nothing_arrives_blames_the_archive_and_charges_no_file
     assert worker._batch_size == 4
 
 
+def test_a_stop_during_the_wait_after_nothing_arrived_takes_no_further_batch(setup, tmp_path):
+    """The agent stopping while the worker waits out an archive in trouble:
+    the step ends there, as it did before the retry policy took the wait
+    over (no rows fetched, claimed or sent after the stop)."""
+    far, catalog, worker, pauses = _worker_with_pending(
+        setup, tmp_path, {f"d/f{i}.dat": 100 for i in range(4)})
+    pauses.look = worker.stop.set  # the stop comes during the first wait
+    fetched = []
+    fetch = worker._fetch
+    worker._fetch = lambda *a: fetched.append(1) or fetch(*a)
+    refuse_deletion(far / "x")
+    try:
+        assert worker.step()
+        assert pauses == [1.0] and len(fetched) == 1, (pauses, fetched)
+        assert sorted(_attempts(catalog).values()) == [0, 0, 0, 0]
+    finally:
+        allow_deletion(far / "x")
+
+
 def _big_files_worker(setup, tmp_path, monkeypatch):
     """Two files pending, each above a lowered BATCH_BYTES."""
     import watcher.transfer

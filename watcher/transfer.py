@@ -137,11 +137,21 @@ class TransferWorker:
     def _until_judged(self, one_batch: Callable[[], bool | NothingArrived]) -> bool:
         """Run ``one_batch`` (True: a batch was taken, False: none was pending)
         and again, with the next smaller batch, after each NothingArrived, per the
-        retry policy; its wait counts the batches in a row of which nothing arrived."""
+        retry policy; its wait counts the batches in a row of which nothing arrived.
+        A stop during that wait takes no further batch (tenacity would try
+        once more before it looks at the stop)."""
+        tried = []
+
+        def attempt() -> bool | NothingArrived:
+            if tried and self.stop.is_set():
+                return True  # the batches so far were judged: the worker's loop ends
+            tried.append(1)
+            return one_batch()
+
         outcome = result_retrying(
             self.stop, lambda outcome: isinstance(outcome, NothingArrived), lambda: self._trouble,
             max_backoff=self._max_backoff, sleep=self._sleep,
-            before_sleep=self._before_next_batch)(one_batch)
+            before_sleep=self._before_next_batch)(attempt)
         return outcome is not False
 
     def _before_next_batch(self, state: RetryCallState) -> None:
