@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from watcher.db import Catalog
+from watcher.catalog import Catalog
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS test_md5_audit (local_path TEXT, local_md5sum TEXT);

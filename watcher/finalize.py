@@ -19,14 +19,13 @@ from typing import TYPE_CHECKING, Callable
 import yaml
 
 from watcher.faults import checkpoint
-from watcher.safefs import Identity, SymlinkInPath, open_subdir
-from watcher.state_files import write_atomic
-
 from watcher.hashing import md5_and_stat
 from watcher.paths import (
     finalization_leftover, finalization_name, finalization_remote_path, is_complete, subdirs_of,
     timecode_now,
 )
+from watcher.safefs import Identity, SymlinkInPath, open_subdir
+from watcher.state_files import write_atomic
 
 if TYPE_CHECKING:
     from watcher.catalog import Catalog

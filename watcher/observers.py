@@ -1,4 +1,9 @@
-"""The watchdog observer of one watched tree, built from watchdog's public API.
+"""The watchdog observer of one watched tree.
+
+Built from watchdog's constructors (BaseObserver, the inotify emitter's
+``inotify_fd``) and a subclass of its inotify reader (InotifyFD, watchdog
+7.1 and later; undocumented but not private), never by replacing its
+private attributes.
 
 inotify, with two departures from watchdog's own InotifyObserver:
 
