@@ -10,6 +10,7 @@ the rows that still need work, so its cost follows the batch, not the table.
 from __future__ import annotations
 
 import os
+import re
 from typing import Iterator, NamedTuple
 
 from peewee import (
@@ -82,24 +83,50 @@ INDEXES = (
 OBSOLETE_INDEXES = ("watcher_pending", "watcher_deletable", "watcher_deletable_by_rule")
 
 
-def to_db_path(path: str | os.PathLike) -> str | bytes:
-    """Text for a path that is UTF-8, the raw bytes (a BLOB) for one that is not."""
-    path = os.fspath(path)
-    if isinstance(path, bytes):
-        path = os.fsdecode(path)
-    try:
-        path.encode("utf-8")
+# Non-UTF-8 file names are stored as text, not BLOBs: socs' code (a site
+# going back to socs) reads every path as a str. Each byte that is not
+# UTF-8 becomes ESC and two hex digits, and ESC itself (a Unicode
+# noncharacter no producer writes) ESC ESC; every other name is stored as
+# it is, as socs and older watchers stored it.
+ESC = "\uffff"
+_ESCAPED = re.compile("\uffff(\uffff|[89a-f][0-9a-f])")
+
+
+class StoredPath(str):
+    """A path as the catalog stores it (to_db_path's result): PathField
+    passes it through, so a query given one does not escape it twice."""
+
+    __slots__ = ()
+
+
+def to_db_path(path: str | bytes | os.PathLike) -> StoredPath:
+    """The stored text of a path: itself if it is UTF-8 without ESC, else escaped."""
+    if isinstance(path, StoredPath):
         return path
-    except UnicodeEncodeError:
-        return os.fsencode(path)
+    path = os.fsdecode(path)
+    if ESC not in path:
+        try:
+            path.encode("utf-8")
+            return StoredPath(path)
+        except UnicodeEncodeError:  # its one spelling; a surrogate no name has raises (a ValueError)
+            path = os.fsdecode(os.fsencode(path))
+    return StoredPath("".join(
+        ESC + ESC if c == ESC else f"{ESC}{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff" else c
+        for c in path))
 
 
 def from_db_path(value):
-    return os.fsdecode(value) if isinstance(value, bytes) else value
+    """The path a stored value names: escaped text decoded, an older
+    watcher's BLOB read as the bytes it is."""
+    if isinstance(value, bytes):
+        return os.fsdecode(value)
+    if isinstance(value, str) and ESC in value:
+        return _ESCAPED.sub(lambda m: ESC if m.group(1) == ESC else chr(0xDC00 + int(m.group(1), 16)), value)
+    return value
 
 
 class PathField(Field):
-    """A VARCHAR column that also keeps non-UTF-8 file names byte-exact."""
+    """A VARCHAR column that keeps any file name byte-exact, as text socs can read."""
 
     field_type = "VARCHAR"
 
@@ -107,7 +134,7 @@ class PathField(Field):
         return None if value is None else to_db_path(value)
 
     def python_value(self, value):
-        return os.fsdecode(value) if isinstance(value, bytes) else value
+        return from_db_path(value)
 
 
 class _Base(Model):

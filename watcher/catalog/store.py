@@ -17,20 +17,21 @@ producer API.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Iterable
 
-from peewee import SqliteDatabase
+from peewee import SQL, OperationalError, SqliteDatabase
 
 from watcher.catalog.far_names import FarNames
 from watcher.catalog.files import Files
 from watcher.catalog.removals import Removals
 from watcher.catalog.reports import Reports
 from watcher.catalog.schema import (
-    ADDED_COLUMNS, INDEXES, INSERT_FILE, OBSOLETE_INDEXES, SOCS_DDL, File, NewFile, bind_models,
-    identity_columns, identity_of_row, insert_params,
+    ADDED_COLUMNS, INDEXES, INSERT_FILE, OBSOLETE_INDEXES, SOCS_DDL, File, NewFile, bind_models, chunks,
+    from_db_path, identity_columns, identity_of_row, insert_params, to_db_path,
 )
 from watcher.catalog.shipping import Shipping
 from watcher.catalog.timecode_dirs import TimecodeDirs
@@ -38,6 +39,8 @@ from watcher.hashing import hash_with_identity
 from watcher.rules import remote_path_problem
 from watcher.safefs import Identity
 from watcher.seal import Sealer
+
+log = logging.getLogger(__name__)
 
 # Seconds a write waits for another process's lock before it is retried
 # (WATCHER_BUSY_TIMEOUT shortens it for the fault-injection tests).
@@ -82,6 +85,7 @@ class Catalog:
         self.shipping = Shipping(self)
         self.removals = Removals(self)
         self.reports = Reports(self)
+        self._blob_paths_to_text()
 
     def close(self) -> None:
         self.db.close()
@@ -105,6 +109,34 @@ class Catalog:
                 self.db.execute_sql(f"DROP INDEX IF EXISTS {name}")
             for ddl in INDEXES:
                 self.db.execute_sql(ddl)
+
+    def _blob_paths_to_text(self) -> None:
+        """Store as text (to_db_path's) the paths an older watcher stored as
+        BLOBs, which socs' code cannot read. SQLite sorts every BLOB after
+        all text, so the path indexes find them without reading the table.
+        A catalog that cannot be written now keeps them (they are still read)."""
+        blob = SQL("?", [b""])
+        F = self.File
+        found = {r.id for r in F.select(F.id).where(F.local_path >= blob)}
+        for archive in self.reports.archive_names():
+            found.update(r.id for r in F.select(F.id).where(F.archive_name == archive, F.remote_path >= blob))
+        if not found:
+            return
+        try:
+            with self.db.atomic("IMMEDIATE"):
+                for chunk in chunks(sorted(found)):
+                    rows = self.db.execute_sql(
+                        f"SELECT id, local_path, remote_path FROM supersync_v0 WHERE id IN "
+                        f"({', '.join('?' * len(chunk))})", chunk).fetchall()
+                    self.db.cursor().executemany(
+                        "UPDATE supersync_v0 SET local_path = ?, remote_path = ? WHERE id = ?",
+                        [(to_db_path(from_db_path(local)), to_db_path(from_db_path(remote)), i)
+                         for i, local, remote in rows])
+        except OperationalError as exc:
+            log.warning("%s: %d rows keep non-UTF-8 paths as BLOBs, which socs cannot read, "
+                        "until watcher can write the catalog: %s", self.path, len(found), exc)
+            return
+        log.info("%s: %d rows now store their non-UTF-8 paths as text", self.path, len(found))
 
     def meta_get(self, key: str, default: str | None = None) -> str | None:
         """A value of watcher's own table (what the agent remembers across starts)."""

@@ -94,8 +94,9 @@ class TimecodeDirs(Queries):
         self.TimecodeDir.update(**flags).where(self.TimecodeDir.id == tcdir_id).execute()
 
     def _in_dir(self, archive: str, timecode: int, blob: bool = False):
-        """Rows under ``{timecode}/``, as a range of one index. Non-UTF-8 names
-        are stored as BLOBs, which sort apart from text: ``blob`` asks for those."""
+        """Rows under ``{timecode}/``, as a range of one index. An older watcher
+        stored non-UTF-8 names as BLOBs, which sort apart from text: ``blob``
+        asks for those (a catalog it could not yet migrate, see Catalog)."""
         lo, hi = f"{timecode}/", f"{timecode}0"  # '0' sorts right after '/'
         rp = self.File.remote_path
         if blob:
