@@ -45,6 +45,7 @@ class Session:
         self._catalog = catalog
         self._new: list[File] = []
         self._tracked: list[File] = []
+        self._with_dir: set[int] = set()  # id() of new files whose timecode dir add_file writes
 
     def add(self, obj: File) -> None:
         if getattr(obj, "id", None) is None:
@@ -56,29 +57,39 @@ class Session:
         for obj in objs:
             self.add(obj)
 
+    def add_with_timecode_dir(self, obj: File) -> None:
+        """add, and write the file's timecode directory row with it (socs' add_file)."""
+        self.add(obj)
+        self._with_dir.add(id(obj))
+
     def track(self, rows: list) -> list:
         self._tracked.extend(rows)
         return rows
 
     def commit(self) -> None:
+        """Insert the new rows in one transaction, as socs does: a far name
+        another file holds is no reason to refuse one (the pysmurf monitor
+        would crash); the agent ships it once the name is free."""
         new = []
         for f in self._new:
             # No identity: the producer's md5 is checked by hashing before any deletion.
             new.append(NewFile(f.local_path, f.remote_path, f.archive_name, f.local_md5sum,
                                f.timestamp, f.deletable is not False))
         with self._catalog.db.atomic("IMMEDIATE"):
-            rows = self._catalog.add_files(new) if new else []
+            rows = self._catalog.add_files(new, refuse_taken=False) if new else []
             for obj, row in zip(self._new, rows):
                 obj.id, obj.remote_path = row.id, row.remote_path  # a reused name gets a version
+            self._catalog.timecode_dirs.ensure_for(
+                [row for obj, row in zip(self._new, rows) if id(obj) in self._with_dir])
             for row in self._tracked:
                 dirty = row.dirty_fields
                 if dirty:
                     self._catalog.File.update({f: getattr(row, f.name) for f in dirty}).where(
                         self._catalog.File.id == row.id).execute()
-        self._new, self._tracked = [], []
+        self._new, self._tracked, self._with_dir = [], [], set()
 
     def rollback(self) -> None:
-        self._new, self._tracked = [], []
+        self._new, self._tracked, self._with_dir = [], [], set()
 
     def close(self) -> None:
         self.rollback()
@@ -121,14 +132,15 @@ class SupRsyncFilesManager:
         file = create_file(local_path, remote_path, archive_name, local_md5sum, timestamp, deletable)
         if session is None:
             with self.Session.begin() as session:
-                session.add(file)
+                session.add_with_timecode_dir(file)
         else:
-            session.add(file)
+            session.add_with_timecode_dir(file)
         return file
 
     def get_copyable_files(self, archive_name, session=None, max_copy_attempts=None, num_files=None):
         limit = num_files if num_files is not None else -1
-        pending = self.catalog.shipping.pending(archive_name, limit, max_copy_attempts or _NO_LIMIT)
+        attempts = _NO_LIMIT if max_copy_attempts is None else max_copy_attempts  # 0: none, as socs
+        pending = self.catalog.shipping.pending(archive_name, limit, attempts)
         return self._rows(session, self.catalog.files.by_ids([row.id for row in pending]))
 
     def get_deletable_files(self, archive_name, delete_after, session=None):

@@ -157,7 +157,8 @@ class Catalog:
 
     def add_file(self, local_path, remote_path, archive_name, local_md5sum=None,
                  timestamp=None, deletable=True) -> File:
-        """Register one file (socs' signature); hashes it when no md5 is given."""
+        """Register one file (socs' signature); hashes it when no md5 is given.
+        Its timecode directory's row is written with it, as socs' add_file does."""
         local_path = os.fspath(local_path)
         identity = None  # an md5 we did not compute is checked by hashing before any deletion
         if local_md5sum is None:
@@ -165,17 +166,21 @@ class Catalog:
         new = NewFile(local_path, os.fspath(remote_path), archive_name, local_md5sum,
                       time.time() if timestamp is None else timestamp,
                       True if deletable is None else bool(deletable), **identity_columns(identity))
-        return self.add_files([new])[0]
+        return self.add_files([new], timecode_dirs=True)[0]
 
-    def add_files(self, files: Iterable[NewFile]) -> list[File]:
+    def add_files(self, files: Iterable[NewFile], *, refuse_taken: bool = True,
+                  timecode_dirs: bool = False) -> list[File]:
         """Register many files in one transaction (one commit, not one per file).
 
         Returns the new rows. Raises ValueError, writing nothing, when a
-        remote path could leave its archive or is another live local file's.
-        A far name whose verified copy holds other content of a file that is
-        gone is never overwritten: the file gets a version name (see
-        FarNames.claim). (The agent's registrar uses register_files,
-        which skips refused files instead.)
+        remote path could leave its archive or (``refuse_taken``) is another
+        live local file's; socs' sessions insert such a row anyway, as socs
+        does, and the transfer ships it once the name is free
+        (FarNames.claims_for_rows). A far name whose verified copy holds
+        other content of a file that is gone is never overwritten: the file
+        gets a version name (see FarNames.claim). ``timecode_dirs``: write
+        the files' timecode directory rows in the same transaction. (The
+        agent's registrar uses register_files, which skips refused files instead.)
         """
         files = list(files)
         for f in files:
@@ -184,7 +189,7 @@ class Catalog:
                 raise ValueError(f"remote path {f.remote_path!r} of {f.local_path} {problem}")
         with self.db.atomic("IMMEDIATE"):
             claims = self.far_names.claim(files)
-            if claims.taken:
+            if claims.taken and refuse_taken:
                 (archive, remote), local = next(iter(claims.taken.items()))
                 raise ValueError(f"remote path {remote!r} of archive {archive} is already "
                                  f"taken by {local}: one far copy would overwrite the other")
@@ -199,6 +204,8 @@ class Catalog:
                     deletable=f.deletable, ignore=False, size=f.size,
                     mtime_ns=f.mtime_ns, retain=f.retain, dev=f.dev, ino=f.ino, ctime_ns=f.ctime_ns,
                 ))
+            if timecode_dirs:
+                self.timecode_dirs.ensure_for(made)
         return made
 
     def seal(self, archive, local_path, remote_path, md5, identity) -> str | None:

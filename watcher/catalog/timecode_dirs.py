@@ -56,6 +56,20 @@ class TimecodeDirs(Queries):
                 self.catalog.meta_set("tcdir_scanned_id", str(rows[-1][0]))
                 walked += len(rows)
 
+    def ensure_for(self, rows) -> None:
+        """The timecode directory rows of files just inserted, in the caller's
+        transaction (socs' add_file writes its file's with it). derive() later
+        walks these files too and finds the rows there: never a second one,
+        which would break socs' one_or_none."""
+        newest: dict[tuple[str, int], int] = {}
+        for row in rows:
+            timecode = timecode_of(row.remote_path)
+            if timecode is not None and not is_finalization_file(row.remote_path):
+                key = (row.archive_name, timecode)
+                newest[key] = max(newest.get(key, 0), row.id)
+        for (archive, timecode), late in newest.items():
+            self._ensure(archive, timecode, late)
+
     def _ensure(self, archive: str, timecode: int, file_id: int | None, force: bool = False) -> None:
         """The directory's row exists; reopen it if ``file_id`` came after its finalization."""
         row = self.TimecodeDir.get_or_none(archive_name=archive, timecode=timecode)
