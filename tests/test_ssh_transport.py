@@ -270,7 +270,7 @@ def test_compression_bwlimit_and_chmod_reach_rsync_and_chmod_sets_far_permission
     args = destinations(archive).rsync_args("/")
     for option in ("--compress", "--bwlimit=20m", "--perms", "--chmod=u=rw,g=r,o="):
         assert option in args
-    plain = destinations(ssh_archive(sshd, base)).rsync_args("/")
+    plain = destinations(ssh_archive(sshd, base, chmod=None)).rsync_args("/")
     assert not [a for a in plain if a.startswith(("--compress", "--bwlimit", "--chmod", "--perms"))]
 
     # All from one directory: rsync's source is that directory, and names
@@ -285,10 +285,10 @@ def test_compression_bwlimit_and_chmod_reach_rsync_and_chmod_sets_far_permission
     assert sorted(os.listdir(base)) == ["#hash.dat", ";semi.dat", "open.dat", "sub"]
     assert (base / "open.dat").stat().st_mode & 0o7777 == 0o640
     assert (base / "sub" / "deep.dat").stat().st_mode & 0o7777 == 0o640
-    # Directories keep the far side's defaults: the base directory its own
-    # permissions, a new one not the local one's, nor chmod's (u=rw: unusable).
+    # The base directory keeps its own permissions; a new one gets chmod's,
+    # never the local one's, its owner keeping rwx (u=rw would make it unusable).
     assert base.stat().st_mode & 0o7777 == base_mode
-    assert (base / "sub").stat().st_mode & 0o7777 == 0o755
+    assert (base / "sub").stat().st_mode & 0o7777 == 0o740
     [call] = tool_log.rsync_calls()
     for option in (b"--compress", b"--bwlimit=20m", b"--chmod=u=rw,g=r,o="):
         assert option in call.split(b" ")

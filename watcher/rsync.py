@@ -150,20 +150,23 @@ class Completed:
 
 
 def run(argv: list[str], *, stdin: bytes | None = None, timeout: float | None = None,
-        stop: threading.Event | None = None, pass_fds: list[int] = ()) -> Completed:
+        stop: threading.Event | None = None, pass_fds: list[int] = (),
+        umask: int | None = None) -> Completed:
     """Run a command once (through sh, plain pipes), abandoning it when ``stop`` is set.
 
     Raises TransferError("timeout") when it runs longer than ``timeout`` (the
     whole process group is killed) and Stopped when the agent stops first.
     ``pass_fds``: descriptors the command inherits (at the same numbers; they
     must be inheritable: every command is started with all others closed).
+    ``umask``: the command's own (the modes of the directories it makes).
     """
     log.debug("running %r", argv)
     deadline = None if timeout is None else time.monotonic() + timeout
     proc = sh.Command(argv[0])(
         *argv[1:], _in=stdin, _bg=True, _bg_exc=False, _tty_out=False,
         _ok_code=list(range(256)), _return_cmd=True, _new_session=True,
-        **({"_pass_fds": set(pass_fds)} if pass_fds else {}))
+        **({"_pass_fds": set(pass_fds)} if pass_fds else {}),
+        **({"_preexec_fn": lambda: os.umask(umask)} if umask is not None else {}))
     # Poll, never proc.wait(timeout=...): when that sees the exit it marks the
     # command waited for without joining sh's reader threads, so stdout could
     # be read short or empty. The final proc.wait() below joins them.
@@ -240,6 +243,9 @@ class Destination:
         self._verified: OrderedDict[int, tuple] = OrderedDict()
         self._sent: dict[int, tuple] = {}
         self._home: str | None = None  # the far login's working directory, as rsync sees it
+        mode = far_dir_mode(archive.chmod)
+        # the receiving rsync's umask, which alone decides the mode of the directories it makes
+        self._far_umask = None if mode is None else 0o777 & ~mode
 
     # -- building commands (pure) --------------------------------------------
 
@@ -252,11 +258,13 @@ class Destination:
         (``--files-from``, NUL-separated, relative to ``source``; see
         ``_Listing``) into the base directory.
 
-        ``--no-implied-dirs``: no directory is sent as an entry, so far
-        directories are made with the far side's defaults and existing ones,
-        the base directory included, keep their permissions (with ``--perms``
-        they would get a local directory's mode plus ``chmod``, and a
-        ``chmod`` such as ``u=rw`` would leave them unusable).
+        ``--no-implied-dirs``: no directory is sent as an entry, so existing
+        far directories, the base directory included, keep their permissions
+        (with ``--perms`` they would get a local directory's mode plus
+        ``chmod``, and a ``chmod`` such as ``u=rw`` would leave them
+        unusable). With ``chmod``, the ones rsync makes get far_dir_mode's
+        mode through the receiving rsync's umask (``--rsync-path`` over ssh,
+        the process's own here); without, the far side's default.
         ``--no-dirs`` (``--files-from`` implies ``--dirs``) and no
         ``--recursive``: a listed path that has become a directory is
         skipped, neither copied with its contents nor made an empty
@@ -287,6 +295,8 @@ class Destination:
             args.append(f"--bwlimit={a.bwlimit}")
         if a.is_remote:
             args += ["--rsh", " ".join(shlex.quote(x) for x in self.ssh_args())]
+            if self._far_umask is not None:
+                args.append(f"--rsync-path=umask {self._far_umask:04o} && rsync")
             dest = f"{a.ssh_host}:{_dir_arg(a.remote_basedir)}"
         else:
             dest = _dir_arg(a.remote_basedir)
@@ -385,7 +395,8 @@ class Destination:
                             for i in sent)
             replaced = "" if edits else replaced_dir_name()
             argv = self.rsync_args(source, replaced)
-            result = run(argv, stdin=names, stop=stop, pass_fds=listing.fds)
+            result = run(argv, stdin=names, stop=stop, pass_fds=listing.fds,
+                         umask=None if self.archive.is_remote else self._far_umask)
             if replaced:
                 with self._replaced_lock:
                     self._replaced.update((i.remote_path, replaced) for i in sent)
@@ -524,6 +535,36 @@ _batches = itertools.count(1)
 # How many verified rows a destination remembers, to tell an edit of a file
 # the agent shipped from a copy that replaces someone else's (may_be_edit).
 VERIFIED_REMEMBERED = 100_000
+
+
+def far_dir_mode(chmod: str | None) -> int | None:
+    """The mode of the far directories copies make, or None (the far side's
+    default) without ``chmod``: ``chmod`` applied to 0755, as socs' ``rsync
+    -p --chmod`` applied it to the directories it sent (775 for its default
+    ``g+rwX,o+rX``), the owner always keeping rwx (a ``u=rw`` would leave the
+    archive's own directories unusable). Items for files only (``F...``) skip."""
+    if not chmod:
+        return None
+    mode = 0o755
+    for item in chmod.split(","):
+        spec = item.lstrip("DF")
+        if "F" in item[:len(item) - len(spec)]:
+            continue
+        if spec.isdigit():
+            mode = int(spec, 8) & 0o777
+            continue
+        who = re.match(r"[ugoa]*", spec).group()
+        mask = 0o755 if not who else 0  # no one named: all, less rsync's usual umask (022)
+        for c in who:
+            mask |= {"u": 0o700, "g": 0o070, "o": 0o007, "a": 0o777}[c]
+        for op, perms in re.findall(r"([-+=])([ugo]|[rwxXst]*)", spec[len(who):]):
+            if perms in ("u", "g", "o"):  # g=u: the bits another class has
+                bits = mask & 0o111 * (mode >> {"u": 6, "g": 3, "o": 0}[perms] & 7)
+            else:
+                bits = mask & sum({"r": 0o444, "w": 0o222, "x": 0o111, "X": 0o111}.get(p, 0)
+                                  for p in set(perms))
+            mode = mode | bits if op == "+" else mode & ~bits if op == "-" else (mode & ~mask) | bits
+    return mode | 0o700
 
 
 def replaced_dir_name(now: float | None = None) -> str:
