@@ -1,22 +1,34 @@
 """A drop-in for socs' SupRsync: its catalog, its API, its writers.
 
-Every test works on a copy of tests/fixtures/socs_suprsync_v0.db (from shared/fixtures), written by
-socs 0.6.4 itself (see that directory's README for what each row is)."""
+The catalog tests work on a copy of tests/fixtures/socs_suprsync_v0.db (from shared/fixtures), written by
+socs 0.6.4 itself (see that directory's README for what each row is). The last ones run socs 0.6.4's
+own code (tests/real_socs.py; they skip, saying what to install, without it) against watcher's:
+the same answers, its producers' writes, its far modes, and its agent loop after watcher (rollback)."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sqlite3
 import stat
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.catalog_rows import rows as catalog_rows, verified
+from tests.real_socs import socs_iteration
+from tests.ssh_support import ssh_archive
 from tests.waiting import wait_until
+from watcher import suprsync as watcher_suprsync
+from watcher.agent import Agent
+from watcher.catalog.schema import from_db_path
+from watcher.config import Archive
 from watcher.db import Catalog, SupRsyncFilesManager, create_file
+from watcher.rsync import far_dir_mode
 
 # A copy of shared/fixtures (see tests/fixtures/README.md), so a clone tests on its own.
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "socs_suprsync_v0.db"
@@ -355,3 +367,204 @@ def test_the_agent_ships_the_pending_rows_of_a_socs_catalog_whose_files_exist(se
     wait_until(old_dirs_finalized, timeout=20, message="the fixture's timecode dirs to be finalized")
     assert TC.get(TC.archive_name == "timestreams", TC.timecode == 16750).finalize_file_id == FINALIZE_FILE
     assert F.select().where(F.remote_path.endswith("_timestreams_16750_finalized.yaml")).count() == 1
+
+
+# -- against socs 0.6.4's own code (tests/real_socs.py) ---------------------------------
+
+
+def test_socs_and_watcher_give_the_same_answers_on_the_same_catalog(socs, socs_db):
+    Catalog(socs_db).close()  # a catalog watcher has opened (migrated)
+    theirs, ours = socs.SupRsyncFilesManager(str(socs_db)), SupRsyncFilesManager(str(socs_db))
+
+    def socs_ids(method, *args, **kwargs) -> list[int]:
+        with theirs.Session() as session:  # its rows are read while their session lives
+            return [r.id for r in getattr(theirs, method)(*args, session=session, **kwargs)]
+
+    try:
+        for archive in ("timestreams", "smurf", "no-such-archive"):
+            for attempts in (None, 0, 1, 3, 4, 5):
+                assert (ids(ours.get_copyable_files(archive, max_copy_attempts=attempts))
+                        == set(socs_ids("get_copyable_files", archive, max_copy_attempts=attempts))), (archive, attempts)
+            for after in (0, YEAR):
+                assert (ids(ours.get_deletable_files(archive, after))
+                        == set(socs_ids("get_deletable_files", archive, after))), (archive, after)
+            for since in (None, 1675100000):
+                assert ([r.id for r in ours.get_known_files(archive, min_ctime=since)]
+                        == socs_ids("get_known_files", archive, min_ctime=since))
+            mine, socs_stats = ours.get_archive_stats(archive), theirs.get_archive_stats(archive)
+            if archive == "no-such-archive":  # "now" for both, a moment apart
+                assert abs(mine.pop("finalized_until") - socs_stats.pop("finalized_until")) < 60
+            assert mine == socs_stats
+    finally:
+        ours.catalog.close()
+        theirs._engine.dispose()
+
+
+def test_session_add_all_inserts_two_files_of_one_far_name_as_socs_does_and_the_later_waits(
+        socs, tmp_path, catalog, make_worker):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.dat").write_bytes(b"first")
+    (src / "b.dat").write_bytes(b"second")
+
+    def monitor_batch(module, db):  # the pysmurf monitor's write, through `module`'s API
+        srfm = module.SupRsyncFilesManager(str(db))
+        files = [module.create_file(str(src / n), "16800/x.dat", "arch", timestamp=1680000000.0 + i)
+                 for i, n in enumerate(("a.dat", "b.dat"))]
+        with srfm.Session.begin() as s:
+            s.add_all(files)
+        return srfm
+
+    socs_db = tmp_path / "socs.db"
+    monitor_batch(socs, socs_db)._engine.dispose()
+    monitor_batch(watcher_suprsync, catalog.path).catalog.close()
+    cols = ("local_path", "remote_path", "archive_name", "local_md5sum", "timestamp", "deletable")
+    assert contents(catalog.path, "supersync_v0", ("id", *cols)) == contents(socs_db, "supersync_v0", ("id", *cols))
+    # the agent ships the first row under the name; the later one waits for it
+    far = tmp_path / "far"
+    worker = make_worker(Archive(name="arch", remote_basedir=str(far)))
+    assert worker.step() is True
+    first, second = catalog.reports.known_files("arch", 0)
+    assert first.verified and not second.verified and second.failed_copy_attempts == 0
+    assert (far / "16800" / "x.dat").read_bytes() == b"first"
+
+
+def test_add_file_writes_its_timecode_dir_row_at_once_and_never_a_second(socs, socs_db, tmp_path):
+    ours = SupRsyncFilesManager(str(socs_db))
+    theirs = socs.SupRsyncFilesManager(str(socs_db))
+    TC = ours.catalog.TimecodeDir
+
+    def dirs(timecode: int) -> list[tuple[str, int]]:
+        return [(t.archive_name, t.timecode) for t in TC.select().where(TC.timecode == timecode)]
+
+    try:
+        ours.catalog.timecode_dirs.derive()
+        for name in ("a", "b", "c", "d"):
+            (tmp_path / name).write_bytes(name.encode())
+        # in the catalog with the file, before any derivation, as socs' add_file does
+        ours.add_file(str(tmp_path / "a"), "16801/c1/a", "smurf")
+        assert dirs(16801) == [("smurf", 16801)]
+        theirs.add_file(str(tmp_path / "b"), "16801/c1/b", "smurf")  # socs' one_or_none finds it
+        theirs.add_file(str(tmp_path / "c"), "16803/c1/c", "smurf")
+        ours.add_file(str(tmp_path / "d"), "16803/c1/d", "smurf")    # and watcher finds socs' row
+        ours.catalog.timecode_dirs.derive()
+        theirs.create_all_timecode_dirs("smurf")  # would raise MultipleResultsFound on a second row
+        assert dirs(16801) == [("smurf", 16801)] and dirs(16803) == [("smurf", 16803)]
+    finally:
+        ours.catalog.close()
+        theirs._engine.dispose()
+
+
+def _tree_modes(base: Path) -> dict[str, int]:
+    return {str(p.relative_to(base)): p.stat().st_mode & 0o7777 for p in sorted(base.rglob("*"))}
+
+
+@pytest.mark.parametrize("where", ["local", "ssh"])
+def test_far_directories_and_files_get_the_modes_socs_gave_them(
+        socs, where, request, tmp_path, catalog, make_worker):
+    src = tmp_path / "src"
+    files = {"16802/c1/a.dat": b"a", "16802/c2/deep/b.dat": b"b"}
+    for remote, data in files.items():
+        (src / remote).parent.mkdir(parents=True, exist_ok=True)
+        (src / remote).write_bytes(data)
+        catalog.add_file(str(src / remote), remote, "arch")
+    (src / "16802" / "c1" / "a.dat").chmod(0o600)
+    # socs' own agent, with its default chmod, on a local archive
+    socs_db, socs_far = tmp_path / "socs.db", tmp_path / "socs-far"
+    srfm = socs.SupRsyncFilesManager(str(socs_db))
+    for remote in files:
+        srfm.add_file(str(src / remote), remote, "arch")
+    socs.SupRsyncFileHandler(srfm, "arch", str(socs_far), cmd_timeout=5, copy_timeout=20,
+                             chmod="g+rwX,o+rX").copy_files()
+    srfm._engine.dispose()
+    if where == "ssh":
+        sshd = request.getfixturevalue("sshd")
+        far = request.getfixturevalue("remote_dir") / "base"
+        archive = ssh_archive(sshd, far)
+    else:
+        far = tmp_path / "far"
+        archive = Archive(name="arch", remote_basedir=str(far))
+    assert archive.chmod == "g+rwX,o+rX"  # socs' default is the default
+    assert make_worker(archive).step() is True
+    assert all(r.verified for r in catalog.reports.known_files("arch", 0))
+    assert _tree_modes(far) == _tree_modes(socs_far)
+    assert _tree_modes(far)["16802/c2/deep"] == 0o775
+
+
+@pytest.mark.parametrize("chmod", ["g+rwX,o+rX", "go-w", "750", "Fu=rw,Dg+w", "o=g,g-w", "Dg=u,o-rwx"])
+def test_far_directory_modes_are_what_rsync_gives_a_directory_it_sends_with_that_chmod(chmod, tmp_path):
+    (tmp_path / "src" / "d").mkdir(parents=True)
+    (tmp_path / "src" / "d").chmod(0o755)
+    subprocess.run(["rsync", "-r", "--perms", f"--chmod={chmod}", f"{tmp_path / 'src'}/", f"{tmp_path / 'dst'}/"],
+                   check=True)
+    assert far_dir_mode(chmod) == (tmp_path / "dst" / "d").stat().st_mode & 0o7777
+    assert far_dir_mode(None) is None
+
+
+def test_socs_own_agent_loop_survives_a_catalog_watcher_ran_on_and_watcher_takes_it_back(
+        socs, setup, start_agent, tmp_path):
+    """Rollback: socs 0.6.4's agent loop on a catalog watcher has run on, with
+    non-UTF-8 names shipped, pending, and stored as BLOBs by an older watcher."""
+    tc = int(time.time() // 1e5) - 3
+    far = setup.archive("arch")
+    inbox = setup.rule(remote_path="{relpath}")
+    shipped = {f"{tc}/ok.dat".encode(): b"ok", f"{tc}/bad".encode() + b"\xff.dat": b"bad",
+               f"{tc}/dir".encode() + b"\xfe/deep.dat": b"deep"}
+    for rel, data in shipped.items():
+        path = os.path.join(os.fsencode(inbox), rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+    agent = Agent(setup.config(), housekeeping_interval=0.2)
+    agent.start()
+    try:
+        TC = agent.catalog.TimecodeDir
+        wait_until(lambda: all(r.verified for r in agent.catalog.reports.known_files("arch", 0))
+                   and TC.get_or_none(TC.timecode == tc, TC.finalized == True),  # noqa: E712
+                   timeout=30, message="watcher to ship the files and finalize their directory")
+    finally:
+        agent.stop()
+    # pending rows, and one an older watcher wrote with its paths as BLOBs
+    late = {f"{tc + 1}/late.dat".encode(): b"late", f"{tc + 1}/late".encode() + b"\xff.dat": b"late bad"}
+    old = (f"{tc + 1}/old".encode() + b"\xfd.dat", b"old bad")
+    os.mkdir(os.path.join(os.fsencode(inbox), str(tc + 1).encode()))
+    for rel, data in [*late.items(), old]:
+        with open(os.path.join(os.fsencode(inbox), rel), "wb") as f:
+            f.write(data)
+    catalog = setup.catalog()
+    for rel in late:
+        catalog.add_file(os.fsdecode(os.path.join(os.fsencode(inbox), rel)), os.fsdecode(rel), "arch")
+    catalog.close()
+    with raw(setup.database) as db:
+        db.execute("INSERT INTO supersync_v0 (local_path, local_md5sum, archive_name, remote_path, timestamp, "
+                   "failed_copy_attempts, deletable, \"ignore\") VALUES (?, ?, 'arch', ?, ?, 0, 1, 0)",
+                   (os.path.join(os.fsencode(inbox), old[0]), hashlib.md5(old[1]).hexdigest(), old[0], time.time()))
+    Catalog(setup.database).close()  # watcher opens it: the BLOB paths become text
+    with raw(setup.database) as db:
+        assert {t for (t,) in db.execute("SELECT DISTINCT typeof(local_path) || typeof(remote_path) "
+                                         "FROM supersync_v0")} == {"texttext"}
+
+    # socs' own loop: it ships what it can name, charges the rest, and never fails
+    args = (socs, setup.database, "arch", far, tmp_path / "socs-finalization", "socs-instance")
+    socs_iteration(*args)
+    rows = {os.fsencode(from_db_path(r["local_path"])): r for r in catalog_rows(setup.database)}
+    by_rel = {rel: rows[os.path.join(os.fsencode(inbox), rel)] for rel in [*shipped, *late, old[0]]}
+    assert verified(by_rel[f"{tc + 1}/late.dat".encode()])
+    for rel in (f"{tc + 1}/late".encode() + b"\xff.dat", old[0]):
+        # socs charges a file it cannot find twice a copy (not found, then no far md5)
+        assert by_rel[rel]["failed_copy_attempts"] == 2 and by_rel[rel]["remote_md5sum"] is None
+    for rel in shipped:
+        assert verified(by_rel[rel]) and by_rel[rel]["failed_copy_attempts"] == 0
+    socs_iteration(*args, delete_after=0)  # socs deletes what it can name, never a file it cannot
+    for rel in (*shipped, *late, old[0]):
+        assert os.path.exists(os.path.join(os.fsencode(inbox), rel)) == (not rel.isascii()), rel
+    rows = {os.fsencode(from_db_path(r["local_path"])): r for r in catalog_rows(setup.database)}
+    assert rows[os.path.join(os.fsencode(inbox), f"{tc}/bad".encode() + b"\xff.dat")]["removed"] == 0
+
+    # back to watcher: it ships the pending non-UTF-8 files byte-exact
+    start_agent(setup)
+    for rel, data in (*late.items(), old):
+        wait_until(lambda: os.path.isfile(os.path.join(os.fsencode(far), rel)), timeout=30,
+                   message=f"watcher to ship {rel!r}")
+        with open(os.path.join(os.fsencode(far), rel), "rb") as f:
+            assert f.read() == data
