@@ -561,10 +561,17 @@ def test_socs_own_agent_loop_survives_a_catalog_watcher_ran_on_and_watcher_takes
     rows = {os.fsencode(from_db_path(r["local_path"])): r for r in catalog_rows(setup.database)}
     assert rows[os.path.join(os.fsencode(inbox), f"{tc}/bad".encode() + b"\xff.dat")]["removed"] == 0
 
-    # back to watcher: it ships the pending non-UTF-8 files byte-exact
-    start_agent(setup)
+    # back to watcher: it ships the pending non-UTF-8 files byte-exact, and its
+    # start-up scan registers again the files whose rows socs marked removed
+    agent = start_agent(setup)
     for rel, data in (*late.items(), old):
         wait_until(lambda: os.path.isfile(os.path.join(os.fsencode(far), rel)), timeout=30,
                    message=f"watcher to ship {rel!r}")
         with open(os.path.join(os.fsencode(far), rel), "rb") as f:
             assert f.read() == data
+    for rel in shipped:
+        if not rel.isascii():
+            path = os.fsdecode(os.path.join(os.fsencode(inbox), rel))
+            wait_until(lambda: [r.verified for r in agent.catalog.files.rows_for_path(path)
+                                if r.removed is None] == [True], timeout=30,
+                       message=f"{rel!r} registered again and verified")
