@@ -301,7 +301,7 @@ def test_a_file_the_agent_hashed_and_sealed_is_deleted_without_hashing_it_again(
 
 # -- 3. a shipped file is never wider than its local mode, unless chmod says so ----------------
 
-@pytest.mark.parametrize("chmod, widest", [(None, 0o600), ("u=rw,g=r,o=", 0o640)])
+@pytest.mark.parametrize("chmod, widest", [("", 0o600), ("u=rw,g=r,o=", 0o640), (None, 0o664)])
 def test_a_root_only_file_in_a_root_is_not_shipped_wider_than_its_mode(
         shared_dir, catalog_group, producer, start_agent, chmod, widest):
     """The producer cannot read the file; its row has a wrong md5. Shipped
@@ -309,7 +309,8 @@ def test_a_root_only_file_in_a_root_is_not_shipped_wider_than_its_mode(
     mode (masked by the far umask), or exactly what the configured chmod says."""
     produced = shared_dir / "produced"
     produced.mkdir()
-    options = {"api_roots": [str(produced)]} | ({"chmod": chmod} if chmod else {})
+    # "": no chmod; None: the default, socs' g+rwX,o+rX
+    options = {"api_roots": [str(produced)]} | ({"chmod": chmod} if chmod is not None else {})
     d = Deployment(shared_dir, catalog_group, producer, **options)
     secret = produced / "secret.dat"
     secret.write_bytes(SECRET)

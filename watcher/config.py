@@ -540,7 +540,10 @@ def _bwlimit(value):
 def _chmod(value):
     """An rsync --chmod string; never setuid, setgid or sticky: a producer's file
     must not become a program that runs as its far owner, or a far directory
-    rule that others cannot see."""
+    rule that others cannot see. ``""``: no chmod (as socs' ``--chmod ''``): a
+    file keeps its local mode, masked by the far umask."""
+    if value == "":
+        return None
     if not isinstance(value, str) or not re.fullmatch(r"[DFugoa+\-=rwxXst,0-7]+", value):
         raise ValueError(f"expected an rsync --chmod string such as 'g+rwX,o+rX', got {value!r}")
     for part in value.split(","):
