@@ -91,5 +91,5 @@ def test_finalization_files_make_no_timecode_directory_of_their_own(catalog, tmp
 def test_a_far_copy_found_missing_reopens_its_finalized_directory(catalog, tmp_path):
     row = shipped_and_finalized(catalog, tmp_path)
     assert not catalog.timecode_dirs.open_dirs("arch")
-    catalog.shipping.mark_unverified({row.id: None})
+    catalog.removals.mark_unverified({row.id: None})
     assert [t.timecode for t in catalog.timecode_dirs.open_dirs("arch")] == [16000]

@@ -229,7 +229,7 @@ class _Round:
             for row in gone:
                 log.warning("%s was already gone; marked removed", row.local_path)
         if differs:
-            self.catalog.shipping.mark_unverified(differs)
+            self.catalog.removals.mark_unverified(differs)
         return deleted
 
     def _lease(self, row: File, fd: int, release: bool = False) -> bool:

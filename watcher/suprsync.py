@@ -140,8 +140,7 @@ class SupRsyncFilesManager:
     def get_copyable_files(self, archive_name, session=None, max_copy_attempts=None, num_files=None):
         limit = num_files if num_files is not None else -1
         attempts = _NO_LIMIT if max_copy_attempts is None else max_copy_attempts  # 0: none, as socs
-        pending = self.catalog.shipping.pending(archive_name, limit, attempts)
-        return self._rows(session, self.catalog.files.by_ids([row.id for row in pending]))
+        return self._rows(session, self.catalog.shipping.pending_files(archive_name, limit, attempts))
 
     def get_deletable_files(self, archive_name, delete_after, session=None):
         rows = self.catalog.removals.deletable(archive_name, time.time(), delete_after, delete_after, -1)

@@ -25,7 +25,7 @@ class ShippedRow(Protocol):
 
 
 class Claims(NamedTuple):
-    """Which far names a list of new files may have (FarNames.claim)."""
+    """Which far names a list of new files may have (FarNames.claims_for_files)."""
 
     taken: dict[tuple[str, str], str]      # (archive, remote path) -> the local file that keeps it
     versioned: dict[tuple[str, str], str]  # (local path, archive) -> the far name it gets instead
@@ -45,7 +45,7 @@ class Claims(NamedTuple):
 class FarNames(Queries):
     """The catalog's far-name queries and the rules that decide between claimants."""
 
-    def claim(self, files: list[NewFile]) -> Claims:
+    def claims_for_files(self, files: list[NewFile]) -> Claims:
         """Which far names these files may have.
 
         Two live local files under one far name overwrite each other's copy,
@@ -107,7 +107,7 @@ class FarNames(Queries):
         return live, gone
 
     def claims_for_rows(self, archive: str, rows: list[ShippedRow]) -> Claims:
-        """claim's rules for rows about to be shipped (PendingRow, or the
+        """claims_for_files' rules for rows about to be shipped (PendingRow, or the
         transfer's items: anything with the ShippedRow fields), whoever wrote them (socs' own add_file and
         any writer of the catalog insert rows without the agent's claim):
         ``taken`` maps (archive, name) to the older live row's local file

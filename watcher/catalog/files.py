@@ -31,7 +31,7 @@ class Files(Queries):
     def register(self, files: list[NewFile], vanished: Callable[[str], bool] | None = None,
                  replaced: list[int] = ()) -> Claims:
         """Insert, in one transaction, the files whose far name no other live
-        local file has (under a version name where FarNames.claim gives
+        local file has (under a version name where FarNames.claims_for_files gives
         one); return the claims, whose ``taken`` are the files left out.
 
         Of files sharing one far name within the list, the first is inserted;
@@ -49,7 +49,7 @@ class Files(Queries):
         with self.db.atomic("IMMEDIATE"):
             for chunk in chunks(list(replaced)):
                 self.File.update(removed=0).where(self.File.id.in_(chunk), self.File.removed.is_null()).execute()
-            claims = self.catalog.far_names.claim(files)
+            claims = self.catalog.far_names.claims_for_files(files)
             listed = {f.local_path for f in files}
             gone = [(archive, remote, owner) for (archive, remote), owner in claims.taken.items()
                     if vanished is not None and owner not in listed and vanished(owner)]
@@ -58,7 +58,7 @@ class Files(Queries):
                     "UPDATE supersync_v0 SET removed = 0 WHERE archive_name = ? AND remote_path = ? "
                     "AND local_path = ? AND removed IS NULL",
                     [(a, to_db_path(r), to_db_path(o)) for a, r, o in gone])
-                claims = self.catalog.far_names.claim(files)
+                claims = self.catalog.far_names.claims_for_files(files)
             self._insert(claims.apply([f for f in files if claims.keeps(f)]))
         return claims
 
@@ -138,13 +138,6 @@ class Files(Queries):
                         marks = ", ".join("?" * len(part))
                         readmitted += self.db.execute_sql(
                             f"UPDATE supersync_v0 SET refused = NULL WHERE id IN ({marks})", part).rowcount
-
-    def by_ids(self, ids: list[int]) -> list[File]:
-        """The rows of these ids, in that order."""
-        found: dict[int, File] = {}
-        for chunk in chunks(ids):
-            found.update((row.id, row) for row in self.File.select().where(self.File.id.in_(chunk)))
-        return [found[i] for i in ids if i in found]
 
     def rows_for_path(self, local_path: str) -> list[File]:
         return list(self.File.select().where(self.File.local_path == to_db_path(local_path)).order_by(self.File.id))

@@ -74,3 +74,11 @@ class Removals(Queries):
     def claimed(self) -> list[File]:
         """Rows claimed for removal by an agent that stopped before it said how it went."""
         return list(self.File.select().where(SQL("deleting IS NOT NULL")))
+
+    def mark_unverified(self, found: dict[int, str | None]) -> None:
+        """The far copy is gone or differs: record what is there, so it ships again."""
+        with self.db.atomic("IMMEDIATE"):
+            for file_id, md5 in found.items():
+                self.File.update(remote_md5sum=md5).where(self.File.id == file_id).execute()
+                row = self.File.get_by_id(file_id)
+                self.catalog.timecode_dirs.reopen(row.archive_name, row.remote_path)  # it is no longer whole

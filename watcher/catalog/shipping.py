@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from watcher.catalog.schema import PendingRow, Queries, from_db_path
+from watcher.catalog.schema import File, PendingRow, Queries, from_db_path
 from watcher.catalog.states import ATTEMPTS, PENDING
 
 # The worker's query, every cycle: walks the pending index (states.PENDING
-# named verbatim), so its cost follows the batch. tests/test_catalog_plans.py
-# plans exactly this text.
-PENDING_SQL = ("SELECT id, local_path, remote_path, local_md5sum, size, timestamp FROM supersync_v0 "
-               f"WHERE archive_name = ? AND {PENDING} AND {ATTEMPTS} < ? "
-               "ORDER BY timestamp, id LIMIT ?")
+# named verbatim), so its cost follows the batch. tests/test_catalog.py plans
+# exactly this text; socs' get_copyable_files reads whole rows through it.
+_PENDING_WHERE = (f"FROM supersync_v0 WHERE archive_name = ? AND {PENDING} AND {ATTEMPTS} < ? "
+                  "ORDER BY timestamp, id LIMIT ?")
+PENDING_SQL = f"SELECT id, local_path, remote_path, local_md5sum, size, timestamp {_PENDING_WHERE}"
 _RECORD_VERIFIED = ("UPDATE supersync_v0 SET remote_md5sum = ?, copied = ? "
                     "WHERE id = ? AND local_md5sum = ?")
 _RECORD_FAILED = ("UPDATE supersync_v0 SET remote_md5sum = ?, "
@@ -29,6 +29,10 @@ class Shipping(Queries):
         cursor = self.db.execute_sql(PENDING_SQL, (archive, max_attempts, limit))
         return [PendingRow(i, from_db_path(local), from_db_path(remote), md5, size, ts)
                 for i, local, remote, md5, size, ts in cursor.fetchall()]
+
+    def pending_files(self, archive: str, limit: int, max_attempts: int) -> list[File]:
+        """The same rows as ``pending``, as whole model objects (socs' API)."""
+        return list(self.File.raw(f"SELECT * {_PENDING_WHERE}", archive, max_attempts, limit))
 
     def record(self, results: Mapping[int, tuple[str, str | None]], now: float) -> tuple[int, int]:
         """Store far md5 sums of a batch: ``{id: (md5 sent, md5 found or None)}``.
@@ -49,11 +53,3 @@ class Shipping(Queries):
             if bad:
                 failed = self.db.cursor().executemany(_RECORD_FAILED, bad).rowcount
         return verified, failed
-
-    def mark_unverified(self, found: dict[int, str | None]) -> None:
-        """The far copy is gone or differs: record what is there, so it ships again."""
-        with self.db.atomic("IMMEDIATE"):
-            for file_id, md5 in found.items():
-                self.File.update(remote_md5sum=md5).where(self.File.id == file_id).execute()
-                row = self.File.get_by_id(file_id)
-                self.catalog.timecode_dirs.reopen(row.archive_name, row.remote_path)  # it is no longer whole

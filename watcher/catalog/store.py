@@ -12,7 +12,10 @@ names what it works with:
 - ``catalog.reports``: counts and listings for the operator and socs.
 
 ``add_file``/``add_files`` stay on the catalog itself: they are socs'
-producer API.
+producer API. A query module uses another's queries (through the catalog,
+so no import shows it) only downward in pyproject.toml's catalog layers:
+files and removals reopen timecode directories, reports reads the pending
+query.
 """
 
 from __future__ import annotations
@@ -178,9 +181,9 @@ class Catalog:
         does, and the transfer ships it once the name is free
         (FarNames.claims_for_rows). A far name whose verified copy holds
         other content of a file that is gone is never overwritten: the file
-        gets a version name (see FarNames.claim). ``timecode_dirs``: write
+        gets a version name (see FarNames.claims_for_files). ``timecode_dirs``: write
         the files' timecode directory rows in the same transaction. (The
-        agent's registrar uses register_files, which skips refused files instead.)
+        agent's registrar uses catalog.files.register, which skips refused files instead.)
         """
         files = list(files)
         for f in files:
@@ -188,7 +191,7 @@ class Catalog:
             if problem:
                 raise ValueError(f"remote path {f.remote_path!r} of {f.local_path} {problem}")
         with self.db.atomic("IMMEDIATE"):
-            claims = self.far_names.claim(files)
+            claims = self.far_names.claims_for_files(files)
             if claims.taken and refuse_taken:
                 (archive, remote), local = next(iter(claims.taken.items()))
                 raise ValueError(f"remote path {remote!r} of archive {archive} is already "

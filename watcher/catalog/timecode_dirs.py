@@ -15,8 +15,8 @@ from peewee import SQL, fn
 
 from watcher.catalog.schema import Queries, TimecodeDir, from_db_path, raw
 from watcher.catalog.states import UNVERIFIED
-from watcher.safefs import Identity
 from watcher.paths import is_finalization_file, timecode_of
+from watcher.safefs import Identity
 
 log = logging.getLogger(__name__)
 
