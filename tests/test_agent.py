@@ -18,6 +18,7 @@ import yaml
 
 from tests import md5_audit
 from tests.catalog_rows import md5, verified_once
+from tests.shared_catalog import one_archive_each
 from tests.waiting import wait_until
 from watcher.catalog import Catalog
 from watcher.health import read_health, served_archives
@@ -204,28 +205,11 @@ def test_a_second_agent_on_the_same_catalog_refuses_to_start(setup, start_agent)
     assert "Traceback" not in proc.stderr
 
 
-def _one_archive_each(tmp_path, names: dict[str, str | None]) -> dict:
-    """A Setup per archive, all on one catalog and one file_root (as an SO
-    site runs watcher@timestreams and watcher@smurf): {archive: (setup, far, inbox)}."""
-    from tests.conftest import Setup
-
-    shared_db, shared_root = tmp_path / "state" / "catalog.db", tmp_path / "state" / "finalization"
-    made = {}
-    for archive, instance_id in names.items():
-        s = Setup(tmp_path / archive)
-        s.root.mkdir()
-        s.database, s.file_root = shared_db, shared_root
-        far = s.archive(archive, **({"instance_id": instance_id} if instance_id else {}))
-        inbox = s.rule(archive=archive, remote_path="{timecode}/{relpath}")
-        made[archive] = (s, far, inbox)
-    return made
-
-
 def test_two_agents_serve_one_catalog_one_archive_each_with_its_own_instance_id(tmp_path, start_agent):
     """Each agent ships its archive's files and finalizes them under its
     archive's instance_id (directory, file name and key), as socs' two
     SupRsync instances did; `watcher status` sees both agents."""
-    deployments = _one_archive_each(tmp_path, {"timestreams": "timestream-sync-srv20",
+    deployments = one_archive_each(tmp_path, {"timestreams": "timestream-sync-srv20",
                                                "smurf": "smurf-sync-srv20"})
     agents = {a: start_agent(s, housekeeping_interval=3600) for a, (s, _far, _inbox) in deployments.items()}
     for archive, (_s, _far, inbox) in deployments.items():
@@ -260,7 +244,7 @@ def test_two_agents_serve_one_catalog_one_archive_each_with_its_own_instance_id(
 def test_a_second_agent_for_an_archive_already_served_is_refused_naming_it(tmp_path, start_agent):
     """Another archive of the same catalog may start; the same archive again
     may not, even from a configuration that also names a free archive."""
-    deployments = _one_archive_each(tmp_path, {"smurf": None, "timestreams": None})
+    deployments = one_archive_each(tmp_path, {"smurf": None, "timestreams": None})
     smurf, _far, _inbox = deployments["smurf"]
     start_agent(smurf)
     both = deployments["timestreams"][0]

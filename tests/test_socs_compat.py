@@ -575,3 +575,53 @@ def test_socs_own_agent_loop_survives_a_catalog_watcher_ran_on_and_watcher_takes
             wait_until(lambda: [r.verified for r in agent.catalog.files.rows_for_path(path)
                                 if r.removed is None] == [True], timeout=30,
                        message=f"{rel!r} registered again and verified")
+
+
+def test_socs_producers_feed_two_agents_one_per_archive_whose_finalization_files_carry_their_ids(
+        socs, tmp_path, start_agent):
+    """An SO site after the switch: socs' own producer code (the smurf
+    streamer's add_file, the pysmurf monitor's create_file + Session.add_all)
+    writes one suprsync.db that watcher@timestreams and watcher@smurf serve,
+    each with its own instance id; the finalization files each ships say
+    their id, archive and subdirs, as sotodlib reads them."""
+    from tests.shared_catalog import one_archive_each
+
+    ids = {"timestreams": "timestream-sync-srv20", "smurf": "smurf-sync-srv20"}
+    deployments = one_archive_each(tmp_path, ids)
+    data = {}
+    for archive, (s, _far, _inbox) in deployments.items():
+        data[archive] = tmp_path / "data" / archive
+        data[archive].mkdir(parents=True)
+        s.archives[archive]["api_roots"] = [str(data[archive])]
+    agents = {a: start_agent(s, housekeeping_interval=3600) for a, (s, _far, _inbox) in deployments.items()}
+    db = str(tmp_path / "state" / "catalog.db")
+
+    streamed = data["timestreams"] / "1600000100_000.g3"
+    streamed.write_bytes(b"frames")
+    srfm = socs.SupRsyncFilesManager(db)
+    srfm.add_file(str(streamed), "16000/obs_1600000000/1600000100_000.g3", "timestreams")
+    monitored = []
+    for name in ("1600000200_tune.npy", "1600000300_iv.npy"):
+        p = data["smurf"] / name
+        p.write_bytes(name.encode())
+        monitored.append(socs.create_file(str(p), f"16000/outputs/{name}", "smurf"))
+    with srfm.Session.begin() as session:
+        session.add_all(monitored)
+    srfm._engine.dispose()
+
+    catalog = Catalog(db)
+    for archive, count in (("timestreams", 1), ("smurf", 2)):
+        wait_until(lambda: [r.verified for r in catalog.reports.known_files(archive, 0)] == [True] * count,
+                   timeout=30, message=f"{archive}'s files shipped by its own agent")
+    for archive, agent in agents.items():
+        wait_until(agent.timecodes_once, message="housekeeping while nothing waits to be registered")
+    expected = {"timestreams": ["obs_1600000000"], "smurf": ["outputs"]}
+    for archive, (_s, far, _inbox) in deployments.items():
+        pattern = f"*/suprsync/{ids[archive]}/*_{archive}_16000_finalized.yaml"
+        wait_until(lambda: list(far.glob(pattern)), timeout=30, message=f"{archive}'s finalization file")
+        [shipped] = far.glob(pattern)
+        summary = yaml.safe_load(shipped.read_text())
+        assert (summary["instance_id"], summary["archive_name"], summary["timecode"], summary["subdirs"]) == \
+            (ids[archive], archive, 16000, expected[archive])
+        assert len(list(far.rglob("*_finalized.yaml"))) == 1
+    catalog.close()
