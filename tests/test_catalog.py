@@ -11,6 +11,7 @@ import pytest
 
 from watcher.catalog import Catalog
 from watcher.catalog.files import _active_rows_sql
+from watcher.catalog.reports import LAST_VERIFIED_SQL
 from watcher.catalog.schema import SOCS_DDL
 from watcher.catalog.shipping import PENDING_SQL
 
@@ -122,6 +123,11 @@ def test_a_timecode_dirs_unverified_files_are_found_through_an_index(big):
     assert_uses_index(plan_of(big, big.timecode_dirs.unverified_query("big", 16002)), "watcher_unverified_path")
 
 
+def test_a_status_finds_the_last_file_added_and_verified_at_an_end_of_an_index(big):
+    assert_uses_index(plan_of(big, big.reports.last_added_query("big")), "watcher_archive_rows")
+    assert_uses_index(plan_of(big, PlainSql(LAST_VERIFIED_SQL, ["big"])), "watcher_verified_copied")
+
+
 def test_registered_paths_are_looked_up_by_the_local_path_index(big):
     plan = plan_of(big, PlainSql(_active_rows_sql(2), ["/data/big/1.dat", "/data/big/2.dat"]))
     assert_uses_index(plan, "watcher_local_path", sorted_by_index=False)
@@ -142,6 +148,14 @@ def test_finalized_until_costs_almost_nothing(big, full_scan):
     until, steps = vm_steps(big, lambda: big.reports.finalized_until("big", time.time()))
     # the oldest file not yet verified (row 7) holds it back
     assert until == BASE_TS + 7 - 1
+    assert steps * 100 < full_scan, (steps, full_scan)
+
+
+def test_a_status_costs_almost_nothing(big, full_scan):
+    stats, steps = vm_steps(big, lambda: big.reports.stats("big", MAX_ATTEMPTS, time.time()))
+    assert (stats["files"], stats["pending"], stats["failed"], stats["ignored"]) == (ROWS, len(PENDING), len(FAILED), 1)
+    assert stats["last_file_added"] == f"/data/big/{ROWS - 1}.dat"
+    assert stats["last_file_verified"] == f"/data/big/{ROWS - 2}.dat"  # copied at once: the last added (not pending)
     assert steps * 100 < full_scan, (steps, full_scan)
 
 

@@ -1,21 +1,31 @@
 """Counts and listings: `watcher status`, `watcher list`, socs' getters.
 
 Each answer is read from indexes where the agent's own queries are; the
-states counted are those of watcher.catalog.states.
+states counted are those of watcher.catalog.states, read from the counts
+SQLite keeps (schema.COUNT_KEYS), so a status costs the same at any size.
 """
 
 from __future__ import annotations
 
 from typing import Iterator
 
-from peewee import fn
-
-from watcher.catalog.schema import File, Queries, case, raw
-from watcher.catalog.states import PENDING, STATES
+from watcher.catalog.schema import ARCHIVE_ROWS, File, Queries, from_db_path, raw
+from watcher.catalog.states import PENDING, STATES, VERIFIED
 
 
-# What `watcher status` counts (states overlap: see watcher.catalog.states).
-COUNTED = ("pending", "verified", "failed", "removed", "ignored", "refused")
+# What `watcher status` counts (states overlap: see watcher.catalog.states),
+# each as a condition on a class of the counts table (schema.COUNT_KEYS).
+COUNTED = {
+    "pending": "is_unshipped = 1 AND attempts < {max}",
+    "verified": "is_verified = 1",
+    "failed": "is_unshipped = 1 AND attempts >= {max}",
+    "removed": "is_removed = 1",
+    "ignored": "is_ignored = 1",
+    "refused": "is_refused = 1",
+}
+# The last verified row: walks watcher_verified_copied from its end.
+LAST_VERIFIED_SQL = (f"SELECT local_path FROM supersync_v0 WHERE archive_name = ? AND {VERIFIED} "
+                     "ORDER BY copied DESC, id DESC LIMIT 1")
 
 
 class Reports(Queries):
@@ -35,25 +45,37 @@ class Reports(Queries):
             names.append(last)
 
     def stats(self, archive: str, max_attempts: int, now: float) -> dict:
-        """Counts for `watcher status`: one pass over the archive's rows."""
-        def count(name: str, then=1):
-            return fn.SUM(case(raw(STATES[name].sql(max_attempts)), then)).alias(name)
+        """Counts for `watcher status` and metrics, from the counts table and
+        the first entry of an index each: no pass over the archive's rows.
 
-        row = (self.File.select(
-            fn.COUNT(self.File.id).alias("files"),
-            *(count(name) for name in COUNTED),
-            fn.SUM(case(raw(STATES["pending"].sql(max_attempts)), fn.coalesce(self.File.size, 0))).alias("bytes_pending"),
-        ).where(self.File.archive_name == archive).dicts().get())
-        stats = {k: int(v or 0) for k, v in row.items()}
+        Only for showing: any writer of the catalog can change the counts.
+        Of rows verified at the same time, the last verified is the last added.
+        """
+        stats = self.counts(archive, max_attempts)
         oldest = self.catalog.shipping.pending(archive, 1, max_attempts)
         stats["oldest_pending_age"] = (now - oldest[0].timestamp) if oldest else None
         stats["finalized_until"] = self.finalized_until(archive, now)
-        last = self.File.select().where(self.File.archive_name == archive).order_by(self.File.id.desc()).first()
+        last = self.last_added_query(archive).first()
         stats["last_file_added"] = last.local_path if last else None
-        done = (self.File.select().where(self.File.archive_name == archive, self.File.remote_md5sum == self.File.local_md5sum)
-                .order_by(self.File.copied.desc(nulls="LAST")).first())
-        stats["last_file_verified"] = done.local_path if done else None
+        done = self.db.execute_sql(LAST_VERIFIED_SQL, (archive,)).fetchone()
+        stats["last_file_verified"] = from_db_path(done[0]) if done else None
         return stats
+
+    def counts(self, archive: str, max_attempts: int) -> dict[str, int]:
+        """files, each state of COUNTED and bytes_pending, summed over the
+        archive's classes of rows (a few dozen rows, whatever the table holds)."""
+        def where(name):
+            return COUNTED[name].format(max=int(max_attempts))
+        sums = [f"SUM(CASE WHEN {where(name)} THEN files ELSE 0 END)" for name in COUNTED]
+        row = self.db.execute_sql(
+            f"SELECT SUM(files), {', '.join(sums)}, SUM(CASE WHEN {where('pending')} THEN bytes ELSE 0 END) "
+            "FROM watcher_counts WHERE archive_name = ?", (archive,)).fetchone()
+        return dict(zip(("files", *COUNTED, "bytes_pending"), (int(v or 0) for v in row)))
+
+    def last_added_query(self, archive: str):
+        """The archive's row of highest id: the first entry of watcher_archive_rows from its end."""
+        return (self.File.select().where(self.File.archive_name == archive, raw(ARCHIVE_ROWS))
+                .order_by(self.File.id.desc()).limit(1))
 
     def finalized_until(self, archive: str, now: float) -> float:
         """socs' meaning: every not-ignored file registered before this time is verified.

@@ -2,9 +2,10 @@
 
 The tables and columns of ``socs.db.suprsync`` are kept exactly (a fresh
 catalog is created with socs' own DDL) so that socs code can keep writing
-to the same file. watcher only adds nullable columns, indexes and one table
-of its own. Every query the agent runs per cycle walks a partial index over
-the rows that still need work, so its cost follows the batch, not the table.
+to the same file. watcher only adds nullable columns, indexes, two tables
+of its own (watcher_meta, watcher_counts) and the triggers that count.
+Every query the agent runs per cycle walks a partial index over the rows
+that still need work, so its cost follows the batch, not the table.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from peewee import (
     SQL, AutoField, BooleanField, Case, CharField, Field, FloatField, IntegerField, Model, SqliteDatabase,
 )
 
-from watcher.catalog.states import DELETABLE, DELETABLE_BY_RULE, PENDING, UNVERIFIED, is_verified, state_of
+from watcher.catalog.states import (
+    ATTEMPTS, DELETABLE, DELETABLE_BY_RULE, PENDING, STATES, UNVERIFIED, VERIFIED, is_verified, state_of,
+)
 from watcher.safefs import Identity
 
 CHUNK = 500  # bound parameters per IN (...) query
@@ -81,6 +84,101 @@ INDEXES = (
     "CREATE TABLE IF NOT EXISTS watcher_meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
 )
 OBSOLETE_INDEXES = ("watcher_pending", "watcher_deletable", "watcher_deletable_by_rule")
+
+# Indexes `watcher status` walks for its latest rows (Reports.stats).
+# Every row has an md5 (socs: NOT NULL): ARCHIVE_ROWS holds for all, but
+# only a query that names it walks watcher_archive_rows. Without ANALYZE,
+# SQLite would walk a plain (archive_name) index, rather than sort, for
+# every `archive_name = ? ... ORDER BY id` query, such as far-name lookups.
+ARCHIVE_ROWS = "local_md5sum IS NOT NULL"
+STATUS_INDEXES = (
+    # an archive's rows by id (an index's entries end with the rowid): the last one added
+    f"CREATE INDEX IF NOT EXISTS watcher_archive_rows ON supersync_v0 (archive_name) WHERE {ARCHIVE_ROWS}",
+    # verified rows by copy time: the last one verified
+    f"CREATE INDEX IF NOT EXISTS watcher_verified_copied ON supersync_v0 (archive_name, copied) WHERE {VERIFIED}",
+)
+
+
+# -- counts kept by SQLite: `watcher status` and metrics in O(1) -------------------
+#
+# socs and its producers write the catalog too, so the counts are kept by
+# triggers on supersync_v0, whoever writes it: files and bytes per class of
+# rows, a class being the archive and the value of each key below for a row.
+# The keys are states.py's definitions, verbatim: every counted state is a
+# condition on them (Reports.stats), pending and failed for any attempt limit.
+# Nothing but the numbers shown to operators may rest on these counts: any
+# writer of the catalog can change them, and a REPLACE of an existing row is
+# not seen (SQLite fires no delete trigger for it; nobody writes one).
+COUNT_KEYS = {
+    "is_verified": STATES["verified"].where,
+    "is_removed": STATES["removed"].where,
+    "is_ignored": STATES["ignored"].where,
+    "is_refused": STATES["refused"].where,
+    "is_unshipped": PENDING,  # pending or failed: the attempts say which
+}
+# The columns the keys read: a trigger copies them from NEW or OLD.
+COUNTED_COLUMNS = ("archive_name", "local_md5sum", "remote_md5sum", "removed", "ignore", "refused",
+                   "failed_copy_attempts", "size")
+
+# attempts has no type, so a value keeps its type and compares as ATTEMPTS
+# does; rowid table, plain INSERT and no UPSERT: any SQLite that reads the
+# partial indexes (3.8) runs the triggers.
+COUNTS_TABLE = f"""CREATE TABLE IF NOT EXISTS watcher_counts (
+    archive_name VARCHAR NOT NULL, {", ".join(f"{k} INTEGER NOT NULL" for k in COUNT_KEYS)}, attempts NOT NULL,
+    files INTEGER NOT NULL, bytes INTEGER NOT NULL,
+    UNIQUE (archive_name, {", ".join(COUNT_KEYS)}, attempts))"""
+_KEY_NAMES = ("archive_name", *COUNT_KEYS, "attempts")
+
+
+def _keys_of(source: str) -> str:
+    """A SELECT of the class of each row of ``source`` (the migration's count)."""
+    flags = ", ".join(f"CASE WHEN ({where}) THEN 1 ELSE 0 END AS {key}" for key, where in COUNT_KEYS.items())
+    return f"SELECT archive_name, {flags}, {ATTEMPTS} AS attempts, coalesce(size, 0) AS size FROM {source}"
+
+
+_COLUMN = re.compile(r'"?\b(' + "|".join(COUNTED_COLUMNS) + r')\b"?')
+
+
+def _class_of(ref: str) -> dict[str, str]:
+    """The class of a trigger's NEW or OLD row: the same texts, their columns read from ``ref``.
+    (Not a subquery over NEW: SQLite would build a table for it at every row.)"""
+    def of(sql: str) -> str:
+        return _COLUMN.sub(lambda m: f'{ref}."{m.group(1)}"', sql)
+    return {"archive_name": of("archive_name"),
+            **{key: f"CASE WHEN ({of(where)}) THEN 1 ELSE 0 END" for key, where in COUNT_KEYS.items()},
+            "attempts": of(ATTEMPTS)}
+
+
+def _count(ref: str, sign: str) -> str:
+    """Statements adding (``+``) or taking away (``-``) one row's file and bytes.
+    A class met for the first time is inserted when the UPDATE changed nothing."""
+    keys = _class_of(ref)
+    update = (f"UPDATE watcher_counts SET files = files {sign} 1, bytes = bytes {sign} coalesce({ref}.size, 0) "
+              f"WHERE {' AND '.join(f'{k} = {v}' for k, v in keys.items())};")
+    if sign == "-":
+        return update
+    return (f"{update}\n  INSERT INTO watcher_counts ({', '.join(keys)}, files, bytes) "
+            f"SELECT {', '.join(keys.values())}, 1, coalesce({ref}.size, 0) WHERE changes() = 0;")
+
+
+_CHANGED = " OR ".join(f'OLD."{c}" IS NOT NEW."{c}"' for c in COUNTED_COLUMNS)
+# name -> exact text (sqlite_master keeps it): a catalog whose triggers differ gets these, and counts afresh.
+COUNT_TRIGGERS = {
+    "watcher_counts_insert": f"CREATE TRIGGER watcher_counts_insert AFTER INSERT ON supersync_v0 BEGIN\n"
+                             f"  {_count('NEW', '+')}\nEND",
+    "watcher_counts_delete": f"CREATE TRIGGER watcher_counts_delete AFTER DELETE ON supersync_v0 BEGIN\n"
+                             f"  {_count('OLD', '-')}\nEND",
+    "watcher_counts_update": f"CREATE TRIGGER watcher_counts_update AFTER UPDATE OF "
+                             f"{', '.join(chr(34) + c + chr(34) for c in COUNTED_COLUMNS)} ON supersync_v0 "
+                             f"WHEN {_CHANGED} BEGIN\n  {_count('OLD', '-')}\n  {_count('NEW', '+')}\nEND",
+}
+# One pass over the table, when the triggers are made (in their transaction).
+COUNTS_FILL = (
+    "DELETE FROM watcher_counts",
+    f"INSERT INTO watcher_counts ({', '.join(_KEY_NAMES)}, files, bytes) "
+    f"SELECT {', '.join(_KEY_NAMES)}, COUNT(*), SUM(size) FROM ({_keys_of('supersync_v0')}) "
+    f"GROUP BY {', '.join(_KEY_NAMES)}",
+)
 
 
 # Non-UTF-8 file names are stored as text, not BLOBs: socs' code (a site

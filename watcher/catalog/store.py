@@ -33,8 +33,9 @@ from watcher.catalog.files import Files
 from watcher.catalog.removals import Removals
 from watcher.catalog.reports import Reports
 from watcher.catalog.schema import (
-    ADDED_COLUMNS, INDEXES, INSERT_FILE, OBSOLETE_INDEXES, SOCS_DDL, File, NewFile, bind_models, chunks,
-    from_db_path, identity_columns, identity_of_row, insert_params, to_db_path,
+    ADDED_COLUMNS, COUNT_TRIGGERS, COUNTS_FILL, COUNTS_TABLE, INDEXES, INSERT_FILE, OBSOLETE_INDEXES, SOCS_DDL,
+    STATUS_INDEXES, File, NewFile, bind_models, chunks, from_db_path, identity_columns, identity_of_row,
+    insert_params, to_db_path,
 )
 from watcher.catalog.shipping import Shipping
 from watcher.catalog.timecode_dirs import TimecodeDirs
@@ -110,8 +111,27 @@ class Catalog:
                     self.db.execute_sql(f'ALTER TABLE {table} ADD COLUMN "{column}" {kind}')
             for name in OBSOLETE_INDEXES:
                 self.db.execute_sql(f"DROP INDEX IF EXISTS {name}")
-            for ddl in INDEXES:
+            for ddl in INDEXES + STATUS_INDEXES:
                 self.db.execute_sql(ddl)
+            self._count_with_triggers()
+
+    def _triggers(self) -> dict[str, str]:
+        return dict(self.db.execute_sql(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND name GLOB 'watcher_counts_*'").fetchall())
+
+    def _count_with_triggers(self) -> None:
+        """Make the counting triggers (schema.COUNT_TRIGGERS) unless the catalog
+        has them as they are, and count every row once, in the migration's
+        transaction: no write falls between the count and the triggers."""
+        self.db.execute_sql(COUNTS_TABLE)
+        if self._triggers() == COUNT_TRIGGERS:
+            return
+        for name in self._triggers():
+            self.db.execute_sql(f'DROP TRIGGER "{name}"')
+        for ddl in COUNT_TRIGGERS.values():
+            self.db.execute_sql(ddl)
+        for sql in COUNTS_FILL:
+            self.db.execute_sql(sql)
 
     def _blob_paths_to_text(self) -> None:
         """Store as text (to_db_path's) the paths an older watcher stored as
@@ -152,8 +172,9 @@ class Catalog:
 
     def _migrated(self) -> bool:
         names = {row[0] for row in self.db.execute_sql("SELECT name FROM sqlite_master")}
-        wanted = {"supersync_v0", "timecode_dirs_v0"} | {ddl.split(" EXISTS ", 1)[1].split()[0] for ddl in INDEXES}
-        if not wanted <= names or names & set(OBSOLETE_INDEXES):
+        wanted = ({"supersync_v0", "timecode_dirs_v0", "watcher_counts"}
+                  | {ddl.split(" EXISTS ", 1)[1].split()[0] for ddl in INDEXES + STATUS_INDEXES})
+        if not wanted <= names or names & set(OBSOLETE_INDEXES) or self._triggers() != COUNT_TRIGGERS:
             return False
         return all(column in {c.name for c in self.db.get_columns(table)}
                    for table, column, _kind in ADDED_COLUMNS)
