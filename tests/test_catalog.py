@@ -183,6 +183,14 @@ def test_looking_up_registered_paths_costs_in_proportion_to_the_paths(big, full_
     assert steps * 10 < full_scan, (steps, full_scan)
 
 
+def test_looking_up_far_names_costs_in_proportion_to_the_names(big, full_scan):
+    """Not a walk of a status index (watcher_archive_rows) in id order over the archive's rows."""
+    names = [f"{16000 + i // PER_DIR}/f{i}.dat" for i in range(0, ROWS, ROWS // 500)]
+    claims, steps = vm_steps(big, lambda: big.far_names._holders("big", names))
+    assert len(claims[0]) == 500
+    assert steps * 10 < full_scan, (steps, full_scan)
+
+
 def test_deriving_timecode_dirs_walks_only_rows_added_since_the_last_time(big, full_scan):
     statements = []
     big.db.connection().set_trace_callback(statements.append)
