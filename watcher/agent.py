@@ -19,7 +19,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import stat
 import threading
 import time
@@ -28,13 +27,13 @@ from pathlib import Path
 
 from peewee import OperationalError
 
-from watcher import faults, state_files
+from watcher import faults, service, state_files
 from watcher.config import Config, ConfigError
 from watcher.catalog import Catalog
 from watcher.roots import Roots
 from watcher.seal import Sealer, load_key
 from watcher.handlers import SettleTracker, WatchHandler, scan
-from watcher.health import Health, with_database_retry
+from watcher.health import Health, read_health, with_database_retry
 from watcher.observers import make_observer
 from watcher.registrar import Registrar
 from watcher.retention import delete_expired, settle_claimed_removals
@@ -42,6 +41,7 @@ from watcher.safefs import ignore_lease_breaks
 from watcher.rsync import Destination, Stopped, TransferError, remove_stale_batch_trees
 from watcher.ssh import make_control_dir, remove_control_dir, remove_stale_control_dirs
 from watcher.finalize import remove_unregistered_finalizations, update_timecode_dirs
+from watcher.service import sd_notify
 from watcher.transfer import TransferWorker
 
 log = logging.getLogger(__name__)
@@ -50,20 +50,9 @@ HOUSEKEEPING_INTERVAL = 5.0
 CATALOG_CHECK = 1.0  # seconds between looks at the catalog file: deleted, replaced, read-only?
 SCAN_KINDS = ("symlinks", "unreadable directories")  # problems a scan of their whole root re-checks
 BLOCKED = "blocked finalizations"  # a link (or file) planted where a finalization directory goes
-
-
-def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.sendto(message.encode(), address)
-    except OSError as exc:
-        log.debug("sd_notify failed: %s", exc)
+HASHING_ALLOWANCE = 3600.0  # seconds the registrar may hash one batch (a 70 GB file at 20 MB/s)
+STATUS_INTERVAL = 5.0  # seconds between looks at the pending counts for systemd's STATUS=
+STATUS_CAP = 1000  # pending rows counted per archive for STATUS= (more: "1000+"): a bounded query
 
 
 def outermost(dirs: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
@@ -281,7 +270,9 @@ class Agent:
         self.config = config
         # A rescan_interval shorter than the housekeeping tick shortens the tick.
         self.interval = min(housekeeping_interval, config.rescan_interval)
-        self.stop_event = threading.Event()
+        # The stop event doubles as the threads' heartbeat (watcher.service): each loop looks at it.
+        self.hearts = service.Heartbeats(service.watchdog_interval())
+        self.stop_event = service.ProgressEvent(self.hearts)
         self.rescan_now = threading.Event()
         # First, before anything is written: the state directory and file_root
         # are safe to use, then the lock (a second agent must touch nothing).
@@ -362,8 +353,13 @@ class Agent:
                     if not self.stop_event.is_set():
                         log.exception("scan of %s failed", path)
 
-    def _thread(self, target, name: str) -> None:
+    def _thread(self, target, name: str, allowance: float | None = None, helpers: tuple[str, ...] = (),
+                idle=None) -> None:
+        """Start a thread; with ``allowance``, the watchdog expects it to show
+        progress at least that often (see watcher.service), or ``idle()``."""
         t = threading.Thread(target=target, name=name, daemon=True)
+        if allowance is not None:
+            self.hearts.register(name, allowance, helpers, idle=idle, alive=t.is_alive)
         t.start()
         self._threads.append(t)
 
@@ -442,6 +438,7 @@ class Agent:
                 self._cannot_watch(root, exc)
                 return
             root.observer = observer
+            self._observer_heart(root.path, observer, handler)
         log.info("watching %s (%s)", root.path, "polling" if root.poll else "inotify")
         self._findings.solve("unwatched roots", root.path)
         if root.watched_once:  # else the start-up scan is coming
@@ -458,7 +455,19 @@ class Agent:
                               f"cannot watch {root.path}: {exc.strerror or exc}; {advice} files there are "
                               f"found only by the rescan every {self.config.rescan_interval:.0f} s")
 
+    def _observer_heart(self, path: str, observer, handler: WatchHandler) -> None:
+        """An observer progresses when it has no event queued or dispatches one."""
+        heart = self.hearts.register(f"watcher-observer {path}", 0.0, alive=observer.is_alive,
+                                     idle=observer.event_queue.empty)
+        dispatch = handler.dispatch
+
+        def beating(event) -> None:
+            heart.beat()
+            dispatch(event)
+        handler.dispatch = beating
+
     def _unwatch(self, root: _Root) -> None:
+        self.hearts.forget(f"watcher-observer {root.path}")
         observer, root.observer = root.observer, None
         if observer is not None:
             observer.stop()
@@ -481,13 +490,19 @@ class Agent:
         dirs: list[tuple[str, tuple[int, int]]] = []
 
         def problem(kind: str, path: str, message: str, archive: str | None) -> None:
+            self.hearts.beat()
             met.add((kind, path))
             self._findings.report(kind, path, message, [archive] if archive else None)
 
         def listed(path: str, st: os.stat_result) -> None:
+            self.hearts.beat()
             dirs.append((path, (st.st_dev, st.st_ino)))
 
-        found = scan(paths, list(self.config.rules), self.registrar.known, self._complete_many,
+        def known(found: list[str]):
+            self.hearts.beat()  # a scan of a big tree is progress (the housekeeper's, the scanner's)
+            return self.registrar.known(found)
+
+        found = scan(paths, list(self.config.rules), known, self._complete_many,
                      self.settle, moved_in=moved_in, problem=problem, listed=listed if roots else None)
         for kind, subject in before - met:
             self._findings.solve(kind, subject)
@@ -610,15 +625,18 @@ class Agent:
             by_instance.setdefault(archive.instance_id, []).append(name)
         for instance_id, names in by_instance.items():
             remove_unregistered_finalizations(self.catalog, self.config.file_root, instance_id, names)
-        self._thread(self.settle.run, "watcher-settle")
-        self._thread(self.registrar.run, "watcher-registrar")
-        self._thread(self._scanner, "watcher-scanner")
-        self._thread(self._guard_catalog, "watcher-catalog-guard")
+        self._thread(self.settle.run, "watcher-settle")  # waits on its own condition: no heartbeat
+        self._thread(self.registrar.run, "watcher-registrar", HASHING_ALLOWANCE, idle=self.registrar.idle)
+        self._thread(self._scanner, "watcher-scanner", 1.0)
+        self._thread(self._guard_catalog, "watcher-catalog-guard", CATALOG_CHECK)
         self._check_roots()
         for name, worker in self.workers.items():
-            self._thread(worker.run, f"watcher-transfer-{name}")
-        self._thread(self._housekeep, "watcher-housekeeper")
-        self._thread(self._retain, "watcher-retention")
+            a = self.config.archives[name]  # its far md5 runs on its checker thread meanwhile
+            self._thread(worker.run, f"watcher-transfer-{name}", a.copy_timeout + a.cmd_timeout,
+                         helpers=(f"watcher-check-{name}",))
+        far = max(a.cmd_timeout for a in self.config.archives.values())
+        self._thread(self._housekeep, "watcher-housekeeper", self.interval + far)
+        self._thread(self._retain, "watcher-retention", self.interval + far)
         sd_notify("READY=1")
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -659,11 +677,55 @@ class Agent:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         self.start()
-        while not self.stop_event.wait(1.0):
-            pass
+        self._notify_until_stopped()
         self.stop()
         log.info("stopped")
         return self.exit_status
+
+    # -- systemd ------------------------------------------------------------------
+
+    def _notify_until_stopped(self) -> None:
+        """Until the agent stops: WATCHDOG=1 every half WatchdogSec while every
+        thread shows progress (one that stops showing it is logged, and systemd
+        restarts the service), and STATUS= when it changes."""
+        ping = service.watchdog_interval()
+        notify = bool(os.environ.get("NOTIFY_SOCKET"))
+        tick = min(ping / 2, STATUS_INTERVAL) if ping else STATUS_INTERVAL
+        stalled: dict[str, str] = {}
+        status = None
+        while not self.stop_event.wait(tick):
+            now = self.hearts.stalled()
+            for name in now.keys() - stalled.keys():
+                log.error("%s: not telling systemd's watchdog that all is well (it restarts the "
+                          "service when WatchdogSec passes without)", now[name])
+            for name in stalled.keys() - now.keys():
+                log.warning("thread %s makes progress again", name)
+            stalled = now
+            if ping and not stalled:
+                sd_notify("WATCHDOG=1")
+            if notify:
+                text = self._status_text(stalled)
+                if text != status:
+                    sd_notify(f"STATUS={text}")
+                    status = text
+
+    def _status_text(self, stalled: dict[str, str]) -> str:
+        """Pending files per archive (counted up to STATUS_CAP, through the
+        pending index: the cost of a batch, never of the table), degraded
+        archives, and threads not progressing."""
+        pending: dict[str, int | None] = {}
+        for name, a in self.config.archives.items():
+            try:
+                pending[name] = len(self.catalog.shipping.pending(name, STATUS_CAP, a.max_copy_attempts))
+            except OperationalError:
+                pending[name] = None
+        health = read_health(self.config.database, list(self.config.archives)) or {}
+        degraded = {name: state.get("last_error") or "?" for name, state in health.get("archives", {}).items()
+                    if isinstance(state, dict) and state.get("degraded")}
+        text = service.status_line(pending, STATUS_CAP, degraded)
+        if stalled:
+            text = f"not progressing: {', '.join(sorted(stalled))}; {text}"
+        return text
 
     # -- housekeeping -------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from watcher import __version__
+from watcher import __version__, service
 from watcher.config import (
     Config, ConfigError, default_state_dir, load_config, load_default_config,
 )
@@ -252,6 +252,16 @@ def cmd_add_local_files(args) -> int:
     return 0
 
 
+def cmd_config_systemd(args) -> int:
+    """The unit drop-in a rules file needs (watcher.service.dropin)."""
+    config = load_config(args.file, live=False)  # a tree missing now still gets its line
+    try:
+        print(service.dropin(config, os.path.abspath(args.file)), end="")
+    except service.DropInError as exc:
+        raise UsageError(f"{args.file}: {exc}") from None
+    return 0
+
+
 # -- the parser ------------------------------------------------------------------
 
 
@@ -307,13 +317,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--last-edit", type=float, default=0.0, metavar="SECONDS",
                     help="only files not modified for at least this long")
     sp.add_argument("--dry-run", action="store_true", help="only say what would be added")
+
+    sp = sub.add_parser("config", help="what a rules file needs around it")
+    kinds = sp.add_subparsers(dest="kind", metavar="KIND", required=True)
+    sp = kinds.add_parser("systemd", help="print the unit drop-in (writable and readable paths) for FILE")
+    sp.add_argument("file", metavar="FILE")
+    sp.set_defaults(func=cmd_config_systemd)
     return p
 
 
 def setup_logging(verbosity: int) -> None:
     level = logging.INFO if verbosity == 0 else logging.DEBUG
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(service.log_formatter(sys.stderr))  # journald's priorities under systemd
+    logging.basicConfig(level=level, handlers=[handler])
     if verbosity < 2:  # sh's own debug lines are about its internals
         logging.getLogger("sh").setLevel(logging.WARNING)
 

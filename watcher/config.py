@@ -24,6 +24,7 @@ from yaml.composer import ComposerError
 
 from watcher.rules import ABSOLUTE, CLIMBS, remote_path_flaw
 from watcher.paths import TEMPLATE_FIELDS
+from watcher.service import SYSTEM_CONFIG_DIR, SYSTEM_STATE_DIR
 
 DEFAULT_CONFIG = Path(__file__).with_name("rules.yaml")
 STATE_DIR_ENV = "WATCHER_STATE_DIR"
@@ -104,6 +105,24 @@ class Config:
 # beside the rules file, finalization files beside the catalog.
 DEFAULT_DATABASE = "suprsync.db"
 DEFAULT_FILE_ROOT = "finalization"
+
+
+def default_database(source: str, base: Path, r: "_Reader | None" = None) -> Path:
+    """The catalog of a rules file with no ``database:``. For the unit's
+    /etc/watcher/NAME.yaml: /var/lib/watcher/NAME/suprsync.db, the instance's
+    own StateDirectory (instances never share one by accident; file_root
+    follows it); elsewhere beside the rules file. A catalog left at the old
+    default /etc/watcher/suprsync.db is refused, not silently replaced by an
+    empty one."""
+    path = Path(os.path.abspath(source))
+    if path.parent != SYSTEM_CONFIG_DIR or path.suffix != ".yaml":
+        return base / DEFAULT_DATABASE
+    old = SYSTEM_CONFIG_DIR / DEFAULT_DATABASE
+    if r is not None and old.exists():
+        r.problem(("database",), f"not given, so the catalog is {SYSTEM_STATE_DIR / path.stem / DEFAULT_DATABASE}, "
+                  f"but {old} exists (the default before): add 'database: {old}' to keep using it, "
+                  "or move it there")
+    return SYSTEM_STATE_DIR / path.stem / DEFAULT_DATABASE
 
 
 def defaults(cls) -> dict[str, Any]:
@@ -824,7 +843,7 @@ def parse_config(text: str, source: str, base: Path, live: bool = True) -> Confi
             rules.append(rule)
             if rule.watch.is_absolute() and rule.watch.is_dir():  # not a refused watch's stand-in
                 watched.append((i, rule.watch))
-    database = r.get(data, "database", (), r.path, base / DEFAULT_DATABASE)
+    database = r.get(data, "database", (), r.path) or default_database(source, base, r)
     file_root = r.get(data, "file_root", (), r.path, database.parent / DEFAULT_FILE_ROOT)
     _check_overlaps(r, archives, watched, database, file_root)
     _check_shared_destinations(r, archives)
