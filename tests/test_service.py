@@ -243,6 +243,60 @@ def test_the_pings_stop_while_a_transfer_worker_hangs(setup, agent_processes, no
     agent.kill()
 
 
+def _rsyncs_of(pid: int) -> list[int]:
+    """The rsync processes below ``pid`` (the agent's batch: rsync forks locally)."""
+    found, parents = [], {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat_fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                parents[int(entry)] = int(stat_fields[1])
+                if Path(f"/proc/{entry}/comm").read_text().strip() == "rsync":
+                    found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+
+    def below(p: int) -> bool:
+        while p > 1:
+            p = parents.get(p, 0)
+            if p == pid:
+                return True
+        return False
+
+    return [p for p in found if below(p)]
+
+
+def test_the_pings_stop_while_an_rsync_is_stopped_where_its_own_timeout_never_ends_it(
+        setup, agent_processes, notify_socket):
+    """A stopped rsync (SIGSTOP; one stuck in the kernel is alike) reads and
+    writes nothing, and its --timeout never fires: the worker polling it is
+    not progressing once it has been quiet for copy_timeout."""
+    setup.archive("arch", copy_timeout=1, cmd_timeout=1, bwlimit=64)
+    inbox = setup.rule()
+    agent = agent_processes(setup, NOTIFY_SOCKET=notify_socket.name,
+                            WATCHDOG_USEC=str(WATCHDOG_SECONDS * 1_000_000)).start()
+    agent.wait_for(lambda: "READY=1" in notify_socket.read(), 20, "READY=1")
+    (inbox / "big.dat").write_bytes(os.urandom(4 << 20))  # about a minute at 64 KiB/s
+    agent.wait_for(lambda: _rsyncs_of(agent.pid), 30, "the batch's rsync running")
+    stopped = _rsyncs_of(agent.pid)
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        allowance = 1 + 1 + 1 + WATCHDOG_SECONDS + WATCHDOG_SECONDS / 2  # stall, then the worker's own
+        agent.wait_for(lambda: "not progressing: watcher-transfer-arch" in " ".join(notify_socket.read()),
+                       allowance + 10, "a STATUS naming the worker whose rsync is stopped")
+        quiet = time.monotonic()
+        wait_until(lambda: time.monotonic() > quiet + 2 * WATCHDOG_SECONDS, 3 * WATCHDOG_SECONDS)
+        assert notify_socket.since(quiet, "WATCHDOG=1") == []
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    agent.kill()
+
+
 def test_a_notify_socket_nobody_listens_on_harms_nothing(setup, agent_processes):
     setup.archive("arch")
     inbox = setup.rule()

@@ -151,7 +151,7 @@ class Completed:
 
 def run(argv: list[str], *, stdin: bytes | None = None, timeout: float | None = None,
         stop: threading.Event | None = None, pass_fds: list[int] = (),
-        umask: int | None = None) -> Completed:
+        umask: int | None = None, stall: float | None = None) -> Completed:
     """Run a command once (through sh, plain pipes), abandoning it when ``stop`` is set.
 
     Raises TransferError("timeout") when it runs longer than ``timeout`` (the
@@ -159,6 +159,11 @@ def run(argv: list[str], *, stdin: bytes | None = None, timeout: float | None = 
     ``pass_fds``: descriptors the command inherits (at the same numbers; they
     must be inheritable: every command is started with all others closed).
     ``umask``: the command's own (the modes of the directories it makes).
+    ``stall``: once the command has read and written nothing for that long
+    (a stopped rsync, one stuck in the kernel, which its own --timeout never
+    ends), looking at ``stop`` no longer counts as the thread's progress
+    (watcher.service's heartbeats): the watchdog's pings stop and systemd
+    restarts the agent.
     """
     log.debug("running %r", argv)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -176,6 +181,7 @@ def run(argv: list[str], *, stdin: bytes | None = None, timeout: float | None = 
     poller = select.poll()  # not select(): a batch's descriptors push numbers past 1024
     if pidfd is not None:
         poller.register(pidfd, select.POLLIN)
+    io, moved = None, time.monotonic()
     try:
         while proc.process.is_alive()[0]:
             if pidfd is not None:
@@ -183,7 +189,14 @@ def run(argv: list[str], *, stdin: bytes | None = None, timeout: float | None = 
             else:
                 time.sleep(pause)
                 pause = min(pause * 2, 0.05)
-            if stop is not None and stop.is_set():
+            quiet = False
+            if stall is not None:
+                now_io = _io_counts(proc.process.pid)
+                if now_io != io or now_io is None:
+                    io, moved = now_io, time.monotonic()
+                quiet = time.monotonic() - moved > stall
+            # a plain look at the event, which counts as no progress, once quiet
+            if stop is not None and (threading.Event.is_set(stop) if quiet else stop.is_set()):
                 _kill(proc)
                 raise Stopped(argv[0])
             if deadline is not None and time.monotonic() > deadline:
@@ -197,6 +210,17 @@ def run(argv: list[str], *, stdin: bytes | None = None, timeout: float | None = 
     except sh.SignalException as exc:
         raise TransferError("timeout", f"{argv[0]} was killed: {exc}", argv) from None
     return Completed(proc.exit_code, proc.stdout or b"", proc.stderr or b"")
+
+
+def _io_counts(pid: int) -> tuple[int, int] | None:
+    """Bytes a process has read and written so far (its /proc io), or None
+    when they cannot be read (it is gone, or /proc is not Linux's)."""
+    try:
+        with open(f"/proc/{pid}/io", "rb") as f:
+            fields = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+        return int(fields[b"rchar"]), int(fields[b"wchar"])
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def _pidfd(pid: int) -> int | None:
@@ -396,7 +420,8 @@ class Destination:
             replaced = "" if edits else replaced_dir_name()
             argv = self.rsync_args(source, replaced)
             result = run(argv, stdin=names, stop=stop, pass_fds=listing.fds,
-                         umask=None if self.archive.is_remote else self._far_umask)
+                         umask=None if self.archive.is_remote else self._far_umask,
+                         stall=self.archive.copy_timeout)
             if replaced:
                 with self._replaced_lock:
                     self._replaced.update((i.remote_path, replaced) for i in sent)
