@@ -402,12 +402,16 @@ def test_the_service_account_ships_verifies_and_deletes_a_producers_file(deploym
     # timecode 17000 is complete: its finalization file is written in file_root and shipped
     agent.wait_for(lambda: list(d.far.glob(f"*/suprsync/trust-deployment/*_{ARCHIVE}_17000_finalized.yaml")),
                                timeout=40, message="timecode 17000's finalization file shipped")
-    # files it made, here and on the archive, are shared with the catalog group only (umask 007)
-    made = [p for top in (d.state, d.file_root, d.far) for p in top.rglob("*")]
+    # files it made here are shared with the catalog group only (umask 007)
+    made = [p for top in (d.state, d.file_root) for p in top.rglob("*")]
     opened = [f"{p} {stat.filemode(p.stat().st_mode)}" for p in made
               if p.exists() and not p.is_symlink() and p.stat().st_mode & 0o007
               and p.stat().st_uid == d.service.uid]
     assert not opened, f"open to every account: {opened}"
+    # on the archive, what chmod says (socs' default g+rwX,o+rX: 664 files, 775 directories it made)
+    far = {f"{p} {stat.filemode(p.stat().st_mode)}" for p in d.far.rglob("*")
+           if p.stat().st_uid == d.service.uid and ".watcher-replaced" not in p.parts}
+    assert far and all(m.endswith(" -rw-rw-r--") or m.endswith(" drwxrwxr-x") for m in far), far
     status = d.status()
     assert status["problems"] == {} and status["refused"] == 0 and not status["degraded"], status
     assert not complaints(agent.log()), "\n".join(complaints(agent.log()))
