@@ -32,6 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
+from peewee import OperationalError
 from tenacity import RetryCallState, Retrying
 
 from watcher.config import Archive
@@ -92,6 +93,33 @@ class _InFlight:
     sent: list[Item]
     refused: list[Item]
     far: Future
+    started: float
+
+
+COUNTERS = ("iterations", "copies", "errors_timeout", "errors_nonzero", "errors_sqlite")
+
+
+@dataclass(frozen=True)
+class TransferStats:
+    """What a worker did since it started, in socs' SupRsync counters (the OCS
+    agent publishes them): ``iterations`` looks for pending rows (each batch,
+    and every IDLE_WAIT when idle); ``copies`` files judged after a copy
+    (verified or not, or found missing); ``errors_timeout`` commands killed
+    after stalling past copy_timeout or cmd_timeout; ``errors_nonzero`` other
+    failed rsync, ssh or far commands (mostly a non-zero exit); ``errors_sqlite``
+    catalog errors (a lock, an I/O error) waited out. ``last_copy``: the last
+    batch judged, as socs shows it: start_time, files ([local path, verified]),
+    stop_time."""
+
+    iterations: int = 0
+    copies: int = 0
+    errors_timeout: int = 0
+    errors_nonzero: int = 0
+    errors_sqlite: int = 0
+    last_copy: dict = dataclasses.field(default_factory=dict)
+
+    def counters(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in COUNTERS}
 
 
 class TransferWorker:
@@ -116,6 +144,39 @@ class TransferWorker:
         self._checker: ThreadPoolExecutor | None = None
         self._clock = clock
         self._held: dict[int, tuple[float, int]] = {}  # row id -> (not before, far mismatches so far)
+        self._stats = TransferStats()
+        self._stats_lock = threading.Lock()  # the far md5 runs on the checker thread
+
+    def stats(self) -> TransferStats:
+        """The counters so far (a snapshot; read by the OCS agent)."""
+        with self._stats_lock:
+            return self._stats
+
+    def _count(self, **changes) -> None:
+        with self._stats_lock:
+            s = self._stats
+            self._stats = dataclasses.replace(s, **{k: (v if k == "last_copy" else getattr(s, k) + v)
+                                                    for k, v in changes.items()})
+
+    def _counted(self, command: Callable):
+        """``command``, counting each TransferError it raises by kind."""
+        def run(*args):
+            try:
+                return command(*args)
+            except TransferError as exc:
+                self._count(**{"errors_timeout" if exc.kind == "timeout" else "errors_nonzero": 1})
+                raise
+        return run
+
+    def _catalog_work(self, work: Callable):
+        """Catalog work, its errors waited out (and counted)."""
+        def counted():
+            try:
+                return work()
+            except OperationalError:
+                self._count(errors_sqlite=1)
+                raise
+        return with_database_retry(counted, self.health, self.stop)
 
     def _before_sleep(self, state) -> None:
         error = state.outcome.exception()
@@ -162,7 +223,7 @@ class TransferWorker:
 
     def _ship(self, items: list[Item]) -> BatchResult:
         try:
-            return self._retrying()(ship_batch, self.destination, items, self.stop)
+            return self._retrying()(self._counted(ship_batch), self.destination, items, self.stop)
         except TransferError as exc:
             if exc.kind != "batch":
                 raise
@@ -170,7 +231,7 @@ class TransferWorker:
 
     def _send(self, items: list[Item]) -> Sent:
         try:
-            return self._retrying()(send_batch, self.destination, items, self.stop)
+            return self._retrying()(self._counted(send_batch), self.destination, items, self.stop)
         except TransferError as exc:
             if exc.kind != "batch":
                 raise
@@ -200,10 +261,9 @@ class TransferWorker:
         cap = None if self._uncap_next else BATCH_BYTES
         self._uncap_next = False
         for _ in range(10):  # a batch of refused rows only: look past it, a few times at most
-            rows = with_database_retry(
+            rows = self._catalog_work(
                 lambda: self.catalog.shipping.pending(a.name, self._batch_size + len(skip_ids),
-                                                      a.max_copy_attempts),
-                self.health, self.stop)
+                                                      a.max_copy_attempts))
             items, total, capped, refused = [], 0, False, []
             edits: bool | None = None  # the batch's kind: see Destination.may_be_edit
             for row in rows:
@@ -232,7 +292,7 @@ class TransferWorker:
             items = self._claim_far_names(items)
             if not refused:
                 return items, capped
-            with_database_retry(lambda: self.catalog.files.refuse(refused), self.health, self.stop)
+            self._catalog_work(lambda: self.catalog.files.refuse(refused))
             if items or self.stop.is_set():
                 return items, capped
             # only refused rows: the next ones (no longer returned) may be shippable
@@ -246,9 +306,7 @@ class TransferWorker:
         holding the only copy of other content is numbered (``name.~N~``),
         so that no row overwrites an earlier copy."""
         a = self.archive
-        claims = with_database_retry(
-            lambda: self.catalog.far_names.claims_for_rows(a.name, items),
-            self.health, self.stop)
+        claims = self._catalog_work(lambda: self.catalog.far_names.claims_for_rows(a.name, items))
         if not claims.taken and not claims.versioned:
             return items
         kept, renames = [], {}
@@ -270,7 +328,7 @@ class TransferWorker:
                 item = dataclasses.replace(item, remote_path=version, edit=False)
             kept.append(item)
         if renames:
-            with_database_retry(lambda: self.catalog.far_names.rename(renames), self.health, self.stop)
+            self._catalog_work(lambda: self.catalog.far_names.rename(renames))
         return kept
 
     def step(self) -> bool:
@@ -281,10 +339,11 @@ class TransferWorker:
     def _one_batch(self) -> bool | NothingArrived:
         if self._in_flight is not None:
             return self._finish_in_flight() or True
+        started = time.time()
         items, capped = self._fetch()
         if not items:
             return False
-        return self._conclude(items, self._ship(items), capped) or True
+        return self._conclude(items, self._ship(items), capped, started) or True
 
     def _pipelined_step(self) -> bool:
         """Copy the next batch while the previous one is checked, then record
@@ -302,12 +361,13 @@ class TransferWorker:
             if previous is None:
                 return False
             return self._finish_in_flight() or True
+        started = time.time()
         sent, refused = self._send(items)
         if self._checker is None:
             self._checker = ThreadPoolExecutor(1, f"watcher-check-{self.archive.name}")
-        far = self._checker.submit(self.destination.far_md5, [i.remote_path for i in sent],
+        far = self._checker.submit(self._counted(self.destination.far_md5), [i.remote_path for i in sent],
                                    self.stop, sum(i.size or 0 for i in sent))
-        batch = _InFlight(items, capped, sent, refused, far)
+        batch = _InFlight(items, capped, sent, refused, far, started)
         judged = None
         try:
             if previous is not None:
@@ -327,11 +387,13 @@ class TransferWorker:
             result = self._ship(batch.items)
         else:
             result = batch_results(batch.sent, batch.refused, far)
-        return self._conclude(batch.items, result, batch.capped)
+        return self._conclude(batch.items, result, batch.capped, batch.started)
 
-    def _conclude(self, items: list[Item], result: BatchResult, capped: bool = False) -> NothingArrived | None:
-        """Judge and record one shipped batch (``capped``: BATCH_BYTES ended it);
-        a NothingArrived is recorded nowhere: the policy retries it."""
+    def _conclude(self, items: list[Item], result: BatchResult, capped: bool = False,
+                  started: float | None = None) -> NothingArrived | None:
+        """Judge and record one shipped batch (``capped``: BATCH_BYTES ended it;
+        ``started``: when its copy began); a NothingArrived is recorded nowhere:
+        the policy retries it."""
         a = self.archive
         results, missing = result
         nothing_arrived = bool(results) and not any(found == sent for sent, found in results.values())
@@ -355,14 +417,16 @@ class TransferWorker:
                 self.health.recovered(a.name)
         checkpoint("verified")
         now = time.time()
-        verified, failed = with_database_retry(
-            lambda: self.catalog.shipping.record(results, now), self.health, self.stop)
+        verified, failed = self._catalog_work(lambda: self.catalog.shipping.record(results, now))
         if missing:
-            with_database_retry(lambda: self.catalog.files.mark_missing([i.id for i in missing]),
-                                self.health, self.stop)
+            self._catalog_work(lambda: self.catalog.files.mark_missing([i.id for i in missing]))
             for item in missing:
                 log.warning("%s disappeared before it was shipped; marked removed", item.local_path)
         log.info("%s: %d verified, %d not verified, %d missing", a.name, verified, failed, len(missing))
+        files = [[i.local_path, results[i.id][0] == results[i.id][1]] for i in items if i.id in results]
+        files += [[i.local_path, False] for i in missing]
+        self._count(copies=len(files), last_copy={"start_time": now if started is None else started,
+                                                  "files": files, "stop_time": time.time()})
         for item in missing:
             self._held.pop(item.id, None)
         self.destination.forget(i.id for i in missing)
@@ -413,6 +477,7 @@ class TransferWorker:
     def _run(self) -> None:
         while not self.stop.is_set():
             self.wake.clear()
+            self._count(iterations=1)
             try:
                 worked = self._pipelined_step()
             except Exception:  # keep the agent alive; the catalog still has the work
