@@ -252,6 +252,21 @@ def cmd_add_local_files(args) -> int:
     return 0
 
 
+OCS_EXTRA = "watcher ocs-agent needs the ocs extra: pip install 'watcher[ocs]'"
+
+
+def cmd_ocs_agent(args) -> int:
+    """The agent as an OCS agent (watcher.ocs_agent parses its own arguments)."""
+    try:
+        from watcher import ocs_agent
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] not in ("ocs", "twisted", "autobahn", "txaio"):
+            raise
+        print(OCS_EXTRA, file=sys.stderr)
+        return 2
+    return ocs_agent.main(args.ocs_args)
+
+
 def cmd_config_systemd(args) -> int:
     """The unit drop-in a rules file needs (watcher.service.dropin)."""
     config = load_config(args.file, live=False)  # a tree missing now still gets its line
@@ -323,6 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = kinds.add_parser("systemd", help="print the unit drop-in (writable and readable paths) for FILE")
     sp.add_argument("file", metavar="FILE")
     sp.set_defaults(func=cmd_config_systemd)
+
+    # Every argument goes to watcher.ocs_agent's parser (OCS's site arguments among them).
+    sp = sub.add_parser("ocs-agent", add_help=False, prefix_chars="\0",
+                        help="run the agent as an OCS agent, shown as socs' SupRsync (`watcher ocs-agent --help`)")
+    sp.add_argument("ocs_args", nargs=argparse.REMAINDER)
+    sp.set_defaults(func=cmd_ocs_agent)
     return p
 
 
