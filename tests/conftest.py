@@ -14,7 +14,8 @@ from watcher.agent import Agent
 from watcher.config import load_config
 from watcher.catalog import Catalog
 
-pytest_plugins = ["tests.sshd", "tests.local_users", "tests.ssh_support", "tests.agent_process", "tests.real_socs"]
+pytest_plugins = ["tests.sshd", "tests.local_users", "tests.ssh_support", "tests.agent_process", "tests.real_socs",
+                  "tests.crossbar_router"]
 
 
 @pytest.fixture(autouse=True)
