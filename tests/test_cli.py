@@ -148,7 +148,9 @@ def test_status_with_a_bad_config_exits_2_naming_the_problem(tmp_path):
     assert f"{config}:3: bogus: unknown key" in result.stderr
 
 
-def test_status_works_while_a_watched_directory_is_gone_but_run_refuses_it(tmp_path):
+def test_status_works_while_a_watched_directory_is_gone_and_run_refuses_a_file_in_its_place(tmp_path):
+    """A missing watch root is the running agent's to report (tests/test_safety_degradation.py);
+    one that is a file can never be watched: exit 2, one line."""
     inbox, far = tmp_path / "inbox", tmp_path / "far"
     inbox.mkdir()
     config = tmp_path / "rules.yaml"
@@ -158,9 +160,11 @@ def test_status_works_while_a_watched_directory_is_gone_but_run_refuses_it(tmp_p
     inbox.rmdir()  # the operator looks at status exactly when something is wrong
     report = json.loads(ok(watcher("status", "--json", "--config", str(config), cwd=tmp_path)))
     assert report["a"]["pending"] == 1
+    inbox.write_text("not a directory")
     result = watcher("run", "--config", str(config), cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "rules[0].watch: directory" in result.stderr and "does not exist" in result.stderr
+    assert f"{config}:3: rules[0].watch: '{inbox}' is not a directory" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 # -- add ------------------------------------------------------------------------------------

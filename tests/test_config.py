@@ -96,11 +96,17 @@ def test_run_with_a_bad_duration_shows_the_value_and_the_accepted_forms(tmp_path
     assert "'3 days'" in line and "7d" in line
 
 
-def test_run_with_a_missing_watch_directory_names_the_directory(tmp_path):
+def test_a_missing_watch_directory_is_no_configuration_error(tmp_path):
+    """An unmounted disk: the running agent reports the rule degraded (tests/test_safety_degradation.py)."""
     path = write(tmp_path, GOOD.replace("watch: inbox", "watch: nowhere"))
+    assert load_config(path).rules[0].watch == tmp_path / "nowhere"
+
+
+def test_run_with_a_watch_that_is_a_file_names_it(tmp_path):
+    path = write(tmp_path, GOOD.replace("watch: inbox", "watch: afile"))
+    (tmp_path / "afile").write_text("")
     line = assert_one_line_exit_2(run_cli("run", "--config", str(path), cwd=tmp_path))
-    assert f"{path}:7: rules[0].watch:" in line
-    assert str(tmp_path / "nowhere") in line and "does not exist" in line
+    assert line == f"watcher: {path}:7: rules[0].watch: '{tmp_path / 'afile'}' is not a directory"
 
 
 def test_run_with_invalid_yaml_gives_the_line_of_the_syntax_error(tmp_path):

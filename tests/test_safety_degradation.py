@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.catalog_rows import row_of, rows, verified
-from tests.status_command import status, wait_for_problems
+from tests.status_command import problems, status, wait_for_problems
 from tests.waiting import wait_until
 
 # In a user namespace of its own, with the inotify watch limit given after it.
@@ -215,9 +215,9 @@ def test_a_watch_root_that_goes_is_reported_and_watched_again_when_it_is_back(
             shutil.rmtree(inbox)
         else:
             os.rename(inbox, away)
-        # (with --config, status refuses a rules file whose watched directory is missing)
-        wait_for_problems(setup, {"unwatched roots": 1}, by_db=True)
-        assert "PROBLEM: 1 unwatched roots; latest: watched directory" in status(setup, by_db=True).stdout
+        wait_for_problems(setup, {"missing watch roots": 1})  # status --config answers meanwhile
+        assert f"PROBLEM: 1 missing watch roots; latest: watched directory {inbox} is gone" \
+            in status(setup).stdout
         if how == "moved away":
             (away / "stray.dat").write_bytes(b"no longer in the tree")
         inbox.mkdir()
@@ -229,6 +229,41 @@ def test_a_watch_root_that_goes_is_reported_and_watched_again_when_it_is_back(
                    for r in rows(setup.database))
     gone = [r for r in caplog.records if r.levelno == logging.WARNING and f"{inbox} is gone" in r.getMessage()]
     assert len(gone) == 1, [r.getMessage() for r in caplog.records]
+
+
+# -- a watch root missing at start (an unmounted disk) ----------------------------------------
+
+
+def test_a_watch_root_missing_at_start_is_a_degraded_rule_and_is_watched_and_scanned_when_it_appears(
+        setup, agent_processes, tmp_path):
+    """`watcher run` starts (exit 2 would stop the healthy rules, and systemd would
+    not restart it); the other rule ships; status --config shows the missing root
+    as a problem of its archive only, with one WARNING. The disk is mounted (a
+    directory with files appears at the path): they ship with no rescan due."""
+    far, other_far = setup.archive(), setup.archive("other")
+    inbox = setup.rule(settle=0.2)  # rescan_interval: 300 s
+    disk = setup.rule("disk", archive="other", settle=0.2)
+    disk.rmdir()
+    agent = agent_processes(setup).start().wait_ready()
+    agent.wait_for(lambda: problems(setup, "other") == {"missing watch roots": 1}, message="the missing root")
+    assert problems(setup, "arch") == {}
+    assert f"PROBLEM: 1 missing watch roots; latest: watched directory {disk} does not exist" \
+        in status(setup).stdout
+    (inbox / "a.dat").write_bytes(b"a")
+    agent.wait_for(lambda: shipped(setup.database, far, inbox / "a.dat", "a.dat"), message="the other rule")
+
+    mounted = tmp_path / "mounted"
+    (mounted / "sub").mkdir(parents=True)
+    (mounted / "sub" / "old.dat").write_bytes(b"written before the mount")
+    os.rename(mounted, disk)
+    agent.wait_for(lambda: shipped(setup.database, other_far, disk / "sub" / "old.dat", "sub/old.dat"),
+                   message="a file that was on the disk shipped")
+    wait_for_problems(setup, {}, agent)
+    (disk / "new.dat").write_bytes(b"new")
+    agent.wait_for(lambda: shipped(setup.database, other_far, disk / "new.dat", "new.dat"),
+                   message="a file written on the disk shipped")
+    assert len(warnings_about(agent.log(), f"{disk} does not exist")) == 1, agent.log_tail()
+    assert "Traceback" not in agent.log()
 
 
 # -- a far copy that keeps mismatching backs off ------------------------------------------

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 HOUSEKEEPING_INTERVAL = 5.0
 CATALOG_CHECK = 1.0  # seconds between looks at the catalog file: deleted, replaced, read-only?
 SCAN_KINDS = ("symlinks", "unreadable directories")  # problems a scan of their whole root re-checks
+MISSING_ROOTS = "missing watch roots"  # a watch root that is not there (an unmounted disk, deleted)
 BLOCKED = "blocked finalizations"  # a link (or file) planted where a finalization directory goes
 HASHING_ALLOWANCE = 3600.0  # seconds the registrar may hash one batch (a 70 GB file at 20 MB/s)
 STATUS_INTERVAL = 5.0  # seconds between looks at the pending counts for systemd's STATUS=
@@ -196,6 +197,15 @@ def _read_only(path: Path) -> str | None:
     except OSError:
         return None  # gone: that is _catalog_changed's to say
     return "the agent may not write it: its permissions, or the immutable attribute"
+
+
+def _missing_root(root: "_Root") -> str:
+    """What a missing watch root means and what to do, in one line."""
+    what = (f"watched directory {root.path} is gone" if root.watched_once else
+            f"watched directory {root.path} does not exist (a disk not mounted?)")
+    return (f"{what}: its rules ship nothing from it until it is there; the other rules work "
+            "meanwhile. Mount or make it (or fix the rule): it is watched and scanned as soon as "
+            "it is a directory")
 
 
 class _Root:
@@ -385,21 +395,26 @@ class Agent:
     def _check_roots(self) -> None:
         """Watch each root that is not watched, or is no longer the directory
         watched (deleted and made again, moved away and replaced), and report
-        one that is gone; every housekeeping tick. A watch that failed, or lost
-        some of its directories' watches, is redone at most once a rescan interval."""
+        one that is missing (at start: an unmounted disk is a degraded rule,
+        not a configuration error) or gone; every housekeeping tick. A watch
+        that failed, or lost some of its directories' watches, is redone at
+        most once a rescan interval."""
         now = time.monotonic()
         for root in self._roots.values():
-            current = _identity(root.path, directory=True)
+            try:
+                current = _identity(root.path, directory=True)
+            except OSError as exc:  # out of reach (a search permission lost on the way, a loop)
+                if root.observer is None and now >= root.retry_at:
+                    root.retry_at = now + self.config.rescan_interval
+                    self._cannot_watch(root, exc)
+                continue
             if current is None:
                 if not root.gone:
                     root.gone = True
                     with self._roots_lock:
                         self._unwatch(root)
                         root.release()
-                    self._findings.report(
-                        "unwatched roots", root.path,
-                        f"watched directory {root.path} is gone: nothing there is shipped until it is "
-                        "back; make it again (or fix the rule): it is watched again as soon as it exists")
+                    self._findings.report(MISSING_ROOTS, root.path, _missing_root(root))
                 continue
             if root.gone or (root.lock is not None and current != root.identity()):
                 self._watch(root)  # another directory than the one watched: at once
@@ -441,7 +456,8 @@ class Agent:
             self._observer_heart(root.path, observer, handler)
         log.info("watching %s (%s)", root.path, "polling" if root.poll else "inotify")
         self._findings.solve("unwatched roots", root.path)
-        if root.watched_once:  # else the start-up scan is coming
+        self._findings.solve(MISSING_ROOTS, root.path)
+        if root.watched_once or self.scans_done:  # else the start-up scan is coming
             self._scan_dir(root.path, False)
         root.watched_once = True
 

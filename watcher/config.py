@@ -14,6 +14,7 @@ import os
 import posixpath
 import re
 import socket
+import stat
 import string
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -278,7 +279,7 @@ class _Reader:
 
     def __init__(self, source: str, base: Path, live: bool = True):
         self.source = source
-        self.live = live  # whether watched directories must exist (the agent; not `watcher status`)
+        self.live = live  # whether the host is checked: roots, api_roots, groups (the agent; not `watcher status`)
         self.lines: dict[tuple, int] = {}
         self.base = base
         self.problems: list[str] = []
@@ -613,6 +614,20 @@ def _unreadable_file(path: Path) -> str | None:
     return None
 
 
+def _not_a_directory(path: Path) -> str | None:
+    """Why a watch root can never be watched (it is something other than a
+    directory), or None. A root that is missing (an unmounted disk) or cannot
+    be reached now is the running agent's to report and wait for, not a
+    configuration error: the other rules keep working meanwhile."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        return None
+    return f"{str(path)!r} is not a directory"
+
+
 def _inside(inner: str, outer: str) -> bool:
     return Path(inner).is_relative_to(Path(outer))
 
@@ -779,8 +794,9 @@ def _read_rule(r: _Reader, i: int, data: Any, archives: dict[str, Archive]) -> R
         return None
     data = r.mapping(data, path, RULE_KEYS)
     watch = r.get(data, "watch", path, r.root, required=True)
-    if watch is not None and r.live and not watch.is_dir():
-        r.problem(path + ("watch",), f"directory {str(watch)!r} does not exist")
+    wrong = _not_a_directory(watch) if watch is not None and r.live else None
+    if wrong:
+        r.problem(path + ("watch",), wrong)
     archive = r.get(data, "archive", path, _str, required=True)
     if archive is not None and archive not in archives:
         known = ", ".join(sorted(archives)) or "none defined"
@@ -812,8 +828,9 @@ def _read_rule(r: _Reader, i: int, data: Any, archives: dict[str, Archive]) -> R
 
 def parse_config(text: str, source: str, base: Path, live: bool = True) -> Config:
     """Build a Config from YAML text; relative paths resolve against ``base``.
-    With ``live`` false, a watched directory may be missing (the commands
-    that only read the catalog must work when one is gone)."""
+    A missing watched directory is never refused (the agent reports it and
+    waits). With ``live`` false, nothing else on the host is looked at
+    either (the commands that only read the catalog must work whatever is gone)."""
     r = _Reader(source, base, live)
     data = _compose(r, text)
     if not isinstance(data, dict):
@@ -841,7 +858,7 @@ def parse_config(text: str, source: str, base: Path, live: bool = True) -> Confi
         rule = _read_rule(r, i, value, archives)
         if rule:
             rules.append(rule)
-            if rule.watch.is_absolute() and rule.watch.is_dir():  # not a refused watch's stand-in
+            if rule.watch.is_absolute():  # not a refused watch's stand-in; missing ones count too
                 watched.append((i, rule.watch))
     database = r.get(data, "database", (), r.path) or default_database(source, base, r)
     file_root = r.get(data, "file_root", (), r.path, database.parent / DEFAULT_FILE_ROOT)
