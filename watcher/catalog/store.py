@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Iterable
 
-from peewee import SQL, OperationalError, SqliteDatabase
+from peewee import SQL, DatabaseError, OperationalError, SqliteDatabase
 
 from watcher.catalog.far_names import FarNames
 from watcher.catalog.files import Files
@@ -62,37 +64,113 @@ def create_shared(path: Path) -> None:
         pass
 
 
+class NotACatalog(Exception):
+    """A file that cannot be used as a catalog; the message is one line
+    naming it and what it is instead."""
+
+
+def _sqlite_problem(path: Path, exc: DatabaseError) -> NotACatalog:
+    text = str(exc)
+    if "not a database" in text:
+        return NotACatalog(f"{path}: not a catalog (not a SQLite database)")
+    if "locked" in text or "busy" in text:
+        return NotACatalog(f"{path}: the catalog is locked by another process ({text}); try again")
+    return NotACatalog(f"{path}: cannot read the catalog: {text}")
+
+
 class Catalog:
     """One SQLite catalog file, safe to share between threads (a connection each)."""
 
     def __init__(self, path: str | os.PathLike, busy_timeout: float = BUSY_TIMEOUT,
-                 sealer: Sealer | None = None):
+                 sealer: Sealer | None = None, read_only: bool = False):
         """``sealer``: the agent's (watcher.seal); rows it writes with an md5
-        it computed are sealed. Without one (socs, the commands) none are."""
+        it computed are sealed. Without one (socs, the commands) none are.
+        ``read_only``: for the commands that only look (`watcher status`):
+        SQLite's mode=ro, nothing created or migrated; NotACatalog when the
+        file is not a catalog this watcher has opened (an unrelated SQLite
+        file stays as it was)."""
         self.path = Path(path)
         self.sealer = sealer
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        create_shared(self.path)
-        self.db = SqliteDatabase(
-            str(self.path),
-            timeout=busy_timeout,
-            pragmas={"journal_mode": "wal", "busy_timeout": int(busy_timeout * 1000),
-                     "synchronous": "normal"},
-            check_same_thread=False,
-        )
-        # Models of this catalog's own, so two catalogs in one process never mix.
-        self.File, self.TimecodeDir = bind_models(self.db)
-        self.migrate()
+        self.read_only = read_only
+        if read_only:
+            self.db = SqliteDatabase(
+                f"file:{urllib.parse.quote(os.path.abspath(self.path))}?mode=ro", uri=True,
+                timeout=busy_timeout, pragmas={"busy_timeout": int(busy_timeout * 1000)},
+                check_same_thread=False)
+            self.File, self.TimecodeDir = bind_models(self.db)
+            self._check_readable()
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            create_shared(self.path)
+            self.db = SqliteDatabase(
+                str(self.path),
+                timeout=busy_timeout,
+                pragmas={"journal_mode": "wal", "busy_timeout": int(busy_timeout * 1000),
+                         "synchronous": "normal"},
+                check_same_thread=False,
+            )
+            # Models of this catalog's own, so two catalogs in one process never mix.
+            self.File, self.TimecodeDir = bind_models(self.db)
+            self.migrate()
         self.far_names = FarNames(self)
         self.timecode_dirs = TimecodeDirs(self)
         self.files = Files(self)
         self.shipping = Shipping(self)
         self.removals = Removals(self)
         self.reports = Reports(self)
-        self._blob_paths_to_text()
+        if not read_only:
+            self._blob_paths_to_text()
 
     def close(self) -> None:
         self.db.close()
+
+    def _check_readable(self) -> None:
+        """Raise NotACatalog unless the file holds socs' tables with watcher's
+        columns and counts (a socs catalog gets them when the agent, or a
+        command that writes, first opens it)."""
+        if not self.path.is_file():
+            raise NotACatalog(f"{self.path}: no such catalog" if not self.path.exists()
+                              else f"{self.path}: not a catalog (not a file)")
+        try:
+            names = {row[0] for row in self.db.execute_sql("SELECT name FROM sqlite_master")}
+            if not {"supersync_v0", "timecode_dirs_v0"} <= names:
+                raise NotACatalog(f"{self.path}: not a catalog (a SQLite database without "
+                                  "socs' supersync_v0 and timecode_dirs_v0 tables)")
+            columns = {c.name for c in self.db.get_columns("supersync_v0")}
+            if "watcher_counts" not in names or any(c not in columns for t, c, _ in ADDED_COLUMNS
+                                                    if t == "supersync_v0"):
+                raise NotACatalog(f"{self.path}: a socs catalog that watcher has not opened yet: "
+                                  "start the agent (or `watcher add`) once to add its columns and counts")
+        except DatabaseError as exc:
+            self.db.close()
+            raise _sqlite_problem(self.path, exc) from None
+        except NotACatalog:
+            self.db.close()
+            raise
+
+    @staticmethod
+    def refusal(path: str | os.PathLike) -> str | None:
+        """Why an existing file must not be opened for writing as a catalog
+        (it would be turned into one): a file that is not SQLite, or a SQLite
+        database holding other tables and not socs'. None for a catalog, an
+        empty file or no file."""
+        path = Path(path)
+        if not path.exists() or (path.is_file() and path.stat().st_size == 0):
+            return None
+        if not path.is_file():
+            return f"{path}: not a catalog (not a file)"
+        try:
+            db = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro", uri=True)
+            try:
+                names = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            finally:
+                db.close()
+        except sqlite3.DatabaseError as exc:
+            return str(_sqlite_problem(path, exc))
+        if names and "supersync_v0" not in names:
+            return (f"{path}: not a catalog (a SQLite database with other tables: "
+                    f"{', '.join(sorted(names)[:5])}); it is left as it is")
+        return None
 
     def migrate(self) -> None:
         """Create socs' tables if missing; add watcher's columns and indexes.
