@@ -125,6 +125,20 @@ def is_selected(relpath: str, rule: Rule) -> bool:
     return _path_or_name_hits(relpath, tuple(rule.include)) and not _glob_hits(relpath, tuple(rule.exclude))
 
 
+def why_not_taken(relpath: str, rule: Rule) -> str | None:
+    """Why a rule does not take a path inside its watch directory (include,
+    exclude or ``match``, as select_rule judges them), in words; None when it
+    takes it. For the operator's commands (`watcher rules test`, `check`)."""
+    if not _path_or_name_hits(relpath, tuple(rule.include)):
+        return f"matches none of its include globs ({', '.join(map(repr, rule.include))})"
+    for glob in rule.exclude:
+        if _glob_hits(relpath, (glob,)):
+            return f"excluded by its glob {glob!r}"
+    if rule.match is not None and not rule.match.search(relpath):
+        return f"does not match its match regex {rule.match.pattern!r}"
+    return None
+
+
 def _path_ctime(relpath: str, groups: dict[str, str], now: float) -> str | None:
     """The ctime a path names: the ``match`` regex's ``ctime`` group when it
     captured one, else the first ten-digit number; None when that is no

@@ -23,7 +23,21 @@ COUNTED = {
     "ignored": "is_ignored = 1",
     "refused": "is_refused = 1",
 }
+# Each row's one word (states.ORDER: the first state that holds), on the
+# same classes: these add up to the archive's files. removed_verified: the
+# removed rows that were verified first (retention's, not files found gone).
+BY_STATE = {
+    "pending": "is_unshipped = 1 AND attempts < {max}",
+    "failed": "is_unshipped = 1 AND attempts >= {max}",
+    "verified": "is_removed = 0 AND is_ignored = 0 AND is_refused = 0 AND is_verified = 1",
+    "removed": "is_removed = 1",
+    "ignored": "is_removed = 0 AND is_ignored = 1",
+    "refused": "is_removed = 0 AND is_ignored = 0 AND is_refused = 1",
+    "removed_verified": "is_removed = 1 AND is_verified = 1",
+}
 # The last verified row: walks watcher_verified_copied from its end.
+LAST_COPIED_SQL = (f"SELECT copied FROM supersync_v0 WHERE archive_name = ? AND {VERIFIED} "
+                   "ORDER BY copied DESC, id DESC LIMIT 1")
 LAST_VERIFIED_SQL = (f"SELECT local_path FROM supersync_v0 WHERE archive_name = ? AND {VERIFIED} "
                      "ORDER BY copied DESC, id DESC LIMIT 1")
 
@@ -71,6 +85,21 @@ class Reports(Queries):
             f"SELECT SUM(files), {', '.join(sums)}, SUM(CASE WHEN {where('pending')} THEN bytes ELSE 0 END) "
             "FROM watcher_counts WHERE archive_name = ?", (archive,)).fetchone()
         return dict(zip(("files", *COUNTED, "bytes_pending"), (int(v or 0) for v in row)))
+
+    def last_times(self, archive: str) -> tuple[float | None, float | None]:
+        """When the archive's last file was added, and its last verified one
+        verified: the ends of the two indexes stats() reads its files from."""
+        last = self.last_added_query(archive).first()
+        done = self.db.execute_sql(LAST_COPIED_SQL, (archive,)).fetchone()
+        return (last.timestamp if last else None), (done[0] if done else None)
+
+    def by_state(self, archive: str, max_attempts: int) -> dict[str, int]:
+        """The archive's files by their one word (BY_STATE), read as counts() is."""
+        sums = [f"SUM(CASE WHEN {where.format(max=int(max_attempts))} THEN files ELSE 0 END)"
+                for where in BY_STATE.values()]
+        row = self.db.execute_sql(f"SELECT {', '.join(sums)} FROM watcher_counts WHERE archive_name = ?",
+                                  (archive,)).fetchone()
+        return dict(zip(BY_STATE, (int(v or 0) for v in row)))
 
     def last_added_query(self, archive: str):
         """The archive's row of highest id: the first entry of watcher_archive_rows from its end."""
