@@ -254,3 +254,25 @@ def test_a_replaced_copies_directory_the_archive_cannot_make_is_its_trouble_not_
     seen = _backs_off_without_charging(catalog, make_worker, archive, ids)
     assert ".watcher-replaced directory" in seen[-1]["last_error"], seen[-1]
     assert (remote_dir / "a.dat").read_bytes() == b"an earlier copy"
+
+
+# -- the cause is kept, from the front of what ssh and rsync say -------------------
+
+def test_a_key_that_others_may_read_is_named_with_its_permissions_when_ssh_ignores_it(
+        sshd, remote_dir, tmp_path, catalog, make_worker):
+    """ssh ignores a key group or others may read, and says why before pages
+    of other lines: the cause ("Permissions 0644 ... are too open") is what
+    the archive's degraded state shows. (The agent refuses such a key at
+    start, watcher/preflight.py; this is one whose mode changed since.)"""
+    key = tmp_path / ("a-directory-with-a-long-name-" * 4) / "id_ed25519"
+    key.parent.mkdir()
+    shutil.copyfile(sshd.client_key, key)
+    key.chmod(0o644)
+    archive = ssh_archive(sshd, remote_dir, ssh_key=str(key))
+    ids = register(catalog, "arch", {"a.dat": b"a"}, tmp_path / "src")
+
+    seen = _backs_off_without_charging(catalog, make_worker, archive, ids)
+
+    error = seen[-1]["last_error"]
+    assert f"Permissions 0644 for '{key}' are too open." in error, error
+    assert "Permission denied (publickey)" in error, error  # and what came of it

@@ -128,10 +128,12 @@ class FarCheck(NamedTuple):
 
 class Sent(NamedTuple):
     """A batch copied: the items handed to rsync, and those refused before
-    it (unopenable, or not reported sent), which are charged without a far md5."""
+    it (unopenable, or not reported sent), which are charged without a far md5;
+    ``said``: rsync's complaint (see ``said``) when it left some unsent, else ""."""
 
     sent: list[Item]
     refused: list[Item]
+    said: str = ""
 
 
 class BatchResult(NamedTuple):
@@ -242,9 +244,52 @@ def _kill(proc) -> None:
         pass
 
 
-def _tail(data: bytes, limit: int = 400) -> str:
-    text = data.decode("utf-8", "replace").strip()
-    return text[-limit:].replace("\n", " | ")
+# Lines of ssh's that name no cause: its box of @ around a warning, its note
+# on a host key it added, its advice under "Permissions 0644 ... are too open"
+# and under "REMOTE HOST IDENTIFICATION HAS CHANGED!".
+_NOISE = re.compile("|".join((
+    r"@*", r"Warning: Permanently added .*",
+    r"It is required that your private key files are NOT accessible by others\.",
+    r"This private key will be ignored\.", r"IT IS POSSIBLE THAT SOMEONE IS DOING SOMETHING NASTY!",
+    r"Someone could be eavesdropping on you right now .*", r"It is also possible that a host key has just been changed\.",
+    r"The fingerprint for the .* key sent by the remote host is", r"SHA256:\S+", r"Please contact your system administrator\.",
+    r"Add correct host key in .* to get rid of this message\.", r"remove with:", r"ssh-keygen -f .* -R .*")))
+SAID_LIMIT = 700  # characters of a command's complaint kept in one line
+LINE_LIMIT = 300  # of one line of it (a long file name)
+
+
+def said(data: bytes, limit: int = SAID_LIMIT) -> str:
+    """What a command said (its standard error), in one line that keeps the cause.
+
+    rsync and ssh name the cause first (the mkdir that failed, the key's
+    permissions) and sum up last (rsync's exit code): the lines are kept in
+    order from the first, ssh's noise dropped, until ``limit``; then how many
+    were left out, then the last line. Never a fixed tail, which cut the
+    cause off the front."""
+    lines: list[str] = []
+    for line in data.decode("utf-8", "replace").splitlines():
+        line = line.strip().strip("@").strip()
+        if line and not _NOISE.fullmatch(line) and (not lines or line != lines[-1]):
+            lines.append(line if len(line) <= LINE_LIMIT else line[:LINE_LIMIT - 1] + "\u2026")
+    if len(lines) <= 1:
+        return "".join(lines)
+    kept, size, last = [], len(lines[-1]), lines[-1]
+    for line in lines[:-1]:
+        if kept and size + len(line) + 3 > limit:
+            break
+        kept.append(line)
+        size += len(line) + 3
+    left = len(lines) - 1 - len(kept)
+    return " | ".join(kept + ([f"\u2026 {left} more lines \u2026"] if left else []) + [last])
+
+
+def size_text(n: float) -> str:
+    """Bytes for a log line or a status: 512 B, 3.4 MiB, 1.2 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 class Destination:
@@ -361,19 +406,19 @@ class Destination:
         argv = self.rsync_version_args()
         result = run(argv, timeout=a.cmd_timeout, stop=stop)
         if a.is_remote and result.exit_code == 255:
-            raise TransferError("connection", f"ssh exited 255: {_tail(result.stderr)}", argv)
+            raise TransferError("connection", f"ssh exited 255: {said(result.stderr)}", argv)
         out = result.stdout
         if a.is_remote:
             home, _, out = out.partition(b"\n")
             if not home.startswith(b"/") and (home or out):
-                raise TransferError("archive", f"{SHELL_TEXT} (it printed {_tail(home, 80)!r})", argv)
+                raise TransferError("archive", f"{SHELL_TEXT} (it printed {said(home, 80)!r})", argv)
             self._home = os.fsdecode(home)
         found = re.match(rb"rsync\s+version\s+v?(\d+)\.(\d+)(?:\.(\d+))?", out)
         if found is None:
             if a.is_remote and out.strip() and not out.startswith(b"rsync"):
-                raise TransferError("archive", f"{SHELL_TEXT} (it printed {_tail(out, 80)!r})", argv)
+                raise TransferError("archive", f"{SHELL_TEXT} (it printed {said(out, 80)!r})", argv)
             raise TransferError("archive", f"no usable rsync on {where}: `rsync --version` exited "
-                                f"{result.exit_code}: {_tail(result.stderr or out)}", argv)
+                                f"{result.exit_code}: {said(result.stderr or out)}", argv)
         version = tuple(int(v or 0) for v in found.groups())
         if version[:2] < MIN_RSYNC_VERSION:
             raise TransferError(
@@ -395,8 +440,9 @@ class Destination:
 
     # -- running them ------------------------------------------------------------
 
-    def send(self, items: list[Item], stop: threading.Event | None = None) -> tuple[list[Item], list[Item]]:
-        """Copy a batch with one rsync call; return (items handed to rsync, items refused).
+    def send(self, items: list[Item], stop: threading.Event | None = None) -> Sent:
+        """Copy a batch with one rsync call; return the items handed to rsync,
+        those refused, and what rsync said when it left some unsent.
 
         Raises TransferError for a connection failure or a stall.
         """
@@ -406,7 +452,7 @@ class Destination:
                 raise TransferError("connection", "out of file descriptors: raise the agent's "
                                     "LimitNOFILE (no file of the batch could be opened)")
             if not sent:
-                return sent, refused
+                return Sent(sent, refused)
             self.check_rsync(stop)
             source, names = listing.source_and_data()
             # A far file a copy replaces is kept, unless the batch is one of
@@ -428,17 +474,18 @@ class Destination:
         self._classify(result, argv)
         reported = reported_names(result.stdout)
         unreported = [i for i in sent if rsync_escaped(os.fsencode(i.remote_path)) not in reported]
+        complaint = ""
         if result.exit_code != 0 or unreported:
             # Some files failed (permissions, a far directory in the way, a
             # link rsync would not write through): those rsync did not report
             # are charged without a far md5, which could only read something else.
-            log.warning("rsync exited %d; %d of %d files not reported sent: %s", result.exit_code,
-                        len(unreported), len(sent), _tail(result.stderr))
+            complaint = f"rsync exited {result.exit_code}: {said(result.stderr)}"
+            log.warning("%d of %d files not reported sent; %s", len(unreported), len(sent), complaint)
         if unreported:
             skip = {i.id for i in unreported}
             sent = [i for i in sent if i.id not in skip]
             refused = refused + unreported
-        return sent, refused
+        return Sent(sent, refused, complaint)
 
     def _classify(self, result: Completed, argv: list[str]) -> None:
         """Raise TransferError when rsync's exit says the archive or the
@@ -447,23 +494,23 @@ class Destination:
         if code in (0, 23, 24) and not (code == 23 and self._archive_trouble(err)):
             return
         meaning = RSYNC_EXIT_MEANINGS.get(code)
-        said = f"rsync exited {code}{f' ({meaning})' if meaning else ''}: {_tail(err)}"
+        message = f"rsync exited {code}{f' ({meaning})' if meaning else ''}: {said(err)}"
         if b"is your shell clean" in err or b"protocol version mismatch" in err:
-            raise TransferError("archive", f"{SHELL_TEXT}; {said}", argv)
+            raise TransferError("archive", f"{SHELL_TEXT}; {message}", argv)
         if code in CONNECTION_EXIT_CODES:
-            raise TransferError("connection", said, argv)
+            raise TransferError("connection", message, argv)
         if ARCHIVE_FULL.search(err):
-            raise TransferError("archive", f"the archive's disk is full or over quota; {said}", argv)
+            raise TransferError("archive", f"the archive's disk is full or over quota; {message}", argv)
         if code == 23:
-            raise TransferError("archive", f"the archive's base directory cannot be written; {said}", argv)
+            raise TransferError("archive", f"the archive's base directory cannot be written; {message}", argv)
         if code in ARCHIVE_EXIT_CODES:
-            raise TransferError("archive", f"the archive refused the batch; {said}", argv)
+            raise TransferError("archive", f"the archive refused the batch; {message}", argv)
         if code in BATCH_EXIT_CODES and REPLACED_DIR.encode() in err:
             raise TransferError("archive", f"the archive's {REPLACED_DIR} directory, where replaced "
-                                f"far copies are kept, cannot be written; {said}", argv)
+                                f"far copies are kept, cannot be written; {message}", argv)
         if code in BATCH_EXIT_CODES:
-            raise TransferError("batch", f"the archive could not write the batch; {said}", argv)
-        log.warning("%s", said)  # anything else: the far md5 judges each file
+            raise TransferError("batch", f"the archive could not write the batch; {message}", argv)
+        log.warning("%s", message)  # anything else: the far md5 judges each file
 
     def _archive_trouble(self, stderr: bytes) -> bool:
         """Whether rsync's complaints (exit 23) are about the archive as a
@@ -497,9 +544,9 @@ class Destination:
         timeout = self.archive.cmd_timeout + total_bytes / MIN_HASH_RATE * (3 if replaced else 1)
         result = run(argv, stdin=stdin, timeout=timeout, stop=stop)
         if result.exit_code == 255:
-            raise TransferError("connection", f"ssh exited 255: {_tail(result.stderr)}", argv)
+            raise TransferError("connection", f"ssh exited 255: {said(result.stderr)}", argv)
         if result.exit_code not in (0, 123):  # 123: some files were missing
-            raise TransferError("connection", f"remote md5 exited {result.exit_code}: {_tail(result.stderr)}", argv)
+            raise TransferError("connection", f"remote md5 exited {result.exit_code}: {said(result.stderr)}", argv)
         return {os.fsdecode(name[2:]): md5
                 for name, md5 in parse_far_md5(result.stdout, result.stderr).items()}
 
@@ -814,8 +861,8 @@ def parse_far_md5(output: bytes, stderr: bytes = b"") -> dict[bytes, str]:
     if not output.startswith(MD5_HEADER + b"/"):
         if output:
             raise TransferError("archive", f"{SHELL_TEXT} (the md5 command's output began "
-                                f"{_tail(output.split(MD5_HEADER)[0][:80], 80)!r})")
-        raise TransferError("archive", f"the far md5 command printed nothing: {_tail(stderr)}")
+                                f"{said(output.split(MD5_HEADER)[0][:80], 80)!r})")
+        raise TransferError("archive", f"the far md5 command printed nothing: {said(stderr)}")
     records = output.split(b"\0")
     base = records[0][len(MD5_HEADER):].rstrip(b"/")
     found: dict[bytes, str] = {}
@@ -837,10 +884,10 @@ def parse_far_md5(output: bytes, stderr: bytes = b"") -> dict[bytes, str]:
             break
         if not reals:
             raise TransferError("archive", f"realpath printed nothing on the archive host (GNU "
-                                f"coreutils needed there): {_tail(stderr)}")
+                                f"coreutils needed there): {said(stderr)}")
         if len(reals) != count:
             log.warning("far md5: realpath answered %d of %d names (%s); none of them is trusted",
-                        len(reals), count, _tail(stderr))
+                        len(reals), count, said(stderr))
             continue
         direct = {name for name, real in zip(names, reals)
                   if name.startswith(b"./") and real == base + name[1:]}
@@ -966,16 +1013,16 @@ def ship_batch(dest: Destination, items: list[Item], stop: threading.Event | Non
 
     Raises TransferError when the connection fails; nothing is then charged.
     """
-    sent, refused = send_batch(dest, items, stop)
+    sent, refused, _ = send_batch(dest, items, stop)
     far = dest.far_md5([i.remote_path for i in sent], stop, sum(i.size or 0 for i in sent))
     return batch_results(sent, refused, far)
 
 
 def send_batch(dest: Destination, items: list[Item], stop: threading.Event | None = None) -> Sent:
     """The copy half of ship_batch."""
-    sent, refused = dest.send(items, stop)
+    result = dest.send(items, stop)
     checkpoint("copied", lambda message: TransferError("connection", message))  # as if cut off
-    return Sent(sent, refused)
+    return result
 
 
 def batch_results(sent: list[Item], refused: list[Item], far: dict[str, str]) -> BatchResult:
