@@ -154,8 +154,9 @@ def setup_logging(verbosity: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(service.log_formatter(sys.stderr))  # journald's priorities under systemd
     logging.basicConfig(level=level, handlers=[handler])
-    if verbosity < 2:  # sh's own debug lines are about its internals
-        logging.getLogger("sh").setLevel(logging.WARNING)
+    if verbosity < 2:  # -v: watcher's own lines (its decisions, each command it runs); -vv: its SQL too
+        for library in ("peewee", "sh", "watchdog"):  # SQL, then the internals of sh and of watchdog
+            logging.getLogger(library).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

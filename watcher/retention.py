@@ -26,7 +26,7 @@ from watcher.faults import checkpoint
 from watcher.hashing import md5_of_fd
 from watcher.health import Health
 from watcher.roots import Roots
-from watcher.rsync import Destination
+from watcher.rsync import Destination, size_text
 from watcher.rules import remote_path_problem
 from watcher.safefs import (
     Identity, SymlinkInPath, Trees, WriterCheck, hold_against_writers, release_lease, replaced,
@@ -218,7 +218,10 @@ class _Round:
         # a file at their path later is another, whose copy must not replace
         # theirs as an edit (Destination.may_be_edit).
         destination.forget([r.id for r, _, _ in free] + [r.id for r in gone])
-        deleted, changed = self._delete(free)
+        deleted, freed, changed = self._delete(free)
+        if deleted:
+            log.info("%s: deleted %d local file%s (%s) past their retention, their far copies "
+                     "checked just before", archive, deleted, "" if deleted == 1 else "s", size_text(freed))
         for row, fd in changed:
             try:
                 self._record_change(row, *md5_of_fd(fd))
@@ -227,7 +230,9 @@ class _Round:
         if gone:
             self.catalog.files.mark_missing([r.id for r in gone])
             for row in gone:
-                log.warning("%s was already gone; marked removed", row.local_path)
+                log.debug("%s was already gone; marked removed", row.local_path)
+            log.warning("%s: %d local files past their retention were already gone (deleted by "
+                        "someone else), marked removed; %s, for one", archive, len(gone), gone[0].local_path)
         if differs:
             self.catalog.removals.mark_unverified(differs)
         return deleted
@@ -250,16 +255,16 @@ class _Round:
             release_lease(fd)
         return writers == WriterCheck.FREE
 
-    def _delete(self, free: list[tuple[File, int, Identity]]) -> tuple[int, list[tuple[File, int]]]:
+    def _delete(self, free: list[tuple[File, int, Identity]]) -> tuple[int, int, list[tuple[File, int]]]:
         """Unlink files nobody writes to that are still what was hashed; the
         rows are marked removed first (catalog.removals.claim), so no new file
         at a path is ever taken for the one deleted. Each file's lease is held
         only while it is checked and unlinked (a writer opening it waits that
-        long). Returns how many were deleted, and the files found changed."""
+        long). Returns how many were deleted, their bytes, and the files found changed."""
         if not free:
-            return 0, []
+            return 0, 0, []
         claimed = self.catalog.removals.claim([row for row, _, _ in free], time.time())
-        deleted, kept, changed = [], [], []
+        deleted, kept, changed, freed = [], [], [], 0
         for row, fd, identity in free:
             if row.id not in claimed:
                 continue  # changed or removed meanwhile: its row says what to do
@@ -276,8 +281,9 @@ class _Round:
                     kept.append(row.id)
                 elif self.trees.of(row.local_path).unlink_if(row.local_path, identity):
                     deleted.append(row.id)
-                    log.info("deleted %s (verified on %s as %s)", row.local_path, self.archive,
-                             row.remote_path)
+                    freed += identity.size
+                    log.debug("deleted %s (verified on %s as %s)", row.local_path, self.archive,
+                              row.remote_path)
                 else:
                     log.warning("not deleting %s: another file took its name", row.local_path)
                     kept.append(row.id)
@@ -297,7 +303,7 @@ class _Round:
                 if row.id in gone:
                     for kind in ("symlinks", WRITERS_UNKNOWN, WRITERS_ACTIVE):
                         self.health.solved(self.archive, kind, row.local_path)
-        return len(deleted), changed
+        return len(deleted), freed, changed
 
 
 def settle_claimed_removals(catalog: Catalog, config: Config) -> int:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shlex
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,7 +42,9 @@ from watcher.faults import checkpoint
 from watcher.health import Health, with_database_retry
 from watcher.retry import MAX_BACKOFF, connection_retrying, result_retrying, stop_after_attempt_if
 from watcher.roots import Roots
-from watcher.rsync import BatchResult, Destination, Item, Sent, TransferError, batch_results, send_batch, ship_batch
+from watcher.rsync import (
+    BatchResult, Destination, Item, Sent, TransferError, batch_results, send_batch, size_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +82,10 @@ class NothingArrived:
 
     count: int
     what: str  # with {} for the count
+    why: str = ""  # the cause seen: what rsync said, what the far md5 found
 
     def __str__(self) -> str:
-        return self.what.format(self.count)
+        return self.what.format(self.count) + (f": {self.why}" if self.why else "")
 
 
 @dataclass
@@ -94,6 +98,7 @@ class _InFlight:
     refused: list[Item]
     far: Future
     started: float
+    said: str = ""  # rsync's complaint when it left files unsent
 
 
 COUNTERS = ("iterations", "copies", "errors_timeout", "errors_nonzero", "errors_sqlite")
@@ -144,6 +149,7 @@ class TransferWorker:
         self._checker: ThreadPoolExecutor | None = None
         self._clock = clock
         self._held: dict[int, tuple[float, int]] = {}  # row id -> (not before, far mismatches so far)
+        self._degraded: tuple[float, int, str] | None = None  # since (monotonic), tries, last error
         self._stats = TransferStats()
         self._stats_lock = threading.Lock()  # the far md5 runs on the checker thread
 
@@ -185,8 +191,7 @@ class TransferWorker:
                     self.archive.name, what, error, state.upcoming_sleep)
         if getattr(error, "command", None):
             log.debug("failed command: %r", error.command)
-        if self.health:
-            self.health.degraded(self.archive.name, str(error))
+        self._degrade(str(error))
 
     def _retrying(self) -> Retrying:
         """The same batch again after a TransferError; a batch error only BATCH_ERROR_TRIES times."""
@@ -218,16 +223,40 @@ class TransferWorker:
     def _before_next_batch(self, state: RetryCallState) -> None:
         message = f"{state.outcome.result()}; trying {self._batch_size} in {state.upcoming_sleep:.0f} s"
         log.warning("archive %s: %s", self.archive.name, message)
+        self._degrade(message)
+
+    def _degrade(self, message: str) -> None:
+        """The archive is in trouble: `watcher status` shows ``message`` (which
+        names the cause), and the recovery is logged once (``_recovered``)."""
+        since, tries, _ = self._degraded or (time.monotonic(), 0, "")
+        self._degraded = (since, tries + 1, message)
         if self.health:
             self.health.degraded(self.archive.name, message)
 
-    def _ship(self, items: list[Item]) -> BatchResult:
+    def _recovered(self) -> None:
+        """A file arrived: a degraded archive says, once, that it recovered."""
+        if self._degraded is not None:
+            since, tries, message = self._degraded
+            self._degraded = None
+            log.warning("archive %s recovered after %.0f s and %d tries; the last error was: %s",
+                        self.archive.name, time.monotonic() - since, tries, message)
+        if self.health:
+            self.health.recovered(self.archive.name)
+
+    def _ship(self, items: list[Item]) -> tuple[BatchResult, str]:
+        """Copy and check a batch (retried per the policy), with rsync's
+        complaint when it left files unsent."""
+        def ship(destination: Destination, items: list[Item], stop: threading.Event):
+            sent = send_batch(destination, items, stop)
+            far = destination.far_md5([i.remote_path for i in sent.sent], stop,
+                                      sum(i.size or 0 for i in sent.sent))
+            return batch_results(sent.sent, sent.refused, far), sent.said
         try:
-            return self._retrying()(self._counted(ship_batch), self.destination, items, self.stop)
+            return self._retrying()(self._counted(ship), self.destination, items, self.stop)
         except TransferError as exc:
             if exc.kind != "batch":
                 raise
-            return batch_results([], self._blamed(items, exc), {})
+            return batch_results([], self._blamed(items, exc), {}), str(exc)
 
     def _send(self, items: list[Item]) -> Sent:
         try:
@@ -235,7 +264,7 @@ class TransferWorker:
         except TransferError as exc:
             if exc.kind != "batch":
                 raise
-            return Sent([], self._blamed(items, exc))
+            return Sent([], self._blamed(items, exc), str(exc))
 
     def _blamed(self, items: list[Item], error: TransferError) -> list[Item]:
         log.warning("archive %s: %s; after %d tries the batch's files are judged as not arrived",
@@ -343,7 +372,9 @@ class TransferWorker:
         items, capped = self._fetch()
         if not items:
             return False
-        return self._conclude(items, self._ship(items), capped, started) or True
+        self._log_taken(items, capped)
+        result, complaint = self._ship(items)
+        return self._conclude(items, result, capped, started, complaint) or True
 
     def _pipelined_step(self) -> bool:
         """Copy the next batch while the previous one is checked, then record
@@ -362,12 +393,13 @@ class TransferWorker:
                 return False
             return self._finish_in_flight() or True
         started = time.time()
-        sent, refused = self._send(items)
+        self._log_taken(items, capped, previous)
+        sent, refused, complaint = self._send(items)
         if self._checker is None:
             self._checker = ThreadPoolExecutor(1, f"watcher-check-{self.archive.name}")
         far = self._checker.submit(self._counted(self.destination.far_md5), [i.remote_path for i in sent],
                                    self.stop, sum(i.size or 0 for i in sent))
-        batch = _InFlight(items, capped, sent, refused, far, started)
+        batch = _InFlight(items, capped, sent, refused, far, started, complaint)
         judged = None
         try:
             if previous is not None:
@@ -384,16 +416,16 @@ class TransferWorker:
         except TransferError:
             # The connection failed during the check: copy and check the
             # batch again, backing off as for any connection failure.
-            result = self._ship(batch.items)
+            result, complaint = self._ship(batch.items)
         else:
-            result = batch_results(batch.sent, batch.refused, far)
-        return self._conclude(batch.items, result, batch.capped, batch.started)
+            result, complaint = batch_results(batch.sent, batch.refused, far), batch.said
+        return self._conclude(batch.items, result, batch.capped, batch.started, complaint)
 
     def _conclude(self, items: list[Item], result: BatchResult, capped: bool = False,
-                  started: float | None = None) -> NothingArrived | None:
+                  started: float | None = None, complaint: str = "") -> NothingArrived | None:
         """Judge and record one shipped batch (``capped``: BATCH_BYTES ended it;
-        ``started``: when its copy began); a NothingArrived is recorded nowhere:
-        the policy retries it."""
+        ``started``: when its copy began; ``complaint``: what rsync said); a
+        NothingArrived is recorded nowhere: the policy retries it."""
         a = self.archive
         results, missing = result
         nothing_arrived = bool(results) and not any(found == sent for sent, found in results.values())
@@ -405,16 +437,17 @@ class TransferWorker:
                      "with the files after it", a.name, len(items))
             return None
         if len(results) > 1 and nothing_arrived:
-            return self._archive_trouble(len(results), "none of {} files arrived intact")
+            return self._archive_trouble(len(results), "none of {} files arrived intact",
+                                         _why_not_arrived(items, results, complaint))
         if len(missing) > 1 and not results:
             # A whole batch gone at once is more likely an unmounted disk than
             # deleted data: mark none; a batch of one is marked as usual.
-            return self._archive_trouble(len(missing), "none of {} files is on the local disk (unmounted?)")
+            return self._archive_trouble(len(missing), "none of {} files is on the local disk (unmounted?)",
+                                         f"{missing[0].local_path} is gone, for one")
         self._batch_size = a.files_per_batch
         if any(found == sent for sent, found in results.values()):
             self._trouble = 0  # only a file that arrived proves the archive well
-            if self.health:
-                self.health.recovered(a.name)
+            self._recovered()
         checkpoint("verified")
         now = time.time()
         verified, failed = self._catalog_work(lambda: self.catalog.shipping.record(results, now))
@@ -422,7 +455,7 @@ class TransferWorker:
             self._catalog_work(lambda: self.catalog.files.mark_missing([i.id for i in missing]))
             for item in missing:
                 log.warning("%s disappeared before it was shipped; marked removed", item.local_path)
-        log.info("%s: %d verified, %d not verified, %d missing", a.name, verified, failed, len(missing))
+        self._log_batch(items, results, verified, failed, len(missing), now if started is None else started)
         files = [[i.local_path, results[i.id][0] == results[i.id][1]] for i in items if i.id in results]
         files += [[i.local_path, False] for i in missing]
         self._count(copies=len(files), last_copy={"start_time": now if started is None else started,
@@ -430,6 +463,8 @@ class TransferWorker:
         for item in missing:
             self._held.pop(item.id, None)
         self.destination.forget(i.id for i in missing)
+        bad = [i.id for i in items if i.id in results and results[i.id][0] != results[i.id][1]]
+        attempts = self._catalog_work(lambda: self.catalog.reports.attempts(bad)) if bad else {}
         for item in items:
             if item.id not in results:
                 continue
@@ -438,10 +473,41 @@ class TransferWorker:
                 self._held.pop(item.id, None)
                 self.destination.verified(item)
                 continue
+            why = (f"far md5 {found}, local md5 {sent}" if found is not None
+                   else complaint or "no far copy was read")
+            if attempts.get(item.id, 0) >= a.max_copy_attempts:
+                self._held.pop(item.id, None)
+                log.warning("%s -> %s:%s failed: not verified after %d attempts (%s); it is not tried "
+                            "again and holds back %s's finalized_until. Once the cause is fixed: %s",
+                            item.local_path, a.name, item.remote_path, attempts[item.id], why, a.name,
+                            shlex.join(["watcher", "retry", "--db", os.path.abspath(self.catalog.path), a.name,
+                                        item.local_path]))
+                continue
             wait = self._hold(item.id)
-            log.warning("%s -> %s:%s not verified (local md5 %s, far md5 %s); next attempt in %.0f s",
-                        item.local_path, a.name, item.remote_path, sent, found, wait)
+            log.warning("%s -> %s:%s not verified (%s); next attempt in %.0f s",
+                        item.local_path, a.name, item.remote_path, why, wait)
         return None
+
+    def _log_taken(self, items: list[Item], capped: bool, in_flight: _InFlight | None = None) -> None:
+        """-v: the batch the worker took, and why it is no bigger."""
+        if log.isEnabledFor(logging.DEBUG):
+            held = sum(1 for until, _ in self._held.values() if until > self._clock())
+            log.debug("%s: shipping %d files (%s)%s%s%s", self.archive.name, len(items),
+                      size_text(sum(i.size or 0 for i in items)),
+                      f", ended at {size_text(BATCH_BYTES)}" if capped else "",
+                      f", {len(in_flight.items)} in flight" if in_flight else "",
+                      f", {held} held back after a far mismatch" if held else "")
+
+    def _log_batch(self, items: list[Item], results: dict, verified: int, failed: int, missing: int,
+                   started: float) -> None:
+        """A batch judged, in one INFO line: files, bytes, time and rate (from
+        the start of its copy to its far md5 recorded)."""
+        size = sum(i.size or 0 for i in items if i.id in results and results[i.id][0] == results[i.id][1])
+        took = max(time.time() - started, 1e-3)
+        log.info("%s: %d file%s verified, %s in %.3g s (%s/s)%s%s", self.archive.name, verified,
+                 "" if verified == 1 else "s", size_text(size), took, size_text(size / took),
+                 f"; {failed} not verified" if failed else "",
+                 f"; {missing} gone before shipping, marked removed" if missing else "")
 
     def _hold(self, row_id: int) -> float:
         """Keep a row whose far copy did not match out of batches for a while; returns how long."""
@@ -456,7 +522,7 @@ class TransferWorker:
         due = [until - now for until, _ in self._held.values() if until > now]
         return min([IDLE_WAIT, *due])
 
-    def _archive_trouble(self, count: int, what: str) -> NothingArrived:
+    def _archive_trouble(self, count: int, what: str, why: str = "") -> NothingArrived:
         """Not one file of a batch arrived: blame the archive (a full disk, an
         unwritable base directory), not the files. Nothing is charged; the
         policy backs off and the next try takes half the batch, so that a
@@ -464,7 +530,7 @@ class TransferWorker:
         really are hopeless and one bad file never holds up the others."""
         self._trouble += 1
         self._batch_size = max(1, count // 2)
-        return NothingArrived(count, what)
+        return NothingArrived(count, what, why)
 
     def run(self) -> None:
         try:
@@ -488,6 +554,18 @@ class TransferWorker:
                 continue
             if not worked:
                 self.wake.wait(self._idle_wait())
+
+
+def _why_not_arrived(items: list[Item], results: dict, complaint: str) -> str:
+    """Why files did not arrive, in words: what rsync said, else what the far
+    md5 found for the first of them."""
+    if complaint:
+        return complaint
+    for item in items:
+        sent, found = results.get(item.id, (None, None))
+        if found is not None:
+            return f"the far md5 of {item.remote_path} was {found}, not {sent} as sent"
+    return "no far copy was read, and rsync reported no error"
 
 
 def _is_batch_error(error: BaseException) -> bool:

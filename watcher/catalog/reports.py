@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from watcher.catalog.schema import ARCHIVE_ROWS, File, Queries, from_db_path, raw
-from watcher.catalog.states import PENDING, STATES, VERIFIED
+from watcher.catalog.states import ATTEMPTS, PENDING, STATES, VERIFIED
 
 
 # What `watcher status` counts (states overlap: see watcher.catalog.states),
@@ -40,6 +40,10 @@ LAST_COPIED_SQL = (f"SELECT copied FROM supersync_v0 WHERE archive_name = ? AND 
                    "ORDER BY copied DESC, id DESC LIMIT 1")
 LAST_VERIFIED_SQL = (f"SELECT local_path FROM supersync_v0 WHERE archive_name = ? AND {VERIFIED} "
                      "ORDER BY copied DESC, id DESC LIMIT 1")
+# What holds finalized_until back: the first entry of watcher_pending_v2
+# (states.PENDING named verbatim), as finalized_until_query reads it.
+HOLDER_SQL = (f"SELECT id, local_path, {ATTEMPTS} FROM supersync_v0 WHERE archive_name = ? AND {PENDING} "
+              "ORDER BY timestamp LIMIT 1")
 
 
 class Reports(Queries):
@@ -69,6 +73,10 @@ class Reports(Queries):
         oldest = self.catalog.shipping.pending(archive, 1, max_attempts)
         stats["oldest_pending_age"] = (now - oldest[0].timestamp) if oldest else None
         stats["finalized_until"] = self.finalized_until(archive, now)
+        holder = self.finalized_until_holder(archive)
+        # named when a failed file holds it (a pending one is on its way)
+        stats["finalized_until_held_by"] = (holder["local_path"] if holder and holder["attempts"] >= max_attempts
+                                            else None)
         last = self.last_added_query(archive).first()
         stats["last_file_added"] = last.local_path if last else None
         done = self.db.execute_sql(LAST_VERIFIED_SQL, (archive,)).fetchone()
@@ -118,6 +126,23 @@ class Reports(Queries):
         return (self.File.select(self.File.timestamp)
                 .where(self.File.archive_name == archive, raw(PENDING))
                 .order_by(self.File.timestamp).limit(1))
+
+    def finalized_until_holder(self, archive: str) -> dict | None:
+        """The row that holds finalized_until back (the oldest pending or
+        failed one: the first entry of the pending index), or None: its id,
+        local path and attempts, for `watcher status` to name it."""
+        row = self.db.execute_sql(HOLDER_SQL, (archive,)).fetchone()
+        return None if row is None else {"id": row[0], "local_path": from_db_path(row[1]), "attempts": row[2]}
+
+    def attempts(self, file_ids: list[int]) -> dict[int, int]:
+        """Failed attempts of some rows, by id (a batch's files not verified)."""
+        found = {}
+        for i in range(0, len(file_ids), 500):
+            chunk = file_ids[i:i + 500]
+            found.update(self.db.execute_sql(
+                f"SELECT id, {ATTEMPTS} FROM supersync_v0 WHERE id IN ({', '.join('?' * len(chunk))})",
+                chunk).fetchall())
+        return found
 
     def list_files(self, archive: str, state: str | None, max_attempts: int) -> Iterator[File]:
         """An archive's rows in registration order, all or those in one state."""
