@@ -9,13 +9,17 @@ import subprocess
 from tests.agent_process import watcher_command
 from tests.waiting import wait_until
 
+# `watcher status` showed the catalog: all well (0), an archive needing
+# attention (3), an agent not running (4); watcher.commands.exits.
+SHOWN = (0, 3, 4)
+
 
 def status(setup, *args: str, by_db: bool = False) -> subprocess.CompletedProcess:
     """`watcher status` on the setup's rules file (``by_db``: on its catalog,
     which needs no watched directory to exist)."""
     where = ["--db", str(setup.database)] if by_db else ["--config", str(setup.root / "rules.yaml")]
     shown = subprocess.run(watcher_command("status", *where, *args), capture_output=True, text=True, timeout=60)
-    assert shown.returncode == 0, shown.stderr
+    assert shown.returncode in SHOWN, shown.stderr
     return shown
 
 

@@ -22,10 +22,13 @@ def watcher(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Comple
                           env={**base, **(env or {})}, capture_output=True, text=True, timeout=60)
 
 
-def ok(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+def ok(result: subprocess.CompletedProcess, status: int = 0) -> str:
+    assert result.returncode == status, (result.returncode, result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
     return result.stdout
+
+
+NOT_RUNNING = 4  # `watcher status` with no agent serving an archive (watcher.commands.exits)
 
 
 def rows(db: Path) -> list:
@@ -92,7 +95,7 @@ def known(tmp_path) -> Known:
 
 
 def test_status_json_counts_every_state_of_every_archive(known, tmp_path):
-    report = json.loads(ok(watcher("status", "--db", str(known.db), "--json", cwd=tmp_path)))
+    report = json.loads(ok(watcher("status", "--db", str(known.db), "--json", cwd=tmp_path), NOT_RUNNING))
     assert set(report) == {"smurf", "tuning"}
     smurf = report["smurf"]
     keys = {"files", "pending", "verified", "failed", "removed", "ignored", "bytes_pending",
@@ -118,16 +121,21 @@ def test_status_json_counts_every_state_of_every_archive(known, tmp_path):
 
 
 def test_status_reads_the_catalog_from_the_suprsync_db_variable(known, tmp_path):
-    report = json.loads(ok(watcher("status", "--json", cwd=tmp_path, env={"SUPRSYNC_DB": str(known.db)})))
+    report = json.loads(ok(watcher("status", "--json", cwd=tmp_path, env={"SUPRSYNC_DB": str(known.db)}),
+                           NOT_RUNNING))
     assert report["smurf"]["pending"] == 3
     assert not (tmp_path / "watcher-data").exists()
 
 
 def test_status_in_words_names_each_archive_and_its_counts(known, tmp_path):
-    out = ok(watcher("status", "--db", str(known.db), cwd=tmp_path))
+    out = ok(watcher("status", "--db", str(known.db), cwd=tmp_path), NOT_RUNNING)
     smurf = next(line for line in out.splitlines() if line.startswith("smurf:"))
-    assert "8 files, 3 pending (60 B), 3 verified, 1 failed, 1 removed, 1 ignored" in smurf
-    assert any(line.startswith("tuning: 1 files") for line in out.splitlines())
+    # each file counted once (3 + 1 + 2 + 1 + 1 = 8): the removed one was verified first
+    assert ("8 files: 3 pending (60 B), 1 failed, 2 verified, 1 removed (1 after verification), "
+            "1 ignored") in smurf
+    assert smurf.endswith("; no agent serves it")
+    assert any(line.startswith("tuning: 1 files: 0 pending") for line in out.splitlines())
+    assert "None" not in out
 
 
 def test_status_of_a_missing_catalog_is_one_line_and_exit_1_and_creates_nothing(tmp_path):
@@ -156,9 +164,10 @@ def test_status_works_while_a_watched_directory_is_gone_and_run_refuses_a_file_i
     config = tmp_path / "rules.yaml"
     config.write_text(f"database: {tmp_path / 'c.db'}\narchives: {{a: {{remote_basedir: {far}}}}}\n"
                       f"rules: [{{watch: {inbox}, archive: a}}]\n")
-    ok(watcher("add", str(tmp_path / "rules.yaml"), "x.yaml", "a", "--config", str(config), cwd=tmp_path))
+    # by --db: the rules would refuse a file outside the archive's roots (tests/test_commands_registering.py)
+    ok(watcher("add", str(tmp_path / "rules.yaml"), "x.yaml", "a", "--db", str(tmp_path / "c.db"), cwd=tmp_path))
     inbox.rmdir()  # the operator looks at status exactly when something is wrong
-    report = json.loads(ok(watcher("status", "--json", "--config", str(config), cwd=tmp_path)))
+    report = json.loads(ok(watcher("status", "--json", "--config", str(config), cwd=tmp_path), NOT_RUNNING))
     assert report["a"]["pending"] == 1
     inbox.write_text("not a directory")
     result = watcher("run", "--config", str(config), cwd=tmp_path)
@@ -226,7 +235,8 @@ def test_check_shows_the_state_of_a_files_rows(known, tmp_path):
 def test_check_of_a_path_the_catalog_does_not_know_exits_1(known, tmp_path):
     result = watcher("check", str(tmp_path / "unknown.dat"), "--db", str(known.db), cwd=tmp_path)
     assert result.returncode == 1
-    assert result.stdout.strip() == f"{tmp_path / 'unknown.dat'}: not in the catalog"
+    assert result.stdout.splitlines() == [f"{tmp_path / 'unknown.dat'}: not in the catalog",
+                                          "rules: give --config to see what the rules would do with it"]
 
 
 def listed(known: Known, tmp_path: Path, *args: str) -> list[str]:
@@ -252,10 +262,10 @@ def test_list_failed_and_pending_show_only_those(known, tmp_path):
 
 def test_retry_makes_failed_files_pending_again(known, tmp_path):
     out = ok(watcher("retry", "smurf", "--db", str(known.db), cwd=tmp_path))
-    assert out.strip() == "1 files of smurf are pending again"
+    assert out.strip() == "1 failed files of smurf are pending again"
     assert listed(known, tmp_path, "smurf", "--failed") == []
     assert "failed.dat" in listed(known, tmp_path, "smurf", "--pending")
-    report = json.loads(ok(watcher("status", "--db", str(known.db), "--json", cwd=tmp_path)))
+    report = json.loads(ok(watcher("status", "--db", str(known.db), "--json", cwd=tmp_path), NOT_RUNNING))
     assert (report["smurf"]["pending"], report["smurf"]["failed"]) == (4, 0)
 
 
@@ -273,7 +283,7 @@ def test_retry_with_paths_only_touches_those_files(tmp_path):
 def test_ignore_stops_waiting_for_a_pending_file(known, tmp_path):
     out = ok(watcher("ignore", known.paths["pending1.dat"], "--db", str(known.db), cwd=tmp_path))
     assert out.strip() == "1 catalog rows now ignored"
-    report = json.loads(ok(watcher("status", "--db", str(known.db), "--json", cwd=tmp_path)))
+    report = json.loads(ok(watcher("status", "--db", str(known.db), "--json", cwd=tmp_path), NOT_RUNNING))
     assert (report["smurf"]["pending"], report["smurf"]["ignored"], report["smurf"]["bytes_pending"]) == (2, 2, 50)
     assert listed(known, tmp_path, "smurf", "--pending") == ["pending2.dat", "pending3.dat"]
 
@@ -281,6 +291,7 @@ def test_ignore_stops_waiting_for_a_pending_file(known, tmp_path):
 def test_ignore_of_an_unknown_path_changes_nothing_and_exits_1(known, tmp_path):
     result = watcher("ignore", str(tmp_path / "unknown"), "--db", str(known.db), cwd=tmp_path)
     assert result.returncode == 1 and result.stdout.strip() == "0 catalog rows now ignored"
+    assert result.stderr.splitlines() == [f"watcher: {tmp_path / 'unknown'}: not in the catalog"]
 
 
 # -- add-local-files ----------------------------------------------------------------------------
@@ -298,14 +309,14 @@ def tree(tmp_path) -> Path:
 def test_add_local_files_registers_a_tree_once(tree, tmp_path):
     db = tmp_path / "c.db"
     out = ok(watcher("add-local-files", str(tree), "smurf", "--db", str(db), cwd=tmp_path))
-    assert "4 files under" in out and "0 already registered, 4 to add" in out
+    assert "4 files under" in out and "0 already registered, 0 excluded by the rules, 4 to add" in out
     found = {r.remote_path: r for r in rows(db)}
     assert set(found) == {"a.dat", "sub/b.dat", "sub/deeper/c.dat", "sub/with space.dat"}
     for remote, row in found.items():
         assert row.local_path == str(tree / remote) and row.archive_name == "smurf"
         assert row.local_md5sum == md5_of(tree / remote)
     out = ok(watcher("add-local-files", str(tree), "smurf", "--db", str(db), cwd=tmp_path))
-    assert "4 already registered, 0 to add" in out
+    assert "4 already registered, 0 excluded by the rules, 0 to add" in out
     assert len(rows(db)) == 4
 
 
