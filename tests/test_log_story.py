@@ -159,6 +159,7 @@ def test_a_file_out_of_attempts_warns_once_with_the_command_that_retries_it_and_
                    message="finalized_until no longer held back")
     assert "held back" not in _status(setup).stdout
     assert len(failed_lines()) == 1
+    print(agent.log())
 
 
 # -- a degraded archive says why, and that it recovered ----------------------------------------------
@@ -193,6 +194,7 @@ def test_a_degraded_archive_shows_rsync_s_cause_in_status_and_says_once_that_it_
     recovered = [line for line in agent.log().splitlines() if "archive arch recovered after " in line]
     assert len(recovered) == 1, agent.log_tail()
     assert "the last error was: " in recovered[0] and "Permission denied" in recovered[0]
+    print(agent.log())
 
 
 def test_what_holds_finalized_until_back_is_read_from_the_pending_index(tmp_path):

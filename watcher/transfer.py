@@ -238,8 +238,9 @@ class TransferWorker:
         if self._degraded is not None:
             since, tries, message = self._degraded
             self._degraded = None
-            log.warning("archive %s recovered after %.0f s and %d tries; the last error was: %s",
-                        self.archive.name, time.monotonic() - since, tries, message)
+            log.warning("archive %s recovered after %.0f s and %d %s; the last error was: %s",
+                        self.archive.name, time.monotonic() - since, tries, "try" if tries == 1 else "tries",
+                        message)
         if self.health:
             self.health.recovered(self.archive.name)
 
