@@ -27,7 +27,7 @@ from pathlib import Path
 
 from peewee import OperationalError
 
-from watcher import faults, service, state_files
+from watcher import faults, preflight, service, state_files
 from watcher.config import Config, ConfigError
 from watcher.catalog import Catalog
 from watcher.roots import Roots
@@ -277,6 +277,8 @@ class Agent:
     def __init__(self, config: Config, housekeeping_interval: float = HOUSEKEEPING_INTERVAL):
         if problem := faults.environment_problem():
             raise ConfigError([problem])
+        if refused := preflight.refusals(config):  # before anything is touched
+            raise ConfigError(refused)
         self.config = config
         # A rescan_interval shorter than the housekeeping tick shortens the tick.
         self.interval = min(housekeeping_interval, config.rescan_interval)
@@ -421,6 +423,35 @@ class Agent:
             elif root.rewatch or (root.observer is None and now >= root.retry_at):
                 root.rewatched = root.rewatch
                 self._watch(root)
+
+    def _preflight(self) -> None:
+        """The start-up checks (watcher.preflight): each problem found is
+        reported, and looked at again every rescan interval until none is
+        left and every archive's host has answered."""
+        checks = preflight.StartupChecks(self.config, self.destinations)
+        reported: set[tuple[str, str]] = set()
+        first = True
+        while True:
+            try:
+                found = checks.run(self.stop_event)
+            except Stopped:
+                return
+            except Exception:  # a check's own failure must not stop the agent
+                log.exception("start-up checks failed")
+                return
+            if first:
+                first = False
+                log.info("start-up checks done: %s", f"{len(found)} problems" if found else "nothing found")
+            for f in found:
+                self._findings.report(f.kind, f.subject, f.message, list(f.archives))
+            now = {(f.kind, f.subject) for f in found}
+            for kind, subject in reported - now:
+                self._findings.solve(kind, subject)
+            reported = now
+            if not reported and not checks.unreachable:
+                return
+            if self.stop_event.wait(self.config.rescan_interval):
+                return
 
     def _watch(self, root: _Root) -> None:
         """(Re)start the observer of a root; a failure is reported and retried later."""
@@ -646,6 +677,7 @@ class Agent:
         self._thread(self._scanner, "watcher-scanner", 1.0)
         self._thread(self._guard_catalog, "watcher-catalog-guard", CATALOG_CHECK)
         self._check_roots()
+        self._thread(self._preflight, "watcher-preflight")  # far commands: off the start's path
         for name, worker in self.workers.items():
             a = self.config.archives[name]  # its far md5 runs on its checker thread meanwhile
             self._thread(worker.run, f"watcher-transfer-{name}", a.copy_timeout + a.cmd_timeout,
