@@ -36,6 +36,7 @@ from peewee import OperationalError
 from twisted.internet import reactor, threads
 
 from watcher.agent import Agent, AlreadyRunning
+from watcher.archive_report import archive_report
 from watcher.catalog import Catalog
 from watcher.config import Config, ConfigError, load_config, parse_config
 from watcher.health import read_health
@@ -187,17 +188,11 @@ def archive_status(config: Config, now: float | None = None) -> dict:
     """`watcher status --json` for this agent's archives."""
     now = time.time() if now is None else now
     names = list(config.archives)
-    health = read_health(config.database, names) or {}
-    out = {}
     with closing(Catalog(config.database)) as catalog:
-        for name in names:
-            stats = catalog.reports.stats(name, config.archives[name].max_copy_attempts, now)
-            state = health.get("archives", {}).get(name)
-            stats["degraded"] = bool(state and state.get("degraded"))
-            stats["last_error"] = state.get("last_error") if state else None
-            problems = health.get("problems", {}).get(name, {})
-            stats["problems"] = {kind: entry["count"] for kind, entry in problems.items()}
-            out[name] = stats
+        out = archive_report(catalog, names, lambda name: config.archives[name].max_copy_attempts, now,
+                             read_health(config.database, names) or {})
+    for stats in out.values():
+        del stats["problem_messages"]  # as `watcher status --json`
     return out
 
 

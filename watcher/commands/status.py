@@ -10,6 +10,7 @@ import time
 
 from watcher.commands.exits import Exit
 from watcher.commands.opening import max_attempts, open_catalog
+from watcher.archive_report import archive_report
 from watcher.health import read_health
 
 
@@ -21,21 +22,7 @@ def report(args) -> dict:
         names = list(config.archives) if config else []
         names += [n for n in catalog.reports.archive_names() if n not in names]
         health = read_health(catalog.path) or {}
-        out = {}
-        for name in names:
-            limit = max_attempts(config, name)
-            stats = catalog.reports.stats(name, limit, now)
-            stats["by_state"] = catalog.reports.by_state(name, limit)
-            stats["last_file_added_time"], stats["last_file_verified_time"] = catalog.reports.last_times(name)
-            served = read_health(catalog.path, [name])
-            stats["agent"] = {"running": served is not None, "pid": served.get("pid") if served else None}
-            state = health.get("archives", {}).get(name)
-            stats["degraded"] = bool(state and state.get("degraded"))
-            stats["last_error"] = state.get("last_error") if state else None
-            problems = health.get("problems", {}).get(name, {})
-            stats["problems"] = {kind: entry["count"] for kind, entry in problems.items()}
-            stats["problem_messages"] = {kind: entry["message"] for kind, entry in problems.items()}
-            out[name] = stats
+        out = archive_report(catalog, names, lambda name: max_attempts(config, name), now, health)
     finally:
         catalog.close()
     db_state = health.get("database", {})
