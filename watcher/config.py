@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import grp
+import ipaddress
 import math
 import os
 import posixpath
@@ -89,6 +90,14 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class Metrics:
+    """Where the Prometheus endpoint (watcher.metrics) listens: ``listen: "HOST:PORT"``."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
 class Config:
     instance_id: str
     database: Path
@@ -100,6 +109,8 @@ class Config:
     # The group whose members may write the catalog and the state directory
     # (socs producers); None: only the agent's own account.
     catalog_group: str | None = None
+    # The Prometheus endpoint; None: off.
+    metrics: Metrics | None = None
 
 
 # Defaults that depend on where things are (not a field's own): the catalog
@@ -140,6 +151,7 @@ def _settings(cls, *not_settings: str) -> frozenset[str]:
 TOP_KEYS = _settings(Config, "source")
 ARCHIVE_KEYS = _settings(Archive, "name")
 RULE_KEYS = _settings(Rule, "overrides_retention")
+METRICS_KEYS = frozenset({"listen"})  # read into Metrics' host and port
 
 
 # Python's waits refuse timeouts past about 292 years; retention past 100 is "never".
@@ -518,6 +530,50 @@ def _group(r: _Reader):
     return check
 
 
+_HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*")
+
+
+def _listen(value) -> Metrics:
+    """``HOST:PORT`` (an IPv6 address in brackets): an address or host name, and a port from 1."""
+    example = "such as 127.0.0.1:9630 (an IPv6 address in brackets: [::1]:9630)"
+    if not isinstance(value, str):
+        raise ValueError(f"expected HOST:PORT {example}, got {value!r}")
+    host, colon, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} in {value!r} is not an IPv6 address") from None
+    elif not colon or not _HOST_NAME.fullmatch(host):
+        raise ValueError(f"expected HOST:PORT {example}, got {value!r}")
+    elif re.fullmatch(r"[0-9.]+", host) and not _is_ipv4(host):
+        raise ValueError(f"{host!r} in {value!r} is not an IPv4 address")
+    if not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected a port from 1 to 65535 after the last ':', got {value!r}")
+    return Metrics(host, int(port))
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_metrics(r: _Reader, data: dict) -> Metrics | None:
+    """The ``metrics:`` mapping; absent or null: no endpoint."""
+    value = data.get("metrics")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        r.problem(("metrics",), f"expected a mapping such as {{listen: \"127.0.0.1:9630\"}}, got {value!r}")
+        return None
+    return r.get(r.mapping(value, ("metrics",), set(METRICS_KEYS)), "listen", ("metrics",), _listen,
+                 required=True)
+
+
 def _port(value):
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
         raise ValueError(f"expected a port number, got {value!r}")
@@ -876,6 +932,7 @@ def parse_config(text: str, source: str, base: Path, live: bool = True) -> Confi
         rescan_interval=r.setting(data, Config, "rescan_interval", (), _rescan),
         source=Path(source),
         catalog_group=r.setting(data, Config, "catalog_group", (), _group(r)),
+        metrics=_read_metrics(r, data),
     )
     if r.problems:
         raise ConfigError(r.problems)
