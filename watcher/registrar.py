@@ -70,6 +70,13 @@ class Registrar:
         self._gone: set[str] = set()
         self._unreadable: set[str] = set()  # reported files, solved once they are read
         self._busy = False
+        self._registered: collections.Counter[str] = collections.Counter()  # watch root -> new rows
+        self._registered_lock = threading.Lock()
+
+    def registered(self) -> dict[str, int]:
+        """Files registered since the start, per watch root of their rule (for metrics)."""
+        with self._registered_lock:
+            return dict(self._registered)
 
     def submit(self, path: str) -> None:
         """Hand over a complete file (thread-safe; a path already waiting is not queued twice)."""
@@ -208,6 +215,9 @@ class Registrar:
         checkpoint("hashed")
         files, claims = with_database_retry(write, self.health, self.stop)
         new = self._report_claims(files, claims)
+        roots = {c.path: str(c.rule.watch) for c in found}
+        with self._registered_lock:
+            self._registered.update(roots[f.local_path] for f in new if f.local_path in roots)
         # One line a file for a trickle; for a burst one line (a line a file
         # costs more than registering it, and journald drops bursts).
         each = logging.INFO if len(new) <= LOG_EACH else logging.DEBUG

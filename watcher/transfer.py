@@ -102,6 +102,7 @@ class _InFlight:
 
 
 COUNTERS = ("iterations", "copies", "errors_timeout", "errors_nonzero", "errors_sqlite")
+ERROR_KINDS = ("errors_connection", "errors_archive", "errors_batch")  # errors_nonzero's, by TransferError kind
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,13 @@ class TransferStats:
     errors_nonzero: int = 0
     errors_sqlite: int = 0
     last_copy: dict = dataclasses.field(default_factory=dict)
+    # For metrics (watcher.metrics): files verified and their bytes, and the
+    # failed commands that errors_nonzero counts, by TransferError kind.
+    verified_files: int = 0
+    verified_bytes: int = 0
+    errors_connection: int = 0
+    errors_archive: int = 0
+    errors_batch: int = 0
 
     def counters(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in COUNTERS}
@@ -131,8 +139,12 @@ class TransferWorker:
     def __init__(self, catalog: Catalog, archive: Archive, destination: Destination,
                  stop: threading.Event, health: Health | None = None,
                  sleep: Callable[[float], object] | None = None, max_backoff: float = MAX_BACKOFF,
-                 clock: Callable[[], float] = time.monotonic, *, roots: Roots):
-        """``roots``: which local paths rows of this archive may name (watcher.roots)."""
+                 clock: Callable[[], float] = time.monotonic, *, roots: Roots,
+                 timed: Callable[[str, float], object] | None = None):
+        """``roots``: which local paths rows of this archive may name (watcher.roots);
+        ``timed(what, seconds)``: told how long each copy ("copy") and far md5
+        ("far_md5") that succeeded took (the metrics' histograms)."""
+        self._timed = timed
         self.catalog = catalog
         self.roots = roots
         self.archive = archive
@@ -164,14 +176,23 @@ class TransferWorker:
             self._stats = dataclasses.replace(s, **{k: (v if k == "last_copy" else getattr(s, k) + v)
                                                     for k, v in changes.items()})
 
-    def _counted(self, command: Callable):
-        """``command``, counting each TransferError it raises by kind."""
+    def _counted(self, command: Callable, what: str | None = None):
+        """``command``, counting each TransferError it raises by kind, and
+        timing it as ``what`` when it succeeds."""
         def run(*args):
+            started = time.monotonic()
             try:
-                return command(*args)
+                result = command(*args)
             except TransferError as exc:
-                self._count(**{"errors_timeout" if exc.kind == "timeout" else "errors_nonzero": 1})
+                if exc.kind == "timeout":
+                    self._count(errors_timeout=1)
+                else:
+                    by_kind = f"errors_{exc.kind}"
+                    self._count(errors_nonzero=1, **({by_kind: 1} if by_kind in ERROR_KINDS else {}))
                 raise
+            if what and self._timed:
+                self._timed(what, time.monotonic() - started)
+            return result
         return run
 
     def _catalog_work(self, work: Callable):
@@ -261,7 +282,7 @@ class TransferWorker:
 
     def _send(self, items: list[Item]) -> Sent:
         try:
-            return self._retrying()(self._counted(send_batch), self.destination, items, self.stop)
+            return self._retrying()(self._counted(send_batch, "copy"), self.destination, items, self.stop)
         except TransferError as exc:
             if exc.kind != "batch":
                 raise
@@ -398,8 +419,8 @@ class TransferWorker:
         sent, refused, complaint = self._send(items)
         if self._checker is None:
             self._checker = ThreadPoolExecutor(1, f"watcher-check-{self.archive.name}")
-        far = self._checker.submit(self._counted(self.destination.far_md5), [i.remote_path for i in sent],
-                                   self.stop, sum(i.size or 0 for i in sent))
+        far = self._checker.submit(self._counted(self.destination.far_md5, "far_md5"),
+                                   [i.remote_path for i in sent], self.stop, sum(i.size or 0 for i in sent))
         batch = _InFlight(items, capped, sent, refused, far, started, complaint)
         judged = None
         try:
@@ -459,8 +480,10 @@ class TransferWorker:
         self._log_batch(items, results, verified, failed, len(missing), now if started is None else started)
         files = [[i.local_path, results[i.id][0] == results[i.id][1]] for i in items if i.id in results]
         files += [[i.local_path, False] for i in missing]
+        arrived = [i for i in items if i.id in results and results[i.id][0] == results[i.id][1]]
         self._count(copies=len(files), last_copy={"start_time": now if started is None else started,
-                                                  "files": files, "stop_time": time.time()})
+                                                  "files": files, "stop_time": time.time()},
+                    verified_files=len(arrived), verified_bytes=sum(i.size or 0 for i in arrived))
         for item in missing:
             self._held.pop(item.id, None)
         self.destination.forget(i.id for i in missing)

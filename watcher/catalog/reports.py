@@ -40,6 +40,8 @@ LAST_COPIED_SQL = (f"SELECT copied FROM supersync_v0 WHERE archive_name = ? AND 
                    "ORDER BY copied DESC, id DESC LIMIT 1")
 LAST_VERIFIED_SQL = (f"SELECT local_path FROM supersync_v0 WHERE archive_name = ? AND {VERIFIED} "
                      "ORDER BY copied DESC, id DESC LIMIT 1")
+LAST_VERIFIED_TIME_SQL = (f"SELECT copied FROM supersync_v0 WHERE archive_name = ? AND {VERIFIED} "
+                          "ORDER BY copied DESC, id DESC LIMIT 1")
 # What holds finalized_until back: the first entry of watcher_pending_v2
 # (states.PENDING named verbatim), as finalized_until_query reads it.
 HOLDER_SQL = (f"SELECT id, local_path, {ATTEMPTS} FROM supersync_v0 WHERE archive_name = ? AND {PENDING} "
@@ -82,6 +84,12 @@ class Reports(Queries):
         done = self.db.execute_sql(LAST_VERIFIED_SQL, (archive,)).fetchone()
         stats["last_file_verified"] = from_db_path(done[0]) if done else None
         return stats
+
+    def last_verified_time(self, archive: str) -> float | None:
+        """When the archive's newest verified copy was verified (the first
+        entry of watcher_verified_copied from its end), or None."""
+        row = self.db.execute_sql(LAST_VERIFIED_TIME_SQL, (archive,)).fetchone()
+        return row[0] if row else None
 
     def counts(self, archive: str, max_attempts: int) -> dict[str, int]:
         """files, each state of COUNTED and bytes_pending, summed over the
