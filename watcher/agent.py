@@ -221,6 +221,9 @@ class _Root:
         self.rewatch = False  # some of its directories lost their inotify watches: watch it again
         self.rewatched = False  # it was, and no scan of it has found every directory watched since
         self.retry_at = 0.0  # monotonic time before which a failed or incomplete watch is not redone
+        self.rescans = 0  # scans of the whole root, and the files they handed on (for metrics)
+        self.rescan_found = 0
+        self.lost_watches = 0  # its directories without an inotify watch at the last scan
 
     def identity(self) -> tuple[int, int] | None:
         if self.lock is None:
@@ -268,6 +271,22 @@ class _Findings:
                     if k in kinds and any(s == r or s.startswith(r.rstrip("/") + "/") for r in roots)}
 
 
+def _metrics(config: Config):
+    """The Prometheus endpoint's registry (watcher.metrics) when ``metrics:`` is
+    configured, else None: the optional module and its library load only then."""
+    if config.metrics is None:
+        return None
+    try:
+        from watcher.metrics import Metrics
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] != "prometheus_client":
+            raise
+        where = f"{config.source}: " if config.source else ""
+        raise ConfigError([f"{where}metrics: needs the prometheus-client library, which is not "
+                           "installed: pip install 'watcher[metrics]'"]) from None
+    return Metrics(config)
+
+
 def _not_shutdown_noise(record: logging.LogRecord) -> bool:
     """watchdog logs an ERROR when its emitter is stopped mid-read: expected at exit."""
     return "called when the thread is inactive" not in record.getMessage()
@@ -280,6 +299,7 @@ class Agent:
         if refused := preflight.refusals(config):  # before anything is touched
             raise ConfigError(refused)
         self.config = config
+        self.metrics = _metrics(config)  # before anything is locked: a missing library is a refusal
         # A rescan_interval shorter than the housekeeping tick shortens the tick.
         self.interval = min(housekeeping_interval, config.rescan_interval)
         # The stop event doubles as the threads' heartbeat (watcher.service): each loop looks at it.
@@ -318,7 +338,8 @@ class Agent:
         self.destinations = {name: Destination(a, self._control_dir, self.roots.of(name))
                              for name, a in config.archives.items()}
         self.workers = {name: TransferWorker(self.catalog, a, self.destinations[name],
-                                             self.stop_event, self.health, roots=self.roots)
+                                             self.stop_event, self.health, roots=self.roots,
+                                             timed=self.metrics.timed(name) if self.metrics else None)
                         for name, a in config.archives.items()}
         self.settle = SettleTracker(self._complete)
         self.registrar = Registrar(self.catalog, config, self.settle, self._wake,
@@ -492,6 +513,13 @@ class Agent:
             self._scan_dir(root.path, False)
         root.watched_once = True
 
+    def root_counts(self) -> dict[str, dict[str, int]]:
+        """Each watched directory for metrics: watched (1 or 0), rescans, the
+        files they found, directories without a watch at the last scan."""
+        return {path: {"watched": int(r.observer is not None), "rescans": r.rescans,  # no lock: ints
+                       "rescan_found": r.rescan_found, "lost_watches": r.lost_watches}
+                for path, r in self._roots.items()}
+
     def _cannot_watch(self, root: _Root, exc: OSError) -> None:
         if exc.errno in (errno.ENOSPC, errno.EMFILE):
             advice = ("raise the limit with 'sysctl fs.inotify.max_user_watches=524288' (and "
@@ -549,8 +577,14 @@ class Agent:
             self.hearts.beat()  # a scan of a big tree is progress (the housekeeper's, the scanner's)
             return self.registrar.known(found)
 
-        found = scan(paths, list(self.config.rules), known, self._complete_many,
-                     self.settle, moved_in=moved_in, problem=problem, listed=listed if roots else None)
+        found = 0
+        for path in paths:  # one at a time, to count each root's findings
+            found_here = scan([path], list(self.config.rules), known, self._complete_many, self.settle,
+                              moved_in=moved_in, problem=problem, listed=listed if roots else None)
+            found += found_here
+            if path in roots:
+                self._roots[path].rescans += 1
+                self._roots[path].rescan_found += found_here
         for kind, subject in before - met:
             self._findings.solve(kind, subject)
         if roots:
@@ -577,6 +611,7 @@ class Agent:
         for path, _ in missing:
             lost.setdefault(self._root_of(path), []).append(path)
         for path in roots:
+            self._roots[path].lost_watches = len(lost.get(path, ()))
             if path in inotify and path not in lost:
                 self._roots[path].rewatched = False
                 self._findings.solve("lost watches", path)
@@ -658,6 +693,8 @@ class Agent:
             self._check_catalog()
 
     def start(self) -> None:
+        if self.metrics:  # first: an address that cannot be had stops the start (ConfigError)
+            self.metrics.serve(self)
         log.info("catalog %s; finalization files under %s", self.config.database, self.config.file_root)
         for name, a in self.config.archives.items():
             where = f"{a.ssh_host}:{a.remote_basedir}" if a.is_remote else a.remote_basedir
@@ -706,6 +743,8 @@ class Agent:
             t.join(max(0.1, deadline - time.monotonic()))
         for dest in self.destinations.values():
             dest.close()
+        if self.metrics:
+            self.metrics.close()
         if self._control_dir:
             remove_control_dir(self._control_dir)
         self.health.close()
