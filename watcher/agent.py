@@ -780,8 +780,14 @@ class Agent:
         tick = min(ping / 2, STATUS_INTERVAL) if ping else STATUS_INTERVAL
         stalled: dict[str, str] = {}
         status = None
+        woke = time.monotonic()
         while not self.stop_event.wait(tick):
+            late, woke = time.monotonic() - woke - tick, time.monotonic()
+            if late > tick:  # this thread too was stopped or starved: so were the others
+                self.hearts.forgive()
             now = self.hearts.stalled()
+            if threading.Event.is_set(self.stop_event):
+                break  # a thread that ended as the agent stops is no news
             for name in now.keys() - stalled.keys():
                 log.error("%s: not telling systemd's watchdog that all is well (it restarts the "
                           "service when WatchdogSec passes without)", now[name])

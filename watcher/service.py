@@ -145,6 +145,14 @@ class Heartbeats:
         if heart is not None:
             heart.beat()
 
+    def forgive(self) -> None:
+        """Every thread counts as having just shown progress: the whole process
+        was stopped (SIGSTOP, a debugger) or starved, so silence says nothing."""
+        now = time.monotonic()
+        with self._lock:
+            for heart in self._hearts.values():
+                heart.last = max(heart.last, now)
+
     def stalled(self) -> dict[str, str]:
         """``{thread: why}`` for each thread that is not progressing (empty: all are)."""
         now = time.monotonic()
