@@ -66,3 +66,68 @@ def test_a_file_that_cannot_be_deleted_is_reported_once_and_left(setup, start_ag
         agent.housekeep_once()
     assert keep.exists()
     assert catalog.files.rows_for_path(str(keep))[0].removed is None
+
+
+def _shipped_by_a_producer(setup, tmp_path, count: int):
+    """``count`` files registered as socs' producers do (an md5, no seal: retention
+    hashes each before deleting it), shipped; returns (catalog, config, destination)."""
+    import threading
+
+    from watcher.roots import Roots
+    from watcher.rsync import Destination
+    from watcher.transfer import TransferWorker
+
+    src = tmp_path / "src"
+    src.mkdir()
+    far = setup.archive(api_roots=[str(src)], delete_local_after=60)
+    far.mkdir()
+    setup.rule()
+    config, catalog = setup.config(), setup.catalog()
+    for i in range(count):
+        p = src / f"f{i}.dat"
+        p.write_bytes(os.urandom(1000))
+        catalog.add_file(str(p), f"f{i}.dat", "arch", timestamp=1000.0 + i)
+    roots = Roots(config)
+    destination = Destination(config.archives["arch"], None, roots.of("arch"))
+    worker = TransferWorker(catalog, config.archives["arch"], destination, threading.Event(),
+                            sleep=lambda s: None, roots=roots)
+    while worker.step():
+        pass
+    assert all(r.verified and r.seal is None for r in catalog.reports.known_files("arch", 0))
+    return catalog, config, destination
+
+
+def test_a_long_retention_round_shows_the_watchdog_it_is_working(setup, tmp_path, monkeypatch):
+    """A round that hashes many producers' files (each hashed before it may be
+    deleted) takes longer than the retention thread's allowance: it shows
+    progress per file (and per 64 MiB read), so a healthy agent is not
+    restarted by systemd. The hashing is slowed to 0.3 s a file, as a 60 MB
+    file at 200 MB/s."""
+    import threading
+    import time
+
+    import watcher.retention
+    from watcher import service
+    from watcher.retention import delete_expired
+
+    catalog, config, destination = _shipped_by_a_producer(setup, tmp_path, 8)
+    real = watcher.retention.md5_of_fd
+
+    def slow(fd, progress=None):
+        time.sleep(0.3)
+        return real(fd, progress)
+
+    monkeypatch.setattr(watcher.retention, "md5_of_fd", slow)
+    hearts = service.Heartbeats(margin=0.0)
+    stop = service.ProgressEvent(hearts)
+    hearts.register("watcher-retention", 1.0)  # the round takes 2.4 s in all
+    stalls = []
+    round_ = threading.Thread(target=lambda: delete_expired(catalog, config, "arch", destination, stop=stop,
+                                                            now=time.time() + 400 * 86400),
+                              name="watcher-retention")
+    round_.start()
+    while round_.is_alive():
+        stalls.append(hearts.stalled())
+        time.sleep(0.1)
+    assert not any(stalls), [s for s in stalls if s][:1]
+    assert not any((tmp_path / "src" / f"f{i}.dat").exists() for i in range(8)), "the round deleted them"

@@ -51,7 +51,7 @@ CATALOG_CHECK = 1.0  # seconds between looks at the catalog file: deleted, repla
 SCAN_KINDS = ("symlinks", "unreadable directories")  # problems a scan of their whole root re-checks
 MISSING_ROOTS = "missing watch roots"  # a watch root that is not there (an unmounted disk, deleted)
 BLOCKED = "blocked finalizations"  # a link (or file) planted where a finalization directory goes
-HASHING_ALLOWANCE = 3600.0  # seconds the registrar may hash one batch (a 70 GB file at 20 MB/s)
+HASHING_ALLOWANCE = 600.0  # seconds the registrar's hashing may go between 64 MiB read (a disk at 110 kB/s)
 STATUS_INTERVAL = 5.0  # seconds between looks at the pending counts for systemd's STATUS=
 STATUS_CAP = 1000  # pending rows counted per archive for STATUS= (more: "1000+"): a bounded query
 
@@ -710,7 +710,8 @@ class Agent:
         for instance_id, names in by_instance.items():
             remove_unregistered_finalizations(self.catalog, self.config.file_root, instance_id, names)
         self._thread(self.settle.run, "watcher-settle")  # waits on its own condition: no heartbeat
-        self._thread(self.registrar.run, "watcher-registrar", HASHING_ALLOWANCE, idle=self.registrar.idle)
+        self._thread(self.registrar.run, "watcher-registrar", HASHING_ALLOWANCE, ("watcher-hash",),
+                     idle=self.registrar.idle)
         self._thread(self._scanner, "watcher-scanner", 1.0)
         self._thread(self._guard_catalog, "watcher-catalog-guard", CATALOG_CHECK)
         self._check_roots()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from typing import Callable
 
 from watcher.safefs import Identity
 
@@ -45,15 +46,23 @@ def hash_with_identity(path: str) -> tuple[str, Identity | None]:
     return md5, (before if Identity.of(after) == before else None)
 
 
-def md5_of_fd(fd: int) -> tuple[str, os.stat_result]:
-    """md5 of an open file read from its start, and its fstat once read."""
+PROGRESS_EVERY = 64 << 20  # bytes read between calls of a hash's ``progress``
+
+
+def md5_of_fd(fd: int, progress: Callable[[], object] | None = None) -> tuple[str, os.stat_result]:
+    """md5 of an open file read from its start, and its fstat once read.
+    ``progress()`` is called every 64 MiB read: a thread hashing a huge file
+    shows the agent's watchdog it is working (watcher.service)."""
     buf = getattr(_md5_buffers, "buf", None)
     if buf is None:
         buf = _md5_buffers.buf = bytearray(1 << 20)
     view = memoryview(buf)
     h = hashlib.md5()
-    offset = 0
+    offset = told = 0
     while n := os.preadv(fd, (buf,), offset):
         h.update(view[:n])
         offset += n
+        if progress is not None and offset - told >= PROGRESS_EVERY:
+            progress()
+            told = offset
     return h.hexdigest(), os.fstat(fd)

@@ -304,7 +304,7 @@ class Registrar:
         try:
             fd = trees.at(str(c.rule.watch)).open(c.path)
             try:
-                md5, after = md5_of_fd(fd)
+                md5, after = md5_of_fd(fd, self.stop.is_set)  # progress, for the watchdog
             finally:
                 os.close(fd)
         except SymlinkInPath as exc:

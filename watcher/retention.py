@@ -19,6 +19,7 @@ import os
 import stat
 import threading
 import time
+from typing import Callable
 
 from watcher.config import Config
 from watcher.catalog import Catalog, File
@@ -115,6 +116,7 @@ class _Round:
         self.trees = Trees(roots.of(archive) if archive else
                            [r for name in config.archives for r in roots.of(name)])
         self.fds: list[int] = []
+        self._progress: Callable[[], object] | None = None  # see run
 
     def __enter__(self) -> "_Round":
         return self
@@ -157,7 +159,7 @@ class _Round:
                 return "gone"  # a directory or fifo took its name: the file is not here
             identity = self.catalog.trusted_identity(row)
             if identity is None:  # an md5 the agent did not compute (socs, the API, forged): hash it
-                md5, st = md5_of_fd(fd)
+                md5, st = md5_of_fd(fd, self._progress)
                 if md5 != row.local_md5sum:
                     log.warning("%s is not what its catalog row %d says (md5 %s, not %s); it is "
                                 "shipped before it may be deleted", row.local_path, row.id, md5,
@@ -168,7 +170,7 @@ class _Round:
             elif replaced(identity, st):  # another file has the path: the registrar's to register
                 return "gone"
             elif Identity.of(st) != identity:
-                self._record_change(row, *md5_of_fd(fd))
+                self._record_change(row, *md5_of_fd(fd, self._progress))
                 return "changed"
         except OSError as exc:  # an I/O error reading it: keep it, say so once
             self._hold(row, HOLD_UNDELETABLE, logging.ERROR,
@@ -184,9 +186,14 @@ class _Round:
 
     def run(self, rows: list[File], destination: Destination, stop: threading.Event | None) -> int:
         archive = self.archive
+        # hashing a round's files may take long: looking at the agent's stop
+        # event, per file and per 64 MiB, shows its watchdog we are working
+        self._progress = stop.is_set if stop is not None else None
         contested = self.catalog.far_names.contested(archive, [r.remote_path for r in rows])
         gone, candidates = [], []
         for row in rows:
+            if self._progress is not None:
+                self._progress()
             problem = remote_path_problem(row.remote_path)
             if problem:  # no copy the agent shipped lies there (a writer of the catalog made the row)
                 self._hold(row, HOLD_UNDELETABLE, logging.ERROR,
@@ -224,7 +231,7 @@ class _Round:
                      "checked just before", archive, deleted, "" if deleted == 1 else "s", size_text(freed))
         for row, fd in changed:
             try:
-                self._record_change(row, *md5_of_fd(fd))
+                self._record_change(row, *md5_of_fd(fd, self._progress))
             except OSError as exc:
                 log.error("cannot read %s: %s", row.local_path, exc.strerror or exc)
         if gone:
