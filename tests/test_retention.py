@@ -131,3 +131,31 @@ def test_a_long_retention_round_shows_the_watchdog_it_is_working(setup, tmp_path
         time.sleep(0.1)
     assert not any(stalls), [s for s in stalls if s][:1]
     assert not any((tmp_path / "src" / f"f{i}.dat").exists() for i in range(8)), "the round deleted them"
+
+
+def test_a_retention_round_keeps_the_rows_of_files_whose_directory_went_away(setup, tmp_path):
+    """An unmounted disk at retention time: its files' rows stay (not marked
+    removed, so they are deleted once the disk is back), counted as
+    unreachable; a file gone from a directory that is there is removed."""
+    import time
+
+    from watcher.health import Health, read_health
+    from watcher.retention import delete_expired
+
+    catalog, config, destination = _shipped_by_a_producer(setup, tmp_path, 3)
+    src = tmp_path / "src"
+    (src / "run").mkdir()
+    for i in (0, 1):
+        os.rename(src / f"f{i}.dat", src / "run" / f"f{i}.dat")
+        catalog.db.execute_sql("UPDATE supersync_v0 SET local_path = ? WHERE remote_path = ?",
+                               (str(src / "run" / f"f{i}.dat"), f"f{i}.dat"))
+    os.rename(src / "run", tmp_path / "unmounted")
+    (src / "f2.dat").unlink()
+    health = Health(setup.database, ["arch"])
+    try:
+        delete_expired(catalog, config, "arch", destination, health=health, now=time.time() + 400 * 86400)
+        removed = {r.remote_path: r.removed is not None for r in catalog.reports.known_files("arch", 0)}
+        assert removed == {"f0.dat": False, "f1.dat": False, "f2.dat": True}, removed
+        assert read_health(setup.database)["problems"]["arch"]["unreachable files"]["count"] == 2
+    finally:
+        health.close()

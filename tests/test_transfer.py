@@ -193,3 +193,31 @@ def test_a_whole_batch_missing_locally_is_not_marked_gone_at_once(setup, tmp_pat
     assert sorted(r.removed is not None for r in catalog.reports.known_files("arch", 0)) == [False] * 3 + [True]
     assert worker.step()  # and the next whole batch waits longer: the trouble goes on
     assert pauses == [1.0, 2.0, 4.0]
+
+
+def test_files_whose_directory_went_away_are_kept_not_marked_removed(setup, tmp_path):
+    """A disk not mounted takes whole directories away: files registered
+    through the API (which no scan finds again) must stay pending, counted
+    as unreachable, and ship once the directory is back. A file gone from a
+    directory that is there is gone for good, as before."""
+    far, catalog, worker, pauses = _worker_with_pending(
+        setup, tmp_path, {f"run/f{i}.dat": 100 for i in range(1)} | {"solo.dat": 100}, files_per_batch=1)
+    src = tmp_path / "src"
+    run = src / "run"
+    run.mkdir()
+    os.rename(src / "f0.dat", run / "f0.dat")
+    catalog.db.execute_sql("UPDATE supersync_v0 SET local_path = ? WHERE remote_path = 'run/f0.dat'",
+                           (str(run / "f0.dat"),))
+    away = tmp_path / "unmounted"
+    os.rename(run, away)  # the directory is not there for now
+    (src / "solo.dat").unlink()  # gone from a directory that is there
+    for _ in range(4):
+        worker.step()
+    rows = {r.remote_path: r for r in catalog.reports.known_files("arch", 0)}
+    assert rows["run/f0.dat"].removed is None, "a file of a missing directory was marked removed"
+    assert rows["solo.dat"].removed is not None
+    os.rename(away, run)  # mounted again
+    later = worker._clock() + 61  # its wait (a minute) is over
+    worker._clock = lambda: later
+    wait_until(lambda: worker.step() is not None and catalog.files.rows_for_path(str(run / "f0.dat"))[0].verified,
+               timeout=10)

@@ -30,7 +30,8 @@ from watcher.roots import Roots
 from watcher.rsync import Destination, size_text
 from watcher.rules import remote_path_problem
 from watcher.safefs import (
-    Identity, SymlinkInPath, Trees, WriterCheck, hold_against_writers, release_lease, replaced,
+    Identity, SymlinkInPath, Trees, WriterCheck, hold_against_writers, missing_for_good, release_lease,
+    replaced,
 )
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,13 @@ class _Round:
                        kind="symlinks")
             return "held"
         except (FileNotFoundError, NotADirectoryError):
-            return "gone"
+            if missing_for_good(row.local_path, row.dev):
+                return "gone"
+            self._hold(row, HOLD_UNDELETABLE, logging.WARNING,
+                       f"not deleting {row.local_path}: its directory is missing or on another file "
+                       "system (a disk not mounted?); it stays in the catalog until it is there again "
+                       "(`watcher ignore PATH` if it is gone for good)", kind="unreachable files")
+            return "held"
         except (OSError, ValueError) as exc:
             self._hold(row, HOLD_UNDELETABLE, logging.ERROR,
                        f"cannot open {row.local_path} to delete it: {getattr(exc, 'strerror', None) or exc}")
@@ -308,7 +315,7 @@ class _Round:
             gone = set(deleted)
             for row, _, _ in free:
                 if row.id in gone:
-                    for kind in ("symlinks", WRITERS_UNKNOWN, WRITERS_ACTIVE):
+                    for kind in ("symlinks", WRITERS_UNKNOWN, WRITERS_ACTIVE, "unreachable files"):
                         self.health.solved(self.archive, kind, row.local_path)
         return len(deleted), freed, changed
 

@@ -280,3 +280,18 @@ def open_subdir(dir_fd: int, name: str, path: str, create: bool = False) -> int:
         if exc.errno in (errno.ENOTDIR, errno.ELOOP) and _is_link(name, dir_fd):
             raise SymlinkInPath(path) from None
         raise
+
+
+def missing_for_good(path: str, dev: int | None = None) -> bool:
+    """Whether a file that is not at ``path`` is gone for good, as far as the
+    file system can tell: its directory is there, on the device the file
+    was on when that is known. A missing directory, or another device in its
+    place (the mount point of a disk not mounted), may be a disk that comes
+    back: its rows must not be marked removed, or files registered through
+    the API (which no scan finds again) would never ship or be deleted."""
+    try:
+        st = os.stat(os.path.dirname(path))
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and (dev is None or st.st_dev == dev)
+

@@ -42,6 +42,7 @@ from watcher.faults import checkpoint
 from watcher.health import Health, with_database_retry
 from watcher.retry import MAX_BACKOFF, connection_retrying, result_retrying, stop_after_attempt_if
 from watcher.roots import Roots
+from watcher.safefs import missing_for_good
 from watcher.rsync import (
     BatchResult, Destination, Item, Sent, TransferError, batch_results, send_batch, size_text,
 )
@@ -65,6 +66,15 @@ BATCH_ERROR_TRIES = 3
 # A row whose far name an older live row of another file holds waits this
 # long before it is looked at again (that file may be deleted meanwhile).
 FAR_NAME_WAIT = 300.0
+UNREACHABLE_WAIT = 60.0  # seconds a file whose directory is missing (a disk not mounted?) waits
+UNREACHABLE = "unreachable files"  # the problem kind in `watcher status`
+
+
+def _for_good(missing: list[Item]) -> tuple[list[Item], list[Item]]:
+    """The missing files whose directory is there (gone for good: marked
+    removed) and those whose directory is not (kept: see missing_for_good)."""
+    gone = [i for i in missing if missing_for_good(i.local_path)]
+    return gone, [i for i in missing if i not in gone]
 
 
 def _stat_size(path: str) -> int | None:
@@ -161,6 +171,7 @@ class TransferWorker:
         self._checker: ThreadPoolExecutor | None = None
         self._clock = clock
         self._held: dict[int, tuple[float, int]] = {}  # row id -> (not before, far mismatches so far)
+        self._unreachable: set[str] = set()  # files kept because their directory was missing
         self._degraded: tuple[float, int, str] | None = None  # since (monotonic), tries, last error
         self._stats = TransferStats()
         self._stats_lock = threading.Lock()  # the far md5 runs on the checker thread
@@ -473,6 +484,16 @@ class TransferWorker:
         checkpoint("verified")
         now = time.time()
         verified, failed = self._catalog_work(lambda: self.catalog.shipping.record(results, now))
+        missing, unreachable = _for_good(missing)
+        for item in unreachable:
+            self._held[item.id] = (self._clock() + UNREACHABLE_WAIT, self._held.get(item.id, (0, 0))[1])
+            self._unreachable.add(item.local_path)
+            if self.health:
+                self.health.problem(a.name, UNREACHABLE, item.local_path,
+                                    f"not shipping {item.local_path}: its directory is missing or on "
+                                    "another file system (a disk not mounted?); it is kept and tried "
+                                    f"again every {UNREACHABLE_WAIT:.0f} s (`watcher ignore PATH` if it "
+                                    "is gone for good)")
         if missing:
             self._catalog_work(lambda: self.catalog.files.mark_missing([i.id for i in missing]))
             for item in missing:
@@ -496,6 +517,10 @@ class TransferWorker:
             if found == sent:
                 self._held.pop(item.id, None)
                 self.destination.verified(item)
+                if item.local_path in self._unreachable:  # its disk came back
+                    self._unreachable.discard(item.local_path)
+                    if self.health:
+                        self.health.solved(a.name, UNREACHABLE, item.local_path)
                 continue
             why = (f"far md5 {found}, local md5 {sent}" if found is not None
                    else complaint or "no far copy was read")
