@@ -159,3 +159,29 @@ def test_the_counts_status_shows_add_up_to_each_rows_one_state(tmp_path):
         assert sum(v for k, v in shown.items() if k != "removed_verified") == len(mine)
         assert shown["removed_verified"] == sum(1 for r in mine if r.removed is not None and is_verified(r))
     catalog.close()
+
+
+def test_a_health_file_left_by_a_killed_agent_whose_pid_was_reused_says_not_running(setup, tmp_path):
+    """An agent killed (SIGKILL, systemd's watchdog) leaves its health file;
+    its pid may be another live process's later. The archive's lock file,
+    free, says the truth: status exits 4. Held (an agent runs), it is 0."""
+    import fcntl
+
+    from watcher.catalog import Catalog
+    from watcher.state_files import lock_path
+
+    setup.archive()
+    setup.rule()
+    setup.write()
+    Catalog(setup.database).close()
+    Path(f"{setup.database}-watcher-arch.json").write_text(json.dumps(
+        {"pid": os.getpid(), "started": time.time(), "archive": "arch", "archives": {}, "problems": {},
+         "database": {"locked": False}}))  # this test's pid: alive
+    lock = Path(lock_path(setup.database, "arch"))
+    lock.write_text("4242")
+    code, shown = report(setup)
+    assert (code, shown["arch"]["agent"]["running"]) == (4, False), shown["arch"]["agent"]
+    with open(lock) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as the agent holds it for its lifetime
+        code, shown = report(setup)
+    assert (code, shown["arch"]["agent"]) == (0, {"running": True, "pid": os.getpid()})

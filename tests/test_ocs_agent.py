@@ -25,7 +25,7 @@ import yaml
 from tests.agent_process import watcher_command
 from tests.status_command import SHOWN
 from tests.waiting import wait_until
-from watcher.agent import lock_path
+from watcher.state_files import lock_path
 from watcher.cli import main as watcher_main
 from watcher.config import ConfigError, load_config
 from watcher.suprsync import add_file

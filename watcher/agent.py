@@ -28,6 +28,7 @@ from pathlib import Path
 from peewee import OperationalError
 
 from watcher import faults, preflight, service, state_files
+from watcher.state_files import lock_path
 from watcher.config import Config, ConfigError
 from watcher.catalog import Catalog
 from watcher.roots import Roots
@@ -87,11 +88,6 @@ class _Locks:
         for fd, _path in self.held:
             os.close(fd)
         self.held = []
-
-
-def lock_path(database: Path, archive: str | None = None) -> str:
-    """The catalog's lock file, or an archive's (archive names are file names: see config)."""
-    return f"{database}-watcher.lock" if archive is None else f"{database}-watcher-{archive}.lock"
 
 
 def _lock_archives(database: Path, archives: list[str], dir_fd: int) -> _Locks:

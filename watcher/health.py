@@ -198,8 +198,10 @@ def read_health(database: str | os.PathLike, archives: Iterable[str] | None = No
     most): ``pids`` of the agents, each archive's state and problems, the
     catalog's state (locked if any agent finds it locked). None when no agent
     of these archives (default: any) is running."""
-    states = [s for s in (_read_one(health_path(database, a))
-                          for a in (served_archives(database) if archives is None else archives))
+    names = served_archives(database) if archives is None else archives
+    states = [s for s in (_read_one(health_path(database, a)) for a in names
+                          # a file left by a killed agent whose pid is reused: nobody holds the lock
+                          if state_files.locked(state_files.lock_path(database, a)) is not False)
               if s is not None]
     if not states:
         return None

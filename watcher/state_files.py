@@ -76,6 +76,28 @@ def _group(gid: int) -> str:
         return f"gid {gid}"
 
 
+def lock_path(database: str | os.PathLike, archive: str | None = None) -> str:
+    """The catalog's lock file, or an archive's (archive names are file names: see config)."""
+    base = os.fspath(database)
+    return f"{base}-watcher.lock" if archive is None else f"{base}-watcher-{archive}.lock"
+
+
+def locked(path: str | os.PathLike) -> bool | None:
+    """Whether some process holds an flock on the file at ``path`` (as an
+    agent holds its archive's lock file for its lifetime), from /proc/locks:
+    seen without taking the lock, which could make an agent starting just
+    then refuse to. None when it cannot be told (no such file, no /proc)."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+        with open("/proc/locks") as f:
+            table = f.read()
+    except OSError:
+        return None
+    me = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    return any(fields[1] == "FLOCK" and fields[5] == me
+               for fields in (line.split() for line in table.splitlines()) if len(fields) > 5)
+
+
 def open_lock(dir_fd: int, name: str, path: str) -> int:
     """A read-write descriptor of the lock file ``name`` (made when missing),
     never written through: not truncated on open, and refused (UnsafeStateFile)
