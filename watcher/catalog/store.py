@@ -75,6 +75,10 @@ def _sqlite_problem(path: Path, exc: DatabaseError) -> NotACatalog:
         return NotACatalog(f"{path}: not a catalog (not a SQLite database)")
     if "locked" in text or "busy" in text:
         return NotACatalog(f"{path}: the catalog is locked by another process ({text}); try again")
+    if "readonly" in text:  # SQLite must make -wal/-shm beside a WAL catalog to read it
+        return NotACatalog(f"{path}: cannot read the catalog: {text} (reading a catalog needs its "
+                           "-wal and -shm files, which SQLite makes beside it when no agent runs: "
+                           "run this as an account that may write that directory, or while the agent runs)")
     return NotACatalog(f"{path}: cannot read the catalog: {text}")
 
 
