@@ -19,8 +19,8 @@ from tests.real_socs import socs_iteration
 from watcher.catalog import Catalog
 from watcher.catalog.schema import SOCS_DDL, raw
 from watcher.catalog.states import STATES
+from tests.varied_catalogs import LIMITS, varied
 
-LIMITS = (0, 1, 3, 10)  # attempt limits: below, at and above the attempts the rows have
 COLUMNS = {  # every value each column the states read takes in practice, socs' NULLs included
     "archive_name": ("a", "b"),
     "remote_md5sum": (None, "a" * 32, "b" * 32),
@@ -187,25 +187,12 @@ def test_socs_own_writes_keep_the_counts(socs, tmp_path):
 # -- the other numbers: the same as before ------------------------------------------------
 
 
-def varied(path, seed: int) -> Catalog:
-    """A catalog of a few archives with rows in every state, in random order."""
-    rng = random.Random(seed)
-    catalog = Catalog(path)
-    copied = rng.sample(range(10_000), 600)
-    with catalog.db.atomic():
-        for n in range(600):
-            md5 = f"{n:032x}"
-            far = rng.choice((None, md5, md5, md5, "f" * 32))
-            catalog.db.execute_sql(
-                'INSERT INTO supersync_v0 (local_path, local_md5sum, archive_name, remote_path, "timestamp", '
-                'remote_md5sum, copied, removed, failed_copy_attempts, "ignore", refused, size) '
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (f"/data/{seed}/{n}.dat", md5, rng.choice(("x", "y", "z")), f"{n}.dat",
-                 1.6e9 + rng.randrange(100_000), far, None if far is None else 1.6e9 + copied[n],
-                 rng.choice((None, None, None, 0.0, 1.7e9)), rng.choice((None, 0, 0, 1, 5, 12)),
-                 rng.choice((None, 0, 0, 0, 1)), rng.choice((None, None, None, None, 1)),
-                 rng.choice((None, 1, 4096, 1 << 33))))
-    return catalog
+def same_numbers(catalog, archive, limit, now) -> bool:
+    """stats as the one-pass query gave them (the holder of finalized_until
+    is new since: not part of the comparison)."""
+    new = catalog.reports.stats(archive, limit, now)
+    new.pop("finalized_until_held_by")
+    return new == old_stats(catalog, archive, limit, now)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -213,7 +200,7 @@ def test_status_gives_the_same_numbers_as_the_one_pass_query_did(tmp_path, seed)
     catalog = varied(tmp_path / "catalog.db", seed)
     now = 1.6e9 + 200_000
     for archive, limit in itertools.product(("x", "y", "z", "none"), LIMITS):
-        assert catalog.reports.stats(archive, limit, now) == old_stats(catalog, archive, limit, now), (archive, limit)
+        assert same_numbers(catalog, archive, limit, now), (archive, limit)
     # and after the agent's own writes: verifications, failures, removals, retries
     rows = [r for (r,) in catalog.db.execute_sql("SELECT id FROM supersync_v0 ORDER BY random()")]
     md5 = dict(catalog.db.execute_sql("SELECT id, local_md5sum FROM supersync_v0").fetchall())
@@ -222,7 +209,7 @@ def test_status_gives_the_same_numbers_as_the_one_pass_query_did(tmp_path, seed)
     catalog.File.update(removed=now).where(catalog.File.id.in_(rows[200:260])).execute()
     catalog.files.retry("x", None)
     for archive, limit in itertools.product(("x", "y", "z"), LIMITS):
-        assert catalog.reports.stats(archive, limit, now) == old_stats(catalog, archive, limit, now), (archive, limit)
+        assert same_numbers(catalog, archive, limit, now), (archive, limit)
     catalog.close()
 
 

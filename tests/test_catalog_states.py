@@ -26,7 +26,6 @@ def every_row(tmp_path_factory):
     names = list(COLUMNS)
     with catalog.db.atomic():
         for n, values in enumerate(itertools.product(*COLUMNS.values())):
-            row = dict(zip(names, values))
             catalog.db.execute_sql(
                 'INSERT INTO supersync_v0 (local_path, local_md5sum, archive_name, remote_path, "timestamp", '
                 f'{", ".join(chr(34) + c + chr(34) for c in names)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',

@@ -144,7 +144,7 @@ def test_the_counts_status_shows_add_up_to_each_rows_one_state(tmp_path):
     """reports.by_state, read from the counts SQLite keeps, is states.state_of summed over the rows."""
     from collections import Counter
 
-    from tests.test_catalog_counts import LIMITS, varied
+    from tests.varied_catalogs import LIMITS, varied
     from watcher.catalog.states import is_verified, state_of
 
     catalog = varied(tmp_path / "catalog.db", 7)

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from tests.agent_process import watcher_command
-from tests.waiting import wait_until
 from watcher.catalog import Catalog, NewFile
 
 PYTHON_TEXT = re.compile(r"Traceback|\b[A-Z]\w*(Error|Exception)\b|\bNone\b")

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests import md5_audit
-from tests.agent_process import agent_processes, memory_dir  # noqa: F401  (fixtures)
+
 from tests.catalog_rows import md5, rows, rows_of, shipped_as, verified, write_files
 from tests.waiting import wait_until
 from watcher.catalog import Catalog

@@ -13,8 +13,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-from tests.agent_process import agent_processes, watcher_command  # noqa: F401  (fixture)
+from tests.agent_process import watcher_command
 from tests.catalog_rows import md5, rows, verified, write_files
+from tests.catalog_locks import LOCK_HOLDER
 
 WRITER = textwrap.dedent("""
     import sys
@@ -26,14 +27,6 @@ WRITER = textwrap.dedent("""
     catalog.close()
 """)
 
-LOCK_HOLDER = textwrap.dedent("""
-    import sqlite3, sys
-    db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
-    db.execute("BEGIN EXCLUSIVE")
-    print("locked", flush=True)
-    sys.stdin.readline()  # hold it until told
-    db.execute("COMMIT")
-""")
 
 
 def all_verified(database: Path, paths: list[str]) -> bool:

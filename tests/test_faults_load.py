@@ -17,7 +17,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from tests.agent_process import agent_processes, memory_dir  # noqa: F401  (fixtures)
+
 from watcher.catalog import Catalog
 
 BURST = 50_000

@@ -16,7 +16,6 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -143,7 +142,7 @@ def test_a_file_out_of_attempts_warns_once_with_the_command_that_retries_it_and_
     assert shlex.split(command) == ["watcher", "retry", "--db", str(setup.database), "arch", str(bad)]
 
     shown = _status(setup)
-    assert (f"finalized until" in shown.stdout
+    assert ("finalized until" in shown.stdout
             and f"(held back by the failed {bad}: watcher retry arch {bad})" in shown.stdout), shown.stdout
     report = json.loads(_status(setup, "--json").stdout)
     assert report["arch"]["finalized_until_held_by"] == str(bad)

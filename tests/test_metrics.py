@@ -23,10 +23,11 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.agent_process import agent_processes, watcher_command  # noqa: F401  (fixture)
+from tests.agent_process import watcher_command
 from tests.catalog_rows import rows, verified, write_files
 from tests.status_command import status
 from tests.waiting import wait_until
+from tests.catalog_locks import LOCK_HOLDER
 
 ALERTS = Path(__file__).resolve().parents[1] / "monitoring" / "watcher-alerts.yml"
 ALERT_TESTS = ALERTS.with_name("watcher-alerts.test.yml")
@@ -168,14 +169,6 @@ def test_a_rescan_counts_the_files_it_found_for_its_root(setup, agent_processes)
 
 # -- a catalog that is locked ----------------------------------------------------------
 
-LOCK_HOLDER = textwrap.dedent("""
-    import sqlite3, sys
-    db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
-    db.execute("BEGIN EXCLUSIVE")
-    print("locked", flush=True)
-    sys.stdin.readline()  # hold it until told
-    db.execute("COMMIT")
-""")
 # SQLite's unix VFS locks the -shm file's bytes 120 + i for WAL lock i; 3 to 7 are
 # the read marks. A connection rebuilding the WAL index (recovery) holds them all:
 # no one can read meanwhile, and a reader waits about 10 s before SQLite gives up,

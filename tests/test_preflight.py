@@ -21,7 +21,7 @@ from tests.agent_process import watcher_command
 from tests.catalog_rows import row_of, verified
 from tests.ssh_support import make_far_dir_writable, ssh_archive_options, unwritable_far_dir
 from tests.status_command import problems, status, wait_for_problems
-from tests.test_safety_degradation import LIMITED_WATCHES, shipped, warnings_about
+from tests.agent_logs import LIMITED_WATCHES, warnings_about
 
 
 def run_refused(setup) -> str:

@@ -28,23 +28,14 @@ import pytest
 from tests.catalog_rows import row_of, rows, verified
 from tests.status_command import problems, status, wait_for_problems
 from tests.waiting import wait_until
+from tests.agent_logs import LIMITED_WATCHES, shipped, warnings_about
 
 # In a user namespace of its own, with the inotify watch limit given after it.
-LIMITED_WATCHES = ["unshare", "--user", "--map-root-user", "sh", "-c",
-                   'echo "$0" > /proc/sys/user/max_inotify_watches && exec "$@"']
 
 
 # -- helpers -----------------------------------------------------------------------
 
 
-def shipped(database: Path, far: Path, path: Path, remote: str) -> bool:
-    row = row_of(database, path)
-    return bool(row and verified(row)) and (far / remote).exists() \
-        and (far / remote).read_bytes() == path.read_bytes()
-
-
-def warnings_about(log: str, subject: str) -> list[str]:
-    return [line for line in log.splitlines() if " WARNING " in line and subject in line]
 
 
 # -- polling and scans never follow a symlink -----------------------------------------
