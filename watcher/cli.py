@@ -8,6 +8,7 @@ from `status`); no traceback or Python error text reaches the user.
 from __future__ import annotations
 
 import argparse
+import importlib
 import errno
 import logging
 import os
@@ -16,7 +17,6 @@ import sys
 from peewee import DatabaseError
 
 from watcher import __version__, service
-from watcher.commands import registering, rows, rules_files, status
 from watcher.commands.exits import CommandError, CommandFailed, Exit
 from watcher.commands.opening import duration
 from watcher.config import ConfigError, default_state_dir, load_config, load_default_config
@@ -59,6 +59,14 @@ def cmd_ocs_agent(args) -> int:
 # -- the parser ------------------------------------------------------------------
 
 
+def _later(module: str, name: str):
+    """A subcommand's function, imported when it runs: each command loads only
+    what it needs (`watcher status` loads no registering, hashing or rules)."""
+    def run(args):
+        return getattr(importlib.import_module(f"watcher.commands.{module}"), name)(args)
+    return run
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a mistake is one line (no usage block): exit 2."""
 
@@ -89,34 +97,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("run", cmd_run, "run the agent until SIGTERM or SIGINT", db=False)
 
-    sp = command("add", registering.add, "register one file (like socs' add_file), judged by the rules")
+    sp = command("add", _later("registering", "add"), "register one file (like socs' add_file), judged by the rules")
     sp.add_argument("local_path")
     sp.add_argument("remote_path")
     sp.add_argument("archive")
     sp.add_argument("--md5", help="the file's md5 (32 hexadecimal digits), when already known")
     sp.add_argument("--keep", action="store_true", help="never delete the local file")
 
-    sp = command("status", status.run, "per-archive counts, health and progress (exit 0 all well, "
+    sp = command("status", _later("status", "run"), "per-archive counts, health and progress (exit 0 all well, "
                  "3 an archive needs attention, 4 an agent is not running)")
     sp.add_argument("--json", action="store_true", help="one JSON object keyed by archive")
 
-    command("check", rows.check, "the catalog rows of a local file (or what the rules would do with it)"
+    command("check", _later("rows", "check"), "the catalog rows of a local file (or what the rules would do with it)"
             ).add_argument("path")
 
-    sp = command("list", rows.list_files, "files of an archive")
+    sp = command("list", _later("rows", "list_files"), "files of an archive")
     sp.add_argument("archive")
     group = sp.add_mutually_exclusive_group()
     group.add_argument("--failed", action="store_true", help="only files whose attempts are exhausted")
     group.add_argument("--pending", action="store_true", help="only files waiting for a copy")
 
-    sp = command("retry", rows.retry, "make failed files pending again")
+    sp = command("retry", _later("rows", "retry"), "make failed files pending again")
     sp.add_argument("archive")
     sp.add_argument("paths", nargs="*", metavar="PATH")
 
-    sp = command("ignore", rows.ignore, "stop shipping these files (and stop waiting for them)")
+    sp = command("ignore", _later("rows", "ignore"), "stop shipping these files (and stop waiting for them)")
     sp.add_argument("paths", nargs="+", metavar="PATH")
 
-    sp = command("add-local-files", registering.add_local_files,
+    sp = command("add-local-files", _later("registering", "add_local_files"),
                  "register an existing tree once (the rules' excludes apply)")
     sp.add_argument("root")
     sp.add_argument("archive")
@@ -127,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("rules", help="what a rules file does with paths")
     kinds = sp.add_subparsers(dest="kind", metavar="ACTION", required=True)
-    sp = command("test", rules_files.rules_test, "per PATH: the rule, archive and remote path it gets, "
+    sp = command("test", _later("rules_files", "rules_test"), "per PATH: the rule, archive and remote path it gets, "
                  "or why none takes it (exit 1 if any ships nowhere)", db=False, parent=kinds)
     sp.add_argument("paths", nargs="+", metavar="PATH")
 
@@ -136,10 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = kinds.add_parser("systemd", help="print the unit drop-in (writable and readable paths) for FILE")
     sp.add_argument("-v", "--verbose", action="count", default=0, dest="verbose_after", help=verbose)
     sp.add_argument("file", metavar="FILE")
-    sp.set_defaults(func=rules_files.config_systemd)
+    sp.set_defaults(func=_later("rules_files", "config_systemd"))
     sp = kinds.add_parser("example", help="print a commented starter rules file")
     sp.add_argument("-v", "--verbose", action="count", default=0, dest="verbose_after", help=verbose)
-    sp.set_defaults(func=rules_files.config_example)
+    sp.set_defaults(func=_later("rules_files", "config_example"))
 
     # Every argument goes to watcher.ocs_agent's parser (OCS's site arguments among them).
     sp = sub.add_parser("ocs-agent", add_help=False, prefix_chars="\0",
