@@ -86,3 +86,41 @@ def test_config_example_is_a_starter_file_the_check_accepts(tmp_path):
         "/data/smurf_data/1700000000/a.dat: rules[0] (watch /data/smurf_data) takes it: archive smurf, "
         "remote path 17000/1700000000/a.dat",
         "/data/smurf_data/.a.swp: ships nowhere: rules[0] (watch /data/smurf_data) excluded by its glob '.*'"]
+
+
+def test_config_check_lists_what_the_start_up_scan_would_register_and_changes_nothing(setup, tmp_path):
+    far = setup.archive()
+    far.mkdir()
+    inbox = setup.rule()
+    (inbox / "sub").mkdir()
+    (inbox / "a.dat").write_bytes(b"a")
+    (inbox / "sub" / "b.dat").write_bytes(b"b")
+    (inbox / "x.tmp").write_bytes(b"excluded")
+    rules_file = setup.write()
+    before = sorted(p.name for p in setup.root.iterdir())
+    done = watcher("config", "check", str(rules_file))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 files to register, 0 already in the catalog" in done.stdout
+    assert f"{inbox / 'sub' / 'b.dat'} -> arch:sub/b.dat" in done.stdout and "x.tmp" not in done.stdout
+    assert done.stdout.strip().splitlines()[-1].startswith("ok:")
+    assert sorted(p.name for p in setup.root.iterdir()) == before, "it made a catalog or state files"
+    # with a catalog that knows one of them: read, not written
+    setup.catalog().add_file(str(inbox / "a.dat"), "a.dat", "arch")
+    catalog_bytes = setup.database.read_bytes()
+    done = watcher("config", "check", str(setup.root / "rules.yaml"))
+    assert "1 file to register, 1 already in the catalog" in done.stdout, done.stdout
+    assert setup.database.read_bytes() == catalog_bytes
+
+
+def test_config_check_names_an_archive_it_cannot_reach_and_refuses_a_bad_file(setup):
+    setup.archive().mkdir()
+    setup.rule()
+    setup.archive("away", remote_basedir="base", ssh_host="nobody@127.0.0.1", ssh_port=1,
+                  accept_new_host_keys=True, cmd_timeout=2)
+    done = watcher("config", "check", str(setup.write()))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "PROBLEM: archive away: nobody@127.0.0.1 cannot be reached" in done.stdout
+    assert "Connection refused" in done.stderr and "Traceback" not in done.stderr
+    setup.rules[0]["archive"] = "nosuch"
+    done = watcher("config", "check", str(setup.write()))
+    assert done.returncode == 2 and "unknown archive 'nosuch'" in done.stderr, done.stderr

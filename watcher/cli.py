@@ -145,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-v", "--verbose", action="count", default=0, dest="verbose_after", help=verbose)
     sp.add_argument("file", metavar="FILE")
     sp.set_defaults(func=_later("rules_files", "config_systemd"))
+    sp = kinds.add_parser("check", help="what `watcher run` would find wrong with FILE, and what its start-up "
+                          "scan would register; changes nothing (exit 0 all well, 1 a problem, 2 a bad file)")
+    sp.add_argument("-v", "--verbose", action="count", default=0, dest="verbose_after", help=verbose)
+    sp.add_argument("file", metavar="FILE")
+    sp.set_defaults(func=_later("checking", "config_check"))
     sp = kinds.add_parser("example", help="print a commented starter rules file")
     sp.add_argument("-v", "--verbose", action="count", default=0, dest="verbose_after", help=verbose)
     sp.set_defaults(func=_later("rules_files", "config_example"))
