@@ -73,8 +73,10 @@ UNREACHABLE = "unreachable files"  # the problem kind in `watcher status`
 def _for_good(missing: list[Item]) -> tuple[list[Item], list[Item]]:
     """The missing files whose directory is there (gone for good: marked
     removed) and those whose directory is not (kept: see missing_for_good)."""
-    gone = [i for i in missing if missing_for_good(i.local_path)]
-    return gone, [i for i in missing if i not in gone]
+    gone, kept = [], []
+    for item in missing:
+        (gone if missing_for_good(item.local_path) else kept).append(item)
+    return gone, kept
 
 
 def _stat_size(path: str) -> int | None:
