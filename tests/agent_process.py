@@ -99,8 +99,10 @@ class AgentProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def wait_ready(self, timeout: float = 20) -> "AgentProcess":
-        """Until the agent has written its health file and watches its directories."""
-        self.wait_for(lambda: (self._health_pid() == self.pid and "watching " in self.log()),
+        """Until this run has written its health file and watches its directories
+        (which it does after its start-up clean-ups: stale batch trees, control
+        directories, claimed removals)."""
+        self.wait_for(lambda: (self._health_pid() == self.pid and "watching " in self.run_log()),
                       timeout, "the agent to start")
         return self
 
@@ -164,6 +166,10 @@ class AgentProcess:
     def log(self) -> str:
         """Everything every run of this agent logged, in order."""
         return "".join(p.read_text(errors="replace") for p in self.logs if p.exists())
+
+    def run_log(self) -> str:
+        """What the current (or last) run logged: an earlier run's lines say nothing of it."""
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log().splitlines()[-lines:])
