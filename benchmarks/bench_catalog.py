@@ -109,6 +109,9 @@ def watcher_command() -> list[str]:
 
 def status_time(db: Path, extra: list[str], runs: int) -> float:
     env = dict(os.environ)
+    # Bytecode as an installed package has it (pip compiles at install): the
+    # warm-up run below writes it, unless this variable forbids it.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     if SRC:
         env["PYTHONPATH"] = SRC
     command = [*watcher_command(), "status", *extra, "--db", str(db)]

@@ -8,6 +8,7 @@ unknown archive 'smurff'``), so that a person can fix them all in one go.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import grp
 import ipaddress
 import math
@@ -21,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import yaml
-from yaml.composer import ComposerError
 
 from watcher.rules import ABSOLUTE, CLIMBS, remote_path_flaw
 from watcher.paths import TEMPLATE_FIELDS
@@ -189,25 +188,34 @@ _MERGE = "tag:yaml.org,2002:merge"
 _SKIP = object()  # a key that was refused
 
 
-class _Loader(yaml.SafeLoader):
-    """A SafeLoader whose aliases compose to a marker node instead of the node
-    they name, so that a billion-laughs file is refused at the cost of its own
-    size, and whose documents may nest at most MAX_DEPTH levels."""
+@functools.cache
+def _loader() -> type:
+    """The YAML loader class, made on first use: importing PyYAML costs a
+    command that reads no rules file (`watcher status --db`) a tenth of its time."""
+    import yaml
+    from yaml.composer import ComposerError
 
-    depth = 0
+    class _Loader(yaml.SafeLoader):
+        """A SafeLoader whose aliases compose to a marker node instead of the node
+        they name, so that a billion-laughs file is refused at the cost of its own
+        size, and whose documents may nest at most MAX_DEPTH levels."""
 
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.get_event()
-            return yaml.ScalarNode(_ALIAS, event.anchor, event.start_mark, event.end_mark)
-        if self.depth >= MAX_DEPTH:
-            raise ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
-                                self.peek_event().start_mark)
-        self.depth += 1
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self.depth -= 1
+        depth = 0
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.get_event()
+                return yaml.ScalarNode(_ALIAS, event.anchor, event.start_mark, event.end_mark)
+            if self.depth >= MAX_DEPTH:
+                raise ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                    self.peek_event().start_mark)
+            self.depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return _Loader
 
 
 def _compose(r: _Reader, text: str) -> Any:
@@ -216,8 +224,10 @@ def _compose(r: _Reader, text: str) -> Any:
     Aliases, duplicate keys, keys that are lists or mappings and values no
     constructor knows are problems; a refused value reads as absent.
     """
+    import yaml
+
     try:
-        node = yaml.compose(text, Loader=_Loader)
+        node = yaml.compose(text, Loader=_loader())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{r.source}:{mark.line + 1}" if mark else r.source

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
 from watcher import state_files
-from watcher.retry import catalog_retrying
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -231,6 +230,8 @@ def catalog_error(exc: BaseException) -> str:
 def with_database_retry(work: Callable[[], T], health: Health | None, stop: threading.Event,
                         sleep: Callable[[float], object] | None = None) -> T:
     """Run catalog work, waiting out a lock held longer than the busy timeout."""
+    from watcher.retry import catalog_retrying  # tenacity: not for `watcher status`, which only reads
+
 
     def before_sleep(state) -> None:
         # A lock is waited out; so is any other catalog error (a full disk, an
