@@ -459,6 +459,7 @@ class Agent:
             if first:
                 first = False
                 log.info("start-up checks done: %s", f"{len(found)} problems" if found else "nothing found")
+                self._clean_far_temp_files()
             for f in found:
                 self._findings.report(f.kind, f.subject, f.message, list(f.archives))
             now = {(f.kind, f.subject) for f in found}
@@ -469,6 +470,22 @@ class Agent:
                 return
             if self.stop_event.wait(self.config.rescan_interval):
                 return
+
+    def _clean_far_temp_files(self) -> None:
+        """rsync's temporary files that a far power cut left (``far_side:
+        serve`` archives; see Destination.clean_temp_files), once at start."""
+        for name, dest in self.destinations.items():
+            try:
+                removed = dest.clean_temp_files(
+                    lambda paths, name=name: self.catalog.files.known_remote_paths(name, paths),
+                    self.stop_event)
+            except TransferError as exc:
+                log.warning("archive %s: rsync's temporary files left on the far side were not "
+                            "cleaned up: %s", name, exc)
+                continue
+            if removed:
+                log.info("archive %s: removed %d temporary files a cut-off copy left on the far side, "
+                         "e.g. %s", name, len(removed), removed[0])
 
     def _watch(self, root: _Root) -> None:
         """(Re)start the observer of a root; a failure is reported and retried later."""

@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import sh
 
@@ -73,6 +73,9 @@ RSYNC_EXIT_MEANINGS = {
 # writes a newline in a name as \#012).
 ARCHIVE_FULL = re.compile(rb": (?:No space left on device|Disk quota exceeded) \(\d+\)\s*$",
                           re.MULTILINE)
+# rsync's temporary files untouched this long (status change time) are left
+# over from a copy cut off: a running copy writes at least every copy_timeout.
+TEMP_FILE_AGE = 3600.0
 # The oldest rsync that refuses to write through a symlink below the destination.
 MIN_RSYNC_VERSION = (3, 4)
 SHELL_TEXT = ("the archive host's login shell prints text, so rsync and the md5 command cannot "
@@ -80,6 +83,9 @@ SHELL_TEXT = ("the archive host's login shell prints text, so rsync and the md5 
               "interactive")
 # Far-side hashing speed assumed when giving a remote md5 command its time.
 MIN_HASH_RATE = 20e6
+# The first word of the requests an archive with ``far_side: serve`` sends
+# (its key's forced command, watcher.serve, reads them).
+SERVE_REQUEST = "watcher-serve"
 
 
 class TransferError(Exception):
@@ -312,6 +318,8 @@ class Destination:
         self._verified: OrderedDict[int, tuple] = OrderedDict()
         self._sent: dict[int, tuple] = {}
         self._home: str | None = None  # the far login's working directory, as rsync sees it
+        # the far account's key may run only watcher.serve (a forced command)
+        self.serve = archive.is_remote and archive.far_side == "serve"
         mode = far_dir_mode(archive.chmod)
         # the receiving rsync's umask, which alone decides the mode of the directories it makes
         self._far_umask = None if mode is None else 0o777 & ~mode
@@ -349,7 +357,10 @@ class Destination:
         a = self.archive
         args = ["rsync", "--no-dirs", "--copy-links", "--times", "--omit-dir-times",
                 "--ignore-times", "--mkpath", "--no-implied-dirs",
-                "-s",  # -s: --secluded-args (--protect-args before 3.2.7)
+                # -s: --secluded-args (--protect-args before 3.2.7); not to a
+                # forced command, which must see the receiver's arguments to check
+                # them (rsync then escapes them for the far shell itself)
+                *([] if self.serve else ["-s"]),
                 "--files-from=-", "--from0",
                 # A line per file sent, names escaped only as rsync_escaped() says.
                 "--8-bit-output", f"--out-format={OUT_FORMAT}",
@@ -377,6 +388,8 @@ class Destination:
         and that removes from ``replaced_dir`` (the batch's ``--backup-dir``)
         each copy identical to the file now under its name (a copy rewritten
         after a restart or a lost connection), then its empty directories."""
+        if self.serve:
+            return self._serve_args("md5", self.archive.remote_basedir, *([replaced_dir] if replaced_dir else []))
         script = (f"cd -P -- {shlex.quote(self.archive.remote_basedir)} && "
                   f"printf '{MD5_HEADER.decode()}%s\\0' \"$PWD\" && "
                   f"R={shlex.quote(replaced_dir)} && export R && "
@@ -391,7 +404,24 @@ class Destination:
         over ssh, in which directory the far login starts)."""
         if not self.archive.is_remote:
             return ["rsync", "--version"]
+        if self.serve:  # the serving root's physical path, then rsync's version
+            return self._serve_args("version")
         return self.ssh_args() + ["--", self.archive.ssh_host, "pwd -P && exec rsync --version"]
+
+    def _serve_args(self, *words: str) -> list[str]:
+        """A request to the archive's forced command (watcher.serve): one
+        fixed verb and its quoted arguments, which ssh hands over as
+        SSH_ORIGINAL_COMMAND."""
+        return self.ssh_args() + ["--", self.archive.ssh_host,
+                                  " ".join([SERVE_REQUEST, *(shlex.quote(w) for w in words)])]
+
+    def preflight_args(self, script: str) -> list[str]:
+        """The start-up check's command (watcher.preflight): its far script
+        in a shell, or the forced command's ``check`` request."""
+        if self.serve:
+            return self._serve_args("check", self.archive.remote_basedir)
+        return self.ssh_args() + ["--", self.archive.ssh_host,
+                                  f"b={shlex.quote(self.archive.remote_basedir)}\n{script}"]
 
     # -- checks ----------------------------------------------------------------
 
@@ -549,6 +579,44 @@ class Destination:
             raise TransferError("connection", f"remote md5 exited {result.exit_code}: {said(result.stderr)}", argv)
         return {os.fsdecode(name[2:]): md5
                 for name, md5 in parse_far_md5(result.stdout, result.stderr).items()}
+
+    def clean_temp_files(self, far_names: Callable[[list[str]], set[str]],
+                         stop: threading.Event | None = None) -> list[str]:
+        """Remove rsync's temporary files (``.NAME.XXXXXX``) that a copy cut
+        off (a far power cut) left below the base, through the forced command
+        (``far_side: serve`` only; returns the paths removed).
+
+        The far side lists those untouched for TEMP_FILE_AGE; of them, only
+        one whose NAME is a far name this archive ships, and which is no far
+        name itself (``far_names``: which of the paths given the catalog
+        has), is removed: an archived file named like a temporary one stays.
+        Raises TransferError when the far side cannot be asked."""
+        if not self.serve:
+            return []
+        base, age = self.archive.remote_basedir, f"{max(TEMP_FILE_AGE, 3 * self.archive.copy_timeout):.0f}"
+        argv = self._serve_args("temp-files", base, age)
+        listed = run(argv, timeout=self.archive.cmd_timeout + 60, stop=stop)
+        if listed.exit_code != 0:
+            raise TransferError("connection" if listed.exit_code == 255 else "archive",
+                                f"listing rsync's temporary files exited {listed.exit_code}: "
+                                f"{said(listed.stderr)}", argv)
+        temps = {}
+        for name in (os.fsdecode(n) for n in listed.stdout.split(b"\0") if n):
+            parent, _, leaf = name.rpartition("/")
+            temps[name] = posixpath.join(parent, leaf[1:].rsplit(".", 1)[0])
+        if not temps:
+            return []
+        known = far_names(sorted(set(temps) | set(temps.values())))
+        chosen = [t for t, target in temps.items() if target in known and t not in known]
+        if not chosen:
+            return []
+        argv = self._serve_args("clean", base, age)
+        done = run(argv, stdin=b"".join(os.fsencode(t) + b"\0" for t in chosen),
+                   timeout=self.archive.cmd_timeout + 60, stop=stop)
+        if done.exit_code != 0:
+            raise TransferError("archive", f"removing rsync's temporary files exited {done.exit_code}: "
+                                f"{said(done.stderr)}", argv)
+        return [os.fsdecode(n) for n in done.stdout.split(b"\0") if n]
 
     # -- what this agent verified: edits ---------------------------------------
 
@@ -924,11 +992,11 @@ def _local_md5(basedir: str, remote_paths: list[str], replaced_dir: str = "") ->
             finally:
                 os.close(fd)
         if replaced_dir:
-            _drop_identical_copies(tree, replaced_dir, found)
+            drop_identical_copies(tree, replaced_dir, found)
     return found
 
 
-def _drop_identical_copies(tree: Beneath, replaced_dir: str, found: dict[str, str]) -> None:
+def drop_identical_copies(tree: Beneath, replaced_dir: str, found: dict[str, str]) -> None:
     """Unlink the copies below ``replaced_dir`` identical, byte for byte, to
     the file now under their name (an md5 match is only where to look),
     then the directories that left empty."""

@@ -1,0 +1,265 @@
+"""A key that can only deliver: `watcher serve` as the forced command of a key
+in the test sshd's authorized_keys (``command="...",restrict``).
+
+Driven with the real ssh and rsync, as an attacker holding the key would,
+and by the real agent's TransferWorker with ``far_side: serve``; what
+counts is what lands on (or stays off) the far file system.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import site
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tests.hostile_names import canary_fired, hostile_names
+from tests.ssh_support import md5, register, row, ssh_archive
+from tests.waiting import wait_until
+from watcher.rsync import Item, TransferError, ship_batch
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def serve_command(sshd, root: Path, *options: str) -> str:
+    """The forced command: this worktree's `watcher serve`, run by the far
+    login (when the tests' interpreter lies where it may not go, the
+    system's of the same version, with the project and its packages)."""
+    python = sys.executable
+    if sshd.is_root and subprocess.run(["runuser", "-u", sshd.user, "--", "test", "-x", python]).returncode:
+        python = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+    path = ":".join([str(PROJECT), *site.getsitepackages()])
+    return shlex.join(["env", f"PYTHONPATH={path}", "PYTHONDONTWRITEBYTECODE=1", python, "-m",
+                       "watcher.cli", "serve", "--root", str(root), *options])
+
+
+class Served:
+    """A key whose every connection runs `watcher serve --root ROOT`."""
+
+    def __init__(self, sshd, tmp_path: Path, root: Path, outside: Path):
+        self.sshd, self.root, self.outside = sshd, root, outside
+        self.key = tmp_path / "served_key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "served", "-f", str(self.key)],
+                       check=True)
+        command = serve_command(sshd, root, "--min-temp-age", "0")
+        assert '"' not in command
+        self.line = f'command="{command}",restrict {self.key.with_suffix(".pub").read_text().strip()}\n'
+        with open(sshd.authorized_keys, "a") as f:
+            f.write(self.line)
+
+        self.control = tmp_path / "served.sock"
+
+    def remove(self) -> None:
+        subprocess.run(["ssh", *self.options(), "-O", "exit", "--", self.sshd.ssh_target], capture_output=True)
+        text = self.sshd.authorized_keys.read_text()
+        self.sshd.authorized_keys.write_text(text.replace(self.line, ""))
+
+    def options(self) -> list[str]:
+        """ssh's options for this key (one shared connection: each request still
+        runs the forced command)."""
+        opts = self.sshd.ssh_options()
+        opts[opts.index("-i") + 1] = str(self.key)
+        return opts + ["-o", "ControlMaster=auto", "-o", f"ControlPath={self.control}",
+                       "-o", "ControlPersist=30"]
+
+    def ssh(self, request: str, stdin: bytes = b"") -> subprocess.CompletedProcess:
+        return subprocess.run(["ssh", *self.options(), "--", self.sshd.ssh_target, request],
+                              input=stdin, capture_output=True, timeout=60)
+
+    def rsync(self, *args: str) -> subprocess.CompletedProcess:
+        rsh = shlex.join(["ssh", *self.options()])
+        return subprocess.run(["rsync", "-e", rsh, *args], capture_output=True, timeout=60)
+
+    def archive(self, base: str = "arch", **options):
+        return replace(ssh_archive(self.sshd, base, ssh_key=str(self.key), **options), far_side="serve")
+
+
+@pytest.fixture
+def served(sshd, remote_dir, tmp_path):
+    root = remote_dir / "root"
+    outside = remote_dir / "outside"
+    for d in (root, outside):
+        sshd.make_remote_dir(d)
+    (outside / "secret").write_bytes(b"secret\n")
+    s = Served(sshd, tmp_path, root, outside)
+    yield s
+    s.remove()
+
+
+def far_files(top: Path) -> set[str]:
+    return {str(p.relative_to(top)) for p in top.rglob("*") if not p.is_dir() or p.is_symlink()}
+
+
+REFUSED_REQUESTS = [
+    "cat /etc/passwd", "sh -c id", "touch CANARY", "", "exec rsync --version",
+    "rsync --server --sender -logDtpre.iLsfxCIvu . /etc/passwd",
+    "rsync --server --sender -tIRe.LsfxCIvu . ./",
+    "rsync --server -tIRe.LsfxCIvu --temp-dir=/tmp . x/",
+    "rsync --server -tIRe.LsfxCIvu --log-file=/tmp/CANARY . x/",
+    "rsync --server -btIRe.LsfxCIvu --backup-dir=/tmp/CANARY . x/",
+    "rsync --server -btIRe.LsfxCIvu --backup-dir .watcher-replaced/../../x . x/",
+    "rsync --server -tIRe.LsfxCIvu --delete . x/",
+    "rsync --server -tIRe.LsfxCIvu --remove-source-files . x/",
+    "rsync --server -tIRe.LsfxCIvu --files-from=/etc/passwd . x/",
+    "rsync --server -tIRe.LsfxCIvu . ../outside/",
+    "rsync --server -tIRe.LsfxCIvu . /tmp/",
+    "rsync --server -tlIRe.LsfxCIvu . x/",  # -l: it would make symlinks
+    "umask 0002; rsync --server -tIRe.LsfxCIvu . x/",
+    "umask 0002 && rsync --server -tIRe.LsfxCIvu . x/ && cat /etc/passwd",
+    "watcher-serve md5 ../outside", "watcher-serve md5 /etc", "watcher-serve rm x",
+    "watcher-serve md5 . ../../x", "watcher-serve clean . nan",
+]
+
+
+@pytest.mark.parametrize("request_", REFUSED_REQUESTS)
+def test_the_key_can_run_nothing_but_its_requests(served, request_):
+    done = served.ssh(request_, stdin=b"./secret\0")
+    lines = done.stderr.decode(errors="replace").strip().splitlines()
+    assert done.returncode != 0
+    assert len(lines) == 1 and lines[0].startswith("watcher serve: refused: "), lines
+    assert b"root:" not in done.stdout and b"secret" not in done.stdout
+    assert far_files(served.root) == set() and far_files(served.outside) == {"secret"}
+    assert not Path("/tmp/CANARY").exists()
+
+
+def test_real_rsync_with_the_key_writes_only_below_the_root(served, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    served.sshd.make_remote_dir(served.root / "in")
+    (served.root / "in" / "link").symlink_to(served.outside)  # planted by someone on the far side
+    (served.root / "in" / "filelink").symlink_to(served.outside / "secret")
+    host = served.sshd.ssh_target
+    attempts = {
+        "a pull": ["-t", f"{host}:in/filelink", str(tmp_path / "got")],
+        "a pull of an absolute path": ["-t", f"{host}:/etc/passwd", str(tmp_path / "got")],
+        "up and out": ["-t", str(src / "f"), f"{host}:../outside/"],
+        "absolute": ["-t", str(src / "f"), f"{host}:{served.outside}/"],
+        "through a planted directory link": ["-t", str(src / "f"), f"{host}:in/link/"],
+        "a remote --temp-dir": ["-t", f"-M--temp-dir={served.outside}", str(src / "f"), f"{host}:x/"],
+        "a remote --log-file": ["-t", f"-M--log-file={served.outside}/log", str(src / "f"), f"{host}:x/"],
+        "a --backup-dir outside": ["-t", "--backup", f"--backup-dir={served.outside}", str(src / "f"),
+                                   f"{host}:x/"],
+        "--delete": ["-t", "-r", "--delete", str(src) + "/", f"{host}:in/"],
+        "symlinks": ["-tl", str(src / "f"), f"{host}:x/"],
+    }
+    for what, args in attempts.items():
+        done = served.rsync(*args)
+        assert done.returncode != 0, what
+        assert b"watcher serve: refused" in done.stderr, (what, done.stderr)
+    assert not (tmp_path / "got").exists()
+    assert far_files(served.outside) == {"secret"} and (served.outside / "secret").read_bytes() == b"secret\n"
+    assert far_files(served.root) == {"in/link", "in/filelink"}
+
+    # a file written in place of a planted link replaces the link, never its target
+    done = served.rsync("-t", "-s", str(src / "f"), f"{served.sshd.ssh_target}:in/filelink")
+    assert done.returncode != 0  # -s hides the arguments: refused
+    (src / "filelink").write_bytes(b"over")
+    done = served.rsync("-t", str(src / "filelink"), f"{served.sshd.ssh_target}:in/")
+    assert done.returncode == 0, done.stderr
+    assert (served.root / "in" / "filelink").read_bytes() == b"over"
+    assert not (served.root / "in" / "filelink").is_symlink()
+    assert (served.outside / "secret").read_bytes() == b"secret\n"
+
+
+def test_the_md5_request_reads_nothing_through_a_link_and_fsyncs_what_it_reads(served, tmp_path):
+    (served.root / "d").mkdir()
+    (served.root / "d" / "real").write_bytes(b"secret\n")
+    (served.root / "d" / "link").symlink_to(served.outside / "secret")
+    (served.root / "dirlink").symlink_to(served.outside)
+    names = [b"./d/real", b"./d/link", b"./dirlink/secret", b"./d/../d/real", b"./missing"]
+    done = served.ssh("watcher-serve md5 .", stdin=b"".join(n + b"\0" for n in names))
+    assert done.returncode == 0, done.stderr
+    from watcher.rsync import parse_far_md5
+    assert parse_far_md5(done.stdout) == {b"./d/real": md5(b"secret\n")}
+    done = served.ssh("watcher-serve md5 dirlink", stdin=b"./secret\0")
+    assert done.returncode != 0 and b"symlink is not followed" in done.stderr
+
+
+def test_the_agent_ships_verifies_and_keeps_replaced_copies_through_the_forced_command(
+        served, tmp_path, catalog, make_worker, destinations, canary_dir):
+    names = hostile_names(canary_dir)
+    files = {os.fsdecode(b"h/" + n): n + b"\n" for n in names}
+    files.update({"plain/a.dat": os.urandom(5000), "b.dat": b"b"})
+    archive = served.archive("deep/arch")
+    ids = register(catalog, "arch", files, tmp_path / "src")
+    worker = make_worker(archive)
+    while worker.step():
+        pass
+    for remote, data in files.items():
+        assert row(catalog, ids[remote]).verified, remote
+        assert (served.root / "deep" / "arch" / remote).read_bytes() == data
+    assert not canary_fired(canary_dir)
+
+    # an absolute remote_basedir inside the root works the same; a replaced far
+    # copy of other content is kept, an identical one is not
+    dest = destinations(served.archive(str(served.root / "deep" / "arch")))
+    path = tmp_path / "src" / "b.dat"
+
+    def ship(data: bytes) -> None:
+        path.unlink()
+        path.write_bytes(data)
+        results, _ = ship_batch(dest, [Item(1, str(path), "b.dat", md5(data), len(data))])
+        assert results[1] == (md5(data), md5(data))
+
+    ship(b"b")
+    kept = served.root / "deep" / "arch" / ".watcher-replaced"
+    assert not kept.exists()
+    ship(b"other")
+    assert [p.read_bytes() for p in kept.glob("*/b.dat")] == [b"b"]
+    assert far_files(served.outside) == {"secret"}
+
+
+def test_the_agent_through_serve_sees_an_archive_outside_the_root_as_unwritable(served, destinations):
+    from watcher.preflight import far_findings
+    dest = destinations(served.archive(str(served.outside / "arch")))
+    with pytest.raises(TransferError):
+        far_findings(dest)
+    assert far_findings(destinations(served.archive("new/arch"))) == []
+    assert not (served.root / "new").exists()  # the check made nothing
+
+
+def test_temp_files_left_by_a_cut_copy_are_removed_only_when_stale_and_shipped(
+        served, tmp_path, destinations):
+    base = served.sshd.make_remote_dir(served.root / "arch")
+    (base / "d").mkdir()
+    stale = {"d/.a.dat.Ab12Cd": b"partial", ".b.dat.x9Y8z7": b"partial"}
+    for name, data in stale.items():
+        (base / name).write_bytes(data)
+    (base / "d" / ".c.dat.Zz99Zz").symlink_to(served.outside / "secret")  # a link: never removed
+    (base / ".kept.backup").write_bytes(b"an archived file named like a temporary one")
+    (base / "d" / ".unshipped.dat.Qq11Qq").write_bytes(b"not the agent's")
+    (base / ".watcher-replaced" / "x").mkdir(parents=True)
+    (base / ".watcher-replaced" / "x" / ".a.dat.Ab12Cd").write_bytes(b"kept")
+    if served.sshd.is_root:
+        for p in base.rglob("*"):
+            os.chown(p, served.sshd.pw.pw_uid, served.sshd.pw.pw_gid, follow_symlinks=False)
+    dest = destinations(served.archive("arch"))
+    shipped = {"d/a.dat", "b.dat", ".kept.backup", "kept", "d/c.dat"}
+
+    def far_names(paths):
+        return {p for p in paths if p in shipped}
+
+    import watcher.rsync
+    old = watcher.rsync.TEMP_FILE_AGE
+    watcher.rsync.TEMP_FILE_AGE = 1.0  # the far side's own floor is 0 here (--min-temp-age)
+    try:
+        dest.archive = replace(dest.archive, copy_timeout=0.1)
+        listed = served.ssh("watcher-serve temp-files arch 1")
+        wait_until(lambda: len(served.ssh("watcher-serve temp-files arch 1").stdout.split(b"\0")) > 3,
+                   timeout=10, message="the files to become a second old")
+        (base / "d" / ".fresh.dat.Ff00Ff").write_bytes(b"a copy running now")
+        shipped.add("d/fresh.dat")
+        removed = dest.clean_temp_files(far_names)
+    finally:
+        watcher.rsync.TEMP_FILE_AGE = old
+    assert listed.returncode == 0
+    assert sorted(removed) == sorted(stale)
+    assert far_files(base) == {"d/.c.dat.Zz99Zz", ".kept.backup", "d/.unshipped.dat.Qq11Qq",
+                               ".watcher-replaced/x/.a.dat.Ab12Cd", "d/.fresh.dat.Ff00Ff"}
+    assert (served.outside / "secret").read_bytes() == b"secret\n"
