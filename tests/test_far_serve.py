@@ -8,7 +8,9 @@ counts is what lands on (or stays off) the far file system.
 from __future__ import annotations
 
 import os
+import re
 import shlex
+import shutil
 import site
 import subprocess
 import sys
@@ -41,12 +43,12 @@ def serve_command(sshd, root: Path, *options: str) -> str:
 class Served:
     """A key whose every connection runs `watcher serve --root ROOT`."""
 
-    def __init__(self, sshd, tmp_path: Path, root: Path, outside: Path):
+    def __init__(self, sshd, tmp_path: Path, root: Path, outside: Path, wrapper: tuple[str, ...] = ()):
         self.sshd, self.root, self.outside = sshd, root, outside
         self.key = tmp_path / "served_key"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "served", "-f", str(self.key)],
                        check=True)
-        command = serve_command(sshd, root, "--min-temp-age", "0")
+        command = shlex.join(wrapper) + " " + serve_command(sshd, root, "--min-temp-age", "0")
         assert '"' not in command
         self.line = f'command="{command}",restrict {self.key.with_suffix(".pub").read_text().strip()}\n'
         with open(sshd.authorized_keys, "a") as f:
@@ -96,18 +98,18 @@ def far_files(top: Path) -> set[str]:
 
 
 REFUSED_REQUESTS = [
-    "cat /etc/passwd", "sh -c id", "touch CANARY", "", "exec rsync --version",
+    "cat /etc/passwd", "sh -c id", "touch {out}/CANARY", "", "exec rsync --version",
     "rsync --server --sender -logDtpre.iLsfxCIvu . /etc/passwd",
     "rsync --server --sender -tIRe.LsfxCIvu . ./",
-    "rsync --server -tIRe.LsfxCIvu --temp-dir=/tmp . x/",
-    "rsync --server -tIRe.LsfxCIvu --log-file=/tmp/CANARY . x/",
-    "rsync --server -btIRe.LsfxCIvu --backup-dir=/tmp/CANARY . x/",
+    "rsync --server -tIRe.LsfxCIvu --temp-dir={out} . x/",
+    "rsync --server -tIRe.LsfxCIvu --log-file={out}/CANARY . x/",
+    "rsync --server -btIRe.LsfxCIvu --backup-dir={out}/CANARY . x/",
     "rsync --server -btIRe.LsfxCIvu --backup-dir .watcher-replaced/../../x . x/",
     "rsync --server -tIRe.LsfxCIvu --delete . x/",
     "rsync --server -tIRe.LsfxCIvu --remove-source-files . x/",
     "rsync --server -tIRe.LsfxCIvu --files-from=/etc/passwd . x/",
     "rsync --server -tIRe.LsfxCIvu . ../outside/",
-    "rsync --server -tIRe.LsfxCIvu . /tmp/",
+    "rsync --server -tIRe.LsfxCIvu . {out}/",
     "rsync --server -tlIRe.LsfxCIvu . x/",  # -l: it would make symlinks
     "umask 0002; rsync --server -tIRe.LsfxCIvu . x/",
     "umask 0002 && rsync --server -tIRe.LsfxCIvu . x/ && cat /etc/passwd",
@@ -118,13 +120,12 @@ REFUSED_REQUESTS = [
 
 @pytest.mark.parametrize("request_", REFUSED_REQUESTS)
 def test_the_key_can_run_nothing_but_its_requests(served, request_):
-    done = served.ssh(request_, stdin=b"./secret\0")
+    done = served.ssh(request_.format(out=served.outside), stdin=b"./secret\0")
     lines = done.stderr.decode(errors="replace").strip().splitlines()
     assert done.returncode != 0
     assert len(lines) == 1 and lines[0].startswith("watcher serve: refused: "), lines
     assert b"root:" not in done.stdout and b"secret" not in done.stdout
     assert far_files(served.root) == set() and far_files(served.outside) == {"secret"}
-    assert not Path("/tmp/CANARY").exists()
 
 
 def test_real_rsync_with_the_key_writes_only_below_the_root(served, tmp_path):
@@ -179,6 +180,31 @@ def test_the_md5_request_reads_nothing_through_a_link_and_fsyncs_what_it_reads(s
     assert parse_far_md5(done.stdout) == {b"./d/real": md5(b"secret\n")}
     done = served.ssh("watcher-serve md5 dirlink", stdin=b"./secret\0")
     assert done.returncode != 0 and b"symlink is not followed" in done.stderr
+
+
+def test_the_far_md5_fsyncs_each_file_and_its_directories_up_to_the_base_before_answering(
+        sshd, remote_dir, tmp_path):
+    """Durability (issue 14 section 2): what the agent counts verified is on stable
+    storage. Observed with strace around the forced command."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    root, trace = sshd.make_remote_dir(remote_dir / "root"), sshd.make_remote_dir(remote_dir / "trace")
+    log = trace / "fsync.log"
+    served = Served(sshd, tmp_path, root, remote_dir, ("strace", "-f", "-qq", "-y", "-e", "trace=fsync",
+                                                       "-o", str(log)))
+    try:
+        (root / "arch" / "d" / "e").mkdir(parents=True)
+        (root / "arch" / "d" / "e" / "f").write_bytes(b"f")
+        (root / "arch" / "g").write_bytes(b"g")
+        done = served.ssh("watcher-serve md5 arch", stdin=b"./d/e/f\0./g\0")
+        if b"ptrace" in done.stderr:
+            pytest.skip(f"strace cannot trace here: {done.stderr.decode(errors='replace').strip()}")
+        assert done.returncode == 0, done.stderr
+    finally:
+        served.remove()
+    synced = re.findall(r"fsync\(\d+<(.*?)>\) = 0", log.read_text())
+    base = os.path.realpath(root / "arch")
+    assert sorted(synced) == sorted([f"{base}/d/e/f", f"{base}/d/e", f"{base}/d", base, f"{base}/g"])
 
 
 def test_the_agent_ships_verifies_and_keeps_replaced_copies_through_the_forced_command(
