@@ -289,3 +289,42 @@ def test_temp_files_left_by_a_cut_copy_are_removed_only_when_stale_and_shipped(
     assert far_files(base) == {"d/.c.dat.Zz99Zz", ".kept.backup", "d/.unshipped.dat.Qq11Qq",
                                ".watcher-replaced/x/.a.dat.Ab12Cd", "d/.fresh.dat.Ff00Ff"}
     assert (served.outside / "secret").read_bytes() == b"secret\n"
+
+
+def test_the_whole_agent_ships_finalizes_and_deletes_only_far_checked_files_through_the_forced_command(
+        served, setup, start_agent, caplog):
+    sshd = served.sshd
+    setup.archive("arch", remote_basedir="arch", ssh_host=sshd.ssh_target, ssh_port=sshd.port,
+                  ssh_key=str(served.key), known_hosts=str(sshd.known_hosts), far_side="serve",
+                  delete_local_after="1d")
+    inbox = setup.rule(remote_path="{timecode}/{relpath}")
+    agent = start_agent(setup, housekeeping_interval=3600)
+    obs = inbox / "obs_1600000000"
+    obs.mkdir()
+    files = {f"obs_1600000000/1600000{i:03d}_data.g3": os.urandom(300) for i in range(3)}
+    for name, data in files.items():
+        (inbox / name).write_bytes(data)
+    base = served.root / "arch"
+    catalog = setup.catalog()
+    try:
+        def rows():
+            return {r.remote_path: r for r in catalog.reports.known_files("arch", 0)}
+
+        wait_until(lambda: len(rows()) == 3 and all(r.verified for r in rows().values()), timeout=20,
+                   message="the data files verified")
+        wait_until(agent.timecodes_once, message="housekeeping while nothing waits to be registered")
+        wait_until(lambda: any(p.endswith("_16000_finalized.yaml") and r.verified for p, r in rows().items()),
+                   timeout=20, message="the finalization file verified")
+        final = next(p for p in rows() if p.endswith("_finalized.yaml"))
+        assert (base / final).is_file()
+        for name, data in files.items():
+            assert (base / "16000" / name).read_bytes() == data
+        tampered = next(iter(files))
+        (base / "16000" / tampered).write_bytes(b"not what was sent")  # the far copy lost since
+        agent.retain_once(now=time.time() + 3 * 86400)
+        for name in files:
+            assert (inbox / name).exists() == (name == tampered), name
+    finally:
+        catalog.close()
+    assert far_files(served.outside) == {"secret"}
+    assert not [r for r in caplog.records if "temporary files" in r.getMessage()]
