@@ -328,3 +328,36 @@ def test_the_whole_agent_ships_finalizes_and_deletes_only_far_checked_files_thro
         catalog.close()
     assert far_files(served.outside) == {"secret"}
     assert not [r for r in caplog.records if "temporary files" in r.getMessage()]
+
+
+def test_append_only_never_replaces_a_far_file_by_other_content(sshd, remote_dir, tmp_path, destinations):
+    root = sshd.make_remote_dir(remote_dir / "root")
+    served = Served(sshd, tmp_path, root, remote_dir, ("env",))
+    served.remove()
+    served.line = served.line.replace(" serve --root", " serve --append-only --root")
+    with open(sshd.authorized_keys, "a") as f:
+        f.write(served.line)
+    try:
+        dest = destinations(served.archive("arch"))
+        src = tmp_path / "src"
+        src.mkdir()
+        path = src / "a.dat"
+
+        def ship(data: bytes, new_file: bool):
+            if new_file:
+                path.unlink(missing_ok=True)
+            path.write_bytes(data)  # else rewritten in place: an edit, whose batch sends no --backup-dir
+            item = Item(1, str(path), "d/a.dat", md5(data), len(data), dest.may_be_edit(1, str(path), "d/a.dat"))
+            results, _ = ship_batch(dest, [item])
+            dest.verified(item)
+            return results[1].found
+
+        assert ship(b"first", new_file=True) == md5(b"first")
+        assert ship(b"first", new_file=True) == md5(b"first")  # a retry of the same content is served
+        assert ship(b"second", new_file=True) == md5(b"first")  # not verified: the far copy stays
+        assert ship(b"first", new_file=True) == md5(b"first")
+        assert ship(b"third", new_file=False) == md5(b"first")  # nor an edit
+        assert (root / "arch" / "d" / "a.dat").read_bytes() == b"first"
+        assert sorted(p for p in far_files(root / "arch")) == ["d/a.dat"]  # no copy left behind
+    finally:
+        served.remove()

@@ -1012,7 +1012,7 @@ def drop_identical_copies(tree: Beneath, replaced_dir: str, found: dict[str, str
         try:
             st = os.fstat(fd)
             if (stat.S_ISREG(st.st_mode) and md5_of_fd(fd)[0] == md5
-                    and _same_bytes(fd, tree, os.path.join(tree.root, path))):
+                    and same_bytes(fd, tree, os.path.join(tree.root, path))):
                 tree.unlink_if(copy, Identity.of(st))
         except (OSError, ValueError):
             pass
@@ -1040,7 +1040,7 @@ def inode_generation(fd: int) -> int | None:
     return buf[0]
 
 
-def _same_bytes(fd: int, tree: Beneath, path: str) -> bool:
+def same_bytes(fd: int, tree: Beneath, path: str) -> bool:
     """Whether the file of ``fd`` holds exactly what ``path`` below the tree holds."""
     other = tree.open(path)
     try:

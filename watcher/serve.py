@@ -43,12 +43,13 @@ import re
 import shlex
 import shutil
 import stat
+import subprocess
 import sys
 import time
 
 from watcher.hashing import md5_of_fd
 from watcher.preflight import MARK
-from watcher.rsync import MD5_HEADER, SERVE_REQUEST, drop_identical_copies
+from watcher.rsync import MD5_HEADER, SERVE_REQUEST, drop_identical_copies, same_bytes
 from watcher.rules import REPLACED_DIR
 from watcher.safefs import Beneath, Identity, split_beneath
 
@@ -73,7 +74,8 @@ class Refused(Exception):
     """A request that is not served: one line, exit 1."""
 
 
-def main(root: str, min_temp_age: float = MIN_TEMP_AGE, request: str | None = None) -> int:
+def main(root: str, min_temp_age: float = MIN_TEMP_AGE, append_only: bool = False,
+         request: str | None = None) -> int:
     """Serve one request (``SSH_ORIGINAL_COMMAND`` when ``request`` is None)."""
     if request is None:
         request = os.environ.get("SSH_ORIGINAL_COMMAND")
@@ -81,7 +83,7 @@ def main(root: str, min_temp_age: float = MIN_TEMP_AGE, request: str | None = No
         if request is None:
             raise Refused("no request: this command serves watcher agents through ssh "
                           "(SSH_ORIGINAL_COMMAND is not set)")
-        server = Server(root, min_temp_age)
+        server = Server(root, min_temp_age, append_only)
         return server.serve(request)
     except Refused as exc:
         print(f"watcher serve: refused: {exc}", file=sys.stderr)
@@ -89,10 +91,11 @@ def main(root: str, min_temp_age: float = MIN_TEMP_AGE, request: str | None = No
 
 
 class Server:
-    def __init__(self, root: str, min_temp_age: float):
+    def __init__(self, root: str, min_temp_age: float, append_only: bool = False):
         self.root = os.path.realpath(root)
         self.given = root.rstrip("/") or "/"
         self.min_temp_age = min_temp_age
+        self.append_only = append_only
         try:
             self.root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
@@ -189,19 +192,36 @@ class Server:
         if "b" in args[0].split("e.")[0] and backup is None:
             raise Refused("rsync --backup without --backup-dir is not served")
         dest = self._walk(self._parts(rest[1]), create=True)
-        pinned = []
+        own = self.append_only and backup is None  # a batch of edits, which may not edit here
+        if own:
+            backup = f"{REPLACED_DIR}/append-only-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}"
+        pinned = None
         if backup is not None:
-            pinned.append(self._backup_dir(dest, backup))
-            args += [f"--backup-dir=/proc/self/fd/{pinned[-1]}"]
+            pinned = self._backup_dir(dest, backup)
+            args += ["--backup", f"--backup-dir=/proc/self/fd/{pinned}"]
         rsync = shutil.which("rsync")
         if rsync is None:
             raise Refused("no rsync on this host's PATH")
         os.fchdir(dest)
-        for fd in pinned:
-            os.set_inheritable(fd, True)
+        argv = ["rsync", "--server", *args, ".", "."]
         sys.stdout.flush()
-        os.execv(rsync, ["rsync", "--server", *args, ".", "."])
-        return 1  # not reached
+        if not self.append_only:
+            if pinned is not None:
+                os.set_inheritable(pinned, True)
+            os.execv(rsync, argv)
+        code = subprocess.run(argv, executable=rsync, pass_fds=(pinned,)).returncode
+        kept = _restore_replaced(dest, pinned, drop_identical=own)
+        if own:
+            for parent in (backup, REPLACED_DIR):  # the directories made here, if left empty
+                try:
+                    os.rmdir(parent, dir_fd=dest)
+                except OSError:
+                    pass
+        if kept:
+            print(f"watcher serve: append-only: {len(kept)} far file{'s' if len(kept) > 1 else ''} kept as "
+                  f"they were (a copy of other content may not replace them), e.g. {kept[0]!r}",
+                  file=sys.stderr)
+        return code
 
     def _backup_dir(self, dest: int, backup: str) -> int:
         """The batch's backup directory below the destination, made here
@@ -378,6 +398,53 @@ class Server:
             os.close(base_fd)
         sys.stdout.buffer.write(b"".join(out))
         return 0
+
+
+def _restore_replaced(dest: int, backup: int, drop_identical: bool) -> list[str]:
+    """After rsync ran with ``--append-only``: every far file it replaced
+    (moved into the batch's backup directory) whose new content differs, or
+    that is gone, is put back under its name; an identical one stays in the
+    backup directory for the md5 step to remove (or is removed here, with
+    its emptied directories: ``drop_identical``, a directory the agent does
+    not know). Returns the names put back."""
+    restored = []
+    with Beneath(f"/proc/self/fd/{dest}") as now, Beneath(f"/proc/self/fd/{backup}") as old:
+        for top, _, files, _ in os.fwalk(".", dir_fd=backup, follow_symlinks=False):
+            for name in files:
+                rel = name if top == "." else f"{top[2:]}/{name}"
+                parent = rel.rpartition("/")[0]
+                try:
+                    earlier = old.open(os.path.join(old.root, rel))
+                except (OSError, ValueError):
+                    continue
+                try:
+                    if not stat.S_ISREG(os.fstat(earlier).st_mode):
+                        continue
+                    if _same(earlier, now, rel):
+                        if drop_identical:
+                            os.unlink(name, dir_fd=old.dir_fd(parent))
+                        continue
+                    os.rename(name, name, src_dir_fd=old.dir_fd(parent), dst_dir_fd=now.dir_fd(parent))
+                    restored.append(rel)
+                except (OSError, ValueError):
+                    continue
+                finally:
+                    os.close(earlier)
+        if drop_identical:
+            for top, dirs, _, _ in os.fwalk(".", dir_fd=backup, topdown=False, follow_symlinks=False):
+                for d in dirs:
+                    try:
+                        os.rmdir(d, dir_fd=old.dir_fd("" if top == "." else top[2:]))
+                    except OSError:
+                        pass
+    return restored
+
+
+def _same(fd: int, tree: Beneath, rel: str) -> bool:
+    try:
+        return same_bytes(fd, tree, os.path.join(tree.root, rel))
+    except (OSError, ValueError):  # gone, or no regular file now
+        return False
 
 
 def _stale_temp(name: str, st: os.stat_result, cutoff: float) -> bool:
