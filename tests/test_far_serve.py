@@ -11,9 +11,7 @@ import os
 import re
 import shlex
 import shutil
-import site
 import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,41 +23,26 @@ from tests.ssh_support import md5, register, row, ssh_archive
 from tests.waiting import wait_until
 from watcher.rsync import Item, TransferError, ship_batch
 
-PROJECT = Path(__file__).resolve().parent.parent
-
 
 def serve_command(sshd, root: Path, *options: str) -> str:
-    """The forced command: this worktree's `watcher serve`, run by the far
-    login (when the tests' interpreter lies where it may not go, the
-    system's of the same version, with the project and its packages)."""
-    python = sys.executable
-    if sshd.is_root and subprocess.run(["runuser", "-u", sshd.user, "--", "test", "-x", python]).returncode:
-        python = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
-    path = ":".join([str(PROJECT), *site.getsitepackages()])
-    return shlex.join(["env", f"PYTHONPATH={path}", "PYTHONDONTWRITEBYTECODE=1", python, "-m",
-                       "watcher.cli", "serve", "--root", str(root), *options])
+    """The forced command: this checkout's `watcher serve`, run by the far login."""
+    return shlex.join([*sshd.login_python(), "-m", "watcher.cli", "serve", "--root", str(root), *options])
 
 
 class Served:
     """A key whose every connection runs `watcher serve --root ROOT`."""
 
-    def __init__(self, sshd, tmp_path: Path, root: Path, outside: Path, wrapper: tuple[str, ...] = ()):
+    def __init__(self, sshd, tmp_path: Path, root: Path, outside: Path, wrapper: tuple[str, ...] = (),
+                 serve_options: tuple[str, ...] = ()):
         self.sshd, self.root, self.outside = sshd, root, outside
         self.key = tmp_path / "served_key"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "served", "-f", str(self.key)],
-                       check=True)
-        command = shlex.join(wrapper) + " " + serve_command(sshd, root, "--min-temp-age", "0")
-        assert '"' not in command
-        self.line = f'command="{command}",restrict {self.key.with_suffix(".pub").read_text().strip()}\n'
-        with open(sshd.authorized_keys, "a") as f:
-            f.write(self.line)
-
+        command = shlex.join(wrapper) + " " + serve_command(sshd, root, "--min-temp-age", "0", *serve_options)
+        self.line = sshd.add_forced_key(self.key, command.strip())
         self.control = tmp_path / "served.sock"
 
     def remove(self) -> None:
         subprocess.run(["ssh", *self.options(), "-O", "exit", "--", self.sshd.ssh_target], capture_output=True)
-        text = self.sshd.authorized_keys.read_text()
-        self.sshd.authorized_keys.write_text(text.replace(self.line, ""))
+        self.sshd.remove_key(self.line)
 
     def options(self) -> list[str]:
         """ssh's options for this key (one shared connection: each request still
@@ -332,11 +315,7 @@ def test_the_whole_agent_ships_finalizes_and_deletes_only_far_checked_files_thro
 
 def test_append_only_never_replaces_a_far_file_by_other_content(sshd, remote_dir, tmp_path, destinations):
     root = sshd.make_remote_dir(remote_dir / "root")
-    served = Served(sshd, tmp_path, root, remote_dir, ("env",))
-    served.remove()
-    served.line = served.line.replace(" serve --root", " serve --append-only --root")
-    with open(sshd.authorized_keys, "a") as f:
-        f.write(served.line)
+    served = Served(sshd, tmp_path, root, remote_dir, serve_options=("--append-only",))
     try:
         dest = destinations(served.archive("arch"))
         src = tmp_path / "src"
