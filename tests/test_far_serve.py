@@ -12,6 +12,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +27,7 @@ from watcher.rsync import Item, TransferError, ship_batch
 
 def serve_command(sshd, root: Path, *options: str) -> str:
     """The forced command: this checkout's `watcher serve`, run by the far login."""
-    return shlex.join([*sshd.login_python(), "-m", "watcher.cli", "serve", "--root", str(root), *options])
+    return shlex.join([*sshd.login_python(), "-m", "watcher.serve", "--root", str(root), *options])
 
 
 class Served:
@@ -78,6 +79,28 @@ def served(sshd, remote_dir, tmp_path):
 
 def far_files(top: Path) -> set[str]:
     return {str(p.relative_to(top)) for p in top.rglob("*") if not p.is_dir() or p.is_symlink()}
+
+
+@pytest.mark.parametrize("entry", [["-m", "watcher.cli", "serve"], ["-m", "watcher.serve"]],
+                         ids=["watcher serve", "python -m watcher.serve"])
+def test_both_entry_points_serve_the_same_and_say_a_refusal_in_one_line(tmp_path, entry):
+    def serve(request: str | None, *options: str) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "SSH_ORIGINAL_COMMAND"}
+        if request is not None:
+            env["SSH_ORIGINAL_COMMAND"] = request
+        return subprocess.run([sys.executable, *entry, "--root", str(tmp_path), *options], env=env,
+                              capture_output=True, text=True, timeout=30)
+
+    version = serve("watcher-serve version")
+    assert version.returncode == 0 and version.stdout.startswith(f"{os.path.realpath(tmp_path)}\nrsync ")
+    for request, options, said in [(None, (), "SSH_ORIGINAL_COMMAND is not set"),
+                                   ("id", (), "not a request this key may make"),
+                                   ("watcher-serve version", ("--min-temp-age", "3x"), "--min-temp-age")]:
+        done = serve(request, *options)
+        assert done.returncode in (1, 2) and said in done.stderr and len(done.stderr.splitlines()) == 1, done
+    missing = subprocess.run([sys.executable, *entry, "--root", str(tmp_path / "none")], capture_output=True,
+                             text=True, env=dict(os.environ, SSH_ORIGINAL_COMMAND="watcher-serve version"))
+    assert missing.returncode == 1 and missing.stderr.strip().endswith("No such file or directory")
 
 
 REFUSED_REQUESTS = [

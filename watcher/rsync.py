@@ -46,8 +46,9 @@ import sh
 from watcher.config import Archive
 from watcher.hashing import md5_of_fd
 from watcher.faults import checkpoint
+from watcher.far_side import MD5_HEADER, SERVE_REQUEST, drop_identical_copies
 from watcher.rules import REPLACED_DIR, remote_path_problem
-from watcher.safefs import Beneath, Identity, Trees, open_in, split_beneath
+from watcher.safefs import Beneath, Trees, open_in, split_beneath
 from watcher.ssh import ssh_args, stop_master
 
 log = logging.getLogger(__name__)
@@ -83,9 +84,6 @@ SHELL_TEXT = ("the archive host's login shell prints text, so rsync and the md5 
               "interactive")
 # Far-side hashing speed assumed when giving a remote md5 command its time.
 MIN_HASH_RATE = 20e6
-# The first word of the requests an archive with ``far_side: serve`` sends
-# (its key's forced command, watcher.serve, reads them).
-SERVE_REQUEST = "watcher-serve"
 
 
 class TransferError(Exception):
@@ -908,7 +906,6 @@ def reported_names(stdout: bytes) -> set[bytes]:
 # path; then, for each of xargs' chunks of names, what MD5_CHUNK prints: the
 # count and the names, the realpath of each, an empty record, the md5sum
 # records, an empty record (all NUL-terminated; no name or path is empty).
-MD5_HEADER = b"watcher-md5 "
 MD5_CHUNK = ('printf "%s\\0" "$#" "$@"; realpath -z -m -- "$@"; printf "\\0"; '
              'md5sum -z -- "$@"; printf "\\0"; '
              # the batch's replaced copies identical to what now stands there (no output)
@@ -996,35 +993,6 @@ def _local_md5(basedir: str, remote_paths: list[str], replaced_dir: str = "") ->
     return found
 
 
-def drop_identical_copies(tree: Beneath, replaced_dir: str, found: dict[str, str]) -> None:
-    """Unlink the copies below ``replaced_dir`` identical, byte for byte, to
-    the file now under their name (an md5 match is only where to look),
-    then the directories that left empty."""
-    top = os.path.join(tree.root, replaced_dir)
-    if not os.path.isdir(top) or os.path.islink(top):
-        return
-    for path, md5 in found.items():
-        copy = os.path.join(top, path)
-        try:
-            fd = tree.open(copy)
-        except (OSError, ValueError):
-            continue
-        try:
-            st = os.fstat(fd)
-            if (stat.S_ISREG(st.st_mode) and md5_of_fd(fd)[0] == md5
-                    and same_bytes(fd, tree, os.path.join(tree.root, path))):
-                tree.unlink_if(copy, Identity.of(st))
-        except (OSError, ValueError):
-            pass
-        finally:
-            os.close(fd)
-    for here in [*(d for d, _, _ in os.walk(top, topdown=False)), os.path.dirname(top)]:
-        try:
-            os.rmdir(here)
-        except OSError:
-            pass  # not empty: a copy of other content is kept
-
-
 FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long)
 
 
@@ -1038,24 +1006,6 @@ def inode_generation(fd: int) -> int | None:
     except OSError:
         return None
     return buf[0]
-
-
-def same_bytes(fd: int, tree: Beneath, path: str) -> bool:
-    """Whether the file of ``fd`` holds exactly what ``path`` below the tree holds."""
-    other = tree.open(path)
-    try:
-        if os.fstat(other).st_size != os.fstat(fd).st_size:
-            return False
-        offset = 0
-        while True:
-            a, b = os.pread(fd, 1 << 20, offset), os.pread(other, 1 << 20, offset)
-            if a != b:
-                return False
-            if not a:
-                return True
-            offset += len(a)
-    finally:
-        os.close(other)
 
 
 def _descriptor_budget() -> int:

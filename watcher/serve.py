@@ -47,9 +47,8 @@ import subprocess
 import sys
 import time
 
+from watcher.far_side import MD5_HEADER, SERVE_REQUEST, drop_identical_copies, same_bytes
 from watcher.hashing import md5_of_fd
-from watcher.preflight import MARK
-from watcher.rsync import MD5_HEADER, SERVE_REQUEST, drop_identical_copies, same_bytes
 from watcher.rules import REPLACED_DIR
 from watcher.safefs import Beneath, Identity, split_beneath
 
@@ -68,6 +67,32 @@ UMASK = re.compile(r"0?[0-7]{3}")
 # (NAME cut short when too long to fit).
 TEMP_NAME = re.compile(r"\.(.+)\.[A-Za-z0-9]{6}", re.S)
 MIN_TEMP_AGE = 600.0
+
+
+def run(argv: list[str] | None = None) -> int:
+    """``python -m watcher.serve``: the same as ``watcher serve``, starting
+    faster (it loads none of the agent's modules), for authorized_keys."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str):  # one line, as the watcher command's (exit 2)
+            self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+    p = Parser(prog="watcher serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--root", required=True, metavar="DIR")
+    p.add_argument("--append-only", action="store_true")
+    p.add_argument("--min-temp-age", type=_duration, default=MIN_TEMP_AGE, metavar="DURATION")
+    args = p.parse_args(argv)
+    return main(args.root, min_temp_age=args.min_temp_age, append_only=args.append_only)
+
+
+def _duration(text: str) -> float:
+    from watcher.config import parse_duration  # only when given
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        import argparse
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 class Refused(Exception):
@@ -301,6 +326,7 @@ class Server:
                 unwritable = base if len(parts) == len(self._parts(base)) else self._physical(parts)
         finally:
             os.close(fd)
+        from watcher.preflight import MARK  # the agent's module: loaded only for this rare request
         sys.stdout.buffer.write(MARK + b"\0".join(os.fsencode(f) for f in (missing, "", unwritable)) + b"\0")
         return 0
 
@@ -467,3 +493,7 @@ def _shown(text: str) -> str:
     """A request as shown in a refusal: one line, at most 200 characters."""
     text = text.encode("unicode_escape", "backslashreplace").decode("ascii")
     return repr(text if len(text) <= 200 else text[:199] + "\u2026")
+
+
+if __name__ == "__main__":
+    sys.exit(run())
