@@ -162,6 +162,15 @@ def test_real_rsync_with_the_key_writes_only_below_the_root(served, tmp_path):
     assert not (tmp_path / "got").exists()
     assert far_files(served.outside) == {"secret"} and (served.outside / "secret").read_bytes() == b"secret\n"
     assert far_files(served.root) == {"in/link", "in/filelink"}
+    assert not (served.root / "x").exists()
+
+    # what the key may send lands below the root: -R with an absolute source, a
+    # setuid file (never setuid there)
+    (src / "f").chmod(0o4755)
+    done = served.rsync("-tpR", str(src / "f"), f"{served.sshd.ssh_target}:x/")
+    assert done.returncode == 0, done.stderr
+    landed = served.root / "x" / str(src / "f").lstrip("/")
+    assert landed.read_bytes() == b"data" and oct(landed.stat().st_mode & 0o7777) == oct(0o755)
 
     # a file written in place of a planted link replaces the link, never its target
     done = served.rsync("-t", "-s", str(src / "f"), f"{served.sshd.ssh_target}:in/filelink")

@@ -9,7 +9,8 @@ connection of that key, whatever the client asked, the request in
   checked against exactly what the agent sends (``RECEIVER_ARGS``): no
   ``--sender`` (no reads), no option naming a path (``--temp-dir``,
   ``--log-file``, ``--files-from``...), no ``--delete*``/``--remove*``; the
-  batch's ``--backup-dir`` only as ``.watcher-replaced/NAME``. The
+  batch's ``--backup-dir`` only as ``.watcher-replaced/NAME``; no file
+  is given a setuid, setgid or sticky bit (``--chmod=Fugo-st``). The
   destination is opened below DIR one component at a time without
   following a link (made when missing), and rsync runs in it.
 - ``watcher-serve version``: DIR's physical path and ``rsync --version``
@@ -228,7 +229,9 @@ class Server:
         if rsync is None:
             raise Refused("no rsync on this host's PATH")
         os.fchdir(dest)
-        argv = ["rsync", "--server", *args, ".", "."]
+        # No setuid, setgid or sticky file: one of the far account's, run by
+        # another user of the archive host, would act as that account.
+        argv = ["rsync", "--server", *args, "--chmod=Fugo-st", ".", "."]
         sys.stdout.flush()
         if not self.append_only:
             if pinned is not None:
