@@ -265,11 +265,12 @@ def test_the_agent_through_serve_sees_an_archive_outside_the_root_as_unwritable(
     assert not (served.root / "new").exists()  # the check made nothing
 
 
+@pytest.mark.parametrize("far_side", ["serve", "shell"])
 def test_temp_files_left_by_a_cut_copy_are_removed_only_when_stale_and_shipped(
-        served, tmp_path, destinations):
+        served, tmp_path, destinations, monkeypatch, far_side):
     base = served.sshd.make_remote_dir(served.root / "arch")
     (base / "d").mkdir()
-    stale = {"d/.a.dat.Ab12Cd": b"partial", ".b.dat.x9Y8z7": b"partial"}
+    stale = {"d/.a.dat.Ab12Cd": b"partial", ".b.dat.x9Y8z7": b"partial", "d/.we*ird [x].Qw12Er": b"p"}
     for name, data in stale.items():
         (base / name).write_bytes(data)
     (base / "d" / ".c.dat.Zz99Zz").symlink_to(served.outside / "secret")  # a link: never removed
@@ -280,26 +281,18 @@ def test_temp_files_left_by_a_cut_copy_are_removed_only_when_stale_and_shipped(
     if served.sshd.is_root:
         for p in base.rglob("*"):
             os.chown(p, served.sshd.pw.pw_uid, served.sshd.pw.pw_gid, follow_symlinks=False)
-    dest = destinations(served.archive("arch"))
-    shipped = {"d/a.dat", "b.dat", ".kept.backup", "kept", "d/c.dat"}
+    shipped = {"d/a.dat", "b.dat", ".kept.backup", "kept", "d/c.dat", "d/we*ird [x]", "d/fresh.dat"}
+    archive = served.archive("arch") if far_side == "serve" else ssh_archive(served.sshd, base)
+    dest = destinations(replace(archive, copy_timeout=0.1))
+    monkeypatch.setattr("watcher.rsync.TEMP_FILE_AGE", 1.0)  # the serving side's floor is 0 here
+    changed = max(os.lstat(base / name).st_ctime for name in stale)
+    wait_until(lambda: time.time() > changed + 1.5, timeout=5, message="the files to be a second old")
+    (base / "d" / ".fresh.dat.Ff00Ff").write_bytes(b"a copy running now")
+    if served.sshd.is_root:
+        os.chown(base / "d" / ".fresh.dat.Ff00Ff", served.sshd.pw.pw_uid, served.sshd.pw.pw_gid)
 
-    def far_names(paths):
-        return {p for p in paths if p in shipped}
+    removed = dest.clean_temp_files(lambda paths: {p for p in paths if p in shipped})
 
-    import watcher.rsync
-    old = watcher.rsync.TEMP_FILE_AGE
-    watcher.rsync.TEMP_FILE_AGE = 1.0  # the far side's own floor is 0 here (--min-temp-age)
-    try:
-        dest.archive = replace(dest.archive, copy_timeout=0.1)
-        listed = served.ssh("watcher-serve temp-files arch 1")
-        wait_until(lambda: len(served.ssh("watcher-serve temp-files arch 1").stdout.split(b"\0")) > 3,
-                   timeout=10, message="the files to become a second old")
-        (base / "d" / ".fresh.dat.Ff00Ff").write_bytes(b"a copy running now")
-        shipped.add("d/fresh.dat")
-        removed = dest.clean_temp_files(far_names)
-    finally:
-        watcher.rsync.TEMP_FILE_AGE = old
-    assert listed.returncode == 0
     assert sorted(removed) == sorted(stale)
     assert far_files(base) == {"d/.c.dat.Zz99Zz", ".kept.backup", "d/.unshipped.dat.Qq11Qq",
                                ".watcher-replaced/x/.a.dat.Ab12Cd", "d/.fresh.dat.Ff00Ff"}

@@ -447,7 +447,7 @@ class Agent:
         left and every archive's host has answered."""
         checks = preflight.StartupChecks(self.config, self.destinations)
         reported: set[tuple[str, str]] = set()
-        first = True
+        first = clean = True
         while True:
             try:
                 found = checks.run(self.stop_event)
@@ -459,9 +459,11 @@ class Agent:
             if first:
                 first = False
                 log.info("start-up checks done: %s", f"{len(found)} problems" if found else "nothing found")
-                self._clean_far_temp_files()
             for f in found:
                 self._findings.report(f.kind, f.subject, f.message, list(f.archives))
+            if clean:
+                clean = False
+                self._clean_far_temp_files()  # a walk of each far base: after the reports
             now = {(f.kind, f.subject) for f in found}
             for kind, subject in reported - now:
                 self._findings.solve(kind, subject)
@@ -472,8 +474,8 @@ class Agent:
                 return
 
     def _clean_far_temp_files(self) -> None:
-        """rsync's temporary files that a far power cut left (``far_side:
-        serve`` archives; see Destination.clean_temp_files), once at start."""
+        """rsync's temporary files that a far power cut left below each ssh
+        archive's base (see Destination.clean_temp_files), once at start."""
         for name, dest in self.destinations.items():
             try:
                 removed = dest.clean_temp_files(

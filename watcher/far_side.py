@@ -1,6 +1,7 @@
 """What the agent and the archive host's forced command (watcher.serve) share,
 kept light (the forced command starts once per request): the first word of
-the requests, the far md5 answer's header (see watcher.rsync.parse_far_md5),
+the requests, the far md5 answer's header (see watcher.rsync.parse_far_md5), rsync's
+temporary names,
 and the removal of replaced far copies identical to their new file, which
 the far md5 of a local archive and serve's both run.
 """
@@ -8,6 +9,7 @@ the far md5 of a local archive and serve's both run.
 from __future__ import annotations
 
 import os
+import re
 import stat
 
 from watcher.hashing import md5_of_fd
@@ -16,6 +18,9 @@ from watcher.safefs import Beneath, Identity
 # The first word of the requests an archive with ``far_side: serve`` sends.
 SERVE_REQUEST = "watcher-serve"
 MD5_HEADER = b"watcher-md5 "
+# rsync's temporary name for NAME: ".NAME." and mkstemp's six letters or digits
+# (NAME cut short when too long to fit).
+TEMP_NAME = re.compile(r"\.(.+)\.[A-Za-z0-9]{6}", re.S)
 
 
 def drop_identical_copies(tree: Beneath, replaced_dir: str, found: dict[str, str]) -> None:

@@ -46,7 +46,7 @@ import sh
 from watcher.config import Archive
 from watcher.hashing import md5_of_fd
 from watcher.faults import checkpoint
-from watcher.far_side import MD5_HEADER, SERVE_REQUEST, drop_identical_copies
+from watcher.far_side import MD5_HEADER, SERVE_REQUEST, TEMP_NAME, drop_identical_copies
 from watcher.rules import REPLACED_DIR, remote_path_problem
 from watcher.safefs import Beneath, Trees, open_in, split_beneath
 from watcher.ssh import ssh_args, stop_master
@@ -77,6 +77,7 @@ ARCHIVE_FULL = re.compile(rb": (?:No space left on device|Disk quota exceeded) \
 # rsync's temporary files untouched this long (status change time) are left
 # over from a copy cut off: a running copy writes at least every copy_timeout.
 TEMP_FILE_AGE = 3600.0
+TEMP_WALK_TIMEOUT = 600.0  # seconds the far side may take to walk the base looking for them
 # The oldest rsync that refuses to write through a symlink below the destination.
 MIN_RSYNC_VERSION = (3, 4)
 SHELL_TEXT = ("the archive host's login shell prints text, so rsync and the md5 command cannot "
@@ -581,40 +582,63 @@ class Destination:
     def clean_temp_files(self, far_names: Callable[[list[str]], set[str]],
                          stop: threading.Event | None = None) -> list[str]:
         """Remove rsync's temporary files (``.NAME.XXXXXX``) that a copy cut
-        off (a far power cut) left below the base, through the forced command
-        (``far_side: serve`` only; returns the paths removed).
+        off (a far power cut) left below the base; returns the paths removed.
 
-        The far side lists those untouched for TEMP_FILE_AGE; of them, only
-        one whose NAME is a far name this archive ships, and which is no far
-        name itself (``far_names``: which of the paths given the catalog
-        has), is removed: an archived file named like a temporary one stays.
-        Raises TransferError when the far side cannot be asked."""
-        if not self.serve:
+        The far side lists the regular files of the far account with one
+        link named so, untouched (status change time) for TEMP_FILE_AGE,
+        none below REPLACED_DIR, no link followed; of them, only one whose
+        NAME is a far name this archive ships, and which is no far name
+        itself (``far_names``: which of the paths given the catalog has), is
+        removed, checked again on the far side: an archived file named like
+        a temporary one stays. Over ssh only. Raises TransferError when the
+        far side cannot be asked."""
+        if not self.archive.is_remote:
             return []
-        base, age = self.archive.remote_basedir, f"{max(TEMP_FILE_AGE, 3 * self.archive.copy_timeout):.0f}"
-        argv = self._serve_args("temp-files", base, age)
-        listed = run(argv, timeout=self.archive.cmd_timeout + 60, stop=stop)
+        age = f"{max(TEMP_FILE_AGE, 3 * self.archive.copy_timeout):.0f}"
+        timeout = max(self.archive.cmd_timeout, TEMP_WALK_TIMEOUT)  # a walk of the whole base
+        argv, stdin = self._temp_files_args(age)
+        listed = run(argv, stdin=stdin, timeout=timeout, stop=stop)
         if listed.exit_code != 0:
             raise TransferError("connection" if listed.exit_code == 255 else "archive",
                                 f"listing rsync's temporary files exited {listed.exit_code}: "
                                 f"{said(listed.stderr)}", argv)
         temps = {}
-        for name in (os.fsdecode(n) for n in listed.stdout.split(b"\0") if n):
+        for name in (os.fsdecode(n).removeprefix("./") for n in listed.stdout.split(b"\0") if n):
             parent, _, leaf = name.rpartition("/")
-            temps[name] = posixpath.join(parent, leaf[1:].rsplit(".", 1)[0])
-        if not temps:
-            return []
-        known = far_names(sorted(set(temps) | set(temps.values())))
+            found = TEMP_NAME.fullmatch(leaf)
+            if found:
+                temps[name] = posixpath.join(parent, found.group(1))
+        known = far_names(sorted(set(temps) | set(temps.values()))) if temps else set()
         chosen = [t for t, target in temps.items() if target in known and t not in known]
-        if not chosen:
-            return []
-        argv = self._serve_args("clean", base, age)
-        done = run(argv, stdin=b"".join(os.fsencode(t) + b"\0" for t in chosen),
-                   timeout=self.archive.cmd_timeout + 60, stop=stop)
-        if done.exit_code != 0:
-            raise TransferError("archive", f"removing rsync's temporary files exited {done.exit_code}: "
-                                f"{said(done.stderr)}", argv)
-        return [os.fsdecode(n) for n in done.stdout.split(b"\0") if n]
+        removed: list[str] = []
+        for start in range(0, len(chosen), 500):
+            argv, stdin = self._temp_files_args(age, chosen[start:start + 500])
+            done = run(argv, stdin=stdin, timeout=timeout, stop=stop)
+            if done.exit_code != 0:
+                raise TransferError("archive", f"removing rsync's temporary files exited "
+                                    f"{done.exit_code}: {said(done.stderr)}", argv)
+            removed += [os.fsdecode(n).removeprefix("./") for n in done.stdout.split(b"\0") if n]
+        return removed
+
+    def _temp_files_args(self, age: str, remove: list[str] | None = None) -> tuple[list[str], bytes | None]:
+        """The far command that lists rsync's stale temporary files below the
+        base (or removes those of ``remove`` that still are), and its input:
+        watcher.serve's request, or GNU find, which follows no link and
+        deletes relative to the directory it found the file in."""
+        base = self.archive.remote_basedir
+        if self.serve:
+            if remove is None:
+                return self._serve_args("temp-files", base, age), None
+            return self._serve_args("clean", base, age), b"".join(os.fsencode(p) + b"\0" for p in remove)
+        script = (f"cd -P -- {shlex.quote(base)} 2>/dev/null || exit 0; c=$(($(date +%s) - {age})) && "
+                  f"exec find . ")
+        same = f"-type f -links 1 -user \"$(id -u)\" ! -newerct \"@$c\" "
+        if remove is None:
+            script += f"-path ./{REPLACED_DIR} -prune -o {same}-name '.?*.??????' -print0"
+        else:  # -delete turns -prune off: the paths named are never below REPLACED_DIR
+            paths = " -o ".join(f"-path {shlex.quote('./' + _glob_escaped(p))}" for p in remove)
+            script += f"! -path './{REPLACED_DIR}/*' {same}\\( {paths} \\) -print0 -delete"
+        return self.ssh_args() + ["--", self.archive.ssh_host, script], None
 
     # -- what this agent verified: edits ---------------------------------------
 
@@ -659,6 +683,11 @@ class Destination:
         """Stop the shared ssh connection, if one was started."""
         if self.archive.is_remote and self._control_dir:
             stop_master(self.archive, self._control_dir)
+
+
+def _glob_escaped(path: str) -> str:
+    """``path`` as a find -path pattern that matches only itself."""
+    return re.sub(r"([\\*?\[])", r"\\\1", path)
 
 
 def _dir_arg(path: str) -> str:

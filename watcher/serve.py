@@ -48,7 +48,7 @@ import subprocess
 import sys
 import time
 
-from watcher.far_side import MD5_HEADER, SERVE_REQUEST, drop_identical_copies, same_bytes
+from watcher.far_side import MD5_HEADER, SERVE_REQUEST, TEMP_NAME, drop_identical_copies, same_bytes
 from watcher.hashing import md5_of_fd
 from watcher.rules import REPLACED_DIR
 from watcher.safefs import Beneath, Identity, split_beneath
@@ -64,9 +64,6 @@ RECEIVER_ARGS = [SHORT, re.compile(r"--log-format=%i"), re.compile(r"--timeout=\
                  re.compile(r"--no-implied-dirs"), re.compile(r"--mkpath"), re.compile(r"--fsync")]
 BACKUP_DIR = re.compile(re.escape(REPLACED_DIR) + r"/(?!\.\.?\Z)[A-Za-z0-9._-]{1,200}")
 UMASK = re.compile(r"0?[0-7]{3}")
-# rsync's temporary name for NAME: ".NAME." and mkstemp's six letters or digits
-# (NAME cut short when too long to fit).
-TEMP_NAME = re.compile(r"\.(.+)\.[A-Za-z0-9]{6}", re.S)
 MIN_TEMP_AGE = 600.0
 
 
