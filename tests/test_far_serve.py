@@ -265,6 +265,13 @@ def test_the_agent_through_serve_sees_an_archive_outside_the_root_as_unwritable(
     assert not (served.root / "new").exists()  # the check made nothing
 
 
+def test_an_archive_left_in_shell_mode_behind_a_forced_key_is_told_to_set_far_side(served, destinations):
+    dest = destinations(replace(served.archive("arch"), far_side="shell"))
+    with pytest.raises(TransferError, match="needs far_side: serve") as caught:
+        dest.check_rsync()
+    assert caught.value.kind == "archive"
+
+
 @pytest.mark.parametrize("far_side", ["serve", "shell"])
 def test_temp_files_left_by_a_cut_copy_are_removed_only_when_stale_and_shipped(
         served, tmp_path, destinations, monkeypatch, far_side):

@@ -630,14 +630,15 @@ class Destination:
             if remove is None:
                 return self._serve_args("temp-files", base, age), None
             return self._serve_args("clean", base, age), b"".join(os.fsencode(p) + b"\0" for p in remove)
+        # best effort: a directory find may not read is passed over, as by serve
         script = (f"cd -P -- {shlex.quote(base)} 2>/dev/null || exit 0; c=$(($(date +%s) - {age})) && "
-                  f"exec find . ")
+                  f"{{ find . ")
         same = f"-type f -links 1 -user \"$(id -u)\" ! -newerct \"@$c\" "
         if remove is None:
-            script += f"-path ./{REPLACED_DIR} -prune -o {same}-name '.?*.??????' -print0"
+            script += f"-path ./{REPLACED_DIR} -prune -o {same}-name '.?*.??????' -print0 2>/dev/null; true; }}"
         else:  # -delete turns -prune off: the paths named are never below REPLACED_DIR
             paths = " -o ".join(f"-path {shlex.quote('./' + _glob_escaped(p))}" for p in remove)
-            script += f"! -path './{REPLACED_DIR}/*' {same}\\( {paths} \\) -print0 -delete"
+            script += f"! -path './{REPLACED_DIR}/*' {same}\\( {paths} \\) -print0 -delete 2>/dev/null; true; }}"
         return self.ssh_args() + ["--", self.archive.ssh_host, script], None
 
     # -- what this agent verified: edits ---------------------------------------

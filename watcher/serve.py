@@ -133,7 +133,8 @@ class Server:
             return self._watcher_request(words[1:])
         if "rsync" in words[:4]:
             return self._receive(words)
-        raise Refused(f"{_shown(request)}: not a request this key may make")
+        raise Refused(f"{_shown(request)}: not a request this key may make (an agent shipping "
+                      "through it needs far_side: serve for the archive)")
 
     # -- paths below the root ----------------------------------------------------
 
