@@ -481,7 +481,9 @@ class Agent:
                 removed = dest.clean_temp_files(
                     lambda paths, name=name: self.catalog.files.known_remote_paths(name, paths),
                     self.stop_event)
-            except TransferError as exc:
+            except Stopped:
+                return
+            except Exception as exc:  # the far side's or the catalog's: nothing else depends on it
                 log.warning("archive %s: rsync's temporary files left on the far side were not "
                             "cleaned up: %s", name, exc)
                 continue
