@@ -103,6 +103,19 @@ def test_both_entry_points_serve_the_same_and_say_a_refusal_in_one_line(tmp_path
     assert missing.returncode == 1 and missing.stderr.strip().endswith("No such file or directory")
 
 
+@pytest.mark.parametrize("options, said", [
+    ({"far_side": "serve"}, "far_side: serve is for an archive reached over ssh"),
+    ({"far_side": "rrsync", "ssh_host": "u@h"}, "far_side: expected shell (the far login runs a shell) or serve"),
+])
+def test_far_side_is_shell_or_serve_and_serve_only_over_ssh(setup, options, said):
+    from watcher.config import ConfigError
+    setup.archive("arch", **options)
+    setup.rule()
+    with pytest.raises(ConfigError) as caught:
+        setup.config()
+    assert len(caught.value.problems) == 1 and said in caught.value.problems[0], caught.value.problems
+
+
 REFUSED_REQUESTS = [
     "cat /etc/passwd", "sh -c id", "touch {out}/CANARY", "", "exec rsync --version",
     "rsync --server --sender -logDtpre.iLsfxCIvu . /etc/passwd",
