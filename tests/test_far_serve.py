@@ -306,7 +306,8 @@ def test_temp_files_left_by_a_cut_copy_are_removed_only_when_stale_and_shipped(
     dest = destinations(replace(archive, copy_timeout=0.1))
     monkeypatch.setattr("watcher.rsync.TEMP_FILE_AGE", 1.0)  # the serving side's floor is 0 here
     changed = max(os.lstat(base / name).st_ctime for name in stale)
-    wait_until(lambda: time.time() > changed + 1.5, timeout=5, message="the files to be a second old")
+    # a second old, counted in whole seconds (find's -newerct @SECONDS)
+    wait_until(lambda: time.time() > changed + 2.1, timeout=5, message="the files to be a second old")
     (base / "d" / ".fresh.dat.Ff00Ff").write_bytes(b"a copy running now")
     if served.sshd.is_root:
         os.chown(base / "d" / ".fresh.dat.Ff00Ff", served.sshd.pw.pw_uid, served.sshd.pw.pw_gid)
