@@ -147,6 +147,36 @@ def test_the_key_can_run_nothing_but_its_requests(served, request_):
     assert far_files(served.root) == set() and far_files(served.outside) == {"secret"}
 
 
+def test_sftp_scp_and_forwarding_get_nothing_through_the_key(served, tmp_path):
+    """Each attempt works with the unrestricted key of the test sshd, and
+    fails with the served one."""
+    (served.root / "f").write_bytes(b"in the root")
+    target, port = served.sshd.ssh_target, served.sshd.port
+
+    def attempts(key: Path) -> dict[str, list[str]]:
+        ssh = served.sshd.ssh_options()
+        ssh[ssh.index("-i") + 1] = str(key)
+        copy = [("-P" if o == "-p" else o) for o in ssh]  # scp and sftp spell the port -P
+        got = tmp_path / "got"
+        return {
+            "sftp": ["sftp", *copy, "-b", "-", target],
+            "scp (sftp protocol)": ["scp", *copy, f"{target}:{served.outside}/secret", str(got)],
+            "scp -O (scp -f on the far side)": ["scp", "-O", *copy, f"{target}:{served.root}/f", str(got)],
+            "a tunnel": ["ssh", *ssh, "-W", f"127.0.0.1:{port}", target],  # to the sshd itself
+        }
+
+    for key, works in ((served.sshd.client_key, True), (served.key, False)):
+        for what, argv in attempts(key).items():
+            done = subprocess.run(argv, input=f"get {served.outside}/secret {tmp_path}/got\n".encode(),
+                                  capture_output=True, timeout=30)
+            assert (done.returncode == 0) == works or what == "a tunnel", (what, works, done)
+            if what == "a tunnel":
+                assert done.stdout.startswith(b"SSH-") == works, (what, works, done)
+            else:
+                assert (tmp_path / "got").exists() == works, (what, works)
+                (tmp_path / "got").unlink(missing_ok=True)
+
+
 def test_real_rsync_with_the_key_writes_only_below_the_root(served, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
