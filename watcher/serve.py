@@ -1,6 +1,7 @@
 """The archive host's forced command: what a DAQ host's key may do there, and nothing else.
 
-An administrator puts ``command="watcher serve --root DIR",restrict`` before
+An administrator puts ``command="python -m watcher.serve --root DIR",restrict``
+(the same as ``watcher serve``, starting faster) before
 the agent's key in ``authorized_keys``; sshd then runs it for every
 connection of that key, whatever the client asked, the request in
 ``SSH_ORIGINAL_COMMAND``. Only these requests are served:
@@ -29,11 +30,13 @@ connection of that key, whatever the client asked, the request in
   ``--min-temp-age``): listed, then those the agent names removed.
 
 Anything else is refused with one line on standard error and exit 1.
-rsync's own ``rrsync`` is not used: it refuses ``-s`` only to then parse a
-general option set, and it refuses the ``--copy-links`` family the agent's
-sender needs in a subdirectory; an allow-list of the agent's own few
-arguments is smaller and stricter, and the destination and backup
-directory are opened here without following links (see ``_walk``).
+rsync's own ``rrsync -wo`` is not used for the receiver: it allows rsync's
+general option set (symlinks ``-l``, ``--link-dest``, ``--partial-dir``,
+``--delete`` unless ``-no-del``...), where an allow-list of the agent's
+own few arguments is stricter; it refuses the agent's ``umask NNNN &&``
+prefix; its ``-no-overwrite`` is ``--ignore-existing``, which would charge
+a retry of the same content; it is not installed everywhere; and the
+hashing, fsync and clean-up requests need this command anyway.
 """
 
 from __future__ import annotations
