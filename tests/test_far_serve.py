@@ -270,15 +270,18 @@ def test_the_agent_ships_verifies_and_keeps_replaced_copies_through_the_forced_c
     names = hostile_names(canary_dir)
     files = {os.fsdecode(b"h/" + n): n + b"\n" for n in names}
     files.update({"plain/a.dat": os.urandom(5000), "b.dat": b"b"})
-    archive = served.archive("deep/arch")
-    ids = register(catalog, "arch", files, tmp_path / "src")
+    archive = served.archive("deep/arch", max_copy_attempts=1)
+    base = served.sshd.make_remote_dir(served.root / "deep" / "arch")
+    (base / "linked").symlink_to(served.outside)  # planted on the far side
+    ids = register(catalog, "arch", {**files, "linked/x.dat": b"x"}, tmp_path / "src")
     worker = make_worker(archive)
     while worker.step():
         pass
     for remote, data in files.items():
         assert row(catalog, ids[remote]).verified, remote
-        assert (served.root / "deep" / "arch" / remote).read_bytes() == data
+        assert (base / remote).read_bytes() == data
     assert not canary_fired(canary_dir)
+    assert not row(catalog, ids["linked/x.dat"]).verified and far_files(served.outside) == {"secret"}
 
     # an absolute remote_basedir inside the root works the same; a replaced far
     # copy of other content is kept, an identical one is not
