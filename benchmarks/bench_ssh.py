@@ -180,6 +180,8 @@ class Bench:
         archive = {"remote_basedir": str(remote), "ssh_host": self.server.ssh_target,
                    "ssh_key": str(self.server.client_key), "ssh_port": self.server.port,
                    "known_hosts": str(self.server.known_hosts)}
+        if self.args.far_side == "serve":  # through `watcher serve`, a forced command (README)
+            archive.update(far_side="serve", ssh_key=str(self.serve_key()))
         if self.args.batch:
             archive["files_per_batch"] = self.args.batch
         rule = {"watch": str(inbox), "archive": "far"}
@@ -193,6 +195,15 @@ class Bench:
         agent = AgentRun(path, self.log_file, self.args.debug_log)
         wait(lambda: agent.said("start-up scan done"), 30, "the agent's start-up scan")
         return agent, inbox, remote, base / "catalog.db"
+
+    def serve_key(self) -> Path:
+        """A key whose logins run `watcher serve --root` (every far directory's parent)."""
+        key = self.work / "serve_key"
+        if not key.exists():
+            root = self.server.remote_root().parent
+            self.server.add_forced_key(key, shlex.join([*self.server.login_python(), "-m", "watcher.serve",
+                                                         "--root", str(root)]))
+        return key
 
     def wait_verified(self, db: Path, count: int, timeout: float) -> tuple[float, float]:
         """Poll the catalog until `count` rows are verified; (registered at, verified at).
@@ -460,6 +471,8 @@ def parse_args(argv=None):
                    "see README for why, and for runs on disk with --workdir /var/tmp)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (agent.log)")
     p.add_argument("--debug-log", action="store_true", help="agent log at DEBUG level")
+    p.add_argument("--far-side", choices=("shell", "serve"), default="shell",
+                   help="the archive's far_side (serve: through `watcher serve` as a forced command)")
     return p.parse_args(argv)
 
 

@@ -298,6 +298,36 @@ LogLevel VERBOSE
         """Value for `rsync -e` (rsync splits it on whitespace itself)."""
         return shlex.join(["ssh", *self.ssh_options()])
 
+    # -- forced commands ---------------------------------------------------
+
+    def login_python(self) -> list[str]:
+        """How the login user runs this checkout's Python with its packages (the
+        tests' interpreter may lie where that user may not go, e.g. /root:
+        then the system's of the same version, given the same packages)."""
+        import site
+        import sys
+        python = sys.executable
+        if self.is_root and subprocess.run(["runuser", "-u", self.user, "--", "test", "-x", python]).returncode:
+            python = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+        project = str(Path(__file__).resolve().parent.parent)
+        return ["env", f"PYTHONPATH={':'.join([project, *site.getsitepackages()])}",
+                "PYTHONDONTWRITEBYTECODE=1", python]
+
+    def add_forced_key(self, key: Path, command: str) -> str:
+        """Make a new key at ``key`` whose every login runs ``command`` (an
+        authorized_keys ``command="...",restrict`` line); returns the line,
+        for remove_key."""
+        assert '"' not in command
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "forced", "-f", str(key)],
+                       check=True)
+        line = f'command="{command}",restrict {Path(f"{key}.pub").read_text().strip()}\n'
+        with open(self.authorized_keys, "a") as f:
+            f.write(line)
+        return line
+
+    def remove_key(self, line: str) -> None:
+        self.authorized_keys.write_text(self.authorized_keys.read_text().replace(line, ""))
+
     # -- far-side directories --------------------------------------------
 
     def remote_root(self) -> Path:

@@ -447,7 +447,7 @@ class Agent:
         left and every archive's host has answered."""
         checks = preflight.StartupChecks(self.config, self.destinations)
         reported: set[tuple[str, str]] = set()
-        first = True
+        first = clean = True
         while True:
             try:
                 found = checks.run(self.stop_event)
@@ -461,6 +461,9 @@ class Agent:
                 log.info("start-up checks done: %s", f"{len(found)} problems" if found else "nothing found")
             for f in found:
                 self._findings.report(f.kind, f.subject, f.message, list(f.archives))
+            if clean:
+                clean = False
+                self._clean_far_temp_files()  # a walk of each far base: after the reports
             now = {(f.kind, f.subject) for f in found}
             for kind, subject in reported - now:
                 self._findings.solve(kind, subject)
@@ -469,6 +472,24 @@ class Agent:
                 return
             if self.stop_event.wait(self.config.rescan_interval):
                 return
+
+    def _clean_far_temp_files(self) -> None:
+        """rsync's temporary files that a far power cut left below each ssh
+        archive's base (see Destination.clean_temp_files), once at start."""
+        for name, dest in self.destinations.items():
+            try:
+                removed = dest.clean_temp_files(
+                    lambda paths, name=name: self.catalog.files.known_remote_paths(name, paths),
+                    self.stop_event)
+            except Stopped:
+                return
+            except Exception as exc:  # the far side's or the catalog's: nothing else depends on it
+                log.warning("archive %s: rsync's temporary files left on the far side were not "
+                            "cleaned up: %s", name, exc)
+                continue
+            if removed:
+                log.info("archive %s: removed %d temporary files a cut-off copy left on the far side, "
+                         "e.g. %s", name, len(removed), removed[0])
 
     def _watch(self, root: _Root) -> None:
         """(Re)start the observer of a root; a failure is reported and retried later."""

@@ -139,6 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
                  "or why none takes it (exit 1 if any ships nowhere)", db=False, parent=kinds)
     sp.add_argument("paths", nargs="+", metavar="PATH")
 
+    sp = sub.add_parser("serve", help="on the archive host, as the forced command of the agent's key "
+                        "in authorized_keys: serve only its deliveries below DIR")
+    sp.add_argument("-v", "--verbose", action="count", default=0, dest="verbose_after", help=verbose)
+    sp.add_argument("--root", required=True, metavar="DIR", help="the only directory the key may write in")
+    sp.add_argument("--append-only", action="store_true",
+                    help="never replace a far file by one of other content (the earlier copy is put back)")
+    sp.add_argument("--min-temp-age", type=duration, default=600.0, metavar="DURATION",
+                    help="rsync's temporary files younger than this are never removed (default 10m)")
+    sp.set_defaults(func=_later("serving", "run"))
+
     sp = sub.add_parser("config", help="what a rules file needs around it")
     kinds = sp.add_subparsers(dest="kind", metavar="KIND", required=True)
     sp = kinds.add_parser("systemd", help="print the unit drop-in (writable and readable paths) for FILE")

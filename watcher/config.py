@@ -66,6 +66,10 @@ class Archive:
     # key (socs ran one SupRsync instance per archive, each with its own
     # id); None in a rules file: the top-level instance_id (the reader fills it in).
     instance_id: str | None = None
+    # What the far account's key may run: "shell" (a login shell: rsync,
+    # md5sum, find...), or "serve" (only `watcher serve`, a forced command in
+    # authorized_keys; see watcher/serve.py). Over ssh only.
+    far_side: str = "shell"
 
     @property
     def is_remote(self) -> bool:
@@ -378,6 +382,14 @@ def _typed(kind, name):
 
 _str = _typed(str, "a string")
 _bool = _typed(bool, "true or false")
+FAR_SIDES = ("shell", "serve")
+
+
+def _far_side(value):
+    if value not in FAR_SIDES:
+        raise ValueError(f"expected shell (the far login runs a shell) or serve (its key may run "
+                         f"only `watcher serve`, a forced command), got {value!r}")
+    return value
 
 
 # SQLite refuses integers past 2**63; beyond a million, neither count changes anything
@@ -832,6 +844,10 @@ def _read_archive(r: _Reader, name: Any, data: Any) -> Archive | None:
                       "would refuse every connection (add the host's key to it, or set "
                       "accept_new_host_keys: true)")
     retention = r.setting(data, Archive, "delete_local_after", path, parse_duration)
+    far_side = r.setting(data, Archive, "far_side", path, _far_side)
+    if far_side == "serve" and not remote:
+        r.problem(path + ("far_side",), "serve is for an archive reached over ssh (set ssh_host), "
+                  "not a local directory")
     return Archive(
         name=name,
         remote_basedir=basedir or "",
@@ -850,6 +866,7 @@ def _read_archive(r: _Reader, name: Any, data: Any) -> Archive | None:
         chmod=r.setting(data, Archive, "chmod", path, _chmod),
         api_roots=r.setting(data, Archive, "api_roots", path, _api_roots(r)),
         instance_id=r.setting(data, Archive, "instance_id", path, _name),
+        far_side=far_side,
     )
 
 

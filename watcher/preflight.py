@@ -160,7 +160,7 @@ def far_findings(dest: Destination, stop: threading.Event | None = None) -> list
     """What the archive host lacks, in one command through the archive's
     shared connection. Raises TransferError when it cannot be asked."""
     a = dest.archive
-    argv = dest.ssh_args() + ["--", a.ssh_host, f"b={shlex.quote(a.remote_basedir)}\n{FAR_SCRIPT}"]
+    argv = dest.preflight_args(FAR_SCRIPT)
     result = run(argv, timeout=a.cmd_timeout, stop=stop)
     at = result.stdout.rfind(MARK)
     fields = result.stdout[at + len(MARK):].split(b"\0") if at >= 0 else []

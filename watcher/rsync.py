@@ -39,15 +39,16 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import sh
 
 from watcher.config import Archive
 from watcher.hashing import md5_of_fd
 from watcher.faults import checkpoint
+from watcher.far_side import MD5_HEADER, SERVE_REQUEST, TEMP_NAME, drop_identical_copies
 from watcher.rules import REPLACED_DIR, remote_path_problem
-from watcher.safefs import Beneath, Identity, Trees, open_in, split_beneath
+from watcher.safefs import Beneath, Trees, open_in, split_beneath
 from watcher.ssh import ssh_args, stop_master
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,10 @@ RSYNC_EXIT_MEANINGS = {
 # writes a newline in a name as \#012).
 ARCHIVE_FULL = re.compile(rb": (?:No space left on device|Disk quota exceeded) \(\d+\)\s*$",
                           re.MULTILINE)
+# rsync's temporary files untouched this long (status change time) are left
+# over from a copy cut off: a running copy writes at least every copy_timeout.
+TEMP_FILE_AGE = 3600.0
+TEMP_WALK_TIMEOUT = 600.0  # seconds the far side may take to walk the base looking for them
 # The oldest rsync that refuses to write through a symlink below the destination.
 MIN_RSYNC_VERSION = (3, 4)
 SHELL_TEXT = ("the archive host's login shell prints text, so rsync and the md5 command cannot "
@@ -312,6 +317,8 @@ class Destination:
         self._verified: OrderedDict[int, tuple] = OrderedDict()
         self._sent: dict[int, tuple] = {}
         self._home: str | None = None  # the far login's working directory, as rsync sees it
+        # the far account's key may run only watcher.serve (a forced command)
+        self.serve = archive.is_remote and archive.far_side == "serve"
         mode = far_dir_mode(archive.chmod)
         # the receiving rsync's umask, which alone decides the mode of the directories it makes
         self._far_umask = None if mode is None else 0o777 & ~mode
@@ -349,7 +356,10 @@ class Destination:
         a = self.archive
         args = ["rsync", "--no-dirs", "--copy-links", "--times", "--omit-dir-times",
                 "--ignore-times", "--mkpath", "--no-implied-dirs",
-                "-s",  # -s: --secluded-args (--protect-args before 3.2.7)
+                # -s: --secluded-args (--protect-args before 3.2.7); not to a
+                # forced command, which must see the receiver's arguments to check
+                # them (rsync then escapes them for the far shell itself)
+                *([] if self.serve else ["-s"]),
                 "--files-from=-", "--from0",
                 # A line per file sent, names escaped only as rsync_escaped() says.
                 "--8-bit-output", f"--out-format={OUT_FORMAT}",
@@ -377,6 +387,8 @@ class Destination:
         and that removes from ``replaced_dir`` (the batch's ``--backup-dir``)
         each copy identical to the file now under its name (a copy rewritten
         after a restart or a lost connection), then its empty directories."""
+        if self.serve:
+            return self._serve_args("md5", self.archive.remote_basedir, *([replaced_dir] if replaced_dir else []))
         script = (f"cd -P -- {shlex.quote(self.archive.remote_basedir)} && "
                   f"printf '{MD5_HEADER.decode()}%s\\0' \"$PWD\" && "
                   f"R={shlex.quote(replaced_dir)} && export R && "
@@ -391,7 +403,24 @@ class Destination:
         over ssh, in which directory the far login starts)."""
         if not self.archive.is_remote:
             return ["rsync", "--version"]
+        if self.serve:  # the serving root's physical path, then rsync's version
+            return self._serve_args("version")
         return self.ssh_args() + ["--", self.archive.ssh_host, "pwd -P && exec rsync --version"]
+
+    def _serve_args(self, *words: str) -> list[str]:
+        """A request to the archive's forced command (watcher.serve): one
+        fixed verb and its quoted arguments, which ssh hands over as
+        SSH_ORIGINAL_COMMAND."""
+        return self.ssh_args() + ["--", self.archive.ssh_host,
+                                  " ".join([SERVE_REQUEST, *(shlex.quote(w) for w in words)])]
+
+    def preflight_args(self, script: str) -> list[str]:
+        """The start-up check's command (watcher.preflight): its far script
+        in a shell, or the forced command's ``check`` request."""
+        if self.serve:
+            return self._serve_args("check", self.archive.remote_basedir)
+        return self.ssh_args() + ["--", self.archive.ssh_host,
+                                  f"b={shlex.quote(self.archive.remote_basedir)}\n{script}"]
 
     # -- checks ----------------------------------------------------------------
 
@@ -550,6 +579,68 @@ class Destination:
         return {os.fsdecode(name[2:]): md5
                 for name, md5 in parse_far_md5(result.stdout, result.stderr).items()}
 
+    def clean_temp_files(self, far_names: Callable[[list[str]], set[str]],
+                         stop: threading.Event | None = None) -> list[str]:
+        """Remove rsync's temporary files (``.NAME.XXXXXX``) that a copy cut
+        off (a far power cut) left below the base; returns the paths removed.
+
+        The far side lists the regular files of the far account with one
+        link named so, untouched (status change time) for TEMP_FILE_AGE,
+        none below REPLACED_DIR, no link followed; of them, only one whose
+        NAME is a far name this archive ships, and which is no far name
+        itself (``far_names``: which of the paths given the catalog has), is
+        removed, checked again on the far side: an archived file named like
+        a temporary one stays. Over ssh only. Raises TransferError when the
+        far side cannot be asked."""
+        if not self.archive.is_remote:
+            return []
+        age = f"{max(TEMP_FILE_AGE, 3 * self.archive.copy_timeout):.0f}"
+        timeout = max(self.archive.cmd_timeout, TEMP_WALK_TIMEOUT)  # a walk of the whole base
+        argv, stdin = self._temp_files_args(age)
+        listed = run(argv, stdin=stdin, timeout=timeout, stop=stop)
+        if listed.exit_code != 0:
+            raise TransferError("connection" if listed.exit_code == 255 else "archive",
+                                f"listing rsync's temporary files exited {listed.exit_code}: "
+                                f"{said(listed.stderr)}", argv)
+        temps = {}
+        for name in (os.fsdecode(n).removeprefix("./") for n in listed.stdout.split(b"\0") if n):
+            parent, _, leaf = name.rpartition("/")
+            found = TEMP_NAME.fullmatch(leaf)
+            if found:
+                temps[name] = posixpath.join(parent, found.group(1))
+        known = far_names(sorted(set(temps) | set(temps.values()))) if temps else set()
+        chosen = [t for t, target in temps.items() if target in known and t not in known]
+        removed: list[str] = []
+        for start in range(0, len(chosen), 500):
+            argv, stdin = self._temp_files_args(age, chosen[start:start + 500])
+            done = run(argv, stdin=stdin, timeout=timeout, stop=stop)
+            if done.exit_code != 0:
+                raise TransferError("archive", f"removing rsync's temporary files exited "
+                                    f"{done.exit_code}: {said(done.stderr)}", argv)
+            removed += [os.fsdecode(n).removeprefix("./") for n in done.stdout.split(b"\0") if n]
+        return removed
+
+    def _temp_files_args(self, age: str, remove: list[str] | None = None) -> tuple[list[str], bytes | None]:
+        """The far command that lists rsync's stale temporary files below the
+        base (or removes those of ``remove`` that still are), and its input:
+        watcher.serve's request, or GNU find, which follows no link and
+        deletes relative to the directory it found the file in."""
+        base = self.archive.remote_basedir
+        if self.serve:
+            if remove is None:
+                return self._serve_args("temp-files", base, age), None
+            return self._serve_args("clean", base, age), b"".join(os.fsencode(p) + b"\0" for p in remove)
+        # best effort: a directory find may not read is passed over, as by serve
+        script = (f"cd -P -- {shlex.quote(base)} 2>/dev/null || exit 0; c=$(($(date +%s) - {age})) && "
+                  f"{{ find . ")
+        same = f"-type f -links 1 -user \"$(id -u)\" ! -newerct \"@$c\" "
+        if remove is None:
+            script += f"-path ./{REPLACED_DIR} -prune -o {same}-name '.?*.??????' -print0 2>/dev/null; true; }}"
+        else:  # -delete turns -prune off: the paths named are never below REPLACED_DIR
+            paths = " -o ".join(f"-path {shlex.quote('./' + _glob_escaped(p))}" for p in remove)
+            script += f"! -path './{REPLACED_DIR}/*' {same}\\( {paths} \\) -print0 -delete 2>/dev/null; true; }}"
+        return self.ssh_args() + ["--", self.archive.ssh_host, script], None
+
     # -- what this agent verified: edits ---------------------------------------
 
     def may_be_edit(self, row_id: int, local_path: str, remote_path: str) -> bool:
@@ -593,6 +684,11 @@ class Destination:
         """Stop the shared ssh connection, if one was started."""
         if self.archive.is_remote and self._control_dir:
             stop_master(self.archive, self._control_dir)
+
+
+def _glob_escaped(path: str) -> str:
+    """``path`` as a find -path pattern that matches only itself."""
+    return re.sub(r"([\\*?\[])", r"\\\1", path)
 
 
 def _dir_arg(path: str) -> str:
@@ -840,7 +936,6 @@ def reported_names(stdout: bytes) -> set[bytes]:
 # path; then, for each of xargs' chunks of names, what MD5_CHUNK prints: the
 # count and the names, the realpath of each, an empty record, the md5sum
 # records, an empty record (all NUL-terminated; no name or path is empty).
-MD5_HEADER = b"watcher-md5 "
 MD5_CHUNK = ('printf "%s\\0" "$#" "$@"; realpath -z -m -- "$@"; printf "\\0"; '
              'md5sum -z -- "$@"; printf "\\0"; '
              # the batch's replaced copies identical to what now stands there (no output)
@@ -924,37 +1019,8 @@ def _local_md5(basedir: str, remote_paths: list[str], replaced_dir: str = "") ->
             finally:
                 os.close(fd)
         if replaced_dir:
-            _drop_identical_copies(tree, replaced_dir, found)
+            drop_identical_copies(tree, replaced_dir, found)
     return found
-
-
-def _drop_identical_copies(tree: Beneath, replaced_dir: str, found: dict[str, str]) -> None:
-    """Unlink the copies below ``replaced_dir`` identical, byte for byte, to
-    the file now under their name (an md5 match is only where to look),
-    then the directories that left empty."""
-    top = os.path.join(tree.root, replaced_dir)
-    if not os.path.isdir(top) or os.path.islink(top):
-        return
-    for path, md5 in found.items():
-        copy = os.path.join(top, path)
-        try:
-            fd = tree.open(copy)
-        except (OSError, ValueError):
-            continue
-        try:
-            st = os.fstat(fd)
-            if (stat.S_ISREG(st.st_mode) and md5_of_fd(fd)[0] == md5
-                    and _same_bytes(fd, tree, os.path.join(tree.root, path))):
-                tree.unlink_if(copy, Identity.of(st))
-        except (OSError, ValueError):
-            pass
-        finally:
-            os.close(fd)
-    for here in [*(d for d, _, _ in os.walk(top, topdown=False)), os.path.dirname(top)]:
-        try:
-            os.rmdir(here)
-        except OSError:
-            pass  # not empty: a copy of other content is kept
 
 
 FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long)
@@ -970,24 +1036,6 @@ def inode_generation(fd: int) -> int | None:
     except OSError:
         return None
     return buf[0]
-
-
-def _same_bytes(fd: int, tree: Beneath, path: str) -> bool:
-    """Whether the file of ``fd`` holds exactly what ``path`` below the tree holds."""
-    other = tree.open(path)
-    try:
-        if os.fstat(other).st_size != os.fstat(fd).st_size:
-            return False
-        offset = 0
-        while True:
-            a, b = os.pread(fd, 1 << 20, offset), os.pread(other, 1 << 20, offset)
-            if a != b:
-                return False
-            if not a:
-                return True
-            offset += len(a)
-    finally:
-        os.close(other)
 
 
 def _descriptor_budget() -> int:

@@ -1,0 +1,421 @@
+"""A key that can only deliver: `watcher serve` as the forced command of a key
+in the test sshd's authorized_keys (``command="...",restrict``).
+
+Driven with the real ssh and rsync, as an attacker holding the key would,
+and by the real agent's TransferWorker with ``far_side: serve``; what
+counts is what lands on (or stays off) the far file system.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tests.hostile_names import canary_fired, hostile_names
+from tests.ssh_support import md5, register, row, ssh_archive
+from tests.waiting import wait_until
+from watcher.rsync import Item, TransferError, ship_batch
+
+
+def serve_command(sshd, root: Path, *options: str) -> str:
+    """The forced command: this checkout's `watcher serve`, run by the far login."""
+    return shlex.join([*sshd.login_python(), "-m", "watcher.serve", "--root", str(root), *options])
+
+
+class Served:
+    """A key whose every connection runs `watcher serve --root ROOT`."""
+
+    def __init__(self, sshd, tmp_path: Path, root: Path, outside: Path, wrapper: tuple[str, ...] = (),
+                 serve_options: tuple[str, ...] = ()):
+        self.sshd, self.root, self.outside = sshd, root, outside
+        self.key = tmp_path / "served_key"
+        command = shlex.join(wrapper) + " " + serve_command(sshd, root, "--min-temp-age", "0", *serve_options)
+        self.line = sshd.add_forced_key(self.key, command.strip())
+        self.control = tmp_path / "served.sock"
+
+    def remove(self) -> None:
+        subprocess.run(["ssh", *self.options(), "-O", "exit", "--", self.sshd.ssh_target], capture_output=True)
+        self.sshd.remove_key(self.line)
+
+    def options(self) -> list[str]:
+        """ssh's options for this key (one shared connection: each request still
+        runs the forced command)."""
+        opts = self.sshd.ssh_options()
+        opts[opts.index("-i") + 1] = str(self.key)
+        return opts + ["-o", "ControlMaster=auto", "-o", f"ControlPath={self.control}",
+                       "-o", "ControlPersist=30"]
+
+    def ssh(self, request: str, stdin: bytes = b"") -> subprocess.CompletedProcess:
+        return subprocess.run(["ssh", *self.options(), "--", self.sshd.ssh_target, request],
+                              input=stdin, capture_output=True, timeout=60)
+
+    def rsync(self, *args: str) -> subprocess.CompletedProcess:
+        rsh = shlex.join(["ssh", *self.options()])
+        return subprocess.run(["rsync", "-e", rsh, *args], capture_output=True, timeout=60)
+
+    def archive(self, base: str = "arch", **options):
+        return replace(ssh_archive(self.sshd, base, ssh_key=str(self.key), **options), far_side="serve")
+
+
+@pytest.fixture
+def served(sshd, remote_dir, tmp_path):
+    root = remote_dir / "root"
+    outside = remote_dir / "outside"
+    for d in (root, outside):
+        sshd.make_remote_dir(d)
+    (outside / "secret").write_bytes(b"secret\n")
+    s = Served(sshd, tmp_path, root, outside)
+    yield s
+    s.remove()
+
+
+def far_files(top: Path) -> set[str]:
+    return {str(p.relative_to(top)) for p in top.rglob("*") if not p.is_dir() or p.is_symlink()}
+
+
+@pytest.mark.parametrize("entry", [["-m", "watcher.cli", "serve"], ["-m", "watcher.serve"]],
+                         ids=["watcher serve", "python -m watcher.serve"])
+def test_both_entry_points_serve_the_same_and_say_a_refusal_in_one_line(tmp_path, entry):
+    def serve(request: str | None, *options: str) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "SSH_ORIGINAL_COMMAND"}
+        if request is not None:
+            env["SSH_ORIGINAL_COMMAND"] = request
+        return subprocess.run([sys.executable, *entry, "--root", str(tmp_path), *options], env=env,
+                              capture_output=True, text=True, timeout=30)
+
+    version = serve("watcher-serve version")
+    assert version.returncode == 0 and version.stdout.startswith(f"{os.path.realpath(tmp_path)}\nrsync ")
+    for request, options, said in [(None, (), "SSH_ORIGINAL_COMMAND is not set"),
+                                   ("id", (), "not a request this key may make"),
+                                   ("watcher-serve version", ("--min-temp-age", "3x"), "--min-temp-age")]:
+        done = serve(request, *options)
+        assert done.returncode in (1, 2) and said in done.stderr and len(done.stderr.splitlines()) == 1, done
+    missing = subprocess.run([sys.executable, *entry, "--root", str(tmp_path / "none")], capture_output=True,
+                             text=True, env=dict(os.environ, SSH_ORIGINAL_COMMAND="watcher-serve version"))
+    assert missing.returncode == 1 and missing.stderr.strip().endswith("No such file or directory")
+
+
+@pytest.mark.parametrize("options, said", [
+    ({"far_side": "serve"}, "far_side: serve is for an archive reached over ssh"),
+    ({"far_side": "rrsync", "ssh_host": "u@h"}, "far_side: expected shell (the far login runs a shell) or serve"),
+])
+def test_far_side_is_shell_or_serve_and_serve_only_over_ssh(setup, options, said):
+    from watcher.config import ConfigError
+    setup.archive("arch", **options)
+    setup.rule()
+    with pytest.raises(ConfigError) as caught:
+        setup.config()
+    assert len(caught.value.problems) == 1 and said in caught.value.problems[0], caught.value.problems
+
+
+REFUSED_REQUESTS = [
+    "cat /etc/passwd", "sh -c id", "touch {out}/CANARY", "", "exec rsync --version",
+    "rsync --server --sender -logDtpre.iLsfxCIvu . /etc/passwd",
+    "rsync --server --sender -tIRe.LsfxCIvu . ./",
+    "rsync --server -tIRe.LsfxCIvu --temp-dir={out} . x/",
+    "rsync --server -tIRe.LsfxCIvu --log-file={out}/CANARY . x/",
+    "rsync --server -btIRe.LsfxCIvu --backup-dir={out}/CANARY . x/",
+    "rsync --server -btIRe.LsfxCIvu --backup-dir .watcher-replaced/../../x . x/",
+    "rsync --server -tIRe.LsfxCIvu --delete . x/",
+    "rsync --server -tIRe.LsfxCIvu --remove-source-files . x/",
+    "rsync --server -tIRe.LsfxCIvu --files-from=/etc/passwd . x/",
+    "rsync --server -tIRe.LsfxCIvu . ../outside/",
+    "rsync --server -tIRe.LsfxCIvu . {out}/",
+    "rsync --server -tlIRe.LsfxCIvu . x/",  # -l: it would make symlinks
+    "umask 0002; rsync --server -tIRe.LsfxCIvu . x/",
+    "umask 0002 && rsync --server -tIRe.LsfxCIvu . x/ && cat /etc/passwd",
+    "watcher-serve md5 ../outside", "watcher-serve md5 /etc", "watcher-serve rm x",
+    "watcher-serve md5 . ../../x", "watcher-serve clean . nan",
+]
+
+
+@pytest.mark.parametrize("request_", REFUSED_REQUESTS)
+def test_the_key_can_run_nothing_but_its_requests(served, request_):
+    done = served.ssh(request_.format(out=served.outside), stdin=b"./secret\0")
+    lines = done.stderr.decode(errors="replace").strip().splitlines()
+    assert done.returncode != 0
+    assert len(lines) == 1 and lines[0].startswith("watcher serve: refused: "), lines
+    assert b"root:" not in done.stdout and b"secret" not in done.stdout
+    assert far_files(served.root) == set() and far_files(served.outside) == {"secret"}
+
+
+def test_sftp_scp_and_forwarding_get_nothing_through_the_key(served, tmp_path):
+    """Each attempt works with the unrestricted key of the test sshd, and
+    fails with the served one."""
+    (served.root / "f").write_bytes(b"in the root")
+    target, port = served.sshd.ssh_target, served.sshd.port
+
+    def attempts(key: Path) -> dict[str, list[str]]:
+        ssh = served.sshd.ssh_options()
+        ssh[ssh.index("-i") + 1] = str(key)
+        copy = [("-P" if o == "-p" else o) for o in ssh]  # scp and sftp spell the port -P
+        got = tmp_path / "got"
+        return {
+            "sftp": ["sftp", *copy, "-b", "-", target],
+            "scp (sftp protocol)": ["scp", *copy, f"{target}:{served.outside}/secret", str(got)],
+            "scp -O (scp -f on the far side)": ["scp", "-O", *copy, f"{target}:{served.root}/f", str(got)],
+            "a tunnel": ["ssh", *ssh, "-W", f"127.0.0.1:{port}", target],  # to the sshd itself
+        }
+
+    for key, works in ((served.sshd.client_key, True), (served.key, False)):
+        for what, argv in attempts(key).items():
+            done = subprocess.run(argv, input=f"get {served.outside}/secret {tmp_path}/got\n".encode(),
+                                  capture_output=True, timeout=30)
+            assert (done.returncode == 0) == works or what == "a tunnel", (what, works, done)
+            if what == "a tunnel":
+                assert done.stdout.startswith(b"SSH-") == works, (what, works, done)
+            else:
+                assert (tmp_path / "got").exists() == works, (what, works)
+                (tmp_path / "got").unlink(missing_ok=True)
+
+
+def test_real_rsync_with_the_key_writes_only_below_the_root(served, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    served.sshd.make_remote_dir(served.root / "in")
+    (served.root / "in" / "link").symlink_to(served.outside)  # planted by someone on the far side
+    (served.root / "in" / "filelink").symlink_to(served.outside / "secret")
+    host = served.sshd.ssh_target
+    attempts = {
+        "a pull": ["-t", f"{host}:in/filelink", str(tmp_path / "got")],
+        "a pull of an absolute path": ["-t", f"{host}:/etc/passwd", str(tmp_path / "got")],
+        "up and out": ["-t", str(src / "f"), f"{host}:../outside/"],
+        "absolute": ["-t", str(src / "f"), f"{host}:{served.outside}/"],
+        "through a planted directory link": ["-t", str(src / "f"), f"{host}:in/link/"],
+        "a remote --temp-dir": ["-t", f"-M--temp-dir={served.outside}", str(src / "f"), f"{host}:x/"],
+        "a remote --log-file": ["-t", f"-M--log-file={served.outside}/log", str(src / "f"), f"{host}:x/"],
+        "a --backup-dir outside": ["-t", "--backup", f"--backup-dir={served.outside}", str(src / "f"),
+                                   f"{host}:x/"],
+        "--delete": ["-t", "-r", "--delete", str(src) + "/", f"{host}:in/"],
+        "symlinks": ["-tl", str(src / "f"), f"{host}:x/"],
+    }
+    for what, args in attempts.items():
+        done = served.rsync(*args)
+        assert done.returncode != 0, what
+        assert b"watcher serve: refused" in done.stderr, (what, done.stderr)
+    assert not (tmp_path / "got").exists()
+    assert far_files(served.outside) == {"secret"} and (served.outside / "secret").read_bytes() == b"secret\n"
+    assert far_files(served.root) == {"in/link", "in/filelink"}
+    assert not (served.root / "x").exists()
+
+    # what the key may send lands below the root: -R with an absolute source, a
+    # setuid file (never setuid there)
+    (src / "f").chmod(0o4755)
+    done = served.rsync("-tpR", str(src / "f"), f"{served.sshd.ssh_target}:x/")
+    assert done.returncode == 0, done.stderr
+    landed = served.root / "x" / str(src / "f").lstrip("/")
+    assert landed.read_bytes() == b"data" and oct(landed.stat().st_mode & 0o7777) == oct(0o755)
+
+    # a file written in place of a planted link replaces the link, never its target
+    done = served.rsync("-t", "-s", str(src / "f"), f"{served.sshd.ssh_target}:in/filelink")
+    assert done.returncode != 0  # -s hides the arguments: refused
+    (src / "filelink").write_bytes(b"over")
+    done = served.rsync("-t", str(src / "filelink"), f"{served.sshd.ssh_target}:in/")
+    assert done.returncode == 0, done.stderr
+    assert (served.root / "in" / "filelink").read_bytes() == b"over"
+    assert not (served.root / "in" / "filelink").is_symlink()
+    assert (served.outside / "secret").read_bytes() == b"secret\n"
+
+
+def test_the_md5_request_reads_nothing_through_a_link(served, tmp_path):
+    (served.root / "d").mkdir()
+    (served.root / "d" / "real").write_bytes(b"secret\n")
+    (served.root / "d" / "link").symlink_to(served.outside / "secret")
+    (served.root / "dirlink").symlink_to(served.outside)
+    names = [b"./d/real", b"./d/link", b"./dirlink/secret", b"./d/../d/real", b"./missing"]
+    done = served.ssh("watcher-serve md5 .", stdin=b"".join(n + b"\0" for n in names))
+    assert done.returncode == 0, done.stderr
+    from watcher.rsync import parse_far_md5
+    assert parse_far_md5(done.stdout) == {b"./d/real": md5(b"secret\n")}
+    done = served.ssh("watcher-serve md5 dirlink", stdin=b"./secret\0")
+    assert done.returncode != 0 and b"symlink is not followed" in done.stderr
+
+
+def test_the_far_md5_fsyncs_each_file_and_its_directories_up_to_the_base_before_answering(
+        sshd, remote_dir, tmp_path):
+    """Durability (issue 14 section 2): what the agent counts verified is on stable
+    storage. Observed with strace around the forced command."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    root, trace = sshd.make_remote_dir(remote_dir / "root"), sshd.make_remote_dir(remote_dir / "trace")
+    log = trace / "fsync.log"
+    served = Served(sshd, tmp_path, root, remote_dir, ("strace", "-f", "-qq", "-y", "-e", "trace=fsync",
+                                                       "-o", str(log)))
+    try:
+        (root / "arch" / "d" / "e").mkdir(parents=True)
+        (root / "arch" / "d" / "e" / "f").write_bytes(b"f")
+        (root / "arch" / "g").write_bytes(b"g")
+        done = served.ssh("watcher-serve md5 arch", stdin=b"./d/e/f\0./g\0")
+        if b"ptrace" in done.stderr:
+            pytest.skip(f"strace cannot trace here: {done.stderr.decode(errors='replace').strip()}")
+        assert done.returncode == 0, done.stderr
+    finally:
+        served.remove()
+    synced = re.findall(r"fsync\(\d+<(.*?)>\) = 0", log.read_text())
+    base = os.path.realpath(root / "arch")
+    assert sorted(synced) == sorted([f"{base}/d/e/f", f"{base}/d/e", f"{base}/d", base, f"{base}/g"])
+
+
+def test_the_agent_ships_verifies_and_keeps_replaced_copies_through_the_forced_command(
+        served, tmp_path, catalog, make_worker, destinations, canary_dir):
+    names = hostile_names(canary_dir)
+    files = {os.fsdecode(b"h/" + n): n + b"\n" for n in names}
+    files.update({"plain/a.dat": os.urandom(5000), "b.dat": b"b"})
+    archive = served.archive("deep/arch", max_copy_attempts=1)
+    base = served.sshd.make_remote_dir(served.root / "deep" / "arch")
+    (base / "linked").symlink_to(served.outside)  # planted on the far side
+    ids = register(catalog, "arch", {**files, "linked/x.dat": b"x"}, tmp_path / "src")
+    worker = make_worker(archive)
+    while worker.step():
+        pass
+    for remote, data in files.items():
+        assert row(catalog, ids[remote]).verified, remote
+        assert (base / remote).read_bytes() == data
+    assert not canary_fired(canary_dir)
+    assert not row(catalog, ids["linked/x.dat"]).verified and far_files(served.outside) == {"secret"}
+
+    # an absolute remote_basedir inside the root works the same; a replaced far
+    # copy of other content is kept, an identical one is not
+    dest = destinations(served.archive(str(served.root / "deep" / "arch")))
+    path = tmp_path / "src" / "b.dat"
+
+    def ship(data: bytes) -> None:
+        path.unlink()
+        path.write_bytes(data)
+        results, _ = ship_batch(dest, [Item(1, str(path), "b.dat", md5(data), len(data))])
+        assert results[1] == (md5(data), md5(data))
+
+    ship(b"b")
+    kept = served.root / "deep" / "arch" / ".watcher-replaced"
+    assert not kept.exists()
+    ship(b"other")
+    assert [p.read_bytes() for p in kept.glob("*/b.dat")] == [b"b"]
+    assert far_files(served.outside) == {"secret"}
+
+
+def test_the_agent_through_serve_sees_an_archive_outside_the_root_as_unwritable(served, destinations):
+    from watcher.preflight import far_findings
+    dest = destinations(served.archive(str(served.outside / "arch")))
+    with pytest.raises(TransferError):
+        far_findings(dest)
+    assert far_findings(destinations(served.archive("new/arch"))) == []
+    assert not (served.root / "new").exists()  # the check made nothing
+
+
+def test_an_archive_left_in_shell_mode_behind_a_forced_key_is_told_to_set_far_side(served, destinations):
+    dest = destinations(replace(served.archive("arch"), far_side="shell"))
+    with pytest.raises(TransferError, match="needs far_side: serve") as caught:
+        dest.check_rsync()
+    assert caught.value.kind == "archive"
+
+
+@pytest.mark.parametrize("far_side", ["serve", "shell"])
+def test_temp_files_left_by_a_cut_copy_are_removed_only_when_stale_and_shipped(
+        served, tmp_path, destinations, monkeypatch, far_side):
+    base = served.sshd.make_remote_dir(served.root / "arch")
+    (base / "d").mkdir()
+    stale = {"d/.a.dat.Ab12Cd": b"partial", ".b.dat.x9Y8z7": b"partial", "d/.we*ird [x].Qw12Er": b"p"}
+    for name, data in stale.items():
+        (base / name).write_bytes(data)
+    (base / "d" / ".c.dat.Zz99Zz").symlink_to(served.outside / "secret")  # a link: never removed
+    (base / ".kept.backup").write_bytes(b"an archived file named like a temporary one")
+    (base / "d" / ".unshipped.dat.Qq11Qq").write_bytes(b"not the agent's")
+    (base / ".watcher-replaced" / "x").mkdir(parents=True)
+    (base / ".watcher-replaced" / "x" / ".a.dat.Ab12Cd").write_bytes(b"kept")
+    if served.sshd.is_root:
+        for p in base.rglob("*"):
+            os.chown(p, served.sshd.pw.pw_uid, served.sshd.pw.pw_gid, follow_symlinks=False)
+    shipped = {"d/a.dat", "b.dat", ".kept.backup", "kept", "d/c.dat", "d/we*ird [x]", "d/fresh.dat"}
+    archive = served.archive("arch") if far_side == "serve" else ssh_archive(served.sshd, base)
+    dest = destinations(replace(archive, copy_timeout=0.1))
+    monkeypatch.setattr("watcher.rsync.TEMP_FILE_AGE", 1.0)  # the serving side's floor is 0 here
+    changed = max(os.lstat(base / name).st_ctime for name in stale)
+    # a second old, counted in whole seconds (find's -newerct @SECONDS)
+    wait_until(lambda: time.time() > changed + 2.1, timeout=5, message="the files to be a second old")
+    (base / "d" / ".fresh.dat.Ff00Ff").write_bytes(b"a copy running now")
+    if served.sshd.is_root:
+        os.chown(base / "d" / ".fresh.dat.Ff00Ff", served.sshd.pw.pw_uid, served.sshd.pw.pw_gid)
+
+    removed = dest.clean_temp_files(lambda paths: {p for p in paths if p in shipped})
+
+    assert sorted(removed) == sorted(stale)
+    assert far_files(base) == {"d/.c.dat.Zz99Zz", ".kept.backup", "d/.unshipped.dat.Qq11Qq",
+                               ".watcher-replaced/x/.a.dat.Ab12Cd", "d/.fresh.dat.Ff00Ff"}
+    assert (served.outside / "secret").read_bytes() == b"secret\n"
+
+
+def test_the_whole_agent_ships_finalizes_and_deletes_only_far_checked_files_through_the_forced_command(
+        served, setup, start_agent, caplog):
+    sshd = served.sshd
+    setup.archive("arch", remote_basedir="arch", ssh_host=sshd.ssh_target, ssh_port=sshd.port,
+                  ssh_key=str(served.key), known_hosts=str(sshd.known_hosts), far_side="serve",
+                  delete_local_after="1d")
+    inbox = setup.rule(remote_path="{timecode}/{relpath}")
+    agent = start_agent(setup, housekeeping_interval=3600)
+    obs = inbox / "obs_1600000000"
+    obs.mkdir()
+    files = {f"obs_1600000000/1600000{i:03d}_data.g3": os.urandom(300) for i in range(3)}
+    for name, data in files.items():
+        (inbox / name).write_bytes(data)
+    base = served.root / "arch"
+    catalog = setup.catalog()
+    try:
+        def rows():
+            return {r.remote_path: r for r in catalog.reports.known_files("arch", 0)}
+
+        wait_until(lambda: len(rows()) == 3 and all(r.verified for r in rows().values()), timeout=20,
+                   message="the data files verified")
+        wait_until(agent.timecodes_once, message="housekeeping while nothing waits to be registered")
+        wait_until(lambda: any(p.endswith("_16000_finalized.yaml") and r.verified for p, r in rows().items()),
+                   timeout=20, message="the finalization file verified")
+        final = next(p for p in rows() if p.endswith("_finalized.yaml"))
+        assert (base / final).is_file()
+        for name, data in files.items():
+            assert (base / "16000" / name).read_bytes() == data
+        tampered = next(iter(files))
+        (base / "16000" / tampered).write_bytes(b"not what was sent")  # the far copy lost since
+        agent.retain_once(now=time.time() + 3 * 86400)
+        for name in files:
+            assert (inbox / name).exists() == (name == tampered), name
+    finally:
+        catalog.close()
+    assert far_files(served.outside) == {"secret"}
+    assert not [r for r in caplog.records if "temporary files" in r.getMessage()]
+
+
+def test_append_only_never_replaces_a_far_file_by_other_content(sshd, remote_dir, tmp_path, destinations):
+    root = sshd.make_remote_dir(remote_dir / "root")
+    served = Served(sshd, tmp_path, root, remote_dir, serve_options=("--append-only",))
+    try:
+        dest = destinations(served.archive("arch"))
+        src = tmp_path / "src"
+        src.mkdir()
+        path = src / "a.dat"
+
+        def ship(data: bytes, new_file: bool):
+            if new_file:
+                path.unlink(missing_ok=True)
+            path.write_bytes(data)  # else rewritten in place: an edit, whose batch sends no --backup-dir
+            item = Item(1, str(path), "d/a.dat", md5(data), len(data), dest.may_be_edit(1, str(path), "d/a.dat"))
+            results, _ = ship_batch(dest, [item])
+            dest.verified(item)
+            return results[1].found
+
+        assert ship(b"first", new_file=True) == md5(b"first")
+        assert ship(b"first", new_file=True) == md5(b"first")  # a retry of the same content is served
+        assert ship(b"second", new_file=True) == md5(b"first")  # not verified: the far copy stays
+        assert ship(b"first", new_file=True) == md5(b"first")
+        assert ship(b"third", new_file=False) == md5(b"first")  # nor an edit
+        assert (root / "arch" / "d" / "a.dat").read_bytes() == b"first"
+        assert sorted(p for p in far_files(root / "arch")) == ["d/a.dat"]  # no copy left behind
+    finally:
+        served.remove()

@@ -1,0 +1,71 @@
+"""What the agent and the archive host's forced command (watcher.serve) share,
+kept light (the forced command starts once per request): the first word of
+the requests, the far md5 answer's header (see watcher.rsync.parse_far_md5), rsync's
+temporary names,
+and the removal of replaced far copies identical to their new file, which
+the far md5 of a local archive and serve's both run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+
+from watcher.hashing import md5_of_fd
+from watcher.safefs import Beneath, Identity
+
+# The first word of the requests an archive with ``far_side: serve`` sends.
+SERVE_REQUEST = "watcher-serve"
+MD5_HEADER = b"watcher-md5 "
+# rsync's temporary name for NAME: ".NAME." and mkstemp's six letters or digits
+# (NAME cut short when too long to fit).
+TEMP_NAME = re.compile(r"\.(.+)\.[A-Za-z0-9]{6}", re.S)
+
+
+def drop_identical_copies(tree: Beneath, replaced_dir: str, found: dict[str, str]) -> None:
+    """Unlink the copies below ``replaced_dir`` identical, byte for byte, to
+    the file now under their name (an md5 match is only where to look),
+    then the directories that left empty."""
+    top = os.path.join(tree.root, replaced_dir)
+    if not os.path.isdir(top) or os.path.islink(top):
+        return
+    for path, md5 in found.items():
+        copy = os.path.join(top, path)
+        try:
+            fd = tree.open(copy)
+        except (OSError, ValueError):
+            continue
+        try:
+            st = os.fstat(fd)
+            if (stat.S_ISREG(st.st_mode) and md5_of_fd(fd)[0] == md5
+                    and same_bytes(fd, tree, os.path.join(tree.root, path))):
+                tree.unlink_if(copy, Identity.of(st))
+        except (OSError, ValueError):
+            pass
+        finally:
+            os.close(fd)
+    for here in [*(d for d, _, _ in os.walk(top, topdown=False)), os.path.dirname(top)]:
+        try:
+            os.rmdir(here)
+        except OSError:
+            pass  # not empty: a copy of other content is kept
+
+
+
+def same_bytes(fd: int, tree: Beneath, path: str) -> bool:
+    """Whether the file of ``fd`` holds exactly what ``path`` below the tree holds."""
+    other = tree.open(path)
+    try:
+        if os.fstat(other).st_size != os.fstat(fd).st_size:
+            return False
+        offset = 0
+        while True:
+            a, b = os.pread(fd, 1 << 20, offset), os.pread(other, 1 << 20, offset)
+            if a != b:
+                return False
+            if not a:
+                return True
+            offset += len(a)
+    finally:
+        os.close(other)

@@ -1,0 +1,503 @@
+"""The archive host's forced command: what a DAQ host's key may do there, and nothing else.
+
+An administrator puts ``command="python -m watcher.serve --root DIR",restrict``
+(the same as ``watcher serve``, starting faster) before
+the agent's key in ``authorized_keys``; sshd then runs it for every
+connection of that key, whatever the client asked, the request in
+``SSH_ORIGINAL_COMMAND``. Only these requests are served:
+
+- ``[umask NNNN &&] rsync --server ...``: rsync's receiver, its arguments
+  checked against exactly what the agent sends (``RECEIVER_ARGS``): no
+  ``--sender`` (no reads), no option naming a path (``--temp-dir``,
+  ``--log-file``, ``--files-from``...), no ``--delete*``/``--remove*``; the
+  batch's ``--backup-dir`` only as ``.watcher-replaced/NAME``; no file
+  is given a setuid, setgid or sticky bit (``--chmod=Fugo-st``). The
+  destination is opened below DIR one component at a time without
+  following a link (made when missing), and rsync runs in it.
+- ``watcher-serve version``: DIR's physical path and ``rsync --version``
+  (the agent's ``pwd -P && exec rsync --version``).
+- ``watcher-serve check BASE``: the start-up check (watcher.preflight's
+  answer: rsync present, BASE writable or makable).
+- ``watcher-serve md5 BASE [REPLACED]``: the far md5 of the NUL-separated
+  ``./path`` names on standard input, each opened below BASE without
+  following a link, fsynced with its directories first (a verified copy is
+  on stable storage before the agent may delete its local file), answered
+  in watcher.rsync.parse_far_md5's form; copies in REPLACED identical to
+  the file now under their name are removed.
+- ``watcher-serve temp-files BASE AGE`` and ``watcher-serve clean BASE
+  AGE``: rsync's hidden temporary files ``.NAME.XXXXXX`` left by a power
+  cut mid-copy, untouched for AGE seconds (never less than
+  ``--min-temp-age``): listed, then those the agent names removed.
+
+Anything else is refused with one line on standard error and exit 1.
+rsync's own ``rrsync -wo`` is not used for the receiver: it allows rsync's
+general option set (symlinks ``-l``, ``--link-dest``, ``--partial-dir``,
+``--delete`` unless ``-no-del``...), where an allow-list of the agent's
+own few arguments is stricter; it refuses the agent's ``umask NNNN &&``
+prefix; its ``-no-overwrite`` is ``--ignore-existing``, which would charge
+a retry of the same content; it is not installed everywhere; and the
+hashing, fsync and clean-up requests need this command anyway.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+import time
+
+from watcher.far_side import MD5_HEADER, SERVE_REQUEST, TEMP_NAME, drop_identical_copies, same_bytes
+from watcher.hashing import md5_of_fd
+from watcher.rules import REPLACED_DIR
+from watcher.safefs import Beneath, Identity, split_beneath
+
+# The receiver's arguments the agent sends (watcher.rsync.Destination.rsync_args
+# without -s): each must match one of these, whole. The short options: --backup
+# (b), --omit-dir-times (O), --times (t), --perms (p), --ignore-times (I),
+# --relative (R, from --files-from), --compress (z), then rsync's protocol
+# capabilities (e.xxx).
+SHORT = re.compile(r"-[bOtpIRz]+(?:e\.[A-Za-z]*)?")
+RECEIVER_ARGS = [SHORT, re.compile(r"--log-format=%i"), re.compile(r"--timeout=\d{1,9}"),
+                 re.compile(r"--bwlimit=\d{1,20}(?:\.\d{1,9})?[bBkKmMgGtTpP]?"),
+                 re.compile(r"--no-implied-dirs"), re.compile(r"--mkpath"), re.compile(r"--fsync")]
+BACKUP_DIR = re.compile(re.escape(REPLACED_DIR) + r"/(?!\.\.?\Z)[A-Za-z0-9._-]{1,200}")
+UMASK = re.compile(r"0?[0-7]{3}")
+MIN_TEMP_AGE = 600.0
+
+
+def run(argv: list[str] | None = None) -> int:
+    """``python -m watcher.serve``: the same as ``watcher serve``, starting
+    faster (it loads none of the agent's modules), for authorized_keys."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str):  # one line, as the watcher command's (exit 2)
+            self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+    p = Parser(prog="watcher serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--root", required=True, metavar="DIR")
+    p.add_argument("--append-only", action="store_true")
+    p.add_argument("--min-temp-age", type=_duration, default=MIN_TEMP_AGE, metavar="DURATION")
+    args = p.parse_args(argv)
+    return main(args.root, min_temp_age=args.min_temp_age, append_only=args.append_only)
+
+
+def _duration(text: str) -> float:
+    from watcher.config import parse_duration  # only when given
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        import argparse
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class Refused(Exception):
+    """A request that is not served: one line, exit 1."""
+
+
+def main(root: str, min_temp_age: float = MIN_TEMP_AGE, append_only: bool = False,
+         request: str | None = None) -> int:
+    """Serve one request (``SSH_ORIGINAL_COMMAND`` when ``request`` is None)."""
+    if request is None:
+        request = os.environ.get("SSH_ORIGINAL_COMMAND")
+    try:
+        if request is None:
+            raise Refused("no request: this command serves watcher agents through ssh "
+                          "(SSH_ORIGINAL_COMMAND is not set)")
+        server = Server(root, min_temp_age, append_only)
+        return server.serve(request)
+    except Refused as exc:
+        print(f"watcher serve: refused: {exc}", file=sys.stderr)
+        return 1
+
+
+class Server:
+    def __init__(self, root: str, min_temp_age: float, append_only: bool = False):
+        self.root = os.path.realpath(root)
+        self.given = root.rstrip("/") or "/"
+        self.min_temp_age = min_temp_age
+        self.append_only = append_only
+        try:
+            self.root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise Refused(f"--root {root}: {exc.strerror}") from None
+
+    def serve(self, request: str) -> int:
+        try:
+            words = shlex.split(request)
+        except ValueError as exc:
+            raise Refused(f"{_shown(request)}: {exc}") from None
+        if words[:1] == [SERVE_REQUEST]:
+            return self._watcher_request(words[1:])
+        if "rsync" in words[:4]:
+            return self._receive(words)
+        raise Refused(f"{_shown(request)}: not a request this key may make (an agent shipping "
+                      "through it needs far_side: serve for the archive)")
+
+    # -- paths below the root ----------------------------------------------------
+
+    def _parts(self, base: str) -> list[str]:
+        """The components of ``base`` below the root: a relative path is
+        relative to it, an absolute one must lie in it; no ``..``."""
+        path = base
+        if path.startswith("/"):
+            for top in (self.given, self.root):
+                prefix = top if top == "/" else top + "/"
+                if path == top or path.rstrip("/") == top or path.startswith(prefix):
+                    path = path[len(top):]
+                    break
+            else:
+                raise Refused(f"{base!r} is not below {self.given}")
+        parts = [p for p in path.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise Refused(f"{base!r} climbs out with '..'")
+        return parts
+
+    def _walk(self, parts: list[str], create: bool) -> int:
+        """A descriptor of root/parts, each component opened without following
+        a link (and made, with the process's umask, when ``create``)."""
+        fd = os.dup(self.root_fd)
+        try:
+            for i, part in enumerate(parts):
+                flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+                try:
+                    nfd = os.open(part, flags, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    try:
+                        os.mkdir(part, 0o777, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                    nfd = os.open(part, flags, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise Refused(f"{'/'.join(parts[:i + 1])} below {self.given} is not a "
+                                      "directory (a symlink is not followed)") from None
+                    raise
+                os.close(fd)
+                fd = nfd
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _physical(self, parts: list[str]) -> str:
+        return "/".join([self.root.rstrip("/")] + parts) or "/"
+
+    # -- rsync's receiver ----------------------------------------------------------
+
+    def _receive(self, words: list[str]) -> int:
+        if words[:1] == ["umask"]:
+            if len(words) < 3 or not UMASK.fullmatch(words[1]) or words[2] != "&&":
+                raise Refused(f"{_shown(shlex.join(words))}: only 'umask NNNN && rsync --server ...' is served")
+            os.umask(int(words[1], 8))
+            words = words[3:]
+        if words[:2] != ["rsync", "--server"]:
+            raise Refused(f"{_shown(shlex.join(words))}: only rsync's receiver is served")
+        args, rest, backup = [], words[2:], None
+        while rest and rest[0] != ".":
+            word = rest.pop(0)
+            if word == "--backup-dir" and rest:
+                word = "--backup-dir=" + rest.pop(0)
+            if word.startswith("--backup-dir="):
+                backup = word[len("--backup-dir="):]
+                if not BACKUP_DIR.fullmatch(backup):
+                    raise Refused(f"--backup-dir {backup!r}: only {REPLACED_DIR}/NAME is served")
+                continue
+            if word.startswith("--sender") or not any(p.fullmatch(word) for p in RECEIVER_ARGS):
+                raise Refused(f"rsync option {word!r} is not served (this key may only deliver files)")
+            args.append(word)
+        if len(rest) != 2 or not args or not SHORT.fullmatch(args[0]) or any(
+                SHORT.fullmatch(a) for a in args[1:]):
+            raise Refused("rsync: expected the agent's options, '.' and one destination")
+        if "b" in args[0].split("e.")[0] and backup is None:
+            raise Refused("rsync --backup without --backup-dir is not served")
+        dest = self._walk(self._parts(rest[1]), create=True)
+        own = self.append_only and backup is None  # a batch of edits, which may not edit here
+        if own:
+            backup = f"{REPLACED_DIR}/append-only-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}"
+        pinned = None
+        if backup is not None:
+            pinned = self._backup_dir(dest, backup)
+            args += ["--backup", f"--backup-dir=/proc/self/fd/{pinned}"]
+        rsync = shutil.which("rsync")
+        if rsync is None:
+            raise Refused("no rsync on this host's PATH")
+        os.fchdir(dest)
+        # No setuid, setgid or sticky file: one of the far account's, run by
+        # another user of the archive host, would act as that account.
+        argv = ["rsync", "--server", *args, "--chmod=Fugo-st", ".", "."]
+        sys.stdout.flush()
+        if not self.append_only:
+            if pinned is not None:
+                os.set_inheritable(pinned, True)
+            os.execv(rsync, argv)
+        code = subprocess.run(argv, executable=rsync, pass_fds=(pinned,)).returncode
+        kept = _restore_replaced(dest, pinned, drop_identical=own)
+        if own:
+            for parent in (backup, REPLACED_DIR):  # the directories made here, if left empty
+                try:
+                    os.rmdir(parent, dir_fd=dest)
+                except OSError:
+                    pass
+        if kept:
+            print(f"watcher serve: append-only: {len(kept)} far file{'s' if len(kept) > 1 else ''} kept as "
+                  f"they were (a copy of other content may not replace them), e.g. {kept[0]!r}",
+                  file=sys.stderr)
+        return code
+
+    def _backup_dir(self, dest: int, backup: str) -> int:
+        """The batch's backup directory below the destination, made here
+        without following a link, handed to rsync as a descriptor."""
+        fd = os.dup(dest)
+        try:
+            for part in backup.split("/"):
+                flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+                try:
+                    os.mkdir(part, 0o777, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                except OSError as exc:
+                    raise Refused(f"{backup}: cannot be made: {exc.strerror}") from None
+                try:
+                    nfd = os.open(part, flags, dir_fd=fd)
+                except OSError as exc:
+                    raise Refused(f"{backup}: not a directory ({exc.strerror}; a symlink is "
+                                  "not followed)") from None
+                os.close(fd)
+                fd = nfd
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    # -- watcher's own requests ------------------------------------------------------
+
+    def _watcher_request(self, words: list[str]) -> int:
+        what, args = (words[0], words[1:]) if words else ("", [])
+        if what == "version" and not args:
+            return self._version()
+        if what == "check" and len(args) == 1:
+            return self._check(args[0])
+        if what == "md5" and len(args) in (1, 2):
+            return self._md5(args[0], args[1] if len(args) == 2 else "")
+        if what in ("temp-files", "clean") and len(args) == 2:
+            try:
+                age = max(float(args[1]), self.min_temp_age)
+            except ValueError:
+                raise Refused(f"{what}: AGE {args[1]!r} is not a number of seconds") from None
+            if age != age or age == float("inf"):
+                raise Refused(f"{what}: AGE {args[1]!r} is not a number of seconds")
+            return self._temp_files(args[0], age, remove=what == "clean")
+        raise Refused(f"{_shown(shlex.join([SERVE_REQUEST, *words]))}: not a request this key may make")
+
+    def _version(self) -> int:
+        rsync = shutil.which("rsync")
+        sys.stdout.write(self.root + "\n")
+        sys.stdout.flush()
+        if rsync is None:
+            raise Refused("no rsync on this host's PATH")
+        os.execv(rsync, ["rsync", "--version"])
+        return 1  # not reached
+
+    def _check(self, base: str) -> int:
+        """What watcher.preflight's far script answers: missing commands, and
+        the first existing directory on the way to BASE if it cannot be written."""
+        parts = self._parts(base)
+        missing = "" if shutil.which("rsync") else " rsync"
+        unwritable = ""
+        fd = os.dup(self.root_fd)
+        try:
+            for i, part in enumerate(parts):
+                try:
+                    nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                  dir_fd=fd)
+                except FileNotFoundError:
+                    parts = parts[:i]
+                    break
+                except OSError:
+                    unwritable = base
+                    break
+                os.close(fd)
+                fd = nfd
+            if not unwritable and not os.access(f"/proc/self/fd/{fd}", os.W_OK | os.X_OK):
+                unwritable = base if len(parts) == len(self._parts(base)) else self._physical(parts)
+        finally:
+            os.close(fd)
+        from watcher.preflight import MARK  # the agent's module: loaded only for this rare request
+        sys.stdout.buffer.write(MARK + b"\0".join(os.fsencode(f) for f in (missing, "", unwritable)) + b"\0")
+        return 0
+
+    def _md5(self, base: str, replaced: str) -> int:
+        if replaced and not BACKUP_DIR.fullmatch(replaced):
+            raise Refused(f"md5: replaced directory {replaced!r}: only {REPLACED_DIR}/NAME is served")
+        parts = self._parts(base)
+        try:
+            base_fd = self._walk(parts, create=False)
+        except FileNotFoundError:
+            raise Refused(f"md5: {base}: no such directory below {self.given}") from None
+        names = [n for n in sys.stdin.buffer.read().split(b"\0") if n]
+        try:
+            records, found = self._hash(base_fd, names, replaced)
+        finally:
+            os.close(base_fd)
+        physical = os.fsencode(self._physical(parts))
+        out = [MD5_HEADER + physical, str(len(names)).encode(), *names]
+        out += [physical + name[1:] if name in found else b"!" for name in names]
+        out += [b"", *records, b""]
+        sys.stdout.buffer.write(b"\0".join(out) + b"\0")
+        return 0
+
+    def _hash(self, base_fd: int, names: list[bytes], replaced: str) -> tuple[list[bytes], set[bytes]]:
+        """md5sum -z records of the regular files named, each reached without
+        following a link and fsynced, with every directory from its own up to
+        the base, before it is read."""
+        records, found, by_path, synced = [], set(), {}, set()
+        with Beneath(f"/proc/self/fd/{base_fd}") as tree:
+            for name in names:
+                if not name.startswith(b"./"):
+                    continue
+                path = os.path.join(tree.root, os.fsdecode(name[2:]))
+                try:
+                    parent, _ = split_beneath(path, tree.root)
+                    fd = tree.open(path)
+                except (OSError, ValueError):
+                    continue
+                try:
+                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                        continue
+                    os.fsync(fd)
+                    while parent not in synced:
+                        synced.add(parent)
+                        os.fsync(tree.dir_fd(parent))
+                        parent = parent.rpartition("/")[0] if parent else parent
+                    md5 = md5_of_fd(fd)[0]
+                except OSError:
+                    continue
+                finally:
+                    os.close(fd)
+                records.append(md5.encode() + b"  " + name)
+                found.add(name)
+                by_path[os.fsdecode(name[2:])] = md5
+            if replaced:
+                drop_identical_copies(tree, replaced, by_path)
+        return records, found
+
+    # -- rsync's leftovers -----------------------------------------------------------
+
+    def _temp_files(self, base: str, age: float, remove: bool) -> int:
+        """List (or, for the names on standard input, remove) rsync's temporary
+        files below BASE untouched for ``age`` seconds: regular files of this
+        account with one link, named as rsync names them, whose status change
+        time (which no one can set back) is that old. Nothing below
+        REPLACED_DIR, and no symlink, is followed."""
+        parts = self._parts(base)
+        try:
+            base_fd = self._walk(parts, create=False)
+        except FileNotFoundError:
+            return 0
+        cutoff = time.time() - age
+        out = []
+        try:
+            with Beneath(f"/proc/self/fd/{base_fd}") as tree:
+                if remove:
+                    names = [os.fsdecode(n) for n in sys.stdin.buffer.read().split(b"\0") if n]
+                else:
+                    names = list(_walk_files(base_fd))
+                for rel in names:
+                    path = os.path.join(tree.root, rel)
+                    try:
+                        split_beneath(path, tree.root)
+                        if rel.split("/", 1)[0] == REPLACED_DIR:
+                            continue
+                        st = tree.lstat(path)
+                        if not _stale_temp(rel.rpartition("/")[2], st, cutoff):
+                            continue
+                        if remove and not tree.unlink_if(path, Identity.of(st)):
+                            continue
+                    except (OSError, ValueError):
+                        continue
+                    out.append(os.fsencode(rel) + b"\0")
+        finally:
+            os.close(base_fd)
+        sys.stdout.buffer.write(b"".join(out))
+        return 0
+
+
+def _restore_replaced(dest: int, backup: int, drop_identical: bool) -> list[str]:
+    """After rsync ran with ``--append-only``: every far file it replaced
+    (moved into the batch's backup directory) whose new content differs, or
+    that is gone, is put back under its name; an identical one stays in the
+    backup directory for the md5 step to remove (or is removed here, with
+    its emptied directories: ``drop_identical``, a directory the agent does
+    not know). Returns the names put back."""
+    restored = []
+    with Beneath(f"/proc/self/fd/{dest}") as now, Beneath(f"/proc/self/fd/{backup}") as old:
+        for top, _, files, _ in os.fwalk(".", dir_fd=backup, follow_symlinks=False):
+            for name in files:
+                rel = name if top == "." else f"{top[2:]}/{name}"
+                parent = rel.rpartition("/")[0]
+                try:
+                    earlier = old.open(os.path.join(old.root, rel))
+                except (OSError, ValueError):
+                    continue
+                try:
+                    if not stat.S_ISREG(os.fstat(earlier).st_mode):
+                        continue
+                    if _same(earlier, now, rel):
+                        if drop_identical:
+                            os.unlink(name, dir_fd=old.dir_fd(parent))
+                        continue
+                    os.rename(name, name, src_dir_fd=old.dir_fd(parent), dst_dir_fd=now.dir_fd(parent))
+                    restored.append(rel)
+                except (OSError, ValueError):
+                    continue
+                finally:
+                    os.close(earlier)
+        if drop_identical:
+            for top, dirs, _, _ in os.fwalk(".", dir_fd=backup, topdown=False, follow_symlinks=False):
+                for d in dirs:
+                    try:
+                        os.rmdir(d, dir_fd=old.dir_fd("" if top == "." else top[2:]))
+                    except OSError:
+                        pass
+    return restored
+
+
+def _same(fd: int, tree: Beneath, rel: str) -> bool:
+    try:
+        return same_bytes(fd, tree, os.path.join(tree.root, rel))
+    except (OSError, ValueError):  # gone, or no regular file now
+        return False
+
+
+def _stale_temp(name: str, st: os.stat_result, cutoff: float) -> bool:
+    return (TEMP_NAME.fullmatch(name) is not None and stat.S_ISREG(st.st_mode)
+            and st.st_nlink == 1 and st.st_uid == os.geteuid() and st.st_ctime < cutoff)
+
+
+def _walk_files(base_fd: int):
+    """Relative paths of the entries whose names look like rsync's temporary
+    files, below the base (no link followed, REPLACED_DIR skipped)."""
+    for top, dirs, files, _ in os.fwalk(".", dir_fd=base_fd, follow_symlinks=False):
+        if top == ".":
+            dirs[:] = [d for d in dirs if d != REPLACED_DIR]
+        for name in files:
+            if TEMP_NAME.fullmatch(name):
+                yield name if top == "." else f"{top[2:]}/{name}"
+
+
+def _shown(text: str) -> str:
+    """A request as shown in a refusal: one line, at most 200 characters."""
+    text = text.encode("unicode_escape", "backslashreplace").decode("ascii")
+    return repr(text if len(text) <= 200 else text[:199] + "\u2026")
+
+
+if __name__ == "__main__":
+    sys.exit(run())
