@@ -60,6 +60,10 @@ class Archive:
     compression: bool = False
     bwlimit: str | None = None
     chmod: str | None = "g+rwX,o+rX"  # socs' SupRsync default
+    # When far copies reach stable storage before they count as verified:
+    # "batch" (one far sync per batch, of its files and their directories)
+    # or "file" (rsync's --fsync too, per file as it is written). Never off.
+    fsync: str = "batch"
     # Local directories whose files producers register through the API
     # (socs' add_file, `watcher add`) for this archive; see watcher/roots.py.
     api_roots: tuple[str, ...] = ()
@@ -613,6 +617,19 @@ def _bwlimit(value):
     return str(value)
 
 
+FSYNC_MODES = ("batch", "file")
+
+
+def _fsync(value):
+    """Durability can only be made stricter: a verified copy that a power cut
+    could still take away would let retention delete the only good copy."""
+    if value not in FSYNC_MODES:
+        raise ValueError(f"expected 'batch' (the default: the far copies and their directories "
+                         f"are synced once per batch) or 'file' (rsync --fsync as well), got "
+                         f"{value!r}; it cannot be turned off")
+    return value
+
+
 def _chmod(value):
     """An rsync --chmod string; never setuid, setgid or sticky: a producer's file
     must not become a program that runs as its far owner, or a far directory
@@ -838,6 +855,7 @@ def _read_archive(r: _Reader, name: Any, data: Any) -> Archive | None:
         compression=r.setting(data, Archive, "compression", path, _bool),
         bwlimit=r.setting(data, Archive, "bwlimit", path, _bwlimit),
         chmod=r.setting(data, Archive, "chmod", path, _chmod),
+        fsync=r.setting(data, Archive, "fsync", path, _fsync),
         api_roots=r.setting(data, Archive, "api_roots", path, _api_roots(r)),
         instance_id=r.setting(data, Archive, "instance_id", path, _name),
     )

@@ -362,6 +362,8 @@ class Destination:
             args.append("--compress")
         if a.bwlimit:
             args.append(f"--bwlimit={a.bwlimit}")
+        if a.fsync == "file":
+            args.append("--fsync")  # besides the batch's sync (directories): stricter, slower
         if a.is_remote:
             args += ["--rsh", " ".join(shlex.quote(x) for x in self.ssh_args())]
             if self._far_umask is not None:
@@ -839,9 +841,19 @@ def reported_names(stdout: bytes) -> set[bytes]:
 # The far md5 command's output begins with MD5_HEADER and the base's physical
 # path; then, for each of xargs' chunks of names, what MD5_CHUNK prints: the
 # count and the names, the realpath of each, an empty record, the md5sum
-# records, an empty record (all NUL-terminated; no name or path is empty).
+# records, an empty record (all NUL-terminated; no name or path is empty);
+# or, when the chunk's files could not be synced, SYNC_FAILED alone.
 MD5_HEADER = b"watcher-md5 "
-MD5_CHUNK = ('printf "%s\\0" "$#" "$@"; realpath -z -m -- "$@"; printf "\\0"; '
+SYNC_FAILED = b"sync-failed"
+# First the chunk's regular files, each directory above them up to the base
+# and the base itself go to stable storage (coreutils' sync fsyncs each
+# argument; one call for the chunk), so that what is hashed next survives a
+# power cut: no verified copy, and no local file deleted, rests on the far
+# page cache. The names, as given ("./a/b"), never pass through a shell.
+SYNC_CHUNK = ('{ for p; do [ -f "$p" ] && [ ! -h "$p" ] && while printf "%s\\0" "$p"; '
+              'p=${p%/*}; [ "$p" != . ]; do :; done; done; printf ".\\0"; } | '
+              f'LC_ALL=C sort -zu | xargs -0r sync -- || {{ printf "{SYNC_FAILED.decode()}\\0"; exit 1; }}; ')
+MD5_CHUNK = (SYNC_CHUNK + 'printf "%s\\0" "$#" "$@"; realpath -z -m -- "$@"; printf "\\0"; '
              'md5sum -z -- "$@"; printf "\\0"; '
              # the batch's replaced copies identical to what now stands there (no output)
              '[ -z "$R" ] || [ ! -d "$R" ] || for p; do [ -f "$R/$p" ] && [ ! -h "$R/$p" ] && '
@@ -868,6 +880,9 @@ def parse_far_md5(output: bytes, stderr: bytes = b"") -> dict[bytes, str]:
     found: dict[bytes, str] = {}
     i, end = 1, len(records) - 1  # the last record follows the final NUL: empty, or cut short
     while i < end:
+        if records[i] == SYNC_FAILED:
+            raise TransferError("archive", "the archive host could not put the batch on stable "
+                                f"storage (sync failed), so none of it counts as verified: {said(stderr)}")
         if not records[i].isdigit():
             log.warning("far md5 output out of line at record %d; the rest is not trusted", i)
             break
@@ -906,7 +921,9 @@ def _md5sum_records(records: list[bytes]):
 
 def _local_md5(basedir: str, remote_paths: list[str], replaced_dir: str = "") -> dict[str, str]:
     """md5 of the far files of a local archive, opened below the base
-    directory without following links (a link there proves nothing); the
+    directory without following links (a link there proves nothing), each
+    first fsynced, then the directories above them up to the base (as
+    SYNC_CHUNK does far away; a failure raises TransferError("archive")); the
     copies in ``replaced_dir`` identical to them are removed (see
     ``Destination.remote_md5_args``)."""
     found = {}
@@ -918,14 +935,34 @@ def _local_md5(basedir: str, remote_paths: list[str], replaced_dir: str = "") ->
                 continue
             try:
                 if stat.S_ISREG(os.fstat(fd).st_mode):
+                    _fsync(fd, path)
                     found[path] = md5_of_fd(fd)[0]
             except OSError:
                 pass
             finally:
                 os.close(fd)
+        for reldir in sorted({d for p in found for d in _parents(p)}, key=len, reverse=True):
+            _fsync(tree.dir_fd(reldir), reldir or ".")
         if replaced_dir:
             _drop_identical_copies(tree, replaced_dir, found)
     return found
+
+
+def _parents(path: str):
+    """Each directory above a relative path, the base ("") included."""
+    while path:
+        path = path.rpartition("/")[0]
+        yield path
+
+
+def _fsync(fd: int, what: str) -> None:
+    """fsync, its failure the archive's (TransferError): nothing counts as
+    verified that a power cut could take back."""
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise TransferError("archive", f"the archive could not put {what!r} on stable storage "
+                            f"(fsync: {exc.strerror}), so the batch does not count as verified") from None
 
 
 def _drop_identical_copies(tree: Beneath, replaced_dir: str, found: dict[str, str]) -> None:
