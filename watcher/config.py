@@ -52,6 +52,8 @@ class Archive:
     ssh_port: int | None = None
     known_hosts: str | None = None
     accept_new_host_keys: bool = False
+    # ssh's -c for this archive's connection (None: ssh's own choice)
+    ssh_cipher: str | None = None
     delete_local_after: float | None = None
     max_copy_attempts: int = 10
     copy_timeout: float = 60.0
@@ -617,6 +619,22 @@ def _bwlimit(value):
     return str(value)
 
 
+# The ciphers OpenSSH 8-9 offers (`ssh -Q cipher`, less the CBC ones it no longer enables).
+SSH_CIPHERS = ("chacha20-poly1305@openssh.com", "aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
+               "aes128-ctr", "aes192-ctr", "aes256-ctr")
+
+
+def _ssh_cipher(value):
+    """One cipher of SSH_CIPHERS, or several comma-separated in order of
+    preference (a host that offers none of them refuses the connection)."""
+    names = value.split(",") if isinstance(value, str) else [None]
+    if not all(name in SSH_CIPHERS for name in names):
+        raise ValueError(f"expected an ssh cipher ({', '.join(SSH_CIPHERS)}) or several "
+                         f"comma-separated, got {value!r}; aes128-gcm@openssh.com is the fastest "
+                         f"where the CPU has AES instructions ('aes' in /proc/cpuinfo's flags)")
+    return value
+
+
 FSYNC_MODES = ("batch", "file")
 
 
@@ -847,6 +865,7 @@ def _read_archive(r: _Reader, name: Any, data: Any) -> Archive | None:
         ssh_port=r.setting(data, Archive, "ssh_port", path, _port),
         known_hosts=str(known_hosts) if known_hosts else None,
         accept_new_host_keys=accept_new,
+        ssh_cipher=r.setting(data, Archive, "ssh_cipher", path, _ssh_cipher),
         delete_local_after=retention,
         max_copy_attempts=r.setting(data, Archive, "max_copy_attempts", path, _positive_int),
         copy_timeout=r.setting(data, Archive, "copy_timeout", path, _timeout),
