@@ -78,8 +78,10 @@ MIN_RSYNC_VERSION = (3, 4)
 SHELL_TEXT = ("the archive host's login shell prints text, so rsync and the md5 command cannot "
               "talk through it: make its startup files (~/.bashrc ...) print nothing when not "
               "interactive")
-# Far-side hashing speed assumed when giving a remote md5 command its time.
+# Far-side hashing speed assumed when giving a remote md5 command its time,
+# and the time allowed for each file's fsync (a busy disk's, tens of ms).
 MIN_HASH_RATE = 20e6
+FSYNC_ALLOWANCE = 0.05
 
 
 class TransferError(Exception):
@@ -543,7 +545,8 @@ class Destination:
         # "./": md5sum reads its standard input for a path "-", even after "--".
         stdin = b"".join(b"./" + os.fsencode(p) + b"\0" for p in remote_paths)
         # A batch that replaced far copies may compare each with its new one too.
-        timeout = self.archive.cmd_timeout + total_bytes / MIN_HASH_RATE * (3 if replaced else 1)
+        timeout = (self.archive.cmd_timeout + total_bytes / MIN_HASH_RATE * (3 if replaced else 1)
+                   + len(remote_paths) * FSYNC_ALLOWANCE)
         result = run(argv, stdin=stdin, timeout=timeout, stop=stop)
         if result.exit_code == 255:
             raise TransferError("connection", f"ssh exited 255: {said(result.stderr)}", argv)
