@@ -19,7 +19,7 @@ import pytest
 from tests.hostile_names import hostile_names
 from tests.ssh_support import Sleeps, md5, register, row, ssh_archive
 from watcher.health import read_health
-from watcher.rsync import Item, ship_batch
+from watcher.rsync import SYNCFS_FILES, Item, ship_batch
 
 # A name of each family that breaks shell or line-based code, in new
 # directories (which rsync's --mkpath makes, so their entries need syncing too).
@@ -82,7 +82,10 @@ def test_one_far_sync_per_batch_covers_every_file_and_each_directory_up_to_the_b
     results, _ = ship_batch(dest, items)
 
     assert all(found == sent for sent, found in results.values()) and len(results) == len(items)
-    [call] = sync_calls(log)  # one call for the whole batch
+    # one call for the whole batch, after a syncfs of the base's file system (many files)
+    assert len(names) >= SYNCFS_FILES
+    [whole, call] = sync_calls(log)
+    assert whole == [b"-f", b"."]
     assert call[0] == b"--"
     expected = {b"./" + os.fsencode(n) for n in names} | {b"./" + d.encode() for d in NEW_DIRS} | {b"."}
     assert sorted(call[1:]) == sorted(expected)  # each once, nothing above the base
@@ -105,7 +108,7 @@ def test_a_failing_far_sync_leaves_the_batch_unverified_uncharged_and_it_is_veri
     assert seen[0] == [(False, 0), (False, 0)]  # copied, not durable: not verified (not deletable), nothing charged
     assert "sync failed" in seen[1] and "Input/output error" in seen[1]
     assert all(row(catalog, i).verified for i in ids.values())
-    assert len(sync_calls(log)) == 2
+    assert sync_calls(log)[0][0] == b"--" and len(sync_calls(log)) == 2  # few files: no syncfs
 
 
 STRACE_SHIP = """

@@ -22,6 +22,7 @@ by its cause: the archive's (nothing charged) or a file's.
 from __future__ import annotations
 
 import array
+import ctypes
 import errno
 import fcntl
 from collections import OrderedDict
@@ -853,7 +854,13 @@ SYNC_FAILED = b"sync-failed"
 # argument; one call for the chunk), so that what is hashed next survives a
 # power cut: no verified copy, and no local file deleted, rests on the far
 # page cache. The names, as given ("./a/b"), never pass through a shell.
-SYNC_CHUNK = ('{ for p; do [ -f "$p" ] && [ ! -h "$p" ] && while printf "%s\\0" "$p"; '
+# A chunk of SYNCFS_FILES files or more first syncs the base's whole file
+# system (syncfs: one write-out and one journal commit instead of one per
+# file, 2,000 fresh files 0.12 s instead of 0.45 s on ext4 here); the
+# per-file sync after it, then cheap, still reports any file's write error.
+SYNCFS_FILES = 64
+SYNC_CHUNK = (f'[ "$#" -lt {SYNCFS_FILES} ] || sync -f . 2>/dev/null; '
+              '{ for p; do [ -f "$p" ] && [ ! -h "$p" ] && while printf "%s\\0" "$p"; '
               'p=${p%/*}; [ "$p" != . ]; do :; done; done; printf ".\\0"; } | '
               f'LC_ALL=C sort -zu | xargs -0r sync -- || {{ printf "{SYNC_FAILED.decode()}\\0"; exit 1; }}; ')
 MD5_CHUNK = (SYNC_CHUNK + 'printf "%s\\0" "$#" "$@"; realpath -z -m -- "$@"; printf "\\0"; '
@@ -931,6 +938,8 @@ def _local_md5(basedir: str, remote_paths: list[str], replaced_dir: str = "") ->
     ``Destination.remote_md5_args``)."""
     found = {}
     with Beneath(basedir.rstrip("/") or "/") as tree:
+        if len(remote_paths) >= SYNCFS_FILES:
+            _syncfs(tree.dir_fd(""))
         for path in remote_paths:
             try:
                 fd = tree.open(os.path.join(tree.root, path))
@@ -956,6 +965,16 @@ def _parents(path: str):
     while path:
         path = path.rpartition("/")[0]
         yield path
+
+
+def _syncfs(fd: int) -> None:
+    """syncfs(2) of the file system of ``fd`` (see SYNCFS_FILES); its result
+    is not relied on: each file's fsync after it reports its own errors."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syncfs(fd)
+    except (OSError, AttributeError):
+        pass
 
 
 def _fsync(fd: int, what: str) -> None:
