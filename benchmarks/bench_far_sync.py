@@ -8,8 +8,10 @@ the far md5 command, on freshly written (dirty) files.
 Each repeat writes COUNT files of SIZE random bytes (1,000 to a directory)
 in a fresh directory below DIR, then runs the agent's own far md5 script
 (``Destination.remote_md5_args``, through ``sh -c`` here instead of ssh)
-with and without its sync part, in alternating order. It prints both
-times of every repeat. No ssh: the command alone, as the far host runs it.
+three ways, in turn: without its sync part, with it but without the syncfs
+that comes first for 64 files or more (each file and directory fsynced
+alone), and as the agent runs it. It prints the times of every repeat.
+No ssh: the command alone, as the far host runs it.
 """
 from __future__ import annotations
 
@@ -27,16 +29,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from watcher.config import Archive  # noqa: E402
-from watcher.rsync import MD5_CHUNK, SYNC_CHUNK, Destination  # noqa: E402
+from watcher.rsync import MD5_CHUNK, SYNC_CHUNK, SYNCFS_FILES, Destination  # noqa: E402
+
+SYNCFS_PART = f'[ "$#" -lt {SYNCFS_FILES} ] || sync -f . 2>/dev/null; '
+assert SYNC_CHUNK.startswith(SYNCFS_PART), "the far md5 command changed: update this benchmark"
 
 
-def far_script(base: str, with_sync: bool) -> str:
+WAYS = ("no sync", "fsync each", "as shipped")
+
+
+def far_script(base: str, way: str) -> str:
     script = Destination(Archive(name="a", remote_basedir=base, ssh_host="x")).remote_md5_args()[-1]
-    return script if with_sync else script.replace(shlex.quote(MD5_CHUNK),
-                                                   shlex.quote(MD5_CHUNK[len(SYNC_CHUNK):]))
+    chunk = {"no sync": MD5_CHUNK[len(SYNC_CHUNK):],
+             "fsync each": MD5_CHUNK[len(SYNCFS_PART):],
+             "as shipped": MD5_CHUNK}[way]
+    return script.replace(shlex.quote(MD5_CHUNK), shlex.quote(chunk))
 
 
-def one(where: str, count: int, size: int, with_sync: bool) -> float:
+def one(where: str, count: int, size: int, way: str) -> float:
     base = tempfile.mkdtemp(prefix="watcher-far-sync-", dir=where)
     try:
         names = []
@@ -47,7 +57,7 @@ def one(where: str, count: int, size: int, with_sync: bool) -> float:
                 f.write(os.urandom(size))
             names.append(f"./{sub}/f{i:06d}")
         t0 = time.monotonic()
-        out = subprocess.run(["sh", "-c", far_script(base, with_sync)], capture_output=True,
+        out = subprocess.run(["sh", "-c", far_script(base, way)], capture_output=True,
                              input=b"".join(os.fsencode(n) + b"\0" for n in names))
         took = time.monotonic() - t0
         if out.returncode != 0 or out.stdout.count(b"  ./") != count:
@@ -64,15 +74,16 @@ def main() -> None:
     p.add_argument("--size", type=int, default=16384)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
-    times: dict[bool, list[float]] = {False: [], True: []}
+    times: dict[str, list[float]] = {way: [] for way in WAYS}
     for r in range(args.repeats):
-        for with_sync in ((False, True) if r % 2 == 0 else (True, False)):
-            times[with_sync].append(one(args.dir, args.count, args.size, with_sync))
-    for with_sync, label in ((False, "no sync"), (True, "with sync")):
-        t = times[with_sync]
-        print(f"{args.dir} {args.count} x {args.size} B, {label:9s}: "
+        for way in (WAYS if r % 2 == 0 else WAYS[::-1]):
+            times[way].append(one(args.dir, args.count, args.size, way))
+    for way in WAYS:
+        t = times[way]
+        print(f"{args.dir} {args.count} x {args.size} B, {way:10s}: "
               + " ".join(f"{x:.3f}" for x in t) + f"  median {statistics.median(t):.3f} s")
-    print(f"the sync adds {statistics.median(times[True]) - statistics.median(times[False]):+.3f} s (medians)")
+    print(f"the sync adds {statistics.median(times['as shipped']) - statistics.median(times['no sync']):+.3f} s "
+          "(medians)")
 
 
 if __name__ == "__main__":
