@@ -8,9 +8,10 @@ the far md5 command, on freshly written (dirty) files.
 Each repeat writes COUNT files of SIZE random bytes (1,000 to a directory)
 in a fresh directory below DIR, then runs the agent's own far md5 script
 (``Destination.remote_md5_args``, through ``sh -c`` here instead of ssh)
-three ways, in turn: without its sync part, with it but without the syncfs
+four ways, in turn: without its sync part; with it but without the syncfs
 that comes first for 64 files or more (each file and directory fsynced
-alone), and as the agent runs it. It prints the times of every repeat.
+alone); with the sync before the hashing instead of beside it; and as the
+agent runs it (syncfs, then each file, while the files are hashed). It prints the times of every repeat.
 No ssh: the command alone, as the far host runs it.
 """
 from __future__ import annotations
@@ -29,19 +30,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from watcher.config import Archive  # noqa: E402
-from watcher.rsync import MD5_CHUNK, SYNC_CHUNK, SYNCFS_FILES, Destination  # noqa: E402
+from watcher.rsync import MD5_CHUNK, SYNC_CHECK, SYNC_START, SYNCFS_PART, Destination  # noqa: E402
 
-SYNCFS_PART = f'[ "$#" -lt {SYNCFS_FILES} ] || sync -f . 2>/dev/null; '
-assert SYNC_CHUNK.startswith(SYNCFS_PART), "the far md5 command changed: update this benchmark"
+BACKGROUND = " & s=$!; "
+assert SYNC_START.endswith(BACKGROUND), "the far md5 command changed: update this benchmark"
 
 
-WAYS = ("no sync", "fsync each", "as shipped")
+WAYS = ("no sync", "fsync each", "sync, then hash", "as shipped")
 
 
 def far_script(base: str, way: str) -> str:
     script = Destination(Archive(name="a", remote_basedir=base, ssh_host="x")).remote_md5_args()[-1]
-    chunk = {"no sync": MD5_CHUNK[len(SYNC_CHUNK):],
-             "fsync each": MD5_CHUNK[len(SYNCFS_PART):],
+    chunk = {"no sync": MD5_CHUNK.replace(SYNC_START, "").replace(SYNC_CHECK, ""),
+             "fsync each": MD5_CHUNK.replace(SYNCFS_PART, ""),
+             "sync, then hash": MD5_CHUNK.replace(BACKGROUND, '; r=$?; ').replace(
+                 SYNC_CHECK, '[ "$r" = 0 ] || exit 1; '),
              "as shipped": MD5_CHUNK}[way]
     return script.replace(shlex.quote(MD5_CHUNK), shlex.quote(chunk))
 
@@ -80,7 +83,7 @@ def main() -> None:
             times[way].append(one(args.dir, args.count, args.size, way))
     for way in WAYS:
         t = times[way]
-        print(f"{args.dir} {args.count} x {args.size} B, {way:10s}: "
+        print(f"{args.dir} {args.count} x {args.size} B, {way:15s}: "
               + " ".join(f"{x:.3f}" for x in t) + f"  median {statistics.median(t):.3f} s")
     print(f"the sync adds {statistics.median(times['as shipped']) - statistics.median(times['no sync']):+.3f} s "
           "(medians)")

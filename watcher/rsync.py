@@ -846,25 +846,29 @@ def reported_names(stdout: bytes) -> set[bytes]:
 # path; then, for each of xargs' chunks of names, what MD5_CHUNK prints: the
 # count and the names, the realpath of each, an empty record, the md5sum
 # records, an empty record (all NUL-terminated; no name or path is empty);
-# or, when the chunk's files could not be synced, SYNC_FAILED alone.
+# then, when the chunk's files could not be synced, SYNC_FAILED.
 MD5_HEADER = b"watcher-md5 "
 SYNC_FAILED = b"sync-failed"
-# First the chunk's regular files, each directory above them up to the base
-# and the base itself go to stable storage (coreutils' sync fsyncs each
-# argument; one call for the chunk), so that what is hashed next survives a
-# power cut: no verified copy, and no local file deleted, rests on the far
-# page cache. The names, as given ("./a/b"), never pass through a shell.
+# The chunk's regular files, each directory above them up to the base and
+# the base itself go to stable storage (coreutils' sync fsyncs each
+# argument; one call for the chunk) while they are hashed, and the chunk
+# counts only once that is done (SYNC_CHECK), so that what was hashed
+# survives a power cut: no verified copy, and no local file deleted, rests
+# on the far page cache (what md5sum reads is what the fsync writes). The
+# names, as given ("./a/b"), never pass through a shell.
 # A chunk of SYNCFS_FILES files or more first syncs the base's whole file
-# system (syncfs: one write-out and one journal commit instead of one per
-# file, 2,000 fresh files 0.12 s instead of 0.45 s on ext4 here); the
-# per-file sync after it, then cheap, still reports any file's write error.
+# system (syncfs: one write-out instead of one per file: see
+# benchmarks/bench_far_sync.py); the per-file fsync after it, then cheap,
+# still reports each file's own write error.
 SYNCFS_FILES = 64
-SYNC_CHUNK = (f'[ "$#" -lt {SYNCFS_FILES} ] || sync -f . 2>/dev/null; '
+SYNCFS_PART = f'[ "$#" -lt {SYNCFS_FILES} ] || sync -f . 2>/dev/null; '
+SYNC_START = ('{ ' + SYNCFS_PART +
               '{ for p; do [ -f "$p" ] && [ ! -h "$p" ] && while printf "%s\\0" "$p"; '
               'p=${p%/*}; [ "$p" != . ]; do :; done; done; printf ".\\0"; } | '
-              f'LC_ALL=C sort -zu | xargs -0r sync -- || {{ printf "{SYNC_FAILED.decode()}\\0"; exit 1; }}; ')
-MD5_CHUNK = (SYNC_CHUNK + 'printf "%s\\0" "$#" "$@"; realpath -z -m -- "$@"; printf "\\0"; '
-             'md5sum -z -- "$@"; printf "\\0"; '
+              'LC_ALL=C sort -zu | xargs -0r sync --; } & s=$!; ')
+SYNC_CHECK = f'wait "$s" || {{ printf "{SYNC_FAILED.decode()}\\0"; exit 1; }}; '
+MD5_CHUNK = (SYNC_START + 'printf "%s\\0" "$#" "$@"; realpath -z -m -- "$@"; printf "\\0"; '
+             'md5sum -z -- "$@"; printf "\\0"; ' + SYNC_CHECK +
              # the batch's replaced copies identical to what now stands there (no output)
              '[ -z "$R" ] || [ ! -d "$R" ] || for p; do [ -f "$R/$p" ] && [ ! -h "$R/$p" ] && '
              '[ ! -h "$p" ] && ! [ "$p" -ef "$R/$p" ] && '  # never a file compared with itself
@@ -890,7 +894,7 @@ def parse_far_md5(output: bytes, stderr: bytes = b"") -> dict[bytes, str]:
     found: dict[bytes, str] = {}
     i, end = 1, len(records) - 1  # the last record follows the final NUL: empty, or cut short
     while i < end:
-        if records[i] == SYNC_FAILED:
+        if records[i] == SYNC_FAILED:  # after a chunk: all the output counts for nothing
             raise TransferError("archive", "the archive host could not put the batch on stable "
                                 f"storage (sync failed), so none of it counts as verified: {said(stderr)}")
         if not records[i].isdigit():
@@ -933,7 +937,7 @@ def _local_md5(basedir: str, remote_paths: list[str], replaced_dir: str = "") ->
     """md5 of the far files of a local archive, opened below the base
     directory without following links (a link there proves nothing), each
     first fsynced, then the directories above them up to the base (as
-    SYNC_CHUNK does far away; a failure raises TransferError("archive")); the
+    SYNC_START does far away; a failure raises TransferError("archive")); the
     copies in ``replaced_dir`` identical to them are removed (see
     ``Destination.remote_md5_args``)."""
     found = {}
