@@ -101,12 +101,13 @@ def test_a_failing_far_sync_leaves_the_batch_unverified_uncharged_and_it_is_veri
     def during_outage(n):
         seen.append([(row(catalog, i).verified, row(catalog, i).failed_copy_attempts) for i in ids.values()])
         seen.append(read_health(catalog.path)["archives"]["arch"]["last_error"])
+        seen.append((base / "a.dat").read_bytes() + (base / "d" / "b.dat").read_bytes())  # they did arrive
         flag.unlink()
 
     make_worker(ssh_archive(server, base), sleep=Sleeps(during_outage, limit=1)).step()
 
     assert seen[0] == [(False, 0), (False, 0)]  # copied, not durable: not verified (not deletable), nothing charged
-    assert "sync failed" in seen[1] and "Input/output error" in seen[1]
+    assert "sync failed" in seen[1] and "Input/output error" in seen[1] and seen[2] == b"ab"
     assert all(row(catalog, i).verified for i in ids.values())
     assert sync_calls(log)[0][0] == b"--" and len(sync_calls(log)) == 2  # few files: no syncfs
 
