@@ -15,7 +15,10 @@ as root it logs in as the unprivileged `watchertest`), and measures:
 
 A. plain tools per data set: one `rsync -a` of the tree over ssh, one local
    md5 pass (find | xargs md5sum) and one remote md5 pass (ssh ... find |
-   xargs md5sum), each a new ssh connection, run one after the other;
+   xargs md5sum), each a new ssh connection, run one after the other; and
+   the raw pipe, `cat FILES | ssh HOST 'cat > /dev/null'` (the same ssh
+   options and cipher): the wire's own speed, which "send it and prove it"
+   cannot beat (issue 14 asks 4 x 256 MiB in at most 1.5x of it);
 B. watcher, as its own process (`watcher run --config FILE`, logging at
    INFO to a file, as in production): the clock starts when the prepared
    directory (built outside the watched tree on the same file system) is
@@ -74,6 +77,7 @@ class DataSet:
     count: int
     size: int
     target: float  # watcher / plain tools must stay within this
+    raw_target: float | None = None  # watcher / the raw ssh pipe, where issue 14 sets a goal
 
     @property
     def label(self) -> str:
@@ -83,10 +87,10 @@ class DataSet:
 
 FULL = [DataSet("small", 2000, 16 * KiB, 1.5),
         DataSet("many", 20000, 4 * KiB, 1.5),
-        DataSet("large", 4, 256 * MiB, 1.25)]
+        DataSet("large", 4, 256 * MiB, 1.25, 1.5)]
 QUICK = [DataSet("small", 2000, 16 * KiB, 1.5),
          DataSet("many", 2000, 4 * KiB, 1.5),
-         DataSet("large", 2, 64 * MiB, 1.25)]
+         DataSet("large", 2, 64 * MiB, 1.25, 1.5)]
 CP_FULL = [DataSet("cp-2k", 2000, 16 * KiB, 0), DataSet("cp-20k", 20000, 4 * KiB, 0)]
 CP_QUICK = [DataSet("cp-2k", 2000, 16 * KiB, 0), DataSet("cp-5k", 5000, 4 * KiB, 0)]
 
@@ -99,6 +103,8 @@ class Row:
     watcher: float
     target: float | None = None
     notes: list[str] = field(default_factory=list)
+    raw: float | None = None  # the raw ssh pipe of the same files (A/B)
+    raw_target: float | None = None
 
     @property
     def ratio(self) -> float | None:
@@ -147,7 +153,21 @@ class Bench:
     # -- plain tools --------------------------------------------------------------
 
     def ssh(self) -> list[str]:
-        return ["ssh", *self.server.ssh_options()]
+        cipher = ["-c", self.args.cipher] if self.args.cipher else []
+        return ["ssh", *self.server.ssh_options(), *cipher]
+
+    def raw_pipe(self, tree: Path) -> float:
+        """`cat FILES | ssh HOST 'cat > /dev/null'`: the bytes over the wire, nothing else."""
+        files = sorted(str(p) for p in tree.rglob("*") if p.is_file())
+        t0 = time.monotonic()
+        cat = subprocess.Popen(["xargs", "-0", "cat", "--"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        ssh = subprocess.Popen([*self.ssh(), "--", self.server.ssh_target, "cat > /dev/null"],
+                               stdin=cat.stdout)
+        cat.stdout.close()
+        cat.communicate(b"".join(os.fsencode(f) + b"\0" for f in files))
+        if ssh.wait() != 0 or cat.returncode != 0:
+            raise RuntimeError("the raw pipe failed")
+        return time.monotonic() - t0
 
     def remote_md5_pass(self, remote: Path) -> bytes:
         script = f"cd {shlex.quote(str(remote))} && find . -type f -print0 | xargs -0 md5sum"
@@ -156,7 +176,7 @@ class Bench:
     def plain_tools(self, tree: Path, remote: Path) -> tuple[float, list[str]]:
         """rsync -a of the tree, then a local and a remote md5 pass."""
         c0, t0 = cpu_seconds(), time.monotonic()
-        run(["rsync", "-a", "-e", self.server.rsync_rsh(), "--", f"{tree}/",
+        run(["rsync", "-a", "-e", shlex.join(self.ssh()), "--", f"{tree}/",
              f"{self.server.ssh_target}:{remote}/"])
         t1 = time.monotonic()
         local = subprocess.run(f"find {shlex.quote(str(tree))} -type f -print0 | xargs -0 md5sum",
@@ -184,6 +204,10 @@ class Bench:
             archive.update(far_side="serve", ssh_key=str(self.serve_key()))
         if self.args.batch:
             archive["files_per_batch"] = self.args.batch
+        if self.args.cipher:
+            archive["ssh_cipher"] = self.args.cipher
+        if self.args.fsync:
+            archive["fsync"] = self.args.fsync
         rule = {"watch": str(inbox), "archive": "far"}
         if self.args.settle is not None:
             rule["settle"] = self.args.settle
@@ -255,6 +279,8 @@ class Bench:
         plain_remote = self.server.remote_root()
         say(f"A   {ds.label}: plain tools")
         plain, parts = self.plain_tools(tree, plain_remote)
+        say(f"A   {ds.label}: raw pipe")
+        raw = self.raw_pipe(tree)
         agent, inbox, remote, db = self.start_agent(f"b-{ds.name}")
         try:
             say(f"B   {ds.label}: watcher")
@@ -267,8 +293,9 @@ class Bench:
         far = self.far_files(remote)
         assert far == ds.count, f"{far} files on the far side, expected {ds.count}"
         self.rows.append(Row("B move-in", ds.label, plain, verified - t0, ds.target,
-                             parts + [f"watcher: all registered at {registered - t0:.2f}",
-                                      f"cpu {cpu:.2f}"]))
+                             parts + [f"raw pipe {raw:.2f}", f"watcher / raw {(verified - t0) / raw:.2f}x",
+                                      f"watcher: all registered at {registered - t0:.2f}",
+                                      f"cpu {cpu:.2f}"], raw=raw, raw_target=ds.raw_target))
         self.report(self.rows[-1])
 
     def scenario_c(self, ds: DataSet) -> None:
@@ -337,7 +364,8 @@ class Bench:
             + "; ".join(row.notes))
 
     def table(self) -> str:
-        head = ("scenario", "data", "plain tools s", "watcher s", "ratio", "target", "")
+        head = ("scenario", "data", "plain tools s", "watcher s", "ratio", "target", "", "raw pipe s",
+                "watcher/raw", "goal")
         lines = [head]
         for r in self.rows:
             if r.target and r.ratio is not None:
@@ -346,7 +374,10 @@ class Bench:
             else:
                 verdict, target = "", "-"
             lines.append((r.scenario, r.data, fmt(r.plain), f"{r.watcher:.2f}",
-                          f"{r.ratio:.2f}x" if r.ratio is not None else "-", target, verdict))
+                          f"{r.ratio:.2f}x" if r.ratio is not None else "-", target, verdict, fmt(r.raw),
+                          f"{r.watcher / r.raw:.2f}x" if r.raw else "-",
+                          "" if not (r.raw and r.raw_target) else
+                          f"<= {r.raw_target:g}x {'ok' if r.watcher / r.raw <= r.raw_target else 'MISSED'}"))
         widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
         out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
         out.insert(1, "  ".join("-" * w for w in widths))
@@ -469,6 +500,9 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default="/dev/shm",
                    help="where the data, the watched tree and the far side go (default /dev/shm; "
                    "see README for why, and for runs on disk with --workdir /var/tmp)")
+    p.add_argument("--cipher", help="the archive's ssh_cipher, used by the plain tools and the raw pipe "
+                   "too (default: ssh's own choice)")
+    p.add_argument("--fsync", choices=("batch", "file"), help="the archive's fsync (default: watcher's)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (agent.log)")
     p.add_argument("--debug-log", action="store_true", help="agent log at DEBUG level")
     p.add_argument("--far-side", choices=("shell", "serve"), default="shell",

@@ -263,6 +263,8 @@ def test_a_rescan_interval_of_a_second_or_more_is_accepted(tmp_path, value, seco
     "copy_timeout: 0.5", "cmd_timeout: 0.001", "copy_timeout: 2d", "cmd_timeout: 86401",
     "delete_local_after: 36501d", "files_per_batch: 1000001", "max_copy_attempts: 100000000000000000000",
     "bwlimit: '0.0001'", "bwlimit: 511b", "bwlimit: 99999999999t", "bwlimit: 2p",
+    "fsync: off", "fsync: false", "fsync: none", "fsync: 0",  # durability is never turned off
+    "ssh_cipher: 3des-cbc", "ssh_cipher: '-oProxyCommand=x'", "ssh_cipher: 'aes128-ctr,'", "ssh_cipher: 1",
 ])
 def test_absurd_numbers_of_an_archive_are_refused(tmp_path, key_and_value):
     path = write(tmp_path, with_archive_key(key_and_value))
@@ -275,6 +277,10 @@ def test_absurd_numbers_of_an_archive_are_refused(tmp_path, key_and_value):
     ("bwlimit: 0", "bwlimit", "0"), ("bwlimit: 512b", "bwlimit", "512b"),
     ("bwlimit: '0.5'", "bwlimit", "0.5"), ("bwlimit: 1p", "bwlimit", "1p"),
     ("delete_local_after: 0", "delete_local_after", 0.0),
+    ("ssh_cipher: aes128-gcm@openssh.com", "ssh_cipher", "aes128-gcm@openssh.com"),
+    ("ssh_cipher: 'aes128-gcm@openssh.com,chacha20-poly1305@openssh.com'", "ssh_cipher",
+     "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com"),
+    ("fsync: batch", "fsync", "batch"), ("fsync: file", "fsync", "file"), ("fsync: null", "fsync", "batch"),
 ])
 def test_the_limits_of_an_archives_numbers_are_accepted(tmp_path, key_and_value, attribute, expected):
     archive = accepted(write(tmp_path, with_archive_key(key_and_value))).archives["arch"]

@@ -95,14 +95,15 @@ def test_a_far_base_the_far_account_cannot_write_is_a_problem_from_the_start_unt
     assert "Traceback" not in agent.log()
 
 
-@pytest.fixture
-def path_without_md5sum(tmp_path) -> Path:
-    """A directory of links to every command of /usr/bin and /bin but md5sum, readable by the far login."""
+@pytest.fixture(params=["md5sum", "sync"])
+def path_without_md5sum(request) -> Path:
+    """A directory of links to every command of /usr/bin and /bin but md5sum (or
+    sync, which makes the far copies durable), readable by the far login."""
     bin_dir = Path(subprocess.check_output(["mktemp", "-d", "/tmp/watcher-far-bin-XXXXXX"], text=True).strip())
     bin_dir.chmod(0o755)
     for source in ("/usr/bin", "/bin"):
         for name in os.listdir(source):
-            if name != "md5sum" and not (bin_dir / name).exists():
+            if name != request.param and not (bin_dir / name).exists():
                 os.symlink(os.path.join(source, name), bin_dir / name)
     yield bin_dir
     shutil.rmtree(bin_dir)
@@ -118,7 +119,8 @@ def test_a_far_path_without_md5sum_is_a_problem_from_the_start(far_server, path_
 
     wait_for_problems(setup, {"missing far commands": 1}, agent)
     text = status(setup).stdout
-    assert f"{server.ssh_target} lacks what the far md5 step needs: md5sum (" in text, text
+    missing = "md5sum" if not (path_without_md5sum / "md5sum").exists() else "sync"
+    assert f"{server.ssh_target} lacks what the far md5 step needs: {missing} (" in text, text
     assert len(warnings_about(agent.log(), "lacks what the far md5 step needs")) == 1, agent.log_tail()
 
 

@@ -209,7 +209,7 @@ def test_a_remote_md5_command_slower_than_cmd_timeout_is_killed_and_deletes_noth
     os.mkfifo(fifo, 0o644)
     os.chown(fifo, sshd.pw.pw_uid, sshd.pw.pw_gid)
     started = time.monotonic()
-    with pytest.raises(TransferError, match="ran longer than 1s and was killed"):
+    with pytest.raises(TransferError, match=r"ran longer than 1(\.05)?s and was killed"):  # +50 ms: its sync
         delete_expired(catalog, config_for(archive, tmp_path), "arch", destinations(archive),
                        now=time.time() + 30 * 86400)  # the agent logs it and tries next round
     elapsed = time.monotonic() - started

@@ -292,3 +292,15 @@ def test_compression_bwlimit_and_chmod_reach_rsync_and_chmod_sets_far_permission
     [call] = tool_log.rsync_calls()
     for option in (b"--compress", b"--bwlimit=20m", b"--chmod=u=rw,g=r,o="):
         assert option in call.split(b" ")
+
+
+def test_an_ssh_cipher_reaches_every_ssh_call_and_the_files_ship(
+        sshd, remote_dir, tmp_path, catalog, make_worker, tool_log):
+    cipher = "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com"
+    ids = register(catalog, "arch", {"a.dat": b"a", "d/b.dat": b"b"}, tmp_path / "src")
+
+    assert make_worker(ssh_archive(sshd, remote_dir, ssh_cipher=cipher)).step() is True
+
+    assert all(row(catalog, i).verified for i in ids.values())
+    calls = tool_log.ssh_calls()
+    assert len(calls) >= 2 and all(f"Ciphers={cipher}".encode() in c for c in calls)

@@ -51,6 +51,8 @@ class Archive:
     ssh_port: int | None = None
     known_hosts: str | None = None
     accept_new_host_keys: bool = False
+    # ssh's -c for this archive's connection (None: ssh's own choice)
+    ssh_cipher: str | None = None
     delete_local_after: float | None = None
     max_copy_attempts: int = 10
     copy_timeout: float = 60.0
@@ -59,6 +61,10 @@ class Archive:
     compression: bool = False
     bwlimit: str | None = None
     chmod: str | None = "g+rwX,o+rX"  # socs' SupRsync default
+    # When far copies reach stable storage before they count as verified:
+    # "batch" (one far sync per batch, of its files and their directories)
+    # or "file" (rsync's --fsync too, per file as it is written). Never off.
+    fsync: str = "batch"
     # Local directories whose files producers register through the API
     # (socs' add_file, `watcher add`) for this archive; see watcher/roots.py.
     api_roots: tuple[str, ...] = ()
@@ -635,6 +641,35 @@ def _bwlimit(value):
     return str(value)
 
 
+# The ciphers OpenSSH 8-9 offers (`ssh -Q cipher`, less the CBC ones it no longer enables).
+SSH_CIPHERS = ("chacha20-poly1305@openssh.com", "aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
+               "aes128-ctr", "aes192-ctr", "aes256-ctr")
+
+
+def _ssh_cipher(value):
+    """One cipher of SSH_CIPHERS, or several comma-separated in order of
+    preference (a host that offers none of them refuses the connection)."""
+    names = value.split(",") if isinstance(value, str) else [None]
+    if not all(name in SSH_CIPHERS for name in names):
+        raise ValueError(f"expected an ssh cipher ({', '.join(SSH_CIPHERS)}) or several "
+                         f"comma-separated, got {value!r}; aes128-gcm@openssh.com is the fastest "
+                         f"where the CPU has AES instructions ('aes' in /proc/cpuinfo's flags)")
+    return value
+
+
+FSYNC_MODES = ("batch", "file")
+
+
+def _fsync(value):
+    """Durability can only be made stricter: a verified copy that a power cut
+    could still take away would let retention delete the only good copy."""
+    if value not in FSYNC_MODES:
+        raise ValueError(f"expected 'batch' (the default: the far copies and their directories "
+                         f"are synced once per batch) or 'file' (rsync --fsync as well), got "
+                         f"{value!r}; it cannot be turned off")
+    return value
+
+
 def _chmod(value):
     """An rsync --chmod string; never setuid, setgid or sticky: a producer's file
     must not become a program that runs as its far owner, or a far directory
@@ -856,6 +891,7 @@ def _read_archive(r: _Reader, name: Any, data: Any) -> Archive | None:
         ssh_port=r.setting(data, Archive, "ssh_port", path, _port),
         known_hosts=str(known_hosts) if known_hosts else None,
         accept_new_host_keys=accept_new,
+        ssh_cipher=r.setting(data, Archive, "ssh_cipher", path, _ssh_cipher),
         delete_local_after=retention,
         max_copy_attempts=r.setting(data, Archive, "max_copy_attempts", path, _positive_int),
         copy_timeout=r.setting(data, Archive, "copy_timeout", path, _timeout),
@@ -864,6 +900,7 @@ def _read_archive(r: _Reader, name: Any, data: Any) -> Archive | None:
         compression=r.setting(data, Archive, "compression", path, _bool),
         bwlimit=r.setting(data, Archive, "bwlimit", path, _bwlimit),
         chmod=r.setting(data, Archive, "chmod", path, _chmod),
+        fsync=r.setting(data, Archive, "fsync", path, _fsync),
         api_roots=r.setting(data, Archive, "api_roots", path, _api_roots(r)),
         instance_id=r.setting(data, Archive, "instance_id", path, _name),
         far_side=far_side,

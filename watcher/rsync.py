@@ -22,6 +22,7 @@ by its cause: the archive's (nothing charged) or a file's.
 from __future__ import annotations
 
 import array
+import ctypes
 import errno
 import fcntl
 from collections import OrderedDict
@@ -83,8 +84,10 @@ MIN_RSYNC_VERSION = (3, 4)
 SHELL_TEXT = ("the archive host's login shell prints text, so rsync and the md5 command cannot "
               "talk through it: make its startup files (~/.bashrc ...) print nothing when not "
               "interactive")
-# Far-side hashing speed assumed when giving a remote md5 command its time.
+# Far-side hashing speed assumed when giving a remote md5 command its time,
+# and the time allowed for each file's fsync (a busy disk's, tens of ms).
 MIN_HASH_RATE = 20e6
+FSYNC_ALLOWANCE = 0.05
 
 
 class TransferError(Exception):
@@ -372,6 +375,8 @@ class Destination:
             args.append("--compress")
         if a.bwlimit:
             args.append(f"--bwlimit={a.bwlimit}")
+        if a.fsync == "file":
+            args.append("--fsync")  # besides the batch's sync (directories): stricter, slower
         if a.is_remote:
             args += ["--rsh", " ".join(shlex.quote(x) for x in self.ssh_args())]
             if self._far_umask is not None:
@@ -570,7 +575,8 @@ class Destination:
         # "./": md5sum reads its standard input for a path "-", even after "--".
         stdin = b"".join(b"./" + os.fsencode(p) + b"\0" for p in remote_paths)
         # A batch that replaced far copies may compare each with its new one too.
-        timeout = self.archive.cmd_timeout + total_bytes / MIN_HASH_RATE * (3 if replaced else 1)
+        timeout = (self.archive.cmd_timeout + total_bytes / MIN_HASH_RATE * (3 if replaced else 1)
+                   + len(remote_paths) * FSYNC_ALLOWANCE)
         result = run(argv, stdin=stdin, timeout=timeout, stop=stop)
         if result.exit_code == 255:
             raise TransferError("connection", f"ssh exited 255: {said(result.stderr)}", argv)
@@ -935,9 +941,29 @@ def reported_names(stdout: bytes) -> set[bytes]:
 # The far md5 command's output begins with MD5_HEADER and the base's physical
 # path; then, for each of xargs' chunks of names, what MD5_CHUNK prints: the
 # count and the names, the realpath of each, an empty record, the md5sum
-# records, an empty record (all NUL-terminated; no name or path is empty).
-MD5_CHUNK = ('printf "%s\\0" "$#" "$@"; realpath -z -m -- "$@"; printf "\\0"; '
-             'md5sum -z -- "$@"; printf "\\0"; '
+# records, an empty record (all NUL-terminated; no name or path is empty);
+# then, when the chunk's files could not be synced, SYNC_FAILED.
+SYNC_FAILED = b"sync-failed"
+# The chunk's regular files, each directory above them up to the base and
+# the base itself go to stable storage (coreutils' sync fsyncs each
+# argument; one call for the chunk) while they are hashed, and the chunk
+# counts only once that is done (SYNC_CHECK), so that what was hashed
+# survives a power cut: no verified copy, and no local file deleted, rests
+# on the far page cache (what md5sum reads is what the fsync writes). The
+# names, as given ("./a/b"), never pass through a shell.
+# A chunk of SYNCFS_FILES files or more first syncs the base's whole file
+# system (syncfs: one write-out instead of one per file: see
+# benchmarks/bench_far_sync.py); the per-file fsync after it, then cheap,
+# still reports each file's own write error.
+SYNCFS_FILES = 64
+SYNCFS_PART = f'[ "$#" -lt {SYNCFS_FILES} ] || sync -f . 2>/dev/null; '
+SYNC_START = ('{ ' + SYNCFS_PART +
+              '{ for p; do [ -f "$p" ] && [ ! -h "$p" ] && while printf "%s\\0" "$p"; '
+              'p=${p%/*}; [ "$p" != . ]; do :; done; done; printf ".\\0"; } | '
+              'LC_ALL=C sort -zu | xargs -0r sync --; } & s=$!; ')
+SYNC_CHECK = f'wait "$s" || {{ printf "{SYNC_FAILED.decode()}\\0"; exit 1; }}; '
+MD5_CHUNK = (SYNC_START + 'printf "%s\\0" "$#" "$@"; realpath -z -m -- "$@"; printf "\\0"; '
+             'md5sum -z -- "$@"; printf "\\0"; ' + SYNC_CHECK +
              # the batch's replaced copies identical to what now stands there (no output)
              '[ -z "$R" ] || [ ! -d "$R" ] || for p; do [ -f "$R/$p" ] && [ ! -h "$R/$p" ] && '
              '[ ! -h "$p" ] && ! [ "$p" -ef "$R/$p" ] && '  # never a file compared with itself
@@ -963,6 +989,9 @@ def parse_far_md5(output: bytes, stderr: bytes = b"") -> dict[bytes, str]:
     found: dict[bytes, str] = {}
     i, end = 1, len(records) - 1  # the last record follows the final NUL: empty, or cut short
     while i < end:
+        if records[i] == SYNC_FAILED:  # after a chunk: all the output counts for nothing
+            raise TransferError("archive", "the archive host could not put the batch on stable "
+                                f"storage (sync failed), so none of it counts as verified: {said(stderr)}")
         if not records[i].isdigit():
             log.warning("far md5 output out of line at record %d; the rest is not trusted", i)
             break
@@ -1001,11 +1030,15 @@ def _md5sum_records(records: list[bytes]):
 
 def _local_md5(basedir: str, remote_paths: list[str], replaced_dir: str = "") -> dict[str, str]:
     """md5 of the far files of a local archive, opened below the base
-    directory without following links (a link there proves nothing); the
+    directory without following links (a link there proves nothing), each
+    first fsynced, then the directories above them up to the base (as
+    SYNC_START does far away; a failure raises TransferError("archive")); the
     copies in ``replaced_dir`` identical to them are removed (see
     ``Destination.remote_md5_args``)."""
     found = {}
     with Beneath(basedir.rstrip("/") or "/") as tree:
+        if len(remote_paths) >= SYNCFS_FILES:
+            _syncfs(tree.dir_fd(""))
         for path in remote_paths:
             try:
                 fd = tree.open(os.path.join(tree.root, path))
@@ -1013,14 +1046,44 @@ def _local_md5(basedir: str, remote_paths: list[str], replaced_dir: str = "") ->
                 continue
             try:
                 if stat.S_ISREG(os.fstat(fd).st_mode):
+                    _fsync(fd, path)
                     found[path] = md5_of_fd(fd)[0]
             except OSError:
                 pass
             finally:
                 os.close(fd)
+        for reldir in sorted({d for p in found for d in _parents(p)}, key=len, reverse=True):
+            _fsync(tree.dir_fd(reldir), reldir or ".")
         if replaced_dir:
             drop_identical_copies(tree, replaced_dir, found)
     return found
+
+
+def _parents(path: str):
+    """Each directory above a relative path, the base ("") included."""
+    while path:
+        path = path.rpartition("/")[0]
+        yield path
+
+
+def _syncfs(fd: int) -> None:
+    """syncfs(2) of the file system of ``fd`` (see SYNCFS_FILES); its result
+    is not relied on: each file's fsync after it reports its own errors."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syncfs(fd)
+    except (OSError, AttributeError):
+        pass
+
+
+def _fsync(fd: int, what: str) -> None:
+    """fsync, its failure the archive's (TransferError): nothing counts as
+    verified that a power cut could take back."""
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise TransferError("archive", f"the archive could not put {what!r} on stable storage "
+                            f"(fsync: {exc.strerror}), so the batch does not count as verified") from None
 
 
 FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long)

@@ -41,6 +41,8 @@ def ssh_args(archive: Archive, control_dir: str | None) -> list[str]:
         args += ["-o", "IdentityFile=" + ssh_path(a.ssh_key, "ssh_key"), "-o", "IdentitiesOnly=yes"]
     if a.known_hosts:
         args += ["-o", "UserKnownHostsFile=" + ssh_path(a.known_hosts, "known_hosts")]
+    if a.ssh_cipher:
+        args += ["-o", "Ciphers=" + a.ssh_cipher]
     if control_dir:
         args += ["-o", "ControlMaster=auto",
                  "-o", "ControlPath=" + ssh_path(control_socket(archive, control_dir), "control path"),
@@ -69,7 +71,7 @@ def control_socket(archive: Archive, control_dir: str) -> str:
     settings, 16 hex digits (ssh adds 17 characters while making it)."""
     a = archive
     settings = "\0".join(str(x) for x in (a.name, a.ssh_host, a.ssh_port, a.ssh_key, a.known_hosts,
-                                          a.accept_new_host_keys))
+                                          a.accept_new_host_keys, a.ssh_cipher))
     return os.path.join(control_dir, hashlib.sha256(settings.encode()).hexdigest()[:16])
 
 

@@ -1,0 +1,151 @@
+"""Durable before deleted: a far copy counts as verified only once it and
+the directory entries above it, up to the base, are on stable storage.
+
+Observed, never mocked: over ssh, a `sync` first on the far account's PATH
+logs its arguments and runs the real one (or fails, as a far disk with I/O
+errors makes it); for a local archive, strace shows the agent's and rsync's
+fsync calls. rsync, ssh, sshd, md5sum and the catalog are the real ones.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.hostile_names import hostile_names
+from tests.ssh_support import Sleeps, md5, register, row, ssh_archive
+from watcher.health import read_health
+from watcher.rsync import SYNCFS_FILES, Item, ship_batch
+
+# A name of each family that breaks shell or line-based code, in new
+# directories (which rsync's --mkpath makes, so their entries need syncing too).
+NAMES = ["top file", "-rf", "new/line\nbreak", "new/deeper/" + os.fsdecode(b"\xff\xfe non-utf8"),
+         "new/deeper/--help"]
+NEW_DIRS = ["new", "new/deeper"]
+
+
+def logging_sync(bin_dir: Path) -> tuple[Path, Path]:
+    """A far `sync` that logs each call (its arguments NUL-terminated, then an
+    empty record) and runs the real one; it fails (exit 1, as coreutils'
+    sync on an I/O error) while the returned flag file exists."""
+    real = shutil.which("sync")
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    bin_dir.chmod(0o777)  # the far account writes the log here
+    log, flag = bin_dir / "sync.log", bin_dir / "sync.fails"
+    script = bin_dir / "sync"
+    script.write_text(f'#!/bin/sh\n{{ printf "%s\\0" "$@"; printf "\\0"; }} >> {log}\n'
+                      f'if [ -e {flag} ]; then echo "sync: error syncing \'$2\': Input/output error" >&2; '
+                      f'exit 1; fi\nexec {real} "$@"\n')
+    script.chmod(0o755)
+    return log, flag
+
+
+def sync_calls(log: Path) -> list[list[bytes]]:
+    if not log.exists():
+        return []
+    calls, call = [], []
+    for arg in log.read_bytes().split(b"\0")[:-1]:  # no argument is empty: an empty record ends a call
+        if arg:
+            call.append(arg)
+        else:
+            calls.append(call)
+            call = []
+    return calls
+
+
+@pytest.fixture
+def far_sync(far_server, shared_dir):
+    """(server, base, sync log, failure flag): a second sshd whose login finds the logging sync first."""
+    log, flag = logging_sync(shared_dir / "bin")
+    server = far_server(PATH=f"{shared_dir / 'bin'}:/usr/local/bin:/usr/bin:/bin")
+    return server, server.remote_root(), log, flag
+
+
+def test_one_far_sync_per_batch_covers_every_file_and_each_directory_up_to_the_base(
+        far_sync, tmp_path, destinations):
+    server, base, log, _ = far_sync
+    src = tmp_path / "src"
+    names = list(dict.fromkeys(NAMES + [os.fsdecode(n) for n in hostile_names(str(tmp_path / "canary"))
+                                     if b"/" not in n]))
+    items = []
+    for i, name in enumerate(names):
+        local = src / f"{i}.dat"
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(b"%d" % i)
+        items.append(Item(i, str(local), name, md5(b"%d" % i)))
+    dest = destinations(ssh_archive(server, base))
+
+    results, _ = ship_batch(dest, items)
+
+    assert all(found == sent for sent, found in results.values()) and len(results) == len(items)
+    # one call for the whole batch, after a syncfs of the base's file system (many files)
+    assert len(names) >= SYNCFS_FILES
+    [whole, call] = sync_calls(log)
+    assert whole == [b"-f", b"."]
+    assert call[0] == b"--"
+    expected = {b"./" + os.fsencode(n) for n in names} | {b"./" + d.encode() for d in NEW_DIRS} | {b"."}
+    assert sorted(call[1:]) == sorted(expected)  # each once, nothing above the base
+
+
+def test_a_failing_far_sync_leaves_the_batch_unverified_uncharged_and_it_is_verified_once_sync_works(
+        far_sync, tmp_path, catalog, make_worker):
+    server, base, log, flag = far_sync
+    flag.write_text("")
+    ids = register(catalog, "arch", {"a.dat": b"a", "d/b.dat": b"b"}, tmp_path / "src")
+    seen = []
+
+    def during_outage(n):
+        seen.append([(row(catalog, i).verified, row(catalog, i).failed_copy_attempts) for i in ids.values()])
+        seen.append(read_health(catalog.path)["archives"]["arch"]["last_error"])
+        seen.append((base / "a.dat").read_bytes() + (base / "d" / "b.dat").read_bytes())  # they did arrive
+        flag.unlink()
+
+    make_worker(ssh_archive(server, base), sleep=Sleeps(during_outage, limit=1)).step()
+
+    assert seen[0] == [(False, 0), (False, 0)]  # copied, not durable: not verified (not deletable), nothing charged
+    assert "sync failed" in seen[1] and "Input/output error" in seen[1] and seen[2] == b"ab"
+    assert all(row(catalog, i).verified for i in ids.values())
+    assert sync_calls(log)[0][0] == b"--" and len(sync_calls(log)) == 2  # few files: no syncfs
+
+
+STRACE_SHIP = """
+import sys
+from watcher.config import Archive
+from watcher.rsync import Destination, Item, ship_batch
+base, src, mode = sys.argv[1:4]
+items = [Item(i, f"{src}/{i}", name, md5) for i, (name, md5) in enumerate(zip(sys.argv[4::2], sys.argv[5::2]))]
+results, _ = ship_batch(Destination(Archive(name="a", remote_basedir=base, fsync=mode), None, (src,)), items)
+assert all(sent == found for sent, found in results.values()), results
+"""
+
+
+@pytest.mark.parametrize("mode", ["batch", "file"])
+def test_a_local_archive_fsyncs_each_file_and_each_directory_up_to_the_base(tmp_path, mode):
+    if shutil.which("strace") is None:
+        pytest.fail("strace is not installed (apt-get install strace)")
+    base, src = tmp_path / "archive", tmp_path / "src"
+    src.mkdir()
+    names = ["top file", "-rf", "new/deeper/--help", "new/x"]
+    args = []
+    for i, name in enumerate(names):
+        (src / str(i)).write_bytes(b"%d" % i)
+        args += [name, md5(b"%d" % i)]
+    trace = tmp_path / "strace.log"
+
+    subprocess.run(["strace", "-f", "-qq", "-y", "-e", "trace=fsync,fdatasync", "-o", str(trace),
+                    sys.executable, "-c", STRACE_SHIP, str(base), str(src), mode, *args], check=True)
+
+    synced: dict[str, int] = {}
+    for line in trace.read_text().splitlines():
+        if "fsync(" in line and "= 0" in line:
+            path = line.split("<", 1)[1].rsplit(">", 1)[0]
+            synced[path] = synced.get(path, 0) + 1
+    expected = {str(base / n) for n in names} | {str(base / "new"), str(base / "new/deeper"), str(base)}
+    in_place = {p for p in synced if "/." not in p[len(str(base)):]}  # not rsync's temporary files
+    assert in_place == expected and all(synced[p] == 1 for p in expected)
+    temporaries = set(synced) - in_place  # rsync's own --fsync, of each file before its rename
+    assert len(temporaries) == (len(names) if mode == "file" else 0)
