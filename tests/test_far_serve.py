@@ -81,6 +81,49 @@ def far_files(top: Path) -> set[str]:
     return {str(p.relative_to(top)) for p in top.rglob("*") if not p.is_dir() or p.is_symlink()}
 
 
+def serve_here(root: Path, request: str, stdin: bytes = b"", **env: str) -> subprocess.CompletedProcess:
+    """`python -m watcher.serve --root ROOT` run directly, as sshd would run it."""
+    env = {**{k: v for k, v in os.environ.items() if k != "SSH_ORIGINAL_COMMAND"},
+           "SSH_ORIGINAL_COMMAND": request, **env}
+    return subprocess.run([sys.executable, "-m", "watcher.serve", "--root", str(root), "--min-temp-age", "0"],
+                          input=stdin, env=env, capture_output=True, timeout=60)
+
+
+def refused_in_one_line(done: subprocess.CompletedProcess, said: str) -> bool:
+    lines = done.stderr.decode(errors="replace").strip().splitlines()
+    return (done.returncode == 1 and len(lines) == 1 and lines[0].startswith("watcher serve: refused: ")
+            and said in lines[0])
+
+
+@pytest.mark.parametrize("home", ["root", "root/home", "elsewhere"], ids=["the home", "below", "~/.ssh linked"])
+def test_a_root_holding_the_far_accounts_home_is_refused_whatever_the_request(tmp_path, home):
+    """Finding 2: a key that may write ~/.ssh/authorized_keys or ~/.bashrc gets a shell."""
+    root = tmp_path / "root"
+    (tmp_path / home).mkdir(parents=True, exist_ok=True)
+    if home == "elsewhere":
+        (root / "keys").mkdir(parents=True)
+        (tmp_path / home / ".ssh").symlink_to(root / "keys")
+    for request in ("watcher-serve version", "rsync --server -tIRe.LsfxCIvu --no-implied-dirs . ./"):
+        done = serve_here(root, request, HOME=str(tmp_path / home))
+        assert refused_in_one_line(done, "the far account's own"), done
+    assert serve_here(root, "watcher-serve version", HOME=str(tmp_path)).returncode == 0
+
+
+def test_the_receiver_needs_rsync_3_5_and_no_implied_dirs(tmp_path):
+    """Finding 3: the confinement of -R names below the destination is rsync's
+    own (CVE-2026-53785), and a thief never runs the agent's version check."""
+    old = tmp_path / "bin"
+    old.mkdir()
+    (old / "rsync").write_text("#!/bin/sh\necho 'rsync  version 3.4.1  protocol version 32'\n")
+    (old / "rsync").chmod(0o755)
+    request = "rsync --server -tIRe.LsfxCIvu --no-implied-dirs . x/"
+    done = serve_here(tmp_path, request, PATH=f"{old}:{os.environ['PATH']}")
+    assert refused_in_one_line(done, "is 3.4.1; watcher serve needs rsync 3.5.0 or later"), done
+    done = serve_here(tmp_path, request.replace(" --no-implied-dirs", ""))
+    assert refused_in_one_line(done, "--relative without --no-implied-dirs"), done
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("entry", [["-m", "watcher.cli", "serve"], ["-m", "watcher.serve"]],
                          ids=["watcher serve", "python -m watcher.serve"])
 def test_both_entry_points_serve_the_same_and_say_a_refusal_in_one_line(tmp_path, entry):
@@ -129,7 +172,8 @@ REFUSED_REQUESTS = [
     "rsync --server -tIRe.LsfxCIvu --files-from=/etc/passwd . x/",
     "rsync --server -tIRe.LsfxCIvu . ../outside/",
     "rsync --server -tIRe.LsfxCIvu . {out}/",
-    "rsync --server -tlIRe.LsfxCIvu . x/",  # -l: it would make symlinks
+    "rsync --server -tlIRe.LsfxCIvu --no-implied-dirs . x/",  # -l: it would make symlinks
+    "rsync --server -tIRe.LsfxCIvu . x/",  # without --no-implied-dirs
     "umask 0002; rsync --server -tIRe.LsfxCIvu . x/",
     "umask 0002 && rsync --server -tIRe.LsfxCIvu . x/ && cat /etc/passwd",
     "watcher-serve md5 ../outside", "watcher-serve md5 /etc", "watcher-serve rm x",
@@ -210,7 +254,7 @@ def test_real_rsync_with_the_key_writes_only_below_the_root(served, tmp_path):
     # what the key may send lands below the root: -R with an absolute source, a
     # setuid file (never setuid there)
     (src / "f").chmod(0o4755)
-    done = served.rsync("-tpR", str(src / "f"), f"{served.sshd.ssh_target}:x/")
+    done = served.rsync("-tpR", "--no-implied-dirs", str(src / "f"), f"{served.sshd.ssh_target}:x/")
     assert done.returncode == 0, done.stderr
     landed = served.root / "x" / str(src / "f").lstrip("/")
     assert landed.read_bytes() == b"data" and oct(landed.stat().st_mode & 0o7777) == oct(0o755)
@@ -219,7 +263,7 @@ def test_real_rsync_with_the_key_writes_only_below_the_root(served, tmp_path):
     done = served.rsync("-t", "-s", str(src / "f"), f"{served.sshd.ssh_target}:in/filelink")
     assert done.returncode != 0  # -s hides the arguments: refused
     (src / "filelink").write_bytes(b"over")
-    done = served.rsync("-t", str(src / "filelink"), f"{served.sshd.ssh_target}:in/")
+    done = served.rsync("-t", "--no-implied-dirs", str(src / "filelink"), f"{served.sshd.ssh_target}:in/")
     assert done.returncode == 0, done.stderr
     assert (served.root / "in" / "filelink").read_bytes() == b"over"
     assert not (served.root / "in" / "filelink").is_symlink()
@@ -390,32 +434,3 @@ def test_the_whole_agent_ships_finalizes_and_deletes_only_far_checked_files_thro
         catalog.close()
     assert far_files(served.outside) == {"secret"}
     assert not [r for r in caplog.records if "temporary files" in r.getMessage()]
-
-
-def test_append_only_never_replaces_a_far_file_by_other_content(sshd, remote_dir, tmp_path, destinations):
-    root = sshd.make_remote_dir(remote_dir / "root")
-    served = Served(sshd, tmp_path, root, remote_dir, serve_options=("--append-only",))
-    try:
-        dest = destinations(served.archive("arch"))
-        src = tmp_path / "src"
-        src.mkdir()
-        path = src / "a.dat"
-
-        def ship(data: bytes, new_file: bool):
-            if new_file:
-                path.unlink(missing_ok=True)
-            path.write_bytes(data)  # else rewritten in place: an edit, whose batch sends no --backup-dir
-            item = Item(1, str(path), "d/a.dat", md5(data), len(data), dest.may_be_edit(1, str(path), "d/a.dat"))
-            results, _ = ship_batch(dest, [item])
-            dest.verified(item)
-            return results[1].found
-
-        assert ship(b"first", new_file=True) == md5(b"first")
-        assert ship(b"first", new_file=True) == md5(b"first")  # a retry of the same content is served
-        assert ship(b"second", new_file=True) == md5(b"first")  # not verified: the far copy stays
-        assert ship(b"first", new_file=True) == md5(b"first")
-        assert ship(b"third", new_file=False) == md5(b"first")  # nor an edit
-        assert (root / "arch" / "d" / "a.dat").read_bytes() == b"first"
-        assert sorted(p for p in far_files(root / "arch")) == ["d/a.dat"]  # no copy left behind
-    finally:
-        served.remove()

@@ -51,7 +51,7 @@ import subprocess
 import sys
 import time
 
-from watcher.far_side import MD5_HEADER, SERVE_REQUEST, TEMP_NAME, drop_identical_copies, same_bytes
+from watcher.far_side import MD5_HEADER, SERVE_REQUEST, TEMP_NAME, drop_identical_copies
 from watcher.hashing import md5_of_fd
 from watcher.rules import REPLACED_DIR
 from watcher.safefs import Beneath, Identity, split_beneath
@@ -68,6 +68,10 @@ RECEIVER_ARGS = [SHORT, re.compile(r"--log-format=%i"), re.compile(r"--timeout=\
 BACKUP_DIR = re.compile(re.escape(REPLACED_DIR) + r"/(?!\.\.?\Z)[A-Za-z0-9._-]{1,200}")
 UMASK = re.compile(r"0?[0-7]{3}")
 MIN_TEMP_AGE = 600.0
+# The receiver's confinement below its destination is rsync's own: 3.5.0 makes
+# the parents of a --relative name (--no-implied-dirs) without following a
+# planted symlink (CVE-2026-53785; 3.4 does not).
+MIN_RSYNC = (3, 5, 0)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -81,10 +85,9 @@ def run(argv: list[str] | None = None) -> int:
 
     p = Parser(prog="watcher serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--root", required=True, metavar="DIR")
-    p.add_argument("--append-only", action="store_true")
     p.add_argument("--min-temp-age", type=_duration, default=MIN_TEMP_AGE, metavar="DURATION")
     args = p.parse_args(argv)
-    return main(args.root, min_temp_age=args.min_temp_age, append_only=args.append_only)
+    return main(args.root, min_temp_age=args.min_temp_age)
 
 
 def _duration(text: str) -> float:
@@ -100,8 +103,7 @@ class Refused(Exception):
     """A request that is not served: one line, exit 1."""
 
 
-def main(root: str, min_temp_age: float = MIN_TEMP_AGE, append_only: bool = False,
-         request: str | None = None) -> int:
+def main(root: str, min_temp_age: float = MIN_TEMP_AGE, request: str | None = None) -> int:
     """Serve one request (``SSH_ORIGINAL_COMMAND`` when ``request`` is None)."""
     if request is None:
         request = os.environ.get("SSH_ORIGINAL_COMMAND")
@@ -109,7 +111,7 @@ def main(root: str, min_temp_age: float = MIN_TEMP_AGE, append_only: bool = Fals
         if request is None:
             raise Refused("no request: this command serves watcher agents through ssh "
                           "(SSH_ORIGINAL_COMMAND is not set)")
-        server = Server(root, min_temp_age, append_only)
+        server = Server(root, min_temp_age)
         return server.serve(request)
     except Refused as exc:
         print(f"watcher serve: refused: {exc}", file=sys.stderr)
@@ -117,11 +119,15 @@ def main(root: str, min_temp_age: float = MIN_TEMP_AGE, append_only: bool = Fals
 
 
 class Server:
-    def __init__(self, root: str, min_temp_age: float, append_only: bool = False):
+    def __init__(self, root: str, min_temp_age: float):
         self.root = os.path.realpath(root)
         self.given = root.rstrip("/") or "/"
         self.min_temp_age = min_temp_age
-        self.append_only = append_only
+        home = _home_below(self.root)
+        if home is not None:
+            raise Refused(f"--root {root} holds {home}, the far account's own: a key that may write "
+                          "there could give itself a shell (.ssh/authorized_keys, .bashrc); serve a "
+                          "directory outside the account's home")
         try:
             self.root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
@@ -218,39 +224,25 @@ class Server:
             raise Refused("rsync: expected the agent's options, '.' and one destination")
         if "b" in args[0].split("e.")[0] and backup is None:
             raise Refused("rsync --backup without --backup-dir is not served")
-        dest = self._walk(self._parts(rest[1]), create=True)
-        own = self.append_only and backup is None  # a batch of edits, which may not edit here
-        if own:
-            backup = f"{REPLACED_DIR}/append-only-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}"
-        pinned = None
-        if backup is not None:
-            pinned = self._backup_dir(dest, backup)
-            args += ["--backup", f"--backup-dir=/proc/self/fd/{pinned}"]
+        if "R" in args[0].split("e.")[0] and "--no-implied-dirs" not in args:
+            raise Refused("rsync --relative without --no-implied-dirs is not served (the agent always "
+                          "sends it)")
         rsync = shutil.which("rsync")
         if rsync is None:
             raise Refused("no rsync on this host's PATH")
+        _check_rsync_version(rsync)
+        dest = self._walk(self._parts(rest[1]), create=True)
+        if backup is not None:
+            pinned = self._backup_dir(dest, backup)
+            os.set_inheritable(pinned, True)
+            args += ["--backup", f"--backup-dir=/proc/self/fd/{pinned}"]
         os.fchdir(dest)
         # No setuid, setgid or sticky file: one of the far account's, run by
         # another user of the archive host, would act as that account.
         argv = ["rsync", "--server", *args, "--chmod=Fugo-st", ".", "."]
         sys.stdout.flush()
-        if not self.append_only:
-            if pinned is not None:
-                os.set_inheritable(pinned, True)
-            os.execv(rsync, argv)
-        code = subprocess.run(argv, executable=rsync, pass_fds=(pinned,)).returncode
-        kept = _restore_replaced(dest, pinned, drop_identical=own)
-        if own:
-            for parent in (backup, REPLACED_DIR):  # the directories made here, if left empty
-                try:
-                    os.rmdir(parent, dir_fd=dest)
-                except OSError:
-                    pass
-        if kept:
-            print(f"watcher serve: append-only: {len(kept)} far file{'s' if len(kept) > 1 else ''} kept as "
-                  f"they were (a copy of other content may not replace them), e.g. {kept[0]!r}",
-                  file=sys.stderr)
-        return code
+        os.execv(rsync, argv)
+        return 1  # not reached
 
     def _backup_dir(self, dest: int, backup: str) -> int:
         """The batch's backup directory below the destination, made here
@@ -430,53 +422,6 @@ class Server:
         return 0
 
 
-def _restore_replaced(dest: int, backup: int, drop_identical: bool) -> list[str]:
-    """After rsync ran with ``--append-only``: every far file it replaced
-    (moved into the batch's backup directory) whose new content differs, or
-    that is gone, is put back under its name; an identical one stays in the
-    backup directory for the md5 step to remove (or is removed here, with
-    its emptied directories: ``drop_identical``, a directory the agent does
-    not know). Returns the names put back."""
-    restored = []
-    with Beneath(f"/proc/self/fd/{dest}") as now, Beneath(f"/proc/self/fd/{backup}") as old:
-        for top, _, files, _ in os.fwalk(".", dir_fd=backup, follow_symlinks=False):
-            for name in files:
-                rel = name if top == "." else f"{top[2:]}/{name}"
-                parent = rel.rpartition("/")[0]
-                try:
-                    earlier = old.open(os.path.join(old.root, rel))
-                except (OSError, ValueError):
-                    continue
-                try:
-                    if not stat.S_ISREG(os.fstat(earlier).st_mode):
-                        continue
-                    if _same(earlier, now, rel):
-                        if drop_identical:
-                            os.unlink(name, dir_fd=old.dir_fd(parent))
-                        continue
-                    os.rename(name, name, src_dir_fd=old.dir_fd(parent), dst_dir_fd=now.dir_fd(parent))
-                    restored.append(rel)
-                except (OSError, ValueError):
-                    continue
-                finally:
-                    os.close(earlier)
-        if drop_identical:
-            for top, dirs, _, _ in os.fwalk(".", dir_fd=backup, topdown=False, follow_symlinks=False):
-                for d in dirs:
-                    try:
-                        os.rmdir(d, dir_fd=old.dir_fd("" if top == "." else top[2:]))
-                    except OSError:
-                        pass
-    return restored
-
-
-def _same(fd: int, tree: Beneath, rel: str) -> bool:
-    try:
-        return same_bytes(fd, tree, os.path.join(tree.root, rel))
-    except (OSError, ValueError):  # gone, or no regular file now
-        return False
-
-
 def _stale_temp(name: str, st: os.stat_result, cutoff: float) -> bool:
     return (TEMP_NAME.fullmatch(name) is not None and stat.S_ISREG(st.st_mode)
             and st.st_nlink == 1 and st.st_uid == os.geteuid() and st.st_ctime < cutoff)
@@ -491,6 +436,40 @@ def _walk_files(base_fd: int):
         for name in files:
             if TEMP_NAME.fullmatch(name):
                 yield name if top == "." else f"{top[2:]}/{name}"
+
+
+def _home_below(root: str) -> str | None:
+    """The far account's home, its .ssh or authorized_keys when at or below
+    ``root`` (all physical paths), else None."""
+    import pwd
+    homes = {os.path.expanduser("~")}
+    try:
+        homes.add(pwd.getpwuid(os.geteuid()).pw_dir)
+    except KeyError:
+        pass
+    top = root.rstrip("/") + "/"
+    for home in sorted(h for h in homes if h.startswith("/")):
+        for path in (home, f"{home}/.ssh", f"{home}/.ssh/authorized_keys"):
+            real = os.path.realpath(path)
+            if real == root or real.startswith(top):
+                return path
+    return None
+
+
+def _check_rsync_version(rsync: str) -> None:
+    """Refuse an rsync older than MIN_RSYNC: the receiver's confinement below
+    the destination is rsync's (a thief never runs the agent's check)."""
+    try:
+        out = subprocess.run([rsync, "--version"], capture_output=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise Refused(f"{rsync} --version: {exc}") from None
+    found = re.search(rb"version\s+(\d+)\.(\d+)\.(\d+)", out)
+    version = tuple(int(v) for v in found.groups()) if found else None
+    if version is None or version < MIN_RSYNC:
+        shown = ".".join(map(str, version)) if version else "of unknown version"
+        raise Refused(f"this host's rsync ({rsync}) is {shown}; watcher serve needs rsync "
+                      f"{'.'.join(map(str, MIN_RSYNC))} or later (older ones follow a planted "
+                      "symlink when making the parents of a --relative name, CVE-2026-53785)")
 
 
 def _shown(text: str) -> str:
