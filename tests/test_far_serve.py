@@ -259,6 +259,16 @@ def test_real_rsync_with_the_key_writes_only_below_the_root(served, tmp_path):
     landed = served.root / "x" / str(src / "f").lstrip("/")
     assert landed.read_bytes() == b"data" and oct(landed.stat().st_mode & 0o7777) == oct(0o755)
 
+    # nothing that every user of the archive host may write (finding 5), whatever
+    # umask and modes the key sends
+    (src / "f").chmod(0o666)
+    done = served.rsync("-tpR", "--no-implied-dirs", "--rsync-path=umask 000 && rsync", str(src / "f"),
+                        f"{served.sshd.ssh_target}:w/x/")
+    assert done.returncode == 0, done.stderr
+    landed = served.root / "w" / "x" / str(src / "f").lstrip("/")
+    modes = {p: p.stat().st_mode & 0o777 for p in [landed, *landed.parents] if served.root in p.parents}
+    assert modes[landed] == 0o664 and not [p for p, m in modes.items() if m & 0o002], modes
+
     # a file written in place of a planted link replaces the link, never its target
     done = served.rsync("-t", "-s", str(src / "f"), f"{served.sshd.ssh_target}:in/filelink")
     assert done.returncode != 0  # -s hides the arguments: refused
@@ -434,3 +444,111 @@ def test_the_whole_agent_ships_finalizes_and_deletes_only_far_checked_files_thro
         catalog.close()
     assert far_files(served.outside) == {"secret"}
     assert not [r for r in caplog.records if "temporary files" in r.getMessage()]
+
+
+@pytest.fixture
+def deep_tree():
+    """make(top, depth): a chain of directories ``d`` that deep below ``top``
+    (rsync -R can make one), flattened afterwards: shutil.rmtree, as pytest's
+    clean-up, recurses."""
+    made = []
+
+    def make(top: Path, depth: int) -> None:
+        top.mkdir(parents=True, exist_ok=True)
+        made.append(top)
+        fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for _ in range(depth):  # os.makedirs recurses too
+                os.mkdir("d", dir_fd=fd)
+                fd, parent = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+                os.close(parent)
+        finally:
+            os.close(fd)
+
+    yield make
+    for top in made:
+        top_fd, at, i = os.open(top, os.O_RDONLY | os.O_DIRECTORY), "d", 0
+        try:
+            while True:  # move the rest of the chain up to top, one level at a time
+                try:
+                    fd = os.open(at, os.O_RDONLY | os.O_DIRECTORY, dir_fd=top_fd)
+                except FileNotFoundError:
+                    break
+                try:
+                    i += 1
+                    os.rename("d", f"flat{i}", src_dir_fd=fd, dst_dir_fd=top_fd)
+                except FileNotFoundError:
+                    break
+                finally:
+                    os.close(fd)
+                at = f"flat{i}"
+        finally:
+            os.close(top_fd)
+
+
+@pytest.mark.parametrize("via", ["serve", "a local archive"])
+def test_the_clean_up_of_identical_copies_follows_no_planted_link_and_survives_a_deep_tree(
+        tmp_path, via, deep_tree):
+    """Finding 4: a symlinked .watcher-replaced led the clean-up's rmdir outside."""
+    from watcher.rsync import _local_md5
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "arch" / "d").mkdir(parents=True)
+    (root / "arch" / "d" / "a.dat").write_bytes(b"a")
+    (outside / "b1" / "x" / "y").mkdir(parents=True)
+    (root / "arch" / ".watcher-replaced").symlink_to(outside)
+    deep_tree(root / "arch" / "d" / ".watcher-replaced" / "b2", 1100)
+    (root / "arch" / "d" / ".watcher-replaced" / "b2" / "e").mkdir()
+
+    def md5_request(base: str, replaced: str) -> dict[str, str]:
+        if via == "serve":
+            done = serve_here(root, f"watcher-serve md5 {base} {replaced}", stdin=b"./d/a.dat\0./a.dat\0")
+            assert done.returncode == 0 and not done.stderr, done
+            return {k.decode()[2:]: v for k, v in parse_far_md5(done.stdout).items()}
+        return _local_md5(str(root / base), ["d/a.dat", "a.dat"], replaced)
+
+    from watcher.rsync import parse_far_md5
+    assert md5_request("arch", ".watcher-replaced/b1") == {"d/a.dat": md5(b"a")}
+    assert (outside / "b1" / "x" / "y").is_dir()
+    assert md5_request("arch/d", ".watcher-replaced/b2") == {"a.dat": md5(b"a")}
+    # no RecursionError: what is empty is removed, the tree too deep to walk is left
+    assert sorted(os.listdir(root / "arch" / "d" / ".watcher-replaced" / "b2")) == ["d"]
+
+
+def test_the_temp_file_requests_never_reach_kept_copies_at_any_depth_and_survive_deep_trees(tmp_path, deep_tree):
+    """Findings 7 and 8: a requester-chosen BASE inside .watcher-replaced, or
+    one nested deeper, let `clean` remove a kept copy; a deep tree was a traceback."""
+    base = tmp_path / "arch"
+    kept = {"sub/.watcher-replaced/b1/.run.log.Ab12Cd", ".watcher-replaced/b1/.run.log.Ab12Cd"}
+    for name in [*kept, "sub/.a.dat.Qw12Er"]:
+        (base / name).parent.mkdir(parents=True, exist_ok=True)
+        (base / name).write_bytes(b"x")
+    deep_tree(base / "deep", 1100)
+    done = serve_here(tmp_path, "watcher-serve temp-files arch 0")
+    assert done.returncode == 0 and not done.stderr and done.stdout == b"sub/.a.dat.Qw12Er\0", done
+    for request in ("temp-files arch/.watcher-replaced/b1 0", "clean arch/sub/.watcher-replaced/b1 0",
+                    "md5 arch/.watcher-replaced", "temp-files " + "/".join(["d"] * 65) + " 0"):
+        done = serve_here(tmp_path, "watcher-serve " + request, stdin=b".run.log.Ab12Cd\0")
+        assert refused_in_one_line(done, "inside a .watcher-replaced" if "replaced" in request
+                                   else "more than 64 directories"), done
+    done = serve_here(tmp_path, "watcher-serve clean arch 0", stdin=b"".join(n.encode() + b"\0" for n in kept))
+    assert done.returncode == 0 and done.stdout == b"", done
+    assert all((base / name).exists() for name in kept)
+
+
+def test_a_refusal_of_the_batch_by_serve_is_the_archives_trouble_not_the_connections(served, destinations, tmp_path):
+    """Finding 10: rsync exits 12 when its receiver is refused."""
+    path = tmp_path / "a.dat"
+    path.write_bytes(b"a")
+    dest = destinations(served.archive(str(served.outside / "arch")))
+    with pytest.raises(TransferError) as caught:
+        ship_batch(dest, [Item(1, str(path), "a.dat", md5(b"a"), 1)])
+    assert caught.value.kind == "archive" and "watcher serve refused" in str(caught.value), caught.value
+
+
+def test_the_names_a_request_reads_are_capped(tmp_path):
+    """Finding 6: md5 and clean held all of standard input, and md5 echoed it."""
+    from watcher.serve import MAX_NAMES_BYTES
+    (tmp_path / "arch").mkdir()
+    for request in ("md5 arch", "clean arch 0"):
+        done = serve_here(tmp_path, "watcher-serve " + request, stdin=b"./x\0" * (MAX_NAMES_BYTES // 4 + 1))
+        assert refused_in_one_line(done, "MiB of names on standard input") and not done.stdout, done

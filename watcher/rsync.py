@@ -46,7 +46,7 @@ import sh
 from watcher.config import Archive
 from watcher.hashing import md5_of_fd
 from watcher.faults import checkpoint
-from watcher.far_side import MD5_HEADER, SERVE_REQUEST, TEMP_NAME, drop_identical_copies
+from watcher.far_side import MD5_HEADER, SERVE_REFUSED, SERVE_REQUEST, TEMP_NAME, drop_identical_copies
 from watcher.rules import REPLACED_DIR, remote_path_problem
 from watcher.safefs import Beneath, Trees, open_in, split_beneath
 from watcher.ssh import ssh_args, stop_master
@@ -526,6 +526,8 @@ class Destination:
         message = f"rsync exited {code}{f' ({meaning})' if meaning else ''}: {said(err)}"
         if b"is your shell clean" in err or b"protocol version mismatch" in err:
             raise TransferError("archive", f"{SHELL_TEXT}; {message}", argv)
+        if self.archive.far_side == "serve" and SERVE_REFUSED.search(err):  # rsync says exit 12
+            raise TransferError("archive", f"the archive host's watcher serve refused the batch; {message}", argv)
         if code in CONNECTION_EXIT_CODES:
             raise TransferError("connection", message, argv)
         if ARCHIVE_FULL.search(err):

@@ -51,10 +51,10 @@ import subprocess
 import sys
 import time
 
-from watcher.far_side import MD5_HEADER, SERVE_REQUEST, TEMP_NAME, drop_identical_copies
+from watcher.far_side import MD5_HEADER, REFUSED, SERVE_REQUEST, TEMP_NAME, drop_identical_copies
 from watcher.hashing import md5_of_fd
 from watcher.rules import REPLACED_DIR
-from watcher.safefs import Beneath, Identity, split_beneath
+from watcher.safefs import Beneath, Identity, split_beneath, walk_fd
 
 # The receiver's arguments the agent sends (watcher.rsync.Destination.rsync_args
 # without -s): each must match one of these, whole. The short options: --backup
@@ -68,6 +68,10 @@ RECEIVER_ARGS = [SHORT, re.compile(r"--log-format=%i"), re.compile(r"--timeout=\
 BACKUP_DIR = re.compile(re.escape(REPLACED_DIR) + r"/(?!\.\.?\Z)[A-Za-z0-9._-]{1,200}")
 UMASK = re.compile(r"0?[0-7]{3}")
 MIN_TEMP_AGE = 600.0
+# A base (a destination, or where to hash or clean) is an archive's directory.
+MAX_BASE_DEPTH, MAX_BASE_LENGTH = 64, 1024
+# A batch's names on standard input (md5, clean): a few MB at most.
+MAX_NAMES_BYTES = 32 << 20
 # The receiver's confinement below its destination is rsync's own: 3.5.0 makes
 # the parents of a --relative name (--no-implied-dirs) without following a
 # planted symlink (CVE-2026-53785; 3.4 does not).
@@ -114,7 +118,7 @@ def main(root: str, min_temp_age: float = MIN_TEMP_AGE, request: str | None = No
         server = Server(root, min_temp_age)
         return server.serve(request)
     except Refused as exc:
-        print(f"watcher serve: refused: {exc}", file=sys.stderr)
+        print(f"{REFUSED}{exc}", file=sys.stderr)
         return 1
 
 
@@ -161,7 +165,12 @@ class Server:
                 raise Refused(f"{base!r} is not below {self.given}")
         parts = [p for p in path.split("/") if p not in ("", ".")]
         if ".." in parts:
-            raise Refused(f"{base!r} climbs out with '..'")
+            raise Refused(f"{_shown(base)} climbs out with '..'")
+        if REPLACED_DIR in parts:  # the kept copies are no base: their names look like anything
+            raise Refused(f"{_shown(base)} is inside a {REPLACED_DIR} directory")
+        if len(parts) > MAX_BASE_DEPTH or len(path) > MAX_BASE_LENGTH:
+            raise Refused(f"{_shown(base)} is more than {MAX_BASE_DEPTH} directories or "
+                          f"{MAX_BASE_LENGTH} characters deep")
         return parts
 
     def _walk(self, parts: list[str], create: bool) -> int:
@@ -204,6 +213,7 @@ class Server:
                 raise Refused(f"{_shown(shlex.join(words))}: only 'umask NNNN && rsync --server ...' is served")
             os.umask(int(words[1], 8))
             words = words[3:]
+        os.umask(os.umask(0) | 0o002)  # no directory writable by every user of the host
         if words[:2] != ["rsync", "--server"]:
             raise Refused(f"{_shown(shlex.join(words))}: only rsync's receiver is served")
         args, rest, backup = [], words[2:], None
@@ -238,8 +248,10 @@ class Server:
             args += ["--backup", f"--backup-dir=/proc/self/fd/{pinned}"]
         os.fchdir(dest)
         # No setuid, setgid or sticky file: one of the far account's, run by
-        # another user of the archive host, would act as that account.
-        argv = ["rsync", "--server", *args, "--chmod=Fugo-st", ".", "."]
+        # another user of the archive host, would act as that account. Nothing
+        # writable by every user there (-p sends the client's modes): they could
+        # change what was archived. (Group write stays: socs' chmod g+rwX.)
+        argv = ["rsync", "--server", *args, "--chmod=Fugo-st,o-w", ".", "."]
         sys.stdout.flush()
         os.execv(rsync, argv)
         return 1  # not reached
@@ -334,16 +346,22 @@ class Server:
             base_fd = self._walk(parts, create=False)
         except FileNotFoundError:
             raise Refused(f"md5: {base}: no such directory below {self.given}") from None
-        names = [n for n in sys.stdin.buffer.read().split(b"\0") if n]
+        names = _names_on_stdin("md5")
         try:
             records, found = self._hash(base_fd, names, replaced)
         finally:
             os.close(base_fd)
         physical = os.fsencode(self._physical(parts))
-        out = [MD5_HEADER + physical, str(len(names)).encode(), *names]
-        out += [physical + name[1:] if name in found else b"!" for name in names]
-        out += [b"", *records, b""]
-        sys.stdout.buffer.write(b"\0".join(out) + b"\0")
+        write = sys.stdout.buffer.write  # piece by piece: no second copy of the names in memory
+        write(MD5_HEADER + physical + b"\0" + str(len(names)).encode() + b"\0")
+        for name in names:
+            write(name + b"\0")
+        for name in names:
+            write((physical + name[1:] if name in found else b"!") + b"\0")
+        write(b"\0")
+        for record in records:
+            write(record + b"\0")
+        write(b"\0")
         return 0
 
     def _hash(self, base_fd: int, names: list[bytes], replaced: str) -> tuple[list[bytes], set[bytes]]:
@@ -399,14 +417,14 @@ class Server:
         try:
             with Beneath(f"/proc/self/fd/{base_fd}") as tree:
                 if remove:
-                    names = [os.fsdecode(n) for n in sys.stdin.buffer.read().split(b"\0") if n]
+                    names = [os.fsdecode(n) for n in _names_on_stdin("clean")]
                 else:
                     names = list(_walk_files(base_fd))
                 for rel in names:
                     path = os.path.join(tree.root, rel)
                     try:
                         split_beneath(path, tree.root)
-                        if rel.split("/", 1)[0] == REPLACED_DIR:
+                        if REPLACED_DIR in rel.split("/"):
                             continue
                         st = tree.lstat(path)
                         if not _stale_temp(rel.rpartition("/")[2], st, cutoff):
@@ -429,13 +447,11 @@ def _stale_temp(name: str, st: os.stat_result, cutoff: float) -> bool:
 
 def _walk_files(base_fd: int):
     """Relative paths of the entries whose names look like rsync's temporary
-    files, below the base (no link followed, REPLACED_DIR skipped)."""
-    for top, dirs, files, _ in os.fwalk(".", dir_fd=base_fd, follow_symlinks=False):
-        if top == ".":
-            dirs[:] = [d for d in dirs if d != REPLACED_DIR]
+    files, below the base (no link followed, no REPLACED_DIR at any depth)."""
+    for top, _, _, files in walk_fd(base_fd, skip=REPLACED_DIR):
         for name in files:
             if TEMP_NAME.fullmatch(name):
-                yield name if top == "." else f"{top[2:]}/{name}"
+                yield f"{top}/{name}" if top else name
 
 
 def _home_below(root: str) -> str | None:
@@ -470,6 +486,15 @@ def _check_rsync_version(rsync: str) -> None:
         raise Refused(f"this host's rsync ({rsync}) is {shown}; watcher serve needs rsync "
                       f"{'.'.join(map(str, MIN_RSYNC))} or later (older ones follow a planted "
                       "symlink when making the parents of a --relative name, CVE-2026-53785)")
+
+
+def _names_on_stdin(what: str) -> list[bytes]:
+    """The NUL-separated names on standard input, refused past MAX_NAMES_BYTES
+    (held in memory, and the md5 answer repeats them)."""
+    data = sys.stdin.buffer.read(MAX_NAMES_BYTES + 1)
+    if len(data) > MAX_NAMES_BYTES:
+        raise Refused(f"{what}: more than {MAX_NAMES_BYTES >> 20} MiB of names on standard input")
+    return [n for n in data.split(b"\0") if n]
 
 
 def _shown(text: str) -> str:
