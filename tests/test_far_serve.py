@@ -486,32 +486,51 @@ def deep_tree():
             os.close(top_fd)
 
 
-@pytest.mark.parametrize("via", ["serve", "a local archive"])
+@pytest.mark.parametrize("via", ["serve", "a local archive", "shell over ssh"])
 def test_the_clean_up_of_identical_copies_follows_no_planted_link_and_survives_a_deep_tree(
-        tmp_path, via, deep_tree):
-    """Finding 4: a symlinked .watcher-replaced led the clean-up's rmdir outside."""
-    from watcher.rsync import _local_md5
-    root, outside = tmp_path / "root", tmp_path / "outside"
+        tmp_path, via, sshd, remote_dir, destinations, deep_tree):  # deep_tree's clean-up first
+    """Finding 4: a symlinked .watcher-replaced led the clean-up (serve's and
+    a local archive's rmdir, shell mode's rm and find) outside."""
+    from watcher.rsync import _local_md5, parse_far_md5
+    top = sshd.make_remote_dir(remote_dir / "top") if via == "shell over ssh" else tmp_path
+    root, outside = top / "root", top / "outside"
     (root / "arch" / "d").mkdir(parents=True)
     (root / "arch" / "d" / "a.dat").write_bytes(b"a")
+    (root / "arch" / "d" / "d").mkdir()
+    (root / "arch" / "d" / "d" / "a.dat").write_bytes(b"a")
+    (outside / "b1" / "d").mkdir(parents=True)
+    (outside / "b1" / "d" / "a.dat").write_bytes(b"a")  # identical: removed, were it in the archive
     (outside / "b1" / "x" / "y").mkdir(parents=True)
     (root / "arch" / ".watcher-replaced").symlink_to(outside)
+    (root / "arch" / "d" / ".watcher-replaced" / "b2" / "e").mkdir(parents=True)
+    (root / "arch" / "d" / ".watcher-replaced" / "b3").mkdir()
+    (root / "arch" / "d" / ".watcher-replaced" / "b3" / "d").symlink_to(outside / "b1" / "d")
+    if sshd.is_root and via == "shell over ssh":
+        for p in top.rglob("*"):
+            os.chown(p, sshd.pw.pw_uid, sshd.pw.pw_gid, follow_symlinks=False)
     deep_tree(root / "arch" / "d" / ".watcher-replaced" / "b2", 1100)
-    (root / "arch" / "d" / ".watcher-replaced" / "b2" / "e").mkdir()
 
     def md5_request(base: str, replaced: str) -> dict[str, str]:
+        names = b"./d/a.dat\0./a.dat\0"
+        if via == "a local archive":
+            return _local_md5(str(root / base), ["d/a.dat", "a.dat"], replaced)
         if via == "serve":
-            done = serve_here(root, f"watcher-serve md5 {base} {replaced}", stdin=b"./d/a.dat\0./a.dat\0")
-            assert done.returncode == 0 and not done.stderr, done
-            return {k.decode()[2:]: v for k, v in parse_far_md5(done.stdout).items()}
-        return _local_md5(str(root / base), ["d/a.dat", "a.dat"], replaced)
+            done = serve_here(root, f"watcher-serve md5 {base} {replaced}", stdin=names)
+        else:
+            argv = destinations(ssh_archive(sshd, root / base)).remote_md5_args(replaced)
+            done = subprocess.run(argv, input=names, capture_output=True, timeout=60)
+        assert done.returncode in (0, 123) and b"Traceback" not in done.stderr, done
+        return {k.decode()[2:]: v for k, v in parse_far_md5(done.stdout).items()}
 
-    from watcher.rsync import parse_far_md5
     assert md5_request("arch", ".watcher-replaced/b1") == {"d/a.dat": md5(b"a")}
-    assert (outside / "b1" / "x" / "y").is_dir()
-    assert md5_request("arch/d", ".watcher-replaced/b2") == {"a.dat": md5(b"a")}
-    # no RecursionError: what is empty is removed, the tree too deep to walk is left
-    assert sorted(os.listdir(root / "arch" / "d" / ".watcher-replaced" / "b2")) == ["d"]
+    assert (outside / "b1" / "x" / "y").is_dir() and (outside / "b1" / "d" / "a.dat").exists()
+    both = {"a.dat": md5(b"a"), "d/a.dat": md5(b"a")}
+    assert md5_request("arch/d", ".watcher-replaced/b3") == both  # b3/d: a link to outside/b1/d
+    assert (outside / "b1" / "d" / "a.dat").exists()
+    assert md5_request("arch/d", ".watcher-replaced/b2") == both
+    if via != "shell over ssh":  # find walks any depth: all of it is gone there
+        # no RecursionError: what is empty is removed, the tree too deep to walk is left
+        assert sorted(os.listdir(root / "arch" / "d" / ".watcher-replaced" / "b2")) == ["d"]
 
 
 def test_the_temp_file_requests_never_reach_kept_copies_at_any_depth_and_survive_deep_trees(tmp_path, deep_tree):

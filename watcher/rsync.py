@@ -393,7 +393,7 @@ class Destination:
                   f"printf '{MD5_HEADER.decode()}%s\\0' \"$PWD\" && "
                   f"R={shlex.quote(replaced_dir)} && export R && "
                   f"xargs -0 -r sh -c {shlex.quote(MD5_CHUNK)} sh; rc=$?; "
-                  f"{{ [ -z \"$R\" ] || [ ! -d \"$R\" ] || "
+                  f"{{ [ -z \"$R\" ] || [ ! -d \"$R\" ] || [ -h \"${{R%/*}}\" ] || [ -h \"$R\" ] || "
                   f"find \"$R\" -depth -type d -empty -delete && rmdir -- \"${{R%/*}}\"; }} 2>/dev/null; "
                   f"exit $rc")
         return self.ssh_args() + ["--", self.archive.ssh_host, script]
@@ -941,7 +941,10 @@ def reported_names(stdout: bytes) -> set[bytes]:
 MD5_CHUNK = ('printf "%s\\0" "$#" "$@"; realpath -z -m -- "$@"; printf "\\0"; '
              'md5sum -z -- "$@"; printf "\\0"; '
              # the batch's replaced copies identical to what now stands there (no output)
-             '[ -z "$R" ] || [ ! -d "$R" ] || for p; do [ -f "$R/$p" ] && [ ! -h "$R/$p" ] && '
+             # (none through a symlink: R, its parent, or a directory between R and the copy)
+             '[ -z "$R" ] || [ ! -d "$R" ] || [ -h "${R%/*}" ] || [ -h "$R" ] || '
+             'for p; do [ -f "$R/$p" ] && [ ! -h "$R/$p" ] && '
+             '[ "$(realpath -e -- "$R/$p")" = "$PWD/$R/${p#./}" ] && '
              '[ ! -h "$p" ] && ! [ "$p" -ef "$R/$p" ] && '  # never a file compared with itself
              'cmp -s -- "$p" "$R/$p" && rm -f -- "$R/$p"; done 2>/dev/null; true')
 
