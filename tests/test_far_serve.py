@@ -566,8 +566,10 @@ def test_a_refusal_of_the_batch_by_serve_is_the_archives_trouble_not_the_connect
 
 def test_the_names_a_request_reads_are_capped(tmp_path):
     """Finding 6: md5 and clean held all of standard input, and md5 echoed it."""
-    from watcher.serve import MAX_NAMES_BYTES
+    from watcher.serve import MAX_NAMES, MAX_NAMES_BYTES
     (tmp_path / "arch").mkdir()
-    for request in ("md5 arch", "clean arch 0"):
-        done = serve_here(tmp_path, "watcher-serve " + request, stdin=b"./x\0" * (MAX_NAMES_BYTES // 4 + 1))
-        assert refused_in_one_line(done, "MiB of names on standard input") and not done.stdout, done
+    too_long = b"./" + b"x" * (MAX_NAMES_BYTES // 2) + b"\0"
+    for request, names in [("md5 arch", too_long), ("clean arch 0", too_long),
+                           ("md5 arch", b"./x\0" * (MAX_NAMES + 1))]:
+        done = serve_here(tmp_path, "watcher-serve " + request, stdin=names * 2)
+        assert refused_in_one_line(done, "names on standard input") and not done.stdout, done

@@ -70,8 +70,9 @@ UMASK = re.compile(r"0?[0-7]{3}")
 MIN_TEMP_AGE = 600.0
 # A base (a destination, or where to hash or clean) is an archive's directory.
 MAX_BASE_DEPTH, MAX_BASE_LENGTH = 64, 1024
-# A batch's names on standard input (md5, clean): a few MB at most.
-MAX_NAMES_BYTES = 32 << 20
+# A batch's names on standard input (md5, clean): a few MB at most, and not
+# millions (each is a Python object, and the md5 answer repeats it).
+MAX_NAMES_BYTES, MAX_NAMES = 32 << 20, 250_000
 # The receiver's confinement below its destination is rsync's own: 3.5.0 makes
 # the parents of a --relative name (--no-implied-dirs) without following a
 # planted symlink (CVE-2026-53785; 3.4 does not).
@@ -492,8 +493,9 @@ def _names_on_stdin(what: str) -> list[bytes]:
     """The NUL-separated names on standard input, refused past MAX_NAMES_BYTES
     (held in memory, and the md5 answer repeats them)."""
     data = sys.stdin.buffer.read(MAX_NAMES_BYTES + 1)
-    if len(data) > MAX_NAMES_BYTES:
-        raise Refused(f"{what}: more than {MAX_NAMES_BYTES >> 20} MiB of names on standard input")
+    if len(data) > MAX_NAMES_BYTES or data.count(b"\0") > MAX_NAMES:
+        raise Refused(f"{what}: more than {MAX_NAMES_BYTES >> 20} MiB or {MAX_NAMES} names on "
+                      "standard input")
     return [n for n in data.split(b"\0") if n]
 
 
