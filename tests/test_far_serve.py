@@ -149,6 +149,8 @@ def test_both_entry_points_serve_the_same_and_say_a_refusal_in_one_line(tmp_path
 @pytest.mark.parametrize("options, said", [
     ({"far_side": "serve"}, "far_side: serve is for an archive reached over ssh"),
     ({"far_side": "rrsync", "ssh_host": "u@h"}, "far_side: expected shell (the far login runs a shell) or serve"),
+    ({"far_side": "serve", "ssh_host": "u@h", "files_per_batch": 250_001},
+     "files_per_batch: 250001 is more than watcher serve hashes in one request (far_side: serve): at most 250000"),
 ])
 def test_far_side_is_shell_or_serve_and_serve_only_over_ssh(setup, options, said):
     from watcher.config import ConfigError

@@ -18,6 +18,8 @@ from watcher.safefs import Beneath, Identity, walk_fd
 # The first word of the requests an archive with ``far_side: serve`` sends.
 SERVE_REQUEST = "watcher-serve"
 MD5_HEADER = b"watcher-md5 "
+# The most names serve reads in one request (the md5 of a batch: files_per_batch).
+MAX_NAMES = 250_000
 # How watcher serve's refusals start (the agent tells them from a lost connection).
 REFUSED = "watcher serve: refused: "
 SERVE_REFUSED = re.compile(rb"(?m)^" + re.escape(REFUSED.encode()))

@@ -51,7 +51,7 @@ import subprocess
 import sys
 import time
 
-from watcher.far_side import MD5_HEADER, REFUSED, SERVE_REQUEST, TEMP_NAME, drop_identical_copies
+from watcher.far_side import MAX_NAMES, MD5_HEADER, REFUSED, SERVE_REQUEST, TEMP_NAME, drop_identical_copies
 from watcher.hashing import md5_of_fd
 from watcher.rules import REPLACED_DIR
 from watcher.safefs import Beneath, Identity, split_beneath, walk_fd
@@ -72,7 +72,7 @@ MIN_TEMP_AGE = 600.0
 MAX_BASE_DEPTH, MAX_BASE_LENGTH = 64, 1024
 # A batch's names on standard input (md5, clean): a few MB at most, and not
 # millions (each is a Python object, and the md5 answer repeats it).
-MAX_NAMES_BYTES, MAX_NAMES = 32 << 20, 250_000
+MAX_NAMES_BYTES = 32 << 20
 # The receiver's confinement below its destination is rsync's own: 3.5.0 makes
 # the parents of a --relative name (--no-implied-dirs) without following a
 # planted symlink (CVE-2026-53785; 3.4 does not).
