@@ -575,3 +575,80 @@ def test_the_names_a_request_reads_are_capped(tmp_path):
                            ("md5 arch", b"./x\0" * (MAX_NAMES + 1))]:
         done = serve_here(tmp_path, "watcher-serve " + request, stdin=names * 2)
         assert refused_in_one_line(done, "names on standard input") and not done.stdout, done
+
+
+def test_append_only_never_changes_a_far_file_whatever_the_client_sends(sshd, remote_dir, tmp_path, destinations):
+    """Finding 1: --append-only once let rsync replace a file and put the earlier
+    one back, from a directory the client could write into itself. Now the
+    receiver skips every name that exists, under a lock of the root."""
+    import fcntl
+    root = sshd.make_remote_dir(remote_dir / "root")
+    served = Served(sshd, tmp_path, root, remote_dir, serve_options=("--append-only",))
+    try:
+        dest = destinations(served.archive("arch"))
+        src = tmp_path / "src"
+        (src / "d").mkdir(parents=True)
+        path = src / "d" / "a.dat"
+
+        def ship(data: bytes, new_file: bool):
+            if new_file:
+                path.unlink(missing_ok=True)
+            path.write_bytes(data)  # else rewritten in place: an edit, whose batch sends no --backup-dir
+            item = Item(1, str(path), "d/a.dat", md5(data), len(data), dest.may_be_edit(1, str(path), "d/a.dat"))
+            results, _ = ship_batch(dest, [item])
+            dest.verified(item)
+            return results[1].found
+
+        assert ship(b"first", new_file=True) == md5(b"first")
+        assert ship(b"first", new_file=True) == md5(b"first")  # a retry of the same content is verified
+        assert ship(b"second", new_file=True) == md5(b"first")  # not verified: the far copy stays
+        assert ship(b"third", new_file=False) == md5(b"first")  # nor an edit
+        far = root / "arch" / "d" / "a.dat"
+        mode = far.stat().st_mode
+
+        # a thief: other content, modes and umask, a backup dir it wrote into
+        # itself (the put-back once renamed its file over the archived one), a
+        # directory where the file is
+        path.write_bytes(b"garbage")
+        path.chmod(0o666)
+        (src / ".watcher-replaced" / "evil" / "d").mkdir(parents=True)
+        (src / ".watcher-replaced" / "evil" / "d" / "a.dat").write_bytes(b"garbage")
+        (tmp_path / "src2" / "d" / "a.dat").mkdir(parents=True)
+        (tmp_path / "src2" / "d" / "a.dat" / "x").write_bytes(b"x")
+        host = f"{served.sshd.ssh_target}:arch/"
+        for args in [("-tpIR", "--rsync-path=umask 000 && rsync", "./d/a.dat"),
+                     ("-tRb", "--backup-dir=.watcher-replaced/evil", "./.watcher-replaced/evil/d/a.dat",
+                      "./d/a.dat"),
+                     ("-tR", "../src2/./d/a.dat/x")]:  # finding 9: the file once hidden for a directory
+            done = subprocess.run(["rsync", "-e", shlex.join(["ssh", *served.options()]), "--no-implied-dirs",
+                                   *args, host], cwd=src, capture_output=True, timeout=60)
+            if "x" not in args[-1]:
+                assert done.returncode == 0 and b"d/a.dat exists" in done.stdout, done
+        assert far.read_bytes() == b"first" and far.stat().st_mode == mode
+        (root / "arch" / ".x.dat.Ab12Cd").write_bytes(b"archived, named like a temporary file")
+        (root / "arch" / ".watcher-replaced" / "b" / "d").mkdir(parents=True)
+        (root / "arch" / ".watcher-replaced" / "b" / "d" / "a.dat").write_bytes(b"first")
+        assert served.ssh("watcher-serve clean arch 0", stdin=b".x.dat.Ab12Cd\0").stdout == b""
+        assert served.ssh("watcher-serve md5 arch .watcher-replaced/b", stdin=b"./d/a.dat\0").returncode == 0
+        assert (root / "arch" / ".x.dat.Ab12Cd").exists()
+        assert (root / "arch" / ".watcher-replaced" / "b" / "d" / "a.dat").exists()
+
+        # two sessions: the second receiver waits for the first to end (between
+        # rsync's check that a name is free and its rename, another's could land)
+        (src / "d" / "new.dat").write_bytes(b"new")
+        lock = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # a session running
+            waiting = subprocess.Popen(["rsync", "-e", shlex.join(["ssh", *served.options()]), "--no-implied-dirs",
+                                        "-tR", "./d/new.dat", host], cwd=src, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.PIPE)
+            inode = f":{os.stat(root).st_ino} "
+            wait_until(lambda: any("->" in line and inode in line for line in open("/proc/locks")),
+                       timeout=20, message="the second receiver to wait for the root's lock")
+            assert not (root / "arch" / "d" / "new.dat").exists()
+        finally:
+            os.close(lock)
+        assert waiting.wait(timeout=30) == 0, waiting.stderr.read()
+        assert (root / "arch" / "d" / "new.dat").read_bytes() == b"new"
+    finally:
+        served.remove()

@@ -909,6 +909,9 @@ OUT_FORMAT = "%i %n"
 # A file sent, or one already there ('<' sent to a far host, '>' received by
 # a local receiver, '.' unchanged), and its name.
 _SENT = re.compile(rb"[<>.]f\S* (.*)\Z", re.S)
+# A file the receiver skipped because its name exists (``watcher serve --append-only``
+# runs it with --ignore-existing --info=skip1): the far md5 judges it too.
+_EXISTS = re.compile(rb"(.+) exists\Z", re.S)
 _ESCAPED = re.compile(rb"\\(?=#[0-9]{3})|[\x00-\x08\x0a-\x1f]")
 
 
@@ -928,7 +931,7 @@ def reported_names(stdout: bytes) -> set[bytes]:
     failed to write is reported all the same; the far md5 catches it."""
     found = set()
     for line in stdout.split(b"\n"):
-        sent = _SENT.match(line)
+        sent = _SENT.match(line) or _EXISTS.match(line)
         if sent:
             found.add(sent.group(1))
     return found

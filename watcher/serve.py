@@ -29,6 +29,10 @@ connection of that key, whatever the client asked, the request in
   cut mid-copy, untouched for AGE seconds (never less than
   ``--min-temp-age``): listed, then those the agent names removed.
 
+With ``--append-only`` nothing that exists below DIR is changed: the
+receiver skips existing names (see ``Server._append_only``), ``clean``
+removes nothing and ``md5`` no replaced copy.
+
 Anything else is refused with one line on standard error and exit 1.
 rsync's own ``rrsync -wo`` is not used for the receiver: it allows rsync's
 general option set (symlinks ``-l``, ``--link-dest``, ``--partial-dir``,
@@ -42,6 +46,7 @@ hashing, fsync and clean-up requests need this command anyway.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import shlex
@@ -90,9 +95,10 @@ def run(argv: list[str] | None = None) -> int:
 
     p = Parser(prog="watcher serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--root", required=True, metavar="DIR")
+    p.add_argument("--append-only", action="store_true")
     p.add_argument("--min-temp-age", type=_duration, default=MIN_TEMP_AGE, metavar="DURATION")
     args = p.parse_args(argv)
-    return main(args.root, min_temp_age=args.min_temp_age)
+    return main(args.root, min_temp_age=args.min_temp_age, append_only=args.append_only)
 
 
 def _duration(text: str) -> float:
@@ -108,7 +114,8 @@ class Refused(Exception):
     """A request that is not served: one line, exit 1."""
 
 
-def main(root: str, min_temp_age: float = MIN_TEMP_AGE, request: str | None = None) -> int:
+def main(root: str, min_temp_age: float = MIN_TEMP_AGE, append_only: bool = False,
+         request: str | None = None) -> int:
     """Serve one request (``SSH_ORIGINAL_COMMAND`` when ``request`` is None)."""
     if request is None:
         request = os.environ.get("SSH_ORIGINAL_COMMAND")
@@ -116,7 +123,7 @@ def main(root: str, min_temp_age: float = MIN_TEMP_AGE, request: str | None = No
         if request is None:
             raise Refused("no request: this command serves watcher agents through ssh "
                           "(SSH_ORIGINAL_COMMAND is not set)")
-        server = Server(root, min_temp_age)
+        server = Server(root, min_temp_age, append_only)
         return server.serve(request)
     except Refused as exc:
         print(f"{REFUSED}{exc}", file=sys.stderr)
@@ -124,10 +131,11 @@ def main(root: str, min_temp_age: float = MIN_TEMP_AGE, request: str | None = No
 
 
 class Server:
-    def __init__(self, root: str, min_temp_age: float):
+    def __init__(self, root: str, min_temp_age: float, append_only: bool = False):
         self.root = os.path.realpath(root)
         self.given = root.rstrip("/") or "/"
         self.min_temp_age = min_temp_age
+        self.append_only = append_only
         home = _home_below(self.root)
         if home is not None:
             raise Refused(f"--root {root} holds {home}, the far account's own: a key that may write "
@@ -243,6 +251,8 @@ class Server:
             raise Refused("no rsync on this host's PATH")
         _check_rsync_version(rsync)
         dest = self._walk(self._parts(rest[1]), create=True)
+        if self.append_only:
+            args, backup = self._append_only(args), None
         if backup is not None:
             pinned = self._backup_dir(dest, backup)
             os.set_inheritable(pinned, True)
@@ -256,6 +266,24 @@ class Server:
         sys.stdout.flush()
         os.execv(rsync, argv)
         return 1  # not reached
+
+    def _append_only(self, args: list[str]) -> list[str]:
+        """The receiver's arguments with ``--append-only``: rsync's generator
+        (which runs here, whatever the client) skips every name that exists
+        (``--ignore-existing``: no file, its content or its mode is changed,
+        nor is one replaced by a directory), says so (``--info=skip1``: the
+        agent then asks the far md5, which verifies a retry of the same
+        content), and keeps nothing aside (no ``--backup``). No other
+        receiver of the root runs meanwhile (an exclusive lock, held through
+        exec until rsync ends): between rsync's check that a name is free and
+        its rename onto it, another session's file could land there and be
+        replaced."""
+        letters = args[0][1:].split("e.")[0]
+        args = ["-" + letters.replace("b", "") + args[0][1 + len(letters):], *args[1:]]
+        lock = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        os.set_inheritable(lock, True)
+        return args + ["--ignore-existing", "--info=skip1"]
 
     def _backup_dir(self, dest: int, backup: str) -> int:
         """The batch's backup directory below the destination, made here
@@ -349,7 +377,7 @@ class Server:
             raise Refused(f"md5: {base}: no such directory below {self.given}") from None
         names = _names_on_stdin("md5")
         try:
-            records, found = self._hash(base_fd, names, replaced)
+            records, found = self._hash(base_fd, names, "" if self.append_only else replaced)
         finally:
             os.close(base_fd)
         physical = os.fsencode(self._physical(parts))
@@ -409,6 +437,8 @@ class Server:
         time (which no one can set back) is that old. Nothing below
         REPLACED_DIR, and no symlink, is followed."""
         parts = self._parts(base)
+        if remove and self.append_only:  # an archived file may be named like a temporary one
+            return 0
         try:
             base_fd = self._walk(parts, create=False)
         except FileNotFoundError:

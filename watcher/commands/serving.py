@@ -6,4 +6,4 @@ from watcher import serve
 
 
 def run(args) -> int:
-    return serve.main(args.root, min_temp_age=args.min_temp_age)
+    return serve.main(args.root, min_temp_age=args.min_temp_age, append_only=args.append_only)
