@@ -124,6 +124,20 @@ def test_the_receiver_needs_rsync_3_5_and_no_implied_dirs(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_the_agent_refuses_a_serving_host_whose_rsync_serve_would_refuse(sshd, remote_dir, tmp_path, destinations):
+    """Finding 3, the agent's side: told at its start-up check, not by each batch."""
+    root, old = sshd.make_remote_dir(remote_dir / "root"), sshd.make_remote_dir(remote_dir / "bin")
+    (old / "rsync").write_text("#!/bin/sh\necho 'rsync  version 3.4.1  protocol version 32'\n")
+    (old / "rsync").chmod(0o755)
+    served = Served(sshd, tmp_path, root, remote_dir, ("env", f"PATH={old}:/usr/bin:/bin"))
+    try:
+        with pytest.raises(TransferError, match="runs rsync 3.4.1; watcher serve needs rsync 3.5.0") as caught:
+            destinations(served.archive("arch")).check_rsync()
+        assert caught.value.kind == "archive"
+    finally:
+        served.remove()
+
+
 @pytest.mark.parametrize("entry", [["-m", "watcher.cli", "serve"], ["-m", "watcher.serve"]],
                          ids=["watcher serve", "python -m watcher.serve"])
 def test_both_entry_points_serve_the_same_and_say_a_refusal_in_one_line(tmp_path, entry):

@@ -18,6 +18,10 @@ from watcher.safefs import Beneath, Identity, walk_fd
 # The first word of the requests an archive with ``far_side: serve`` sends.
 SERVE_REQUEST = "watcher-serve"
 MD5_HEADER = b"watcher-md5 "
+# The oldest rsync watcher serve runs as the receiver: its confinement below the
+# destination is rsync's own, and 3.5.0 makes the parents of a --relative name
+# (--no-implied-dirs) without following a planted symlink (CVE-2026-53785).
+SERVE_MIN_RSYNC = (3, 5, 0)
 # The most names serve reads in one request (the md5 of a batch: files_per_batch).
 MAX_NAMES = 250_000
 # How watcher serve's refusals start (the agent tells them from a lost connection).

@@ -46,7 +46,7 @@ import sh
 from watcher.config import Archive
 from watcher.hashing import md5_of_fd
 from watcher.faults import checkpoint
-from watcher.far_side import MD5_HEADER, SERVE_REFUSED, SERVE_REQUEST, TEMP_NAME, drop_identical_copies
+from watcher.far_side import MD5_HEADER, SERVE_MIN_RSYNC, SERVE_REFUSED, SERVE_REQUEST, TEMP_NAME, drop_identical_copies
 from watcher.rules import REPLACED_DIR, remote_path_problem
 from watcher.safefs import Beneath, Trees, open_in, split_beneath
 from watcher.ssh import ssh_args, stop_master
@@ -449,6 +449,11 @@ class Destination:
             raise TransferError("archive", f"no usable rsync on {where}: `rsync --version` exited "
                                 f"{result.exit_code}: {said(result.stderr or out)}", argv)
         version = tuple(int(v or 0) for v in found.groups())
+        if self.serve and version < SERVE_MIN_RSYNC:  # the serving side refuses each receiver
+            raise TransferError(
+                "archive", f"{where} runs rsync {'.'.join(map(str, version))}; watcher serve needs rsync "
+                f"{'.'.join(map(str, SERVE_MIN_RSYNC))} or later there (older ones make the parents of a "
+                "name through a planted symlink)", argv)
         if version[:2] < MIN_RSYNC_VERSION:
             raise TransferError(
                 "archive", f"{where} runs rsync {'.'.join(map(str, version))}; watcher needs rsync "

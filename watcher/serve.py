@@ -56,7 +56,8 @@ import subprocess
 import sys
 import time
 
-from watcher.far_side import MAX_NAMES, MD5_HEADER, REFUSED, SERVE_REQUEST, TEMP_NAME, drop_identical_copies
+from watcher.far_side import (MAX_NAMES, MD5_HEADER, REFUSED, SERVE_MIN_RSYNC, SERVE_REQUEST, TEMP_NAME,
+                               drop_identical_copies)
 from watcher.hashing import md5_of_fd
 from watcher.rules import REPLACED_DIR
 from watcher.safefs import Beneath, Identity, split_beneath, walk_fd
@@ -78,10 +79,6 @@ MAX_BASE_DEPTH, MAX_BASE_LENGTH = 64, 1024
 # A batch's names on standard input (md5, clean): a few MB at most, and not
 # millions (each is a Python object, and the md5 answer repeats it).
 MAX_NAMES_BYTES = 32 << 20
-# The receiver's confinement below its destination is rsync's own: 3.5.0 makes
-# the parents of a --relative name (--no-implied-dirs) without following a
-# planted symlink (CVE-2026-53785; 3.4 does not).
-MIN_RSYNC = (3, 5, 0)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -504,7 +501,7 @@ def _home_below(root: str) -> str | None:
 
 
 def _check_rsync_version(rsync: str) -> None:
-    """Refuse an rsync older than MIN_RSYNC: the receiver's confinement below
+    """Refuse an rsync older than SERVE_MIN_RSYNC: the receiver's confinement below
     the destination is rsync's (a thief never runs the agent's check)."""
     try:
         out = subprocess.run([rsync, "--version"], capture_output=True, timeout=30).stdout
@@ -512,10 +509,10 @@ def _check_rsync_version(rsync: str) -> None:
         raise Refused(f"{rsync} --version: {exc}") from None
     found = re.search(rb"version\s+(\d+)\.(\d+)\.(\d+)", out)
     version = tuple(int(v) for v in found.groups()) if found else None
-    if version is None or version < MIN_RSYNC:
+    if version is None or version < SERVE_MIN_RSYNC:
         shown = ".".join(map(str, version)) if version else "of unknown version"
         raise Refused(f"this host's rsync ({rsync}) is {shown}; watcher serve needs rsync "
-                      f"{'.'.join(map(str, MIN_RSYNC))} or later (older ones follow a planted "
+                      f"{'.'.join(map(str, SERVE_MIN_RSYNC))} or later (older ones follow a planted "
                       "symlink when making the parents of a --relative name, CVE-2026-53785)")
 
 
