@@ -81,6 +81,63 @@ def far_files(top: Path) -> set[str]:
     return {str(p.relative_to(top)) for p in top.rglob("*") if not p.is_dir() or p.is_symlink()}
 
 
+def serve_here(root: Path, request: str, stdin: bytes = b"", **env: str) -> subprocess.CompletedProcess:
+    """`python -m watcher.serve --root ROOT` run directly, as sshd would run it."""
+    env = {**{k: v for k, v in os.environ.items() if k != "SSH_ORIGINAL_COMMAND"},
+           "SSH_ORIGINAL_COMMAND": request, **env}
+    return subprocess.run([sys.executable, "-m", "watcher.serve", "--root", str(root), "--min-temp-age", "0"],
+                          input=stdin, env=env, capture_output=True, timeout=60)
+
+
+def refused_in_one_line(done: subprocess.CompletedProcess, said: str) -> bool:
+    lines = done.stderr.decode(errors="replace").strip().splitlines()
+    return (done.returncode == 1 and len(lines) == 1 and lines[0].startswith("watcher serve: refused: ")
+            and said in lines[0])
+
+
+@pytest.mark.parametrize("home", ["root", "root/home", "elsewhere"], ids=["the home", "below", "~/.ssh linked"])
+def test_a_root_holding_the_far_accounts_home_is_refused_whatever_the_request(tmp_path, home):
+    """Finding 2: a key that may write ~/.ssh/authorized_keys or ~/.bashrc gets a shell."""
+    root = tmp_path / "root"
+    (tmp_path / home).mkdir(parents=True, exist_ok=True)
+    if home == "elsewhere":
+        (root / "keys").mkdir(parents=True)
+        (tmp_path / home / ".ssh").symlink_to(root / "keys")
+    for request in ("watcher-serve version", "rsync --server -tIRe.LsfxCIvu --no-implied-dirs . ./"):
+        done = serve_here(root, request, HOME=str(tmp_path / home))
+        assert refused_in_one_line(done, "the far account's own"), done
+    assert serve_here(root, "watcher-serve version", HOME=str(tmp_path)).returncode == 0
+
+
+def test_the_receiver_needs_rsync_3_5_and_no_implied_dirs(tmp_path):
+    """Finding 3: the confinement of -R names below the destination is rsync's
+    own (CVE-2026-53785), and a thief never runs the agent's version check."""
+    old = tmp_path / "bin"
+    old.mkdir()
+    (old / "rsync").write_text("#!/bin/sh\necho 'rsync  version 3.4.1  protocol version 32'\n")
+    (old / "rsync").chmod(0o755)
+    request = "rsync --server -tIRe.LsfxCIvu --no-implied-dirs . x/"
+    done = serve_here(tmp_path, request, PATH=f"{old}:{os.environ['PATH']}")
+    assert refused_in_one_line(done, "is 3.4.1; watcher serve needs rsync 3.5.0 or later"), done
+    done = serve_here(tmp_path, request.replace(" --no-implied-dirs", ""))
+    assert refused_in_one_line(done, "--relative without --no-implied-dirs"), done
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_agent_refuses_a_serving_host_whose_rsync_serve_would_refuse(sshd, remote_dir, tmp_path, destinations):
+    """Finding 3, the agent's side: told at its start-up check, not by each batch."""
+    root, old = sshd.make_remote_dir(remote_dir / "root"), sshd.make_remote_dir(remote_dir / "bin")
+    (old / "rsync").write_text("#!/bin/sh\necho 'rsync  version 3.4.1  protocol version 32'\n")
+    (old / "rsync").chmod(0o755)
+    served = Served(sshd, tmp_path, root, remote_dir, ("env", f"PATH={old}:/usr/bin:/bin"))
+    try:
+        with pytest.raises(TransferError, match="runs rsync 3.4.1; watcher serve needs rsync 3.5.0") as caught:
+            destinations(served.archive("arch")).check_rsync()
+        assert caught.value.kind == "archive"
+    finally:
+        served.remove()
+
+
 @pytest.mark.parametrize("entry", [["-m", "watcher.cli", "serve"], ["-m", "watcher.serve"]],
                          ids=["watcher serve", "python -m watcher.serve"])
 def test_both_entry_points_serve_the_same_and_say_a_refusal_in_one_line(tmp_path, entry):
@@ -106,6 +163,8 @@ def test_both_entry_points_serve_the_same_and_say_a_refusal_in_one_line(tmp_path
 @pytest.mark.parametrize("options, said", [
     ({"far_side": "serve"}, "far_side: serve is for an archive reached over ssh"),
     ({"far_side": "rrsync", "ssh_host": "u@h"}, "far_side: expected shell (the far login runs a shell) or serve"),
+    ({"far_side": "serve", "ssh_host": "u@h", "files_per_batch": 250_001},
+     "files_per_batch: 250001 is more than watcher serve hashes in one request (far_side: serve): at most 250000"),
 ])
 def test_far_side_is_shell_or_serve_and_serve_only_over_ssh(setup, options, said):
     from watcher.config import ConfigError
@@ -129,7 +188,8 @@ REFUSED_REQUESTS = [
     "rsync --server -tIRe.LsfxCIvu --files-from=/etc/passwd . x/",
     "rsync --server -tIRe.LsfxCIvu . ../outside/",
     "rsync --server -tIRe.LsfxCIvu . {out}/",
-    "rsync --server -tlIRe.LsfxCIvu . x/",  # -l: it would make symlinks
+    "rsync --server -tlIRe.LsfxCIvu --no-implied-dirs . x/",  # -l: it would make symlinks
+    "rsync --server -tIRe.LsfxCIvu . x/",  # without --no-implied-dirs
     "umask 0002; rsync --server -tIRe.LsfxCIvu . x/",
     "umask 0002 && rsync --server -tIRe.LsfxCIvu . x/ && cat /etc/passwd",
     "watcher-serve md5 ../outside", "watcher-serve md5 /etc", "watcher-serve rm x",
@@ -210,16 +270,26 @@ def test_real_rsync_with_the_key_writes_only_below_the_root(served, tmp_path):
     # what the key may send lands below the root: -R with an absolute source, a
     # setuid file (never setuid there)
     (src / "f").chmod(0o4755)
-    done = served.rsync("-tpR", str(src / "f"), f"{served.sshd.ssh_target}:x/")
+    done = served.rsync("-tpR", "--no-implied-dirs", str(src / "f"), f"{served.sshd.ssh_target}:x/")
     assert done.returncode == 0, done.stderr
     landed = served.root / "x" / str(src / "f").lstrip("/")
     assert landed.read_bytes() == b"data" and oct(landed.stat().st_mode & 0o7777) == oct(0o755)
+
+    # nothing that every user of the archive host may write (finding 5), whatever
+    # umask and modes the key sends
+    (src / "f").chmod(0o666)
+    done = served.rsync("-tpR", "--no-implied-dirs", "--rsync-path=umask 000 && rsync", str(src / "f"),
+                        f"{served.sshd.ssh_target}:w/x/")
+    assert done.returncode == 0, done.stderr
+    landed = served.root / "w" / "x" / str(src / "f").lstrip("/")
+    modes = {p: p.stat().st_mode & 0o777 for p in [landed, *landed.parents] if served.root in p.parents}
+    assert modes[landed] == 0o664 and not [p for p, m in modes.items() if m & 0o002], modes
 
     # a file written in place of a planted link replaces the link, never its target
     done = served.rsync("-t", "-s", str(src / "f"), f"{served.sshd.ssh_target}:in/filelink")
     assert done.returncode != 0  # -s hides the arguments: refused
     (src / "filelink").write_bytes(b"over")
-    done = served.rsync("-t", str(src / "filelink"), f"{served.sshd.ssh_target}:in/")
+    done = served.rsync("-t", "--no-implied-dirs", str(src / "filelink"), f"{served.sshd.ssh_target}:in/")
     assert done.returncode == 0, done.stderr
     assert (served.root / "in" / "filelink").read_bytes() == b"over"
     assert not (served.root / "in" / "filelink").is_symlink()
@@ -392,14 +462,147 @@ def test_the_whole_agent_ships_finalizes_and_deletes_only_far_checked_files_thro
     assert not [r for r in caplog.records if "temporary files" in r.getMessage()]
 
 
-def test_append_only_never_replaces_a_far_file_by_other_content(sshd, remote_dir, tmp_path, destinations):
+@pytest.fixture
+def deep_tree():
+    """make(top, depth): a chain of directories ``d`` that deep below ``top``
+    (rsync -R can make one), flattened afterwards: shutil.rmtree, as pytest's
+    clean-up, recurses."""
+    made = []
+
+    def make(top: Path, depth: int) -> None:
+        top.mkdir(parents=True, exist_ok=True)
+        made.append(top)
+        fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for _ in range(depth):  # os.makedirs recurses too
+                os.mkdir("d", dir_fd=fd)
+                fd, parent = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+                os.close(parent)
+        finally:
+            os.close(fd)
+
+    yield make
+    for top in made:
+        top_fd, at, i = os.open(top, os.O_RDONLY | os.O_DIRECTORY), "d", 0
+        try:
+            while True:  # move the rest of the chain up to top, one level at a time
+                try:
+                    fd = os.open(at, os.O_RDONLY | os.O_DIRECTORY, dir_fd=top_fd)
+                except FileNotFoundError:
+                    break
+                try:
+                    i += 1
+                    os.rename("d", f"flat{i}", src_dir_fd=fd, dst_dir_fd=top_fd)
+                except FileNotFoundError:
+                    break
+                finally:
+                    os.close(fd)
+                at = f"flat{i}"
+        finally:
+            os.close(top_fd)
+
+
+@pytest.mark.parametrize("via", ["serve", "a local archive", "shell over ssh"])
+def test_the_clean_up_of_identical_copies_follows_no_planted_link_and_survives_a_deep_tree(
+        tmp_path, via, sshd, remote_dir, destinations, deep_tree):  # deep_tree's clean-up first
+    """Finding 4: a symlinked .watcher-replaced led the clean-up (serve's and
+    a local archive's rmdir, shell mode's rm and find) outside."""
+    from watcher.rsync import _local_md5, parse_far_md5
+    top = sshd.make_remote_dir(remote_dir / "top") if via == "shell over ssh" else tmp_path
+    root, outside = top / "root", top / "outside"
+    (root / "arch" / "d").mkdir(parents=True)
+    (root / "arch" / "d" / "a.dat").write_bytes(b"a")
+    (root / "arch" / "d" / "d").mkdir()
+    (root / "arch" / "d" / "d" / "a.dat").write_bytes(b"a")
+    (outside / "b1" / "d").mkdir(parents=True)
+    (outside / "b1" / "d" / "a.dat").write_bytes(b"a")  # identical: removed, were it in the archive
+    (outside / "b1" / "x" / "y").mkdir(parents=True)
+    (root / "arch" / ".watcher-replaced").symlink_to(outside)
+    (root / "arch" / "d" / ".watcher-replaced" / "b2" / "e").mkdir(parents=True)
+    (root / "arch" / "d" / ".watcher-replaced" / "b3").mkdir()
+    (root / "arch" / "d" / ".watcher-replaced" / "b3" / "d").symlink_to(outside / "b1" / "d")
+    if sshd.is_root and via == "shell over ssh":
+        for p in top.rglob("*"):
+            os.chown(p, sshd.pw.pw_uid, sshd.pw.pw_gid, follow_symlinks=False)
+    deep_tree(root / "arch" / "d" / ".watcher-replaced" / "b2", 1100)
+
+    def md5_request(base: str, replaced: str) -> dict[str, str]:
+        names = b"./d/a.dat\0./a.dat\0"
+        if via == "a local archive":
+            return _local_md5(str(root / base), ["d/a.dat", "a.dat"], replaced)
+        if via == "serve":
+            done = serve_here(root, f"watcher-serve md5 {base} {replaced}", stdin=names)
+        else:
+            argv = destinations(ssh_archive(sshd, root / base)).remote_md5_args(replaced)
+            done = subprocess.run(argv, input=names, capture_output=True, timeout=60)
+        assert done.returncode in (0, 123) and b"Traceback" not in done.stderr, done
+        return {k.decode()[2:]: v for k, v in parse_far_md5(done.stdout).items()}
+
+    assert md5_request("arch", ".watcher-replaced/b1") == {"d/a.dat": md5(b"a")}
+    assert (outside / "b1" / "x" / "y").is_dir() and (outside / "b1" / "d" / "a.dat").exists()
+    both = {"a.dat": md5(b"a"), "d/a.dat": md5(b"a")}
+    assert md5_request("arch/d", ".watcher-replaced/b3") == both  # b3/d: a link to outside/b1/d
+    assert (outside / "b1" / "d" / "a.dat").exists()
+    assert md5_request("arch/d", ".watcher-replaced/b2") == both
+    if via != "shell over ssh":  # find walks any depth: all of it is gone there
+        # no RecursionError: what is empty is removed, the tree too deep to walk is left
+        assert sorted(os.listdir(root / "arch" / "d" / ".watcher-replaced" / "b2")) == ["d"]
+
+
+def test_the_temp_file_requests_never_reach_kept_copies_at_any_depth_and_survive_deep_trees(tmp_path, deep_tree):
+    """Findings 7 and 8: a requester-chosen BASE inside .watcher-replaced, or
+    one nested deeper, let `clean` remove a kept copy; a deep tree was a traceback."""
+    base = tmp_path / "arch"
+    kept = {"sub/.watcher-replaced/b1/.run.log.Ab12Cd", ".watcher-replaced/b1/.run.log.Ab12Cd"}
+    for name in [*kept, "sub/.a.dat.Qw12Er"]:
+        (base / name).parent.mkdir(parents=True, exist_ok=True)
+        (base / name).write_bytes(b"x")
+    deep_tree(base / "deep", 1100)
+    done = serve_here(tmp_path, "watcher-serve temp-files arch 0")
+    assert done.returncode == 0 and not done.stderr and done.stdout == b"sub/.a.dat.Qw12Er\0", done
+    for request in ("temp-files arch/.watcher-replaced/b1 0", "clean arch/sub/.watcher-replaced/b1 0",
+                    "md5 arch/.watcher-replaced", "temp-files " + "/".join(["d"] * 65) + " 0"):
+        done = serve_here(tmp_path, "watcher-serve " + request, stdin=b".run.log.Ab12Cd\0")
+        assert refused_in_one_line(done, "inside a .watcher-replaced" if "replaced" in request
+                                   else "more than 64 directories"), done
+    done = serve_here(tmp_path, "watcher-serve clean arch 0", stdin=b"".join(n.encode() + b"\0" for n in kept))
+    assert done.returncode == 0 and done.stdout == b"", done
+    assert all((base / name).exists() for name in kept)
+
+
+def test_a_refusal_of_the_batch_by_serve_is_the_archives_trouble_not_the_connections(served, destinations, tmp_path):
+    """Finding 10: rsync exits 12 when its receiver is refused."""
+    path = tmp_path / "a.dat"
+    path.write_bytes(b"a")
+    dest = destinations(served.archive(str(served.outside / "arch")))
+    with pytest.raises(TransferError) as caught:
+        ship_batch(dest, [Item(1, str(path), "a.dat", md5(b"a"), 1)])
+    assert caught.value.kind == "archive" and "watcher serve refused" in str(caught.value), caught.value
+
+
+def test_the_names_a_request_reads_are_capped(tmp_path):
+    """Finding 6: md5 and clean held all of standard input, and md5 echoed it."""
+    from watcher.serve import MAX_NAMES, MAX_NAMES_BYTES
+    (tmp_path / "arch").mkdir()
+    too_long = b"./" + b"x" * (MAX_NAMES_BYTES // 2) + b"\0"
+    for request, names in [("md5 arch", too_long), ("clean arch 0", too_long),
+                           ("md5 arch", b"./x\0" * (MAX_NAMES + 1))]:
+        done = serve_here(tmp_path, "watcher-serve " + request, stdin=names * 2)
+        assert refused_in_one_line(done, "names on standard input") and not done.stdout, done
+
+
+def test_append_only_never_changes_a_far_file_whatever_the_client_sends(sshd, remote_dir, tmp_path, destinations):
+    """Finding 1: --append-only once let rsync replace a file and put the earlier
+    one back, from a directory the client could write into itself. Now the
+    receiver skips every name that exists, under a lock of the root."""
+    import fcntl
     root = sshd.make_remote_dir(remote_dir / "root")
     served = Served(sshd, tmp_path, root, remote_dir, serve_options=("--append-only",))
     try:
         dest = destinations(served.archive("arch"))
         src = tmp_path / "src"
-        src.mkdir()
-        path = src / "a.dat"
+        (src / "d").mkdir(parents=True)
+        path = src / "d" / "a.dat"
 
         def ship(data: bytes, new_file: bool):
             if new_file:
@@ -411,11 +614,55 @@ def test_append_only_never_replaces_a_far_file_by_other_content(sshd, remote_dir
             return results[1].found
 
         assert ship(b"first", new_file=True) == md5(b"first")
-        assert ship(b"first", new_file=True) == md5(b"first")  # a retry of the same content is served
+        assert ship(b"first", new_file=True) == md5(b"first")  # a retry of the same content is verified
         assert ship(b"second", new_file=True) == md5(b"first")  # not verified: the far copy stays
-        assert ship(b"first", new_file=True) == md5(b"first")
         assert ship(b"third", new_file=False) == md5(b"first")  # nor an edit
-        assert (root / "arch" / "d" / "a.dat").read_bytes() == b"first"
-        assert sorted(p for p in far_files(root / "arch")) == ["d/a.dat"]  # no copy left behind
+        far = root / "arch" / "d" / "a.dat"
+        mode = far.stat().st_mode
+
+        # a thief: other content, modes and umask, a backup dir it wrote into
+        # itself (the put-back once renamed its file over the archived one), a
+        # directory where the file is
+        path.write_bytes(b"garbage")
+        path.chmod(0o666)
+        (src / ".watcher-replaced" / "evil" / "d").mkdir(parents=True)
+        (src / ".watcher-replaced" / "evil" / "d" / "a.dat").write_bytes(b"garbage")
+        (tmp_path / "src2" / "d" / "a.dat").mkdir(parents=True)
+        (tmp_path / "src2" / "d" / "a.dat" / "x").write_bytes(b"x")
+        host = f"{served.sshd.ssh_target}:arch/"
+        for args in [("-tpIR", "--rsync-path=umask 000 && rsync", "./d/a.dat"),
+                     ("-tRb", "--backup-dir=.watcher-replaced/evil", "./.watcher-replaced/evil/d/a.dat",
+                      "./d/a.dat"),
+                     ("-tR", "../src2/./d/a.dat/x")]:  # finding 9: the file once hidden for a directory
+            done = subprocess.run(["rsync", "-e", shlex.join(["ssh", *served.options()]), "--no-implied-dirs",
+                                   *args, host], cwd=src, capture_output=True, timeout=60)
+            if "x" not in args[-1]:
+                assert done.returncode == 0 and b"d/a.dat exists" in done.stdout, done
+        assert far.read_bytes() == b"first" and far.stat().st_mode == mode
+        (root / "arch" / ".x.dat.Ab12Cd").write_bytes(b"archived, named like a temporary file")
+        (root / "arch" / ".watcher-replaced" / "b" / "d").mkdir(parents=True)
+        (root / "arch" / ".watcher-replaced" / "b" / "d" / "a.dat").write_bytes(b"first")
+        assert served.ssh("watcher-serve clean arch 0", stdin=b".x.dat.Ab12Cd\0").stdout == b""
+        assert served.ssh("watcher-serve md5 arch .watcher-replaced/b", stdin=b"./d/a.dat\0").returncode == 0
+        assert (root / "arch" / ".x.dat.Ab12Cd").exists()
+        assert (root / "arch" / ".watcher-replaced" / "b" / "d" / "a.dat").exists()
+
+        # two sessions: the second receiver waits for the first to end (between
+        # rsync's check that a name is free and its rename, another's could land)
+        (src / "d" / "new.dat").write_bytes(b"new")
+        lock = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # a session running
+            waiting = subprocess.Popen(["rsync", "-e", shlex.join(["ssh", *served.options()]), "--no-implied-dirs",
+                                        "-tR", "./d/new.dat", host], cwd=src, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.PIPE)
+            inode = f":{os.stat(root).st_ino} "
+            wait_until(lambda: any("->" in line and inode in line for line in open("/proc/locks")),
+                       timeout=20, message="the second receiver to wait for the root's lock")
+            assert not (root / "arch" / "d" / "new.dat").exists()
+        finally:
+            os.close(lock)
+        assert waiting.wait(timeout=30) == 0, waiting.stderr.read()
+        assert (root / "arch" / "d" / "new.dat").read_bytes() == b"new"
     finally:
         served.remove()

@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-v", "--verbose", action="count", default=0, dest="verbose_after", help=verbose)
     sp.add_argument("--root", required=True, metavar="DIR", help="the only directory the key may write in")
     sp.add_argument("--append-only", action="store_true",
-                    help="never replace a far file by one of other content (the earlier copy is put back)")
+                    help="never change or remove a far file: rsync skips names that exist")
     sp.add_argument("--min-temp-age", type=duration, default=600.0, metavar="DURATION",
                     help="rsync's temporary files younger than this are never removed (default 10m)")
     sp.set_defaults(func=_later("serving", "run"))

@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 
+from watcher.far_side import MAX_NAMES
 from watcher.rules import ABSOLUTE, CLIMBS, remote_path_flaw
 from watcher.paths import TEMPLATE_FIELDS
 from watcher.service import SYSTEM_CONFIG_DIR, SYSTEM_STATE_DIR
@@ -883,6 +884,10 @@ def _read_archive(r: _Reader, name: Any, data: Any) -> Archive | None:
     if far_side == "serve" and not remote:
         r.problem(path + ("far_side",), "serve is for an archive reached over ssh (set ssh_host), "
                   "not a local directory")
+    per_batch = r.setting(data, Archive, "files_per_batch", path, _positive_int)
+    if far_side == "serve" and isinstance(per_batch, int) and per_batch > MAX_NAMES:
+        r.problem(path + ("files_per_batch",), f"{per_batch} is more than watcher serve hashes in "
+                  f"one request (far_side: serve): at most {MAX_NAMES}")
     return Archive(
         name=name,
         remote_basedir=basedir or "",
@@ -896,7 +901,7 @@ def _read_archive(r: _Reader, name: Any, data: Any) -> Archive | None:
         max_copy_attempts=r.setting(data, Archive, "max_copy_attempts", path, _positive_int),
         copy_timeout=r.setting(data, Archive, "copy_timeout", path, _timeout),
         cmd_timeout=r.setting(data, Archive, "cmd_timeout", path, _timeout),
-        files_per_batch=r.setting(data, Archive, "files_per_batch", path, _positive_int),
+        files_per_batch=per_batch,
         compression=r.setting(data, Archive, "compression", path, _bool),
         bwlimit=r.setting(data, Archive, "bwlimit", path, _bwlimit),
         chmod=r.setting(data, Archive, "chmod", path, _chmod),

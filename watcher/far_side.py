@@ -13,11 +13,20 @@ import re
 import stat
 
 from watcher.hashing import md5_of_fd
-from watcher.safefs import Beneath, Identity
+from watcher.safefs import Beneath, Identity, walk_fd
 
 # The first word of the requests an archive with ``far_side: serve`` sends.
 SERVE_REQUEST = "watcher-serve"
 MD5_HEADER = b"watcher-md5 "
+# The oldest rsync watcher serve runs as the receiver: its confinement below the
+# destination is rsync's own, and 3.5.0 makes the parents of a --relative name
+# (--no-implied-dirs) without following a planted symlink (CVE-2026-53785).
+SERVE_MIN_RSYNC = (3, 5, 0)
+# The most names serve reads in one request (the md5 of a batch: files_per_batch).
+MAX_NAMES = 250_000
+# How watcher serve's refusals start (the agent tells them from a lost connection).
+REFUSED = "watcher serve: refused: "
+SERVE_REFUSED = re.compile(rb"(?m)^" + re.escape(REFUSED.encode()))
 # rsync's temporary name for NAME: ".NAME." and mkstemp's six letters or digits
 # (NAME cut short when too long to fit).
 TEMP_NAME = re.compile(r"\.(.+)\.[A-Za-z0-9]{6}", re.S)
@@ -27,11 +36,12 @@ def drop_identical_copies(tree: Beneath, replaced_dir: str, found: dict[str, str
     """Unlink the copies below ``replaced_dir`` identical, byte for byte, to
     the file now under their name (an md5 match is only where to look),
     then the directories that left empty."""
-    top = os.path.join(tree.root, replaced_dir)
-    if not os.path.isdir(top) or os.path.islink(top):
+    try:
+        top = tree.dir_fd(replaced_dir)  # a symlink is not followed (it once was: os.walk by path)
+    except (OSError, ValueError):
         return
     for path, md5 in found.items():
-        copy = os.path.join(top, path)
+        copy = os.path.join(tree.root, replaced_dir, path)
         try:
             fd = tree.open(copy)
         except (OSError, ValueError):
@@ -45,12 +55,18 @@ def drop_identical_copies(tree: Beneath, replaced_dir: str, found: dict[str, str
             pass
         finally:
             os.close(fd)
-    for here in [*(d for d, _, _ in os.walk(top, topdown=False)), os.path.dirname(top)]:
+    for _, fd, dirs, _ in walk_fd(top):
+        for name in dirs:
+            try:
+                os.rmdir(name, dir_fd=fd)
+            except OSError:
+                pass  # not empty: a copy of other content is kept
+    parts = replaced_dir.split("/")
+    for depth in range(len(parts), 0, -1):  # the batch's directory, then REPLACED_DIR, if empty
         try:
-            os.rmdir(here)
+            os.rmdir(parts[depth - 1], dir_fd=tree.dir_fd("/".join(parts[:depth - 1])))
         except OSError:
-            pass  # not empty: a copy of other content is kept
-
+            break
 
 
 def same_bytes(fd: int, tree: Beneath, path: str) -> bool:

@@ -47,7 +47,7 @@ import sh
 from watcher.config import Archive
 from watcher.hashing import md5_of_fd
 from watcher.faults import checkpoint
-from watcher.far_side import MD5_HEADER, SERVE_REQUEST, TEMP_NAME, drop_identical_copies
+from watcher.far_side import MD5_HEADER, SERVE_MIN_RSYNC, SERVE_REFUSED, SERVE_REQUEST, TEMP_NAME, drop_identical_copies
 from watcher.rules import REPLACED_DIR, remote_path_problem
 from watcher.safefs import Beneath, Trees, open_in, split_beneath
 from watcher.ssh import ssh_args, stop_master
@@ -398,7 +398,7 @@ class Destination:
                   f"printf '{MD5_HEADER.decode()}%s\\0' \"$PWD\" && "
                   f"R={shlex.quote(replaced_dir)} && export R && "
                   f"xargs -0 -r sh -c {shlex.quote(MD5_CHUNK)} sh; rc=$?; "
-                  f"{{ [ -z \"$R\" ] || [ ! -d \"$R\" ] || "
+                  f"{{ [ -z \"$R\" ] || [ ! -d \"$R\" ] || [ -h \"${{R%/*}}\" ] || [ -h \"$R\" ] || "
                   f"find \"$R\" -depth -type d -empty -delete && rmdir -- \"${{R%/*}}\"; }} 2>/dev/null; "
                   f"exit $rc")
         return self.ssh_args() + ["--", self.archive.ssh_host, script]
@@ -454,6 +454,11 @@ class Destination:
             raise TransferError("archive", f"no usable rsync on {where}: `rsync --version` exited "
                                 f"{result.exit_code}: {said(result.stderr or out)}", argv)
         version = tuple(int(v or 0) for v in found.groups())
+        if self.serve and version < SERVE_MIN_RSYNC:  # the serving side refuses each receiver
+            raise TransferError(
+                "archive", f"{where} runs rsync {'.'.join(map(str, version))}; watcher serve needs rsync "
+                f"{'.'.join(map(str, SERVE_MIN_RSYNC))} or later there (older ones make the parents of a "
+                "name through a planted symlink)", argv)
         if version[:2] < MIN_RSYNC_VERSION:
             raise TransferError(
                 "archive", f"{where} runs rsync {'.'.join(map(str, version))}; watcher needs rsync "
@@ -531,6 +536,8 @@ class Destination:
         message = f"rsync exited {code}{f' ({meaning})' if meaning else ''}: {said(err)}"
         if b"is your shell clean" in err or b"protocol version mismatch" in err:
             raise TransferError("archive", f"{SHELL_TEXT}; {message}", argv)
+        if self.archive.far_side == "serve" and SERVE_REFUSED.search(err):  # rsync says exit 12
+            raise TransferError("archive", f"the archive host's watcher serve refused the batch; {message}", argv)
         if code in CONNECTION_EXIT_CODES:
             raise TransferError("connection", message, argv)
         if ARCHIVE_FULL.search(err):
@@ -913,6 +920,9 @@ OUT_FORMAT = "%i %n"
 # A file sent, or one already there ('<' sent to a far host, '>' received by
 # a local receiver, '.' unchanged), and its name.
 _SENT = re.compile(rb"[<>.]f\S* (.*)\Z", re.S)
+# A file the receiver skipped because its name exists (``watcher serve --append-only``
+# runs it with --ignore-existing --info=skip1): the far md5 judges it too.
+_EXISTS = re.compile(rb"(.+) exists\Z", re.S)
 _ESCAPED = re.compile(rb"\\(?=#[0-9]{3})|[\x00-\x08\x0a-\x1f]")
 
 
@@ -932,7 +942,7 @@ def reported_names(stdout: bytes) -> set[bytes]:
     failed to write is reported all the same; the far md5 catches it."""
     found = set()
     for line in stdout.split(b"\n"):
-        sent = _SENT.match(line)
+        sent = _SENT.match(line) or _EXISTS.match(line)
         if sent:
             found.add(sent.group(1))
     return found
@@ -965,7 +975,10 @@ SYNC_CHECK = f'wait "$s" || {{ printf "{SYNC_FAILED.decode()}\\0"; exit 1; }}; '
 MD5_CHUNK = (SYNC_START + 'printf "%s\\0" "$#" "$@"; realpath -z -m -- "$@"; printf "\\0"; '
              'md5sum -z -- "$@"; printf "\\0"; ' + SYNC_CHECK +
              # the batch's replaced copies identical to what now stands there (no output)
-             '[ -z "$R" ] || [ ! -d "$R" ] || for p; do [ -f "$R/$p" ] && [ ! -h "$R/$p" ] && '
+             # (none through a symlink: R, its parent, or a directory between R and the copy)
+             '[ -z "$R" ] || [ ! -d "$R" ] || [ -h "${R%/*}" ] || [ -h "$R" ] || '
+             'for p; do [ -f "$R/$p" ] && [ ! -h "$R/$p" ] && '
+             '[ "$(realpath -e -- "$R/$p")" = "$PWD/$R/${p#./}" ] && '
              '[ ! -h "$p" ] && ! [ "$p" -ef "$R/$p" ] && '  # never a file compared with itself
              'cmp -s -- "$p" "$R/$p" && rm -f -- "$R/$p"; done 2>/dev/null; true')
 

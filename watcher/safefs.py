@@ -202,6 +202,55 @@ class Trees:
         return self.at(root_of(path, self.roots))
 
 
+# How deep walk_fd descends: it holds a descriptor per level.
+MAX_WALK_DEPTH = 256
+
+
+def walk_fd(top: int, skip: str = ""):
+    """Like ``os.fwalk(topdown=False, follow_symlinks=False)`` below the
+    directory ``top``: (relative path, descriptor, directory names, other
+    names) of each directory, deepest first. A loop, not recursion (os.fwalk
+    raised RecursionError on a tree 1000 deep, where rsync -R can make one),
+    with one descriptor per level; directories named ``skip`` are not
+    entered at any depth, nor any below MAX_WALK_DEPTH, nor one that cannot
+    be opened or read. The descriptor is valid until the next step."""
+    frames: list[tuple[str, int, list[str], list[str], list[str]]] = []
+
+    def enter(rel: str, fd: int) -> None:
+        dirs, others = [], []
+        try:
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    try:
+                        (dirs if entry.is_dir(follow_symlinks=False) else others).append(entry.name)
+                    except OSError:
+                        continue
+        except OSError:
+            pass
+        frames.append((rel, fd, dirs, others, [d for d in dirs if d != skip]))
+
+    enter("", os.dup(top))
+    try:
+        while frames:
+            rel, fd, dirs, others, pending = frames[-1]
+            if pending and len(frames) <= MAX_WALK_DEPTH:
+                name = pending.pop()
+                try:
+                    sub = os.open(name, DIR_FLAGS, dir_fd=fd)
+                except OSError:
+                    continue
+                enter(f"{rel}/{name}" if rel else name, sub)
+                continue
+            frames.pop()
+            try:
+                yield rel, fd, dirs, others
+            finally:
+                os.close(fd)
+    finally:
+        for frame in frames:
+            os.close(frame[1])
+
+
 def open_in(dir_fd: int, name: str, path: str, inheritable: bool = False) -> int:
     """A read-only descriptor of ``name`` in a directory, the name itself
     not followed (``path``, its full path, names it in errors); an

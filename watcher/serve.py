@@ -29,6 +29,10 @@ connection of that key, whatever the client asked, the request in
   cut mid-copy, untouched for AGE seconds (never less than
   ``--min-temp-age``): listed, then those the agent names removed.
 
+With ``--append-only`` nothing that exists below DIR is changed: the
+receiver skips existing names (see ``Server._append_only``), ``clean``
+removes nothing and ``md5`` no replaced copy.
+
 Anything else is refused with one line on standard error and exit 1.
 rsync's own ``rrsync -wo`` is not used for the receiver: it allows rsync's
 general option set (symlinks ``-l``, ``--link-dest``, ``--partial-dir``,
@@ -42,6 +46,7 @@ hashing, fsync and clean-up requests need this command anyway.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import shlex
@@ -51,10 +56,11 @@ import subprocess
 import sys
 import time
 
-from watcher.far_side import MD5_HEADER, SERVE_REQUEST, TEMP_NAME, drop_identical_copies, same_bytes
+from watcher.far_side import (MAX_NAMES, MD5_HEADER, REFUSED, SERVE_MIN_RSYNC, SERVE_REQUEST, TEMP_NAME,
+                               drop_identical_copies)
 from watcher.hashing import md5_of_fd
 from watcher.rules import REPLACED_DIR
-from watcher.safefs import Beneath, Identity, split_beneath
+from watcher.safefs import Beneath, Identity, split_beneath, walk_fd
 
 # The receiver's arguments the agent sends (watcher.rsync.Destination.rsync_args
 # without -s): each must match one of these, whole. The short options: --backup
@@ -68,6 +74,11 @@ RECEIVER_ARGS = [SHORT, re.compile(r"--log-format=%i"), re.compile(r"--timeout=\
 BACKUP_DIR = re.compile(re.escape(REPLACED_DIR) + r"/(?!\.\.?\Z)[A-Za-z0-9._-]{1,200}")
 UMASK = re.compile(r"0?[0-7]{3}")
 MIN_TEMP_AGE = 600.0
+# A base (a destination, or where to hash or clean) is an archive's directory.
+MAX_BASE_DEPTH, MAX_BASE_LENGTH = 64, 1024
+# A batch's names on standard input (md5, clean): a few MB at most, and not
+# millions (each is a Python object, and the md5 answer repeats it).
+MAX_NAMES_BYTES = 32 << 20
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -112,7 +123,7 @@ def main(root: str, min_temp_age: float = MIN_TEMP_AGE, append_only: bool = Fals
         server = Server(root, min_temp_age, append_only)
         return server.serve(request)
     except Refused as exc:
-        print(f"watcher serve: refused: {exc}", file=sys.stderr)
+        print(f"{REFUSED}{exc}", file=sys.stderr)
         return 1
 
 
@@ -122,6 +133,11 @@ class Server:
         self.given = root.rstrip("/") or "/"
         self.min_temp_age = min_temp_age
         self.append_only = append_only
+        home = _home_below(self.root)
+        if home is not None:
+            raise Refused(f"--root {root} holds {home}, the far account's own: a key that may write "
+                          "there could give itself a shell (.ssh/authorized_keys, .bashrc); serve a "
+                          "directory outside the account's home")
         try:
             self.root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
@@ -155,7 +171,12 @@ class Server:
                 raise Refused(f"{base!r} is not below {self.given}")
         parts = [p for p in path.split("/") if p not in ("", ".")]
         if ".." in parts:
-            raise Refused(f"{base!r} climbs out with '..'")
+            raise Refused(f"{_shown(base)} climbs out with '..'")
+        if REPLACED_DIR in parts:  # the kept copies are no base: their names look like anything
+            raise Refused(f"{_shown(base)} is inside a {REPLACED_DIR} directory")
+        if len(parts) > MAX_BASE_DEPTH or len(path) > MAX_BASE_LENGTH:
+            raise Refused(f"{_shown(base)} is more than {MAX_BASE_DEPTH} directories or "
+                          f"{MAX_BASE_LENGTH} characters deep")
         return parts
 
     def _walk(self, parts: list[str], create: bool) -> int:
@@ -198,6 +219,7 @@ class Server:
                 raise Refused(f"{_shown(shlex.join(words))}: only 'umask NNNN && rsync --server ...' is served")
             os.umask(int(words[1], 8))
             words = words[3:]
+        os.umask(os.umask(0) | 0o002)  # no directory writable by every user of the host
         if words[:2] != ["rsync", "--server"]:
             raise Refused(f"{_shown(shlex.join(words))}: only rsync's receiver is served")
         args, rest, backup = [], words[2:], None
@@ -218,39 +240,47 @@ class Server:
             raise Refused("rsync: expected the agent's options, '.' and one destination")
         if "b" in args[0].split("e.")[0] and backup is None:
             raise Refused("rsync --backup without --backup-dir is not served")
-        dest = self._walk(self._parts(rest[1]), create=True)
-        own = self.append_only and backup is None  # a batch of edits, which may not edit here
-        if own:
-            backup = f"{REPLACED_DIR}/append-only-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}"
-        pinned = None
-        if backup is not None:
-            pinned = self._backup_dir(dest, backup)
-            args += ["--backup", f"--backup-dir=/proc/self/fd/{pinned}"]
+        if "R" in args[0].split("e.")[0] and "--no-implied-dirs" not in args:
+            raise Refused("rsync --relative without --no-implied-dirs is not served (the agent always "
+                          "sends it)")
         rsync = shutil.which("rsync")
         if rsync is None:
             raise Refused("no rsync on this host's PATH")
+        _check_rsync_version(rsync)
+        dest = self._walk(self._parts(rest[1]), create=True)
+        if self.append_only:
+            args, backup = self._append_only(args), None
+        if backup is not None:
+            pinned = self._backup_dir(dest, backup)
+            os.set_inheritable(pinned, True)
+            args += ["--backup", f"--backup-dir=/proc/self/fd/{pinned}"]
         os.fchdir(dest)
         # No setuid, setgid or sticky file: one of the far account's, run by
-        # another user of the archive host, would act as that account.
-        argv = ["rsync", "--server", *args, "--chmod=Fugo-st", ".", "."]
+        # another user of the archive host, would act as that account. Nothing
+        # writable by every user there (-p sends the client's modes): they could
+        # change what was archived. (Group write stays: socs' chmod g+rwX.)
+        argv = ["rsync", "--server", *args, "--chmod=Fugo-st,o-w", ".", "."]
         sys.stdout.flush()
-        if not self.append_only:
-            if pinned is not None:
-                os.set_inheritable(pinned, True)
-            os.execv(rsync, argv)
-        code = subprocess.run(argv, executable=rsync, pass_fds=(pinned,)).returncode
-        kept = _restore_replaced(dest, pinned, drop_identical=own)
-        if own:
-            for parent in (backup, REPLACED_DIR):  # the directories made here, if left empty
-                try:
-                    os.rmdir(parent, dir_fd=dest)
-                except OSError:
-                    pass
-        if kept:
-            print(f"watcher serve: append-only: {len(kept)} far file{'s' if len(kept) > 1 else ''} kept as "
-                  f"they were (a copy of other content may not replace them), e.g. {kept[0]!r}",
-                  file=sys.stderr)
-        return code
+        os.execv(rsync, argv)
+        return 1  # not reached
+
+    def _append_only(self, args: list[str]) -> list[str]:
+        """The receiver's arguments with ``--append-only``: rsync's generator
+        (which runs here, whatever the client) skips every name that exists
+        (``--ignore-existing``: no file, its content or its mode is changed,
+        nor is one replaced by a directory), says so (``--info=skip1``: the
+        agent then asks the far md5, which verifies a retry of the same
+        content), and keeps nothing aside (no ``--backup``). No other
+        receiver of the root runs meanwhile (an exclusive lock, held through
+        exec until rsync ends): between rsync's check that a name is free and
+        its rename onto it, another session's file could land there and be
+        replaced."""
+        letters = args[0][1:].split("e.")[0]
+        args = ["-" + letters.replace("b", "") + args[0][1 + len(letters):], *args[1:]]
+        lock = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        os.set_inheritable(lock, True)
+        return args + ["--ignore-existing", "--info=skip1"]
 
     def _backup_dir(self, dest: int, backup: str) -> int:
         """The batch's backup directory below the destination, made here
@@ -342,16 +372,22 @@ class Server:
             base_fd = self._walk(parts, create=False)
         except FileNotFoundError:
             raise Refused(f"md5: {base}: no such directory below {self.given}") from None
-        names = [n for n in sys.stdin.buffer.read().split(b"\0") if n]
+        names = _names_on_stdin("md5")
         try:
-            records, found = self._hash(base_fd, names, replaced)
+            records, found = self._hash(base_fd, names, "" if self.append_only else replaced)
         finally:
             os.close(base_fd)
         physical = os.fsencode(self._physical(parts))
-        out = [MD5_HEADER + physical, str(len(names)).encode(), *names]
-        out += [physical + name[1:] if name in found else b"!" for name in names]
-        out += [b"", *records, b""]
-        sys.stdout.buffer.write(b"\0".join(out) + b"\0")
+        write = sys.stdout.buffer.write  # piece by piece: no second copy of the names in memory
+        write(MD5_HEADER + physical + b"\0" + str(len(names)).encode() + b"\0")
+        for name in names:
+            write(name + b"\0")
+        for name in names:
+            write((physical + name[1:] if name in found else b"!") + b"\0")
+        write(b"\0")
+        for record in records:
+            write(record + b"\0")
+        write(b"\0")
         return 0
 
     def _hash(self, base_fd: int, names: list[bytes], replaced: str) -> tuple[list[bytes], set[bytes]]:
@@ -398,6 +434,8 @@ class Server:
         time (which no one can set back) is that old. Nothing below
         REPLACED_DIR, and no symlink, is followed."""
         parts = self._parts(base)
+        if remove and self.append_only:  # an archived file may be named like a temporary one
+            return 0
         try:
             base_fd = self._walk(parts, create=False)
         except FileNotFoundError:
@@ -407,14 +445,14 @@ class Server:
         try:
             with Beneath(f"/proc/self/fd/{base_fd}") as tree:
                 if remove:
-                    names = [os.fsdecode(n) for n in sys.stdin.buffer.read().split(b"\0") if n]
+                    names = [os.fsdecode(n) for n in _names_on_stdin("clean")]
                 else:
                     names = list(_walk_files(base_fd))
                 for rel in names:
                     path = os.path.join(tree.root, rel)
                     try:
                         split_beneath(path, tree.root)
-                        if rel.split("/", 1)[0] == REPLACED_DIR:
+                        if REPLACED_DIR in rel.split("/"):
                             continue
                         st = tree.lstat(path)
                         if not _stale_temp(rel.rpartition("/")[2], st, cutoff):
@@ -430,53 +468,6 @@ class Server:
         return 0
 
 
-def _restore_replaced(dest: int, backup: int, drop_identical: bool) -> list[str]:
-    """After rsync ran with ``--append-only``: every far file it replaced
-    (moved into the batch's backup directory) whose new content differs, or
-    that is gone, is put back under its name; an identical one stays in the
-    backup directory for the md5 step to remove (or is removed here, with
-    its emptied directories: ``drop_identical``, a directory the agent does
-    not know). Returns the names put back."""
-    restored = []
-    with Beneath(f"/proc/self/fd/{dest}") as now, Beneath(f"/proc/self/fd/{backup}") as old:
-        for top, _, files, _ in os.fwalk(".", dir_fd=backup, follow_symlinks=False):
-            for name in files:
-                rel = name if top == "." else f"{top[2:]}/{name}"
-                parent = rel.rpartition("/")[0]
-                try:
-                    earlier = old.open(os.path.join(old.root, rel))
-                except (OSError, ValueError):
-                    continue
-                try:
-                    if not stat.S_ISREG(os.fstat(earlier).st_mode):
-                        continue
-                    if _same(earlier, now, rel):
-                        if drop_identical:
-                            os.unlink(name, dir_fd=old.dir_fd(parent))
-                        continue
-                    os.rename(name, name, src_dir_fd=old.dir_fd(parent), dst_dir_fd=now.dir_fd(parent))
-                    restored.append(rel)
-                except (OSError, ValueError):
-                    continue
-                finally:
-                    os.close(earlier)
-        if drop_identical:
-            for top, dirs, _, _ in os.fwalk(".", dir_fd=backup, topdown=False, follow_symlinks=False):
-                for d in dirs:
-                    try:
-                        os.rmdir(d, dir_fd=old.dir_fd("" if top == "." else top[2:]))
-                    except OSError:
-                        pass
-    return restored
-
-
-def _same(fd: int, tree: Beneath, rel: str) -> bool:
-    try:
-        return same_bytes(fd, tree, os.path.join(tree.root, rel))
-    except (OSError, ValueError):  # gone, or no regular file now
-        return False
-
-
 def _stale_temp(name: str, st: os.stat_result, cutoff: float) -> bool:
     return (TEMP_NAME.fullmatch(name) is not None and stat.S_ISREG(st.st_mode)
             and st.st_nlink == 1 and st.st_uid == os.geteuid() and st.st_ctime < cutoff)
@@ -484,13 +475,55 @@ def _stale_temp(name: str, st: os.stat_result, cutoff: float) -> bool:
 
 def _walk_files(base_fd: int):
     """Relative paths of the entries whose names look like rsync's temporary
-    files, below the base (no link followed, REPLACED_DIR skipped)."""
-    for top, dirs, files, _ in os.fwalk(".", dir_fd=base_fd, follow_symlinks=False):
-        if top == ".":
-            dirs[:] = [d for d in dirs if d != REPLACED_DIR]
+    files, below the base (no link followed, no REPLACED_DIR at any depth)."""
+    for top, _, _, files in walk_fd(base_fd, skip=REPLACED_DIR):
         for name in files:
             if TEMP_NAME.fullmatch(name):
-                yield name if top == "." else f"{top[2:]}/{name}"
+                yield f"{top}/{name}" if top else name
+
+
+def _home_below(root: str) -> str | None:
+    """The far account's home, its .ssh or authorized_keys when at or below
+    ``root`` (all physical paths), else None."""
+    import pwd
+    homes = {os.path.expanduser("~")}
+    try:
+        homes.add(pwd.getpwuid(os.geteuid()).pw_dir)
+    except KeyError:
+        pass
+    top = root.rstrip("/") + "/"
+    for home in sorted(h for h in homes if h.startswith("/")):
+        for path in (home, f"{home}/.ssh", f"{home}/.ssh/authorized_keys"):
+            real = os.path.realpath(path)
+            if real == root or real.startswith(top):
+                return path
+    return None
+
+
+def _check_rsync_version(rsync: str) -> None:
+    """Refuse an rsync older than SERVE_MIN_RSYNC: the receiver's confinement below
+    the destination is rsync's (a thief never runs the agent's check)."""
+    try:
+        out = subprocess.run([rsync, "--version"], capture_output=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise Refused(f"{rsync} --version: {exc}") from None
+    found = re.search(rb"version\s+(\d+)\.(\d+)\.(\d+)", out)
+    version = tuple(int(v) for v in found.groups()) if found else None
+    if version is None or version < SERVE_MIN_RSYNC:
+        shown = ".".join(map(str, version)) if version else "of unknown version"
+        raise Refused(f"this host's rsync ({rsync}) is {shown}; watcher serve needs rsync "
+                      f"{'.'.join(map(str, SERVE_MIN_RSYNC))} or later (older ones follow a planted "
+                      "symlink when making the parents of a --relative name, CVE-2026-53785)")
+
+
+def _names_on_stdin(what: str) -> list[bytes]:
+    """The NUL-separated names on standard input, refused past MAX_NAMES_BYTES
+    (held in memory, and the md5 answer repeats them)."""
+    data = sys.stdin.buffer.read(MAX_NAMES_BYTES + 1)
+    if len(data) > MAX_NAMES_BYTES or data.count(b"\0") > MAX_NAMES:
+        raise Refused(f"{what}: more than {MAX_NAMES_BYTES >> 20} MiB or {MAX_NAMES} names on "
+                      "standard input")
+    return [n for n in data.split(b"\0") if n]
 
 
 def _shown(text: str) -> str:
