@@ -261,7 +261,7 @@ def test_an_old_far_rsync_degrades_the_archive_and_nothing_is_written_or_charged
         r = row(catalog, file_id)
         assert r.failed_copy_attempts == 0 and r.remote_md5sum is None
     assert errors and all(e["degraded"] for e in errors)
-    assert "rsync 3.2.7" in errors[-1]["last_error"] and "3.4 or later" in errors[-1]["last_error"]
+    assert "rsync 3.2.7" in errors[-1]["last_error"] and "3.5 or later" in errors[-1]["last_error"]
 
 
 def test_the_far_rsync_is_checked_once_per_destination(sshd, remote_dir, tmp_path, destinations, tool_log):
@@ -276,8 +276,9 @@ def test_the_far_rsync_is_checked_once_per_destination(sshd, remote_dir, tmp_pat
     assert len(checks) == 1
 
 
-def test_an_old_local_rsync_refuses_a_local_archive(tmp_path, monkeypatch, destinations):
-    bin_dir = fake_rsync(tmp_path / "bin", "3.3.0")
+@pytest.mark.parametrize("version", ["3.3.0", "3.4.1"])  # 3.4: CVE-2026-53785, parents made through a link
+def test_an_old_local_rsync_refuses_a_local_archive(tmp_path, monkeypatch, destinations, version):
+    bin_dir = fake_rsync(tmp_path / "bin", version)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     base = tmp_path / "base"
     src = tmp_path / "src"
@@ -289,7 +290,7 @@ def test_an_old_local_rsync_refuses_a_local_archive(tmp_path, monkeypatch, desti
         ship_batch(dest, [Item(1, str(src / "a"), "a", md5(b"a"))])
 
     assert raised.value.kind == "archive"
-    assert "this host runs rsync 3.3.0" in str(raised.value) and "3.4 or later" in str(raised.value)
+    assert f"this host runs rsync {version}" in str(raised.value) and "3.5 or later" in str(raised.value)
     assert not base.exists()
 
 

@@ -177,7 +177,7 @@ def far_findings(dest: Destination, stop: threading.Event | None = None) -> list
         found.append(Finding(
             MISSING_FAR_COMMANDS, f"{a.name}: {a.ssh_host}: {missing.strip()}", (a.name,),
             f"archive {a.name}: {a.ssh_host} lacks what the far md5 step needs: "
-            f"{', '.join(missing.split())} (GNU coreutils, findutils and rsync 3.4 or later, in the far "
+            f"{', '.join(missing.split())} (GNU coreutils, findutils and rsync 3.5 or later, in the far "
             "login's PATH): nothing can be verified until they are there; checked again every rescan"))
     if optional.split():  # service goes on: a line in the log, no problem
         found.append(Finding(

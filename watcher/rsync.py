@@ -12,7 +12,7 @@ The far account is trusted to hash honestly, not to keep its tree clean: a
 file counts only if rsync reported sending it (``--out-format``) and the far
 md5 was read from a path with no symlink anywhere below the base (checked
 on the far side with ``realpath``); the far rsync must be one that refuses
-to write through such links (3.4 or later, checked once per destination).
+to write through such links (3.5 or later, checked once per destination).
 
 Commands are built as argument lists by pure functions and run in one
 place, which turns an exit status into a typed ``TransferError``, classed
@@ -79,8 +79,10 @@ ARCHIVE_FULL = re.compile(rb": (?:No space left on device|Disk quota exceeded) \
 # over from a copy cut off: a running copy writes at least every copy_timeout.
 TEMP_FILE_AGE = 3600.0
 TEMP_WALK_TIMEOUT = 600.0  # seconds the far side may take to walk the base looking for them
-# The oldest rsync that refuses to write through a symlink below the destination.
-MIN_RSYNC_VERSION = (3, 4)
+# The oldest rsync that refuses to write through a symlink below the destination
+# (3.4), its implied parents under --relative included (3.5.0: CVE-2026-53785;
+# the agent's --files-from implies --relative).
+MIN_RSYNC_VERSION = (3, 5)
 SHELL_TEXT = ("the archive host's login shell prints text, so rsync and the md5 command cannot "
               "talk through it: make its startup files (~/.bashrc ...) print nothing when not "
               "interactive")
