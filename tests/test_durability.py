@@ -19,7 +19,7 @@ import pytest
 from tests.hostile_names import hostile_names
 from tests.ssh_support import Sleeps, md5, register, row, ssh_archive
 from watcher.health import read_health
-from watcher.rsync import SYNCFS_FILES, Item, ship_batch
+from watcher.rsync import REPLACED_DIR, SYNCFS_FILES, Item, TransferError, parse_far_md5, ship_batch
 
 # A name of each family that breaks shell or line-based code, in new
 # directories (which rsync's --mkpath makes, so their entries need syncing too).
@@ -88,7 +88,9 @@ def test_one_far_sync_per_batch_covers_every_file_and_each_directory_up_to_the_b
     assert whole == [b"-f", b"."]
     assert call[0] == b"--"
     expected = {b"./" + os.fsencode(n) for n in names} | {b"./" + d.encode() for d in NEW_DIRS} | {b"."}
-    assert sorted(call[1:]) == sorted(expected)  # each once, nothing above the base
+    assert set(call[1:]) == expected  # every file, each directory up to the base, nothing above it
+    files = {b"./" + os.fsencode(n) for n in names}
+    assert sorted(x for x in call[1:] if x in files) == sorted(files)  # each file once
 
 
 def test_a_failing_far_sync_leaves_the_batch_unverified_uncharged_and_it_is_verified_once_sync_works(
@@ -99,17 +101,22 @@ def test_a_failing_far_sync_leaves_the_batch_unverified_uncharged_and_it_is_veri
     seen = []
 
     def during_outage(n):
-        seen.append([(row(catalog, i).verified, row(catalog, i).failed_copy_attempts) for i in ids.values()])
-        seen.append(read_health(catalog.path)["archives"]["arch"]["last_error"])
-        seen.append((base / "a.dat").read_bytes() + (base / "d" / "b.dat").read_bytes())  # they did arrive
-        flag.unlink()
+        if not seen:
+            seen.append([(row(catalog, i).verified, row(catalog, i).failed_copy_attempts) for i in ids.values()])
+            seen.append(read_health(catalog.path)["archives"]["arch"]["last_error"])
+            seen.append((base / "a.dat").read_bytes() + (base / "d" / "b.dat").read_bytes())  # they did arrive
+        else:  # a second batch sent while sync still fails, then it works again
+            flag.unlink()
 
-    make_worker(ssh_archive(server, base), sleep=Sleeps(during_outage, limit=1)).step()
+    make_worker(ssh_archive(server, base), sleep=Sleeps(during_outage, limit=2)).step()
 
     assert seen[0] == [(False, 0), (False, 0)]  # copied, not durable: not verified (not deletable), nothing charged
     assert "sync failed" in seen[1] and "Input/output error" in seen[1] and seen[2] == b"ab"
     assert all(row(catalog, i).verified for i in ids.values())
-    assert sync_calls(log)[0][0] == b"--" and len(sync_calls(log)) == 2  # few files: no syncfs
+    assert sync_calls(log)[0][0] == b"--" and len(sync_calls(log)) == 3  # few files: no syncfs
+    # each batch sent again moved the earlier, identical far copies aside; none is left there
+    kept = [os.path.join(top, f) for top, _, files in os.walk(base / REPLACED_DIR) for f in files]
+    assert kept == []
 
 
 STRACE_SHIP = """
@@ -149,3 +156,33 @@ def test_a_local_archive_fsyncs_each_file_and_each_directory_up_to_the_base(tmp_
     assert in_place == expected and all(synced[p] == 1 for p in expected)
     temporaries = set(synced) - in_place  # rsync's own --fsync, of each file before its rename
     assert len(temporaries) == (len(names) if mode == "file" else 0)
+
+
+SERVE_WITH_FAILING_FSYNC = """
+import errno, os, stat, sys
+real = os.fsync
+def fsync(fd):  # the write-back of one directory fails, as a dying disk's would
+    if stat.S_ISDIR(os.fstat(fd).st_mode) and os.readlink(f"/proc/self/fd/{fd}").endswith("/base/a"):
+        raise OSError(errno.EIO, "Input/output error")
+    return real(fd)
+os.fsync = fsync
+from watcher.serve import main
+sys.exit(main(sys.argv[1], request="watcher-serve md5 base"))
+"""
+
+
+def test_a_fsync_that_fails_behind_watcher_serve_makes_the_whole_batch_count_for_nothing(tmp_path):
+    """Not only the file whose directory failed: the others of that directory too (its
+    sync was not done), and it is the archive's trouble, not a missing copy to charge."""
+    root = tmp_path / "root"
+    (root / "base" / "a").mkdir(parents=True)
+    (root / "base" / "b.dat").write_bytes(b"b")
+    for name in ("f1", "f2"):
+        (root / "base" / "a" / name).write_bytes(name.encode())
+    done = subprocess.run([sys.executable, "-c", SERVE_WITH_FAILING_FSYNC, str(root)],
+                          input=b"./a/f1\0./a/f2\0./b.dat\0", capture_output=True)
+
+    assert "sync failed" in done.stderr.decode() and "Input/output error" in done.stderr.decode()
+    with pytest.raises(TransferError) as raised:
+        parse_far_md5(done.stdout, done.stderr)
+    assert raised.value.kind == "archive"

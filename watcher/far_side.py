@@ -18,6 +18,8 @@ from watcher.safefs import Beneath, Identity, walk_fd
 # The first word of the requests an archive with ``far_side: serve`` sends.
 SERVE_REQUEST = "watcher-serve"
 MD5_HEADER = b"watcher-md5 "
+# A far md5 answer's record saying the batch could not be put on stable storage.
+SYNC_FAILED = b"sync-failed"
 # The oldest rsync watcher serve runs as the receiver: its confinement below the
 # destination is rsync's own, and 3.5.0 makes the parents of a --relative name
 # (--no-implied-dirs) without following a planted symlink (CVE-2026-53785).

@@ -45,7 +45,6 @@ md5sum -z -- /dev/null >/dev/null 2>&1 || m="$m md5sum"
 realpath -z -m -- . >/dev/null 2>&1 || m="$m realpath"
 printf '.\\0' | xargs -0 -r sh -c : sh >/dev/null 2>&1 || m="$m xargs"
 sync -- . >/dev/null 2>&1 || m="$m sync"
-printf '.\\0' | LC_ALL=C sort -zu >/dev/null 2>&1 || m="$m sort"
 find . -maxdepth 0 -type d -empty >/dev/null 2>&1 || m="$m find"
 cmp -s -- /dev/null /dev/null >/dev/null 2>&1 || o="$o cmp"
 d=$b

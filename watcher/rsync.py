@@ -47,7 +47,8 @@ import sh
 from watcher.config import Archive
 from watcher.hashing import md5_of_fd
 from watcher.faults import checkpoint
-from watcher.far_side import MD5_HEADER, SERVE_MIN_RSYNC, SERVE_REFUSED, SERVE_REQUEST, TEMP_NAME, drop_identical_copies
+from watcher.far_side import (MD5_HEADER, SERVE_MIN_RSYNC, SERVE_REFUSED, SERVE_REQUEST, SYNC_FAILED, TEMP_NAME,
+                              drop_identical_copies)
 from watcher.rules import REPLACED_DIR, remote_path_problem
 from watcher.safefs import Beneath, Trees, open_in, split_beneath
 from watcher.ssh import ssh_args, stop_master
@@ -955,7 +956,6 @@ def reported_names(stdout: bytes) -> set[bytes]:
 # count and the names, the realpath of each, an empty record, the md5sum
 # records, an empty record (all NUL-terminated; no name or path is empty);
 # then, when the chunk's files could not be synced, SYNC_FAILED.
-SYNC_FAILED = b"sync-failed"
 # The chunk's regular files, each directory above them up to the base and
 # the base itself go to stable storage (coreutils' sync fsyncs each
 # argument; one call for the chunk) while they are hashed, and the chunk
@@ -969,20 +969,26 @@ SYNC_FAILED = b"sync-failed"
 # still reports each file's own write error.
 SYNCFS_FILES = 64
 SYNCFS_PART = f'[ "$#" -lt {SYNCFS_FILES} ] || sync -f . 2>/dev/null; '
+# No sort between the list and sync: a stage that fails there would leave
+# xargs nothing to sync and exiting 0 (the shell reports the last stage
+# only). A directory is listed once for a run of files in it; one listed
+# again is fsynced again, which costs little once it is clean.
 SYNC_START = ('{ ' + SYNCFS_PART +
-              '{ for p; do [ -f "$p" ] && [ ! -h "$p" ] && while printf "%s\\0" "$p"; '
-              'p=${p%/*}; [ "$p" != . ]; do :; done; done; printf ".\\0"; } | '
-              'LC_ALL=C sort -zu | xargs -0r sync --; } & s=$!; ')
-SYNC_CHECK = f'wait "$s" || {{ printf "{SYNC_FAILED.decode()}\\0"; exit 1; }}; '
+              '{ l=; for p; do [ -f "$p" ] && [ ! -h "$p" ] || continue; printf "%s\\0" "$p"; '
+              'd=${p%/*}; [ "$d" = "$l" ] && continue; l=$d; '
+              'while [ "$d" != . ] && [ "$d" != "${d%/*}" ]; do printf "%s\\0" "$d"; d=${d%/*}; done; '
+              'done; printf ".\\0"; } | xargs -0r sync --; } & s=$!; ')
+SYNC_CHECK = f'wait "$s" || {{ printf "{SYNC_FAILED.decode()}\\0"; exit 1; }}'
 MD5_CHUNK = (SYNC_START + 'printf "%s\\0" "$#" "$@"; realpath -z -m -- "$@"; printf "\\0"; '
-             'md5sum -z -- "$@"; printf "\\0"; ' + SYNC_CHECK +
-             # the batch's replaced copies identical to what now stands there (no output)
+             'md5sum -z -- "$@"; printf "\\0"; '
+             # the batch's replaced copies identical to what now stands there (no output),
+             # before the sync's verdict: a failed batch sent again leaves no copy behind
              # (none through a symlink: R, its parent, or a directory between R and the copy)
              '[ -z "$R" ] || [ ! -d "$R" ] || [ -h "${R%/*}" ] || [ -h "$R" ] || '
              'for p; do [ -f "$R/$p" ] && [ ! -h "$R/$p" ] && '
              '[ "$(realpath -e -- "$R/$p")" = "$PWD/$R/${p#./}" ] && '
              '[ ! -h "$p" ] && ! [ "$p" -ef "$R/$p" ] && '  # never a file compared with itself
-             'cmp -s -- "$p" "$R/$p" && rm -f -- "$R/$p"; done 2>/dev/null; true')
+             'cmp -s -- "$p" "$R/$p" && rm -f -- "$R/$p"; done 2>/dev/null; ' + SYNC_CHECK)
 
 
 def parse_far_md5(output: bytes, stderr: bytes = b"") -> dict[bytes, str]:
@@ -1053,24 +1059,29 @@ def _local_md5(basedir: str, remote_paths: list[str], replaced_dir: str = "") ->
     found = {}
     with Beneath(basedir.rstrip("/") or "/") as tree:
         if len(remote_paths) >= SYNCFS_FILES:
-            _syncfs(tree.dir_fd(""))
-        for path in remote_paths:
             try:
-                fd = tree.open(os.path.join(tree.root, path))
-            except (OSError, ValueError):
-                continue
-            try:
-                if stat.S_ISREG(os.fstat(fd).st_mode):
-                    _fsync(fd, path)
-                    found[path] = md5_of_fd(fd)[0]
+                _syncfs(tree.dir_fd(""))
             except OSError:
-                pass
-            finally:
-                os.close(fd)
-        for reldir in sorted({d for p in found for d in _parents(p)}, key=len, reverse=True):
-            _fsync(tree.dir_fd(reldir), reldir or ".")
-        if replaced_dir:
-            drop_identical_copies(tree, replaced_dir, found)
+                pass  # no base: nothing below it is found either
+        try:
+            for path in remote_paths:
+                try:
+                    fd = tree.open(os.path.join(tree.root, path))
+                except (OSError, ValueError):
+                    continue
+                try:
+                    if stat.S_ISREG(os.fstat(fd).st_mode):
+                        _fsync(fd, path)
+                        found[path] = md5_of_fd(fd)[0]
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
+            for reldir in sorted({d for p in found for d in _parents(p)}, key=len, reverse=True):
+                _fsync(tree.dir_fd(reldir), reldir or ".")
+        finally:  # a failed fsync too: the batch sent again must leave no identical copy behind
+            if replaced_dir:
+                drop_identical_copies(tree, replaced_dir, found)
     return found
 
 

@@ -56,7 +56,7 @@ import subprocess
 import sys
 import time
 
-from watcher.far_side import (MAX_NAMES, MD5_HEADER, REFUSED, SERVE_MIN_RSYNC, SERVE_REQUEST, TEMP_NAME,
+from watcher.far_side import (MAX_NAMES, MD5_HEADER, REFUSED, SERVE_MIN_RSYNC, SERVE_REQUEST, SYNC_FAILED, TEMP_NAME,
                                drop_identical_copies)
 from watcher.hashing import md5_of_fd
 from watcher.rules import REPLACED_DIR
@@ -105,6 +105,10 @@ def _duration(text: str) -> float:
     except ValueError as exc:
         import argparse
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class _SyncFailed(Exception):
+    """A file or directory of the batch could not be fsynced: nothing of it counts."""
 
 
 class Refused(Exception):
@@ -373,12 +377,16 @@ class Server:
         except FileNotFoundError:
             raise Refused(f"md5: {base}: no such directory below {self.given}") from None
         names = _names_on_stdin("md5")
-        try:
-            records, found = self._hash(base_fd, names, "" if self.append_only else replaced)
-        finally:
-            os.close(base_fd)
         physical = os.fsencode(self._physical(parts))
         write = sys.stdout.buffer.write  # piece by piece: no second copy of the names in memory
+        try:
+            records, found = self._hash(base_fd, names, "" if self.append_only else replaced)
+        except _SyncFailed as exc:  # none of the batch counts (the agent: the archive's trouble)
+            sys.stderr.write(f"watcher serve: sync failed: {exc}\n")
+            write(MD5_HEADER + physical + b"\0" + SYNC_FAILED + b"\0")
+            return 123
+        finally:
+            os.close(base_fd)
         write(MD5_HEADER + physical + b"\0" + str(len(names)).encode() + b"\0")
         for name in names:
             write(name + b"\0")
@@ -408,11 +416,14 @@ class Server:
                 try:
                     if not stat.S_ISREG(os.fstat(fd).st_mode):
                         continue
-                    os.fsync(fd)
-                    while parent not in synced:
-                        synced.add(parent)
-                        os.fsync(tree.dir_fd(parent))
-                        parent = parent.rpartition("/")[0] if parent else parent
+                    try:
+                        os.fsync(fd)
+                        while parent not in synced:  # marked only once it is synced
+                            os.fsync(tree.dir_fd(parent))
+                            synced.add(parent)
+                            parent = parent.rpartition("/")[0] if parent else parent
+                    except OSError as exc:
+                        raise _SyncFailed(f"{os.fsdecode(name)!r}: {exc.strerror or exc}") from None
                     md5 = md5_of_fd(fd)[0]
                 except OSError:
                     continue
