@@ -167,18 +167,24 @@ def fsync(fd):  # the write-back of one directory fails, as a dying disk's would
     return real(fd)
 os.fsync = fsync
 from watcher.serve import main
-sys.exit(main(sys.argv[1], request="watcher-serve md5 base"))
+sys.exit(main(sys.argv[1], request="watcher-serve md5 base .watcher-replaced/b1"))
 """
 
 
 def test_a_fsync_that_fails_behind_watcher_serve_makes_the_whole_batch_count_for_nothing(tmp_path):
     """Not only the file whose directory failed: the others of that directory too (its
-    sync was not done), and it is the archive's trouble, not a missing copy to charge."""
+    sync was not done), and it is the archive's trouble, not a missing copy to charge;
+    the copies the batch moved aside that are identical to their file are removed."""
     root = tmp_path / "root"
     (root / "base" / "a").mkdir(parents=True)
     (root / "base" / "b.dat").write_bytes(b"b")
     for name in ("f1", "f2"):
         (root / "base" / "a" / name).write_bytes(name.encode())
+    # the far copies an attempt sent again moved aside: one identical to its file, one not
+    kept = root / "base" / REPLACED_DIR / "b1" / "a"
+    kept.mkdir(parents=True)
+    (kept / "f1").write_bytes(b"an earlier f1")
+    (kept / "f2").write_bytes(b"f2")
     done = subprocess.run([sys.executable, "-c", SERVE_WITH_FAILING_FSYNC, str(root)],
                           input=b"./a/f1\0./a/f2\0./b.dat\0", capture_output=True)
 
@@ -186,3 +192,5 @@ def test_a_fsync_that_fails_behind_watcher_serve_makes_the_whole_batch_count_for
     with pytest.raises(TransferError) as raised:
         parse_far_md5(done.stdout, done.stderr)
     assert raised.value.kind == "archive"
+    # the batch will be sent again: the identical copy is gone all the same, the other kept
+    assert not (kept / "f2").exists() and (kept / "f1").read_bytes() == b"an earlier f1"

@@ -403,6 +403,7 @@ class Server:
         following a link and fsynced, with every directory from its own up to
         the base, before it is read."""
         records, found, by_path, synced = [], set(), {}, set()
+        failed = ""  # the first fsync that failed: the batch then counts for nothing
         with Beneath(f"/proc/self/fd/{base_fd}") as tree:
             for name in names:
                 if not name.startswith(b"./"):
@@ -422,8 +423,8 @@ class Server:
                             os.fsync(tree.dir_fd(parent))
                             synced.add(parent)
                             parent = parent.rpartition("/")[0] if parent else parent
-                    except OSError as exc:
-                        raise _SyncFailed(f"{os.fsdecode(name)!r}: {exc.strerror or exc}") from None
+                    except OSError as exc:  # hashed all the same, for the clean-up below
+                        failed = failed or f"{os.fsdecode(name)!r}: {exc.strerror or exc}"
                     md5 = md5_of_fd(fd)[0]
                 except OSError:
                     continue
@@ -432,8 +433,10 @@ class Server:
                 records.append(md5.encode() + b"  " + name)
                 found.add(name)
                 by_path[os.fsdecode(name[2:])] = md5
-            if replaced:
+            if replaced:  # a failed batch too: the batch sent again must leave no identical copy behind
                 drop_identical_copies(tree, replaced, by_path)
+        if failed:
+            raise _SyncFailed(failed)
         return records, found
 
     # -- rsync's leftovers -----------------------------------------------------------
