@@ -353,9 +353,10 @@ def test_the_agent_ships_verifies_and_keeps_replaced_copies_through_the_forced_c
     assert not canary_fired(canary_dir)
     assert not row(catalog, ids["linked/x.dat"]).verified and far_files(served.outside) == {"secret"}
 
-    # an absolute remote_basedir inside the root works the same; a replaced far
-    # copy of other content is kept, an identical one is not
-    dest = destinations(served.archive(str(served.root / "deep" / "arch")))
+    # an absolute remote_basedir inside the root works the same (and rsync's own
+    # --fsync, fsync: file, gets through); a replaced far copy of other content
+    # is kept, an identical one is not
+    dest = destinations(served.archive(str(served.root / "deep" / "arch"), fsync="file"))
     path = tmp_path / "src" / "b.dat"
 
     def ship(data: bytes) -> None:
