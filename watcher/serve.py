@@ -107,6 +107,41 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _open_dirs(start: int, parts: list[str], create: bool, refusal) -> int:
+    """A new descriptor of start/parts, each component opened without
+    following a link (made first when missing and ``create``). An OSError
+    becomes Refused(refusal(i, exc, making)) when that gives a text."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.dup(start)
+    try:
+        for i, part in enumerate(parts):
+            making = False
+            try:
+                try:
+                    nfd = os.open(part, flags, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    making = True
+                    try:
+                        os.mkdir(part, 0o777, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                    making = False
+                    nfd = os.open(part, flags, dir_fd=fd)
+            except OSError as exc:
+                why = refusal(i, exc, making)
+                if why:
+                    raise Refused(why) from None
+                raise
+            os.close(fd)
+            fd = nfd
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class _SyncFailed(Exception):
     """A file or directory of the batch could not be fsynced: nothing of it counts."""
 
@@ -186,31 +221,12 @@ class Server:
     def _walk(self, parts: list[str], create: bool) -> int:
         """A descriptor of root/parts, each component opened without following
         a link (and made, with the process's umask, when ``create``)."""
-        fd = os.dup(self.root_fd)
-        try:
-            for i, part in enumerate(parts):
-                flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-                try:
-                    nfd = os.open(part, flags, dir_fd=fd)
-                except FileNotFoundError:
-                    if not create:
-                        raise
-                    try:
-                        os.mkdir(part, 0o777, dir_fd=fd)
-                    except FileExistsError:
-                        pass
-                    nfd = os.open(part, flags, dir_fd=fd)
-                except OSError as exc:
-                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                        raise Refused(f"{'/'.join(parts[:i + 1])} below {self.given} is not a "
-                                      "directory (a symlink is not followed)") from None
-                    raise
-                os.close(fd)
-                fd = nfd
-            return fd
-        except BaseException:
-            os.close(fd)
-            raise
+        def refusal(i: int, exc: OSError, making: bool) -> str | None:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                return f"{'/'.join(parts[:i + 1])} below {self.given} is not a directory (a symlink is not followed)"
+            return None  # raised as it is: a missing base when not creating, among others
+
+        return _open_dirs(self.root_fd, parts, create, refusal)
 
     def _physical(self, parts: list[str]) -> str:
         return "/".join([self.root.rstrip("/")] + parts) or "/"
@@ -289,27 +305,12 @@ class Server:
     def _backup_dir(self, dest: int, backup: str) -> int:
         """The batch's backup directory below the destination, made here
         without following a link, handed to rsync as a descriptor."""
-        fd = os.dup(dest)
-        try:
-            for part in backup.split("/"):
-                flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-                try:
-                    os.mkdir(part, 0o777, dir_fd=fd)
-                except FileExistsError:
-                    pass
-                except OSError as exc:
-                    raise Refused(f"{backup}: cannot be made: {exc.strerror}") from None
-                try:
-                    nfd = os.open(part, flags, dir_fd=fd)
-                except OSError as exc:
-                    raise Refused(f"{backup}: not a directory ({exc.strerror}; a symlink is "
-                                  "not followed)") from None
-                os.close(fd)
-                fd = nfd
-            return fd
-        except BaseException:
-            os.close(fd)
-            raise
+        def refusal(i: int, exc: OSError, making: bool) -> str:
+            if making:
+                return f"{backup}: cannot be made: {exc.strerror}"
+            return f"{backup}: not a directory ({exc.strerror}; a symlink is not followed)"
+
+        return _open_dirs(dest, backup.split("/"), True, refusal)
 
     # -- watcher's own requests ------------------------------------------------------
 
