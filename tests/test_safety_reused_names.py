@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -36,18 +37,26 @@ def status(setup) -> dict:
     return json.loads(done.stdout)
 
 
+RSYNC_TEMPORARY = re.compile(r"\..+\.[A-Za-z0-9]{6}")
+
+
 def far_contents(far: Path) -> dict[str, bytes]:
-    """The far files under their names (not the copies rsync keeps in
-    .watcher-replaced/, where one identical to its file's new copy is
-    removed again)."""
+    """The far files under their names: not the copies rsync keeps in
+    .watcher-replaced/ (where one identical to its file's new copy is
+    removed again), nor the hidden ``.name.XXXXXX`` file an rsync is
+    writing at this moment (renamed over its final name when complete)."""
     found = {}
     for dirpath, dirs, files in os.walk(far):
         if Path(dirpath) == far and ".watcher-replaced" in dirs:
             dirs.remove(".watcher-replaced")
         for name in files:
             path = Path(dirpath) / name
-            if path.is_file() and not path.is_symlink():
+            if RSYNC_TEMPORARY.fullmatch(name) or path.is_symlink():
+                continue
+            try:
                 found[str(path.relative_to(far))] = path.read_bytes()
+            except FileNotFoundError:
+                continue  # gone since the walk (a name seen before fails FarCopiesStay.check)
     return found
 
 
