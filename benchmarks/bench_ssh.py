@@ -38,6 +38,7 @@ on it.  See benchmarks/README.md for recorded results.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import signal
@@ -65,6 +66,7 @@ except ImportError:  # WATCHER_SRC of a commit before the catalog package (issue
 
 KiB, MiB = 1 << 10, 1 << 20
 POLL = 0.02            # seconds between catalog polls
+PERF_HZ = 499          # --by-process: perf's samples per second and CPU
 FILES_PER_DIR = 1000   # data sets are trees of directories of this many files
 
 # lsyncd (copies, verifies nothing) from the start of a `cp -r` on this machine.
@@ -87,7 +89,8 @@ class DataSet:
 
 FULL = [DataSet("small", 2000, 16 * KiB, 1.5),
         DataSet("many", 20000, 4 * KiB, 1.5),
-        DataSet("large", 4, 256 * MiB, 1.25, 1.5)]
+        DataSet("large", 4, 256 * MiB, 1.25, 1.5),
+        DataSet("burst", 24, 64 * MiB, 1.25)]
 QUICK = [DataSet("small", 2000, 16 * KiB, 1.5),
          DataSet("many", 2000, 4 * KiB, 1.5),
          DataSet("large", 2, 64 * MiB, 1.25, 1.5)]
@@ -148,6 +151,7 @@ class Bench:
         tempfile.tempdir = str(self.work)
         self.server = SshServer()
         self.rows: list[Row] = []
+        self.profiles: list[tuple[str, float, dict[str, float]]] = []  # --by-process
         self.log_file = self.work / "agent.log"  # every agent's log, one after the other
 
     # -- plain tools --------------------------------------------------------------
@@ -176,7 +180,8 @@ class Bench:
     def plain_tools(self, tree: Path, remote: Path) -> tuple[float, list[str]]:
         """rsync -a of the tree, then a local and a remote md5 pass."""
         c0, t0 = cpu_seconds(), time.monotonic()
-        run(["rsync", "-a", "-e", shlex.join(self.ssh()), "--", f"{tree}/",
+        bwlimit = [f"--bwlimit={self.args.bwlimit}"] if self.args.bwlimit else []
+        run(["rsync", "-a", *bwlimit, "-e", shlex.join(self.ssh()), "--", f"{tree}/",
              f"{self.server.ssh_target}:{remote}/"])
         t1 = time.monotonic()
         local = subprocess.run(f"find {shlex.quote(str(tree))} -type f -print0 | xargs -0 md5sum",
@@ -208,6 +213,8 @@ class Bench:
             archive["ssh_cipher"] = self.args.cipher
         if self.args.fsync:
             archive["fsync"] = self.args.fsync
+        if self.args.bwlimit:
+            archive["bwlimit"] = self.args.bwlimit
         rule = {"watch": str(inbox), "archive": "far"}
         if self.args.settle is not None:
             rule["settle"] = self.args.settle
@@ -278,16 +285,19 @@ class Bench:
         run(["sync"])
         plain_remote = self.server.remote_root()
         say(f"A   {ds.label}: plain tools")
-        plain, parts = self.plain_tools(tree, plain_remote)
+        with self.by_process(f"{ds.label}, plain tools (rsync -a, md5 local, md5 far)"):
+            plain, parts = self.plain_tools(tree, plain_remote)
         say(f"A   {ds.label}: raw pipe")
-        raw = self.raw_pipe(tree)
+        with self.by_process(f"{ds.label}, raw pipe"):
+            raw = self.raw_pipe(tree)
         agent, inbox, remote, db = self.start_agent(f"b-{ds.name}")
         try:
             say(f"B   {ds.label}: watcher")
-            c0, t0 = cpu_seconds(), time.monotonic()
-            os.rename(tree, inbox / ds.name)
-            registered, verified = self.wait_verified(db, ds.count, timeout=max(120, 40 * plain))
-            cpu = cpu_seconds() - c0
+            with self.by_process(f"{ds.label}, watcher"):
+                c0, t0 = cpu_seconds(), time.monotonic()
+                os.rename(tree, inbox / ds.name)
+                registered, verified = self.wait_verified(db, ds.count, timeout=max(120, 40 * plain))
+                cpu = cpu_seconds() - c0
         finally:
             agent.stop()
         far = self.far_files(remote)
@@ -356,6 +366,34 @@ class Bench:
             "(medians of the repeats; the first watcher file opens the shared ssh connection)"]))
         self.report(self.rows[-1])
 
+    @contextlib.contextmanager
+    def by_process(self, what: str):
+        """With --by-process: `perf record -a` meanwhile, then the CPU seconds
+        of each command name (every process of both "hosts"), for the table."""
+        if not self.args.by_process:
+            yield
+            return
+        data = self.work / f"perf-{len(self.profiles)}.data"
+        perf = subprocess.Popen(["perf", "record", "-a", "-F", str(PERF_HZ), "-q", "-o", str(data)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)  # perf's own start, outside the measured time
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            wall = time.monotonic() - t0
+            perf.send_signal(signal.SIGINT)
+            perf.wait(60)
+        report = run(["perf", "report", "-i", str(data), "-n", "--sort", "comm", "--stdio"],
+                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout
+        seconds: dict[str, float] = {}
+        for line in report.splitlines():
+            fields = line.split()
+            if len(fields) >= 3 and not line.startswith("#") and fields[1].isdigit():
+                name = "idle" if fields[2] == "swapper" else fields[2]
+                seconds[name] = seconds.get(name, 0.0) + int(fields[1]) / PERF_HZ
+        self.profiles.append((what, wall, seconds))
+
     # -- output -------------------------------------------------------------------
 
     def report(self, row: Row) -> None:
@@ -384,6 +422,12 @@ class Bench:
         out.append("")
         for r in self.rows:
             out.append(f"{r.scenario} {r.data}: " + "; ".join(r.notes))
+        for what, wall, seconds in self.profiles:
+            busy = sum(v for k, v in seconds.items() if k != "idle")
+            top = sorted(((v, k) for k, v in seconds.items() if k != "idle" and v >= 0.05), reverse=True)
+            out.append(f"CPU s by process, {what}: wall {wall:.2f}, busy {busy:.2f} (at least "
+                       f"{busy / os.cpu_count():.2f} s on {os.cpu_count()} cores), idle "
+                       f"{seconds.get('idle', 0):.2f}: " + ", ".join(f"{k} {v:.2f}" for v, k in top))
         return "\n".join(out)
 
     def main(self) -> None:
@@ -503,6 +547,11 @@ def parse_args(argv=None):
     p.add_argument("--cipher", help="the archive's ssh_cipher, used by the plain tools and the raw pipe "
                    "too (default: ssh's own choice)")
     p.add_argument("--fsync", choices=("batch", "file"), help="the archive's fsync (default: watcher's)")
+    p.add_argument("--bwlimit", help="the archive's bwlimit, and rsync's for the plain tools: a link "
+                   "slower than the CPUs (e.g. 100M, rsync's units; the raw pipe has none)")
+    p.add_argument("--by-process", action="store_true",
+                   help="A/B: CPU seconds by process name of the plain tools, the raw pipe and watcher "
+                   "(perf record -a; needs perf and the right to use it)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (agent.log)")
     p.add_argument("--debug-log", action="store_true", help="agent log at DEBUG level")
     p.add_argument("--far-side", choices=("shell", "serve"), default="shell",

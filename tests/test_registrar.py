@@ -54,3 +54,31 @@ def test_one_registration_batch_keeps_the_first_file_of_a_far_name_and_skips_a_f
         assert problems(setup) == {"far names taken": 1}
     finally:
         health.close()
+
+
+def test_a_burst_of_big_files_is_committed_file_by_file_and_small_files_at_once(setup):
+    """Each group of about group_bytes is committed (and its archive woken)
+    once hashed: the first big file can ship while the next are hashed."""
+    from watcher.handlers import SettleTracker
+    from watcher.registrar import Registrar
+
+    setup.archive()
+    inbox = setup.rule()
+    big = [inbox / f"big{i}.dat" for i in range(3)]
+    for i, path in enumerate(big):
+        path.write_bytes(bytes([i]) * (3 << 20))  # above SMALL_FILE: hashed in the threads
+    small = [inbox / f"small{i}.dat" for i in range(50)]
+    for i, path in enumerate(small):
+        path.write_bytes(b"%d" % i * 100)
+    catalog = setup.catalog()
+    rows_at_each_wake = []
+
+    def wake(archives):
+        rows_at_each_wake.append(sum(len(catalog.files.rows_for_path(str(p))) for p in big + small))
+
+    registrar = Registrar(catalog, setup.config(), SettleTracker(lambda path: None), wake,
+                          threading.Event(), group_bytes=2 << 20)
+    assert registrar.register([str(p) for p in big]) == 3
+    assert rows_at_each_wake == [1, 2, 3]
+    assert registrar.register([str(p) for p in small]) == 50  # 50 x 300 bytes: one group
+    assert rows_at_each_wake == [1, 2, 3, 53]

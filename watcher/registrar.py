@@ -2,7 +2,9 @@
 
 Handlers and scans hand over paths; this thread matches each to its rule,
 hashes it (checking it did not change while being read), and commits a
-whole batch in one transaction, then wakes the archives' transfer workers.
+whole batch in one transaction, then wakes the archives' transfer workers
+(a batch of big files in groups of about GROUP_BYTES, each committed once
+hashed, so that the first ships while the others are hashed).
 A file already registered with the same identity (device, inode, size,
 mtime and ctime) costs one stat; any other is hashed again, and ships again
 if its content changed. A row's identity counts only when the agent sealed
@@ -20,7 +22,7 @@ import os
 import stat
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Callable, NamedTuple
 
 from watcher.config import Config, Rule
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 500
 SMALL_FILE = 1 << 20  # bytes; smaller files are hashed in the registrar's own thread
+GROUP_BYTES = 64 << 20  # a batch's files are committed (and shipped) in groups of about this many bytes
 LOG_EACH = 20  # registering more files at once logs a summary line (each at DEBUG)
 
 
@@ -54,7 +57,7 @@ class Candidate(NamedTuple):
 class Registrar:
     def __init__(self, catalog: Catalog, config: Config, settle: SettleTracker,
                  wake: Callable[[set[str]], None], stop: threading.Event,
-                 health: Health | None = None, hash_threads: int = 2):
+                 health: Health | None = None, hash_threads: int = 2, group_bytes: int = GROUP_BYTES):
         self.catalog = catalog
         self.config = config
         self.settle = settle
@@ -66,6 +69,7 @@ class Registrar:
         self._queued: set[str] = set()
         self._cond = threading.Condition()
         self._hashers = ThreadPoolExecutor(hash_threads, thread_name_prefix="watcher-hash")
+        self._group_bytes = group_bytes
         self._reported: set[str] = set()
         self._gone: set[str] = set()
         self._unreadable: set[str] = set()  # reported files, solved once they are read
@@ -164,25 +168,36 @@ class Registrar:
             return 0
         existing = with_database_retry(
             lambda: self.catalog.files.active_rows([c.path for c in found]), self.health, self.stop)
-        todo: list[tuple[Candidate, Registered | None, str | None]] = []  # remote path of a new file
+        todo: list[_Todo] = []
         for c in found:
             row = existing.get((c.path, c.rule.archive))
             if row is None:
                 remote = self._remote_path(c)  # before hashing: an unsafe one is never hashed
                 if remote is not None:
-                    todo.append((c, None, remote))
+                    todo.append(_Todo(c, None, remote))
             elif self.catalog.trusted_identity(row) != c.identity:  # changed, or not hashed by us
-                todo.append((c, row, None))
+                todo.append(_Todo(c, row, None))
             # else: already registered as it is
-        # Big files go to the hashing threads; small ones are hashed here meanwhile
-        # (handing each to a thread would cost more than hashing it).
-        big = [c for c, _, _ in todo if c.stat.st_size > SMALL_FILE]
-        in_threads = self._hashers.map(lambda c: self._hash(c, trees), big)
-        md5s = {c.path: self._hash(c, trees) for c, _, _ in todo if c.stat.st_size <= SMALL_FILE}
-        md5s.update(zip((c.path for c in big), in_threads))
+        # Big files go to the hashing threads, all at once (they run ahead of
+        # the commits); small ones are hashed here, group by group (handing
+        # each to a thread would cost more than hashing it).
+        big = {t.c.path: self._hashers.submit(self._hash, t.c, trees)
+               for t in todo if t.c.stat.st_size > SMALL_FILE}
+        try:
+            return sum(self._record(group, trees, big) for group in _groups(todo, self._group_bytes))
+        finally:  # when a group failed: none started, and none running once ``trees`` is closed
+            for future in big.values():
+                future.cancel()
+            wait(big.values())
+
+    def _record(self, group: list[_Todo], trees: Trees, big: dict[str, Future]) -> int:
+        """Hash a group of files, write their rows in one transaction and wake
+        their archives' workers; return how many rows were written."""
+        md5s = {t.c.path: self._hash(t.c, trees) for t in group if t.c.path not in big}
+        md5s.update((t.c.path, big[t.c.path].result()) for t in group if t.c.path in big)
         fresh, changed = [], []
         now = time.time()
-        for c, row, remote in todo:
+        for c, row, remote in group:
             md5 = md5s[c.path]
             if md5 is None:
                 continue
@@ -190,6 +205,8 @@ class Registrar:
                 changed.append((c, row, md5))
             else:
                 fresh.append(self._new_file(c, remote, md5, now))
+        if not fresh and not changed:
+            return 0
 
         def write() -> tuple[list[NewFile], Claims]:
             files, closed = list(fresh), []
@@ -215,7 +232,7 @@ class Registrar:
         checkpoint("hashed")
         files, claims = with_database_retry(write, self.health, self.stop)
         new = self._report_claims(files, claims)
-        roots = {c.path: str(c.rule.watch) for c in found}
+        roots = {t.c.path: str(t.c.rule.watch) for t in group}
         with self._registered_lock:
             self._registered.update(roots[f.local_path] for f in new if f.local_path in roots)
         # One line a file for a trickle; for a burst one line (a line a file
@@ -356,6 +373,29 @@ class Registrar:
             retain=rule.delete_local_after if rule.overrides_retention else None,
             **identity_columns(c.identity),
         )
+
+
+class _Todo(NamedTuple):
+    """A file to hash: new (with the far name it gets) or its row changed."""
+
+    c: Candidate
+    row: Registered | None
+    remote: str | None
+
+
+def _groups(todo: list[_Todo], group_bytes: int) -> list[list[_Todo]]:
+    """``todo`` in order, in groups of about ``group_bytes`` to hash (a
+    bigger file alone): each group is committed once hashed, so that a burst
+    of big files starts shipping after the first is hashed, not after the last."""
+    groups: list[list[_Todo]] = [[]]
+    size = 0
+    for t in todo:
+        if size >= group_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.c.stat.st_size
+    return groups
 
 
 def _current_identity(path: str) -> Identity | None:
