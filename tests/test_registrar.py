@@ -57,8 +57,9 @@ def test_one_registration_batch_keeps_the_first_file_of_a_far_name_and_skips_a_f
 
 
 def test_a_burst_of_big_files_is_committed_file_by_file_and_small_files_at_once(setup):
-    """Each group of about group_bytes is committed (and its archive woken)
-    once hashed: the first big file can ship while the next are hashed."""
+    """Each group of at most group_bytes (a bigger file alone) is committed,
+    and its archive woken, once hashed: the first big file can ship while the
+    next are hashed; a small file before a big one does not wait for it."""
     from watcher.handlers import SettleTracker
     from watcher.registrar import Registrar
 
@@ -72,13 +73,67 @@ def test_a_burst_of_big_files_is_committed_file_by_file_and_small_files_at_once(
         path.write_bytes(b"%d" % i * 100)
     catalog = setup.catalog()
     rows_at_each_wake = []
+    before = inbox / "before.dat"
+    tracked = big + small + [before]
 
     def wake(archives):
-        rows_at_each_wake.append(sum(len(catalog.files.rows_for_path(str(p))) for p in big + small))
+        rows_at_each_wake.append(sum(len(catalog.files.rows_for_path(str(p))) for p in tracked))
 
     registrar = Registrar(catalog, setup.config(), SettleTracker(lambda path: None), wake,
                           threading.Event(), group_bytes=2 << 20)
-    assert registrar.register([str(p) for p in big]) == 3
-    assert rows_at_each_wake == [1, 2, 3]
-    assert registrar.register([str(p) for p in small]) == 50  # 50 x 300 bytes: one group
-    assert rows_at_each_wake == [1, 2, 3, 53]
+    try:
+        assert registrar.register([str(p) for p in big]) == 3
+        assert rows_at_each_wake == [1, 2, 3]
+        assert registrar.register([str(p) for p in small]) == 50  # 50 x 300 bytes: one group
+        assert rows_at_each_wake == [1, 2, 3, 53]
+        before.write_bytes(b"small, before the big ones")
+        bigger = inbox / "bigger.dat"
+        bigger.write_bytes(b"x" * (3 << 20))
+        assert registrar.register([str(before), str(bigger)]) == 2
+        assert rows_at_each_wake == [1, 2, 3, 53, 54, 54]  # the small file alone, first
+        assert len(catalog.files.rows_for_path(str(bigger))) == 1
+    finally:
+        registrar._hashers.shutdown()
+
+
+def test_files_of_one_batch_that_want_one_far_name_are_judged_in_one_group(setup):
+    """When a far name's last copy is of a file that is gone, the first of a
+    batch's files that want the name gets a version name and the others are
+    refused, however the batch is split into groups."""
+    import sqlite3
+
+    from watcher.handlers import SettleTracker
+    from watcher.health import Health
+    from watcher.registrar import Registrar
+
+    setup.archive()
+    inbox = setup.rule(remote_path="{name}")  # a template that can collide
+    for d in "abc":
+        (inbox / d).mkdir()
+    gone = inbox / "c" / "same.dat"
+    gone.write_bytes(b"shipped, verified and deleted")
+    catalog = setup.catalog()
+    health = Health(setup.database)
+    registrars = []
+
+    def registrar():
+        registrars.append(Registrar(catalog, setup.config(), SettleTracker(lambda path: None),
+                                    lambda archives: None, threading.Event(), health=health, group_bytes=1))
+        return registrars[-1]
+
+    try:
+        assert registrar().register([str(gone)]) == 1
+        with sqlite3.connect(setup.database) as db:
+            db.execute("UPDATE supersync_v0 SET remote_md5sum = local_md5sum, removed = 1")
+        gone.unlink()
+        first, second = inbox / "a" / "same.dat", inbox / "b" / "same.dat"
+        first.write_bytes(b"first")
+        second.write_bytes(b"second")
+        assert registrar().register([str(first), str(second)]) == 1
+        assert [r.remote_path for r in catalog.files.rows_for_path(str(first))] == ["same.dat.~2~"]
+        assert catalog.files.rows_for_path(str(second)) == []
+        assert problems(setup) == {"far names taken": 1}
+    finally:
+        for r in registrars:
+            r._hashers.shutdown()
+        health.close()

@@ -35,7 +35,7 @@ import time
 from typing import Callable
 
 POINTS = {
-    "hashed": "the registrar hashed a batch of files, not yet written to the catalog",
+    "hashed": "the registrar hashed a group of a batch's files (GROUP_BYTES), not yet written to the catalog",
     "copied": "rsync copied a batch, its far md5 not yet read",
     "verified": "a batch's far md5 read, not yet recorded in the catalog",
     "deleting": "retention claimed a file's removal in the catalog, not yet unlinked",

@@ -1,10 +1,10 @@
 """Register complete files: hash them and record them in the catalog, in batches.
 
 Handlers and scans hand over paths; this thread matches each to its rule,
-hashes it (checking it did not change while being read), and commits a
-whole batch in one transaction, then wakes the archives' transfer workers
-(a batch of big files in groups of about GROUP_BYTES, each committed once
-hashed, so that the first ships while the others are hashed).
+hashes it (checking it did not change while being read), and commits the
+batch in groups of about GROUP_BYTES, each in one transaction as soon as it
+is hashed, waking the archives' transfer workers: a burst of big files
+starts shipping after the first is hashed, not after the last.
 A file already registered with the same identity (device, inode, size,
 mtime and ctime) costs one stat; any other is hashed again, and ships again
 if its content changed. A row's identity counts only when the agent sealed
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 500
 SMALL_FILE = 1 << 20  # bytes; smaller files are hashed in the registrar's own thread
-GROUP_BYTES = 64 << 20  # a batch's files are committed (and shipped) in groups of about this many bytes
+GROUP_BYTES = 64 << 20  # a batch's files are committed (and shipped) in groups of at most this many bytes
 LOG_EACH = 20  # registering more files at once logs a summary line (each at DEBUG)
 
 
@@ -127,8 +127,8 @@ class Registrar:
                 except Exception:  # the catalog keeps nothing of it; scans will hand it over again
                     if self.stop.is_set():
                         return
-                    log.exception("registering %d files failed; they are retried by the next scan",
-                                  len(batch))
+                    log.exception("registering a batch of %d files failed; those not registered "
+                                  "are retried by the next scan", len(batch))
                 finally:
                     with self._cond:
                         self._busy = False
@@ -181,20 +181,27 @@ class Registrar:
         # Big files go to the hashing threads, all at once (they run ahead of
         # the commits); small ones are hashed here, group by group (handing
         # each to a thread would cost more than hashing it).
-        big = {t.c.path: self._hashers.submit(self._hash, t.c, trees)
-               for t in todo if t.c.stat.st_size > SMALL_FILE}
+        big: dict[str, Future] = {}
+        written = 0
         try:
-            return sum(self._record(group, trees, big) for group in _groups(todo, self._group_bytes))
-        finally:  # when a group failed: none started, and none running once ``trees`` is closed
-            for future in big.values():
+            for t in todo:
+                if t.candidate.stat.st_size > SMALL_FILE:
+                    big[t.candidate.path] = self._hashers.submit(self._hash, t.candidate, trees)
+            for group in _groups(todo, self._group_bytes):
+                if self.stop.is_set():
+                    break  # the groups committed are safe; the next start's scan hands over the rest
+                written += self._record(group, trees, big)
+            return written
+        finally:  # on any exit: hashes not started are cancelled, running ones (they read through
+            for future in big.values():  # ``trees``' descriptors) waited for
                 future.cancel()
             wait(big.values())
 
     def _record(self, group: list[_Todo], trees: Trees, big: dict[str, Future]) -> int:
         """Hash a group of files, write their rows in one transaction and wake
         their archives' workers; return how many rows were written."""
-        md5s = {t.c.path: self._hash(t.c, trees) for t in group if t.c.path not in big}
-        md5s.update((t.c.path, big[t.c.path].result()) for t in group if t.c.path in big)
+        md5s = {c.path: self._hash(c, trees) for c, _, _ in group if c.path not in big}
+        md5s.update((c.path, big[c.path].result()) for c, _, _ in group if c.path in big)
         fresh, changed = [], []
         now = time.time()
         for c, row, remote in group:
@@ -232,7 +239,7 @@ class Registrar:
         checkpoint("hashed")
         files, claims = with_database_retry(write, self.health, self.stop)
         new = self._report_claims(files, claims)
-        roots = {t.c.path: str(t.c.rule.watch) for t in group}
+        roots = {c.path: str(c.rule.watch) for c, _, _ in group}
         with self._registered_lock:
             self._registered.update(roots[f.local_path] for f in new if f.local_path in roots)
         # One line a file for a trickle; for a burst one line (a line a file
@@ -378,23 +385,36 @@ class Registrar:
 class _Todo(NamedTuple):
     """A file to hash: new (with the far name it gets) or its row changed."""
 
-    c: Candidate
+    candidate: Candidate
     row: Registered | None
     remote: str | None
 
 
 def _groups(todo: list[_Todo], group_bytes: int) -> list[list[_Todo]]:
-    """``todo`` in order, in groups of about ``group_bytes`` to hash (a
-    bigger file alone): each group is committed once hashed, so that a burst
-    of big files starts shipping after the first is hashed, not after the last."""
-    groups: list[list[_Todo]] = [[]]
+    """``todo`` in groups of at most ``group_bytes`` to hash (a bigger file
+    alone), in order: each group is committed once hashed, so that a burst of
+    big files starts shipping after the first is hashed, not after the last.
+
+    Files that want one far name go in the first one's group: the catalog
+    gives the name to the first of one transaction's files and refuses the
+    others, as it did when a batch was one transaction (in two, the second
+    could get a version name of its own when the name's last copy is gone).
+    """
+    groups: list[list[_Todo]] = []
     size = 0
+    group_of: dict[tuple[str, str], list[_Todo]] = {}
     for t in todo:
-        if size >= group_bytes:
+        name = (t.candidate.rule.archive, t.remote) if t.remote is not None else None
+        if name in group_of:
+            group_of[name].append(t)
+            continue
+        if not groups or (groups[-1] and size + t.candidate.stat.st_size > group_bytes):
             groups.append([])
             size = 0
         groups[-1].append(t)
-        size += t.c.stat.st_size
+        size += t.candidate.stat.st_size
+        if name is not None:
+            group_of[name] = groups[-1]
     return groups
 
 
