@@ -10,8 +10,10 @@ in a fresh directory below DIR, then runs the agent's own far md5 script
 (``Destination.remote_md5_args``, through ``sh -c`` here instead of ssh)
 four ways, in turn: without its sync part; with it but without the syncfs
 that comes first for 64 files or more (each file and directory fsynced
-alone); with the sync before the hashing instead of beside it; and as the
-agent runs it (syncfs, then each file, while the files are hashed). It prints the times of every repeat.
+alone); with the sync before the hashing instead of beside it; without
+the directories above the base (SYNC_ABOVE); and as the agent runs it
+(syncfs, then each file, while the files are hashed, then the directories
+above the base). It prints the times of every repeat.
 No ssh: the command alone, as the far host runs it.
 """
 from __future__ import annotations
@@ -30,13 +32,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from watcher.config import Archive  # noqa: E402
-from watcher.rsync import MD5_CHUNK, SYNC_CHECK, SYNC_START, SYNCFS_PART, Destination  # noqa: E402
+from watcher.rsync import MD5_CHUNK, SYNC_ABOVE, SYNC_CHECK, SYNC_START, SYNCFS_PART, Destination  # noqa: E402
 
 BACKGROUND = " & s=$!; "
-assert SYNC_START.endswith(BACKGROUND), "the far md5 command changed: update this benchmark"
+assert SYNC_START.endswith(BACKGROUND) and " && " + SYNC_ABOVE in SYNC_START, \
+    "the far md5 command changed: update this benchmark"
 
 
-WAYS = ("no sync", "fsync each", "sync, then hash", "as shipped")
+WAYS = ("no sync", "fsync each", "sync, then hash", "nothing above the base", "as shipped")
 
 
 def far_script(base: str, way: str) -> str:
@@ -45,6 +48,7 @@ def far_script(base: str, way: str) -> str:
              "fsync each": MD5_CHUNK.replace(SYNCFS_PART, ""),
              "sync, then hash": MD5_CHUNK.replace(BACKGROUND, '; r=$?; ').replace(
                  SYNC_CHECK, '[ "$r" = 0 ] || exit 1; '),
+             "nothing above the base": MD5_CHUNK.replace(" && " + SYNC_ABOVE, ""),
              "as shipped": MD5_CHUNK}[way]
     return script.replace(shlex.quote(MD5_CHUNK), shlex.quote(chunk))
 

@@ -1,5 +1,6 @@
 """Durable before deleted: a far copy counts as verified only once it and
-the directory entries above it, up to the base, are on stable storage.
+the directory entries above it (up to the base, and those above the base
+that rsync's --mkpath may have made) are on stable storage.
 
 Observed, never mocked: over ssh, a `sync` first on the far account's PATH
 logs its arguments and runs the real one (or fails, as a far disk with I/O
@@ -65,7 +66,7 @@ def far_sync(far_server, shared_dir):
     return server, server.remote_root(), log, flag
 
 
-def test_one_far_sync_per_batch_covers_every_file_and_each_directory_up_to_the_base(
+def test_one_far_sync_per_batch_covers_every_file_and_each_directory_up_to_the_base_then_above_it(
         far_sync, tmp_path, destinations):
     server, base, log, _ = far_sync
     src = tmp_path / "src"
@@ -77,20 +78,28 @@ def test_one_far_sync_per_batch_covers_every_file_and_each_directory_up_to_the_b
         local.parent.mkdir(parents=True, exist_ok=True)
         local.write_bytes(b"%d" % i)
         items.append(Item(i, str(local), name, md5(b"%d" % i)))
-    dest = destinations(ssh_archive(server, base))
+    made = base / "made" / "by mkpath"  # the base and its parent: made by the first batch
+    dest = destinations(ssh_archive(server, made))
 
     results, _ = ship_batch(dest, items)
 
     assert all(found == sent for sent, found in results.values()) and len(results) == len(items)
     # one call for the whole batch, after a syncfs of the base's file system (many files)
     assert len(names) >= SYNCFS_FILES
-    [whole, call] = sync_calls(log)
+    [whole, call, above] = sync_calls(log)
     assert whole == [b"-f", b"."]
     assert call[0] == b"--"
     expected = {b"./" + os.fsencode(n) for n in names} | {b"./" + d.encode() for d in NEW_DIRS} | {b"."}
-    assert set(call[1:]) == expected  # every file, each directory up to the base, nothing above it
+    assert set(call[1:]) == expected  # every file, each directory up to the base
     files = {b"./" + os.fsencode(n) for n in names}
     assert sorted(x for x in call[1:] if x in files) == sorted(files)  # each file once
+    # then each directory above the base the far account may read, nearest first, up to /:
+    # those --mkpath made hold the base's entry
+    real = Path(os.path.realpath(made))
+    assert above[0] == b"--" and above[-1] == b"/"
+    assert above[1:3] == [os.fsencode(real.parent), os.fsencode(real.parent.parent)]
+    ancestors = [os.fsencode(p) for p in real.parents]
+    assert [a for a in ancestors if a in above[1:]] == above[1:]  # ancestors only, in order
 
 
 def test_a_failing_far_sync_leaves_the_batch_unverified_uncharged_and_it_is_verified_once_sync_works(
@@ -113,7 +122,8 @@ def test_a_failing_far_sync_leaves_the_batch_unverified_uncharged_and_it_is_veri
     assert seen[0] == [(False, 0), (False, 0)]  # copied, not durable: not verified (not deletable), nothing charged
     assert "sync failed" in seen[1] and "Input/output error" in seen[1] and seen[2] == b"ab"
     assert all(row(catalog, i).verified for i in ids.values())
-    assert sync_calls(log)[0][0] == b"--" and len(sync_calls(log)) == 3  # few files: no syncfs
+    calls = sync_calls(log)  # few files: no syncfs; two failed batches, then the files and those above the base
+    assert [call[:2] for call in calls] == [[b"--", b"./a.dat"]] * 3 + [[b"--", os.fsencode(base.parent)]]
     # each batch sent again moved the earlier, identical far copies aside; none is left there
     kept = [os.path.join(top, f) for top, _, files in os.walk(base / REPLACED_DIR) for f in files]
     assert kept == []
@@ -131,10 +141,10 @@ assert all(sent == found for sent, found in results.values()), results
 
 
 @pytest.mark.parametrize("mode", ["batch", "file"])
-def test_a_local_archive_fsyncs_each_file_and_each_directory_up_to_the_base(tmp_path, mode):
+def test_a_local_archive_fsyncs_each_file_each_directory_up_to_the_base_and_those_above_it(tmp_path, mode):
     if shutil.which("strace") is None:
         pytest.fail("strace is not installed (apt-get install strace)")
-    base, src = tmp_path / "archive", tmp_path / "src"
+    base, src = tmp_path / "archive" / "made", tmp_path / "src"  # the base and its parent: made by rsync
     src.mkdir()
     names = ["top file", "-rf", "new/deeper/--help", "new/x"]
     args = []
@@ -152,9 +162,12 @@ def test_a_local_archive_fsyncs_each_file_and_each_directory_up_to_the_base(tmp_
             path = line.split("<", 1)[1].rsplit(">", 1)[0]
             synced[path] = synced.get(path, 0) + 1
     expected = {str(base / n) for n in names} | {str(base / "new"), str(base / "new/deeper"), str(base)}
-    in_place = {p for p in synced if "/." not in p[len(str(base)):]}  # not rsync's temporary files
+    below = {p for p in synced if p.startswith(str(base) + "/") or p == str(base)}
+    in_place = {p for p in below if "/." not in p[len(str(base)):]}  # not rsync's temporary files
     assert in_place == expected and all(synced[p] == 1 for p in expected)
-    temporaries = set(synced) - in_place  # rsync's own --fsync, of each file before its rename
+    above = set(synced) - below  # each directory above the base, up to /, once
+    assert above == {str(p) for p in base.parents} and all(synced[p] == 1 for p in above)
+    temporaries = below - in_place  # rsync's own --fsync, of each file before its rename
     assert len(temporaries) == (len(names) if mode == "file" else 0)
 
 
@@ -194,3 +207,4 @@ def test_a_fsync_that_fails_behind_watcher_serve_makes_the_whole_batch_count_for
     assert raised.value.kind == "archive"
     # the batch will be sent again: the identical copy is gone all the same, the other kept
     assert not (kept / "f2").exists() and (kept / "f1").read_bytes() == b"an earlier f1"
+

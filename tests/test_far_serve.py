@@ -310,7 +310,7 @@ def test_the_md5_request_reads_nothing_through_a_link(served, tmp_path):
     assert done.returncode != 0 and b"symlink is not followed" in done.stderr
 
 
-def test_the_far_md5_fsyncs_each_file_and_its_directories_up_to_the_base_before_answering(
+def test_the_far_md5_fsyncs_each_file_its_directories_up_to_the_base_and_the_root_before_answering(
         sshd, remote_dir, tmp_path):
     """Durability (issue 14 section 2): what the agent counts verified is on stable
     storage. Observed with strace around the forced command."""
@@ -321,18 +321,21 @@ def test_the_far_md5_fsyncs_each_file_and_its_directories_up_to_the_base_before_
     served = Served(sshd, tmp_path, root, remote_dir, ("strace", "-f", "-qq", "-y", "-e", "trace=fsync",
                                                        "-o", str(log)))
     try:
-        (root / "arch" / "d" / "e").mkdir(parents=True)
-        (root / "arch" / "d" / "e" / "f").write_bytes(b"f")
-        (root / "arch" / "g").write_bytes(b"g")
-        done = served.ssh("watcher-serve md5 arch", stdin=b"./d/e/f\0./g\0")
+        (root / "top" / "arch" / "d" / "e").mkdir(parents=True)
+        (root / "top" / "arch" / "d" / "e" / "f").write_bytes(b"f")
+        (root / "top" / "arch" / "g").write_bytes(b"g")
+        done = served.ssh("watcher-serve md5 top/arch", stdin=b"./d/e/f\0./g\0")
         if b"ptrace" in done.stderr:
             pytest.skip(f"strace cannot trace here: {done.stderr.decode(errors='replace').strip()}")
         assert done.returncode == 0, done.stderr
     finally:
         served.remove()
     synced = re.findall(r"fsync\(\d+<(.*?)>\) = 0", log.read_text())
-    base = os.path.realpath(root / "arch")
-    assert sorted(synced) == sorted([f"{base}/d/e/f", f"{base}/d/e", f"{base}/d", base, f"{base}/g"])
+    base = os.path.realpath(root / "top" / "arch")
+    # and above the base, the root and each directory up to the base (rsync's --mkpath
+    # may have made them: they hold the base's entry), nothing above the root
+    assert sorted(synced) == sorted([f"{base}/d/e/f", f"{base}/d/e", f"{base}/d", base, f"{base}/g",
+                                     os.path.realpath(root / "top"), os.path.realpath(root)])
 
 
 def test_the_agent_ships_verifies_and_keeps_replaced_copies_through_the_forced_command(

@@ -973,11 +973,17 @@ SYNCFS_PART = f'[ "$#" -lt {SYNCFS_FILES} ] || sync -f . 2>/dev/null; '
 # xargs nothing to sync and exiting 0 (the shell reports the last stage
 # only). A directory is listed once for a run of files in it; one listed
 # again is fsynced again, which costs little once it is clean.
+# Then each directory above the base that the account may read, up to /
+# (SYNC_ABOVE): the first batch's --mkpath may have made the base and some
+# of them, and the base's own entry lies there. One the account may not
+# read was not made by it (and cannot be opened to be synced).
+SYNC_ABOVE = ('{ d=$PWD; while [ -n "$d" ]; do d=${d%/*}; [ ! -r "${d:-/}" ] || printf "%s\\0" "${d:-/}"; '
+              'done | xargs -0r sync --; }')
 SYNC_START = ('{ ' + SYNCFS_PART +
               '{ l=; for p; do [ -f "$p" ] && [ ! -h "$p" ] || continue; printf "%s\\0" "$p"; '
               'd=${p%/*}; [ "$d" = "$l" ] && continue; l=$d; '
               'while [ "$d" != . ] && [ "$d" != "${d%/*}" ]; do printf "%s\\0" "$d"; d=${d%/*}; done; '
-              'done; printf ".\\0"; } | xargs -0r sync --; } & s=$!; ')
+              'done; printf ".\\0"; } | xargs -0r sync -- && ' + SYNC_ABOVE + '; } & s=$!; ')
 SYNC_CHECK = f'wait "$s" || {{ printf "{SYNC_FAILED.decode()}\\0"; exit 1; }}'
 MD5_CHUNK = (SYNC_START + 'printf "%s\\0" "$#" "$@"; realpath -z -m -- "$@"; printf "\\0"; '
              'md5sum -z -- "$@"; printf "\\0"; '
@@ -1052,8 +1058,9 @@ def _md5sum_records(records: list[bytes]):
 def _local_md5(basedir: str, remote_paths: list[str], replaced_dir: str = "") -> dict[str, str]:
     """md5 of the far files of a local archive, opened below the base
     directory without following links (a link there proves nothing), each
-    first fsynced, then the directories above them up to the base (as
-    SYNC_START does far away; a failure raises TransferError("archive")); the
+    first fsynced, then the directories above them up to the base and
+    those above it (as SYNC_START does far away; a failure raises
+    TransferError("archive")); the
     copies in ``replaced_dir`` identical to them are removed (see
     ``Destination.remote_md5_args``)."""
     found = {}
@@ -1079,10 +1086,28 @@ def _local_md5(basedir: str, remote_paths: list[str], replaced_dir: str = "") ->
                     os.close(fd)
             for reldir in sorted({d for p in found for d in _parents(p)}, key=len, reverse=True):
                 _fsync(tree.dir_fd(reldir), reldir or ".")
+            if found:
+                _fsync_above(tree.root)
         finally:  # a failed fsync too: the batch sent again must leave no identical copy behind
             if replaced_dir:
                 drop_identical_copies(tree, replaced_dir, found)
     return found
+
+
+def _fsync_above(base: str) -> None:
+    """fsync each directory above the base that the agent may read, up to /
+    (see SYNC_ABOVE): rsync's --mkpath may have made some of them."""
+    path = base
+    while (parent := os.path.dirname(path)) != path:
+        path = parent
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue  # one the agent may not read was not made by it
+        try:
+            _fsync(fd, path)
+        finally:
+            os.close(fd)
 
 
 def _parents(path: str):

@@ -20,8 +20,9 @@ connection of that key, whatever the client asked, the request in
   answer: rsync present, BASE writable or makable).
 - ``watcher-serve md5 BASE [REPLACED]``: the far md5 of the NUL-separated
   ``./path`` names on standard input, each opened below BASE without
-  following a link, fsynced with its directories first (a verified copy is
-  on stable storage before the agent may delete its local file), answered
+  following a link, fsynced with its directories up to DIR first (a
+  verified copy is on stable storage before the agent may delete its local
+  file), answered
   in watcher.rsync.parse_far_md5's form; copies in REPLACED identical to
   the file now under their name are removed.
 - ``watcher-serve temp-files BASE AGE`` and ``watcher-serve clean BASE
@@ -382,6 +383,8 @@ class Server:
         write = sys.stdout.buffer.write  # piece by piece: no second copy of the names in memory
         try:
             records, found = self._hash(base_fd, names, "" if self.append_only else replaced)
+            if found:
+                self._sync_above(parts)
         except _SyncFailed as exc:  # none of the batch counts (the agent: the archive's trouble)
             sys.stderr.write(f"watcher serve: sync failed: {exc}\n")
             write(MD5_HEADER + physical + b"\0" + SYNC_FAILED + b"\0")
@@ -398,6 +401,20 @@ class Server:
             write(record + b"\0")
         write(b"\0")
         return 0
+
+    def _sync_above(self, parts: list[str]) -> None:
+        """fsync the root and each directory between it and the base, which
+        hold the base's entry and which rsync's --mkpath may have made."""
+        for depth in range(len(parts)):
+            try:
+                fd = self._walk(parts[:depth], create=False)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except (OSError, Refused) as exc:  # one moved away meanwhile too: nothing counts
+                raise _SyncFailed(f"{self._physical(parts[:depth])!r}: "
+                                  f"{getattr(exc, 'strerror', None) or exc}") from None
 
     def _hash(self, base_fd: int, names: list[bytes], replaced: str) -> tuple[list[bytes], set[bytes]]:
         """md5sum -z records of the regular files named, each reached without
