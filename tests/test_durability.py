@@ -9,6 +9,8 @@ fsync calls. rsync, ssh, sshd, md5sum and the catalog are the real ones.
 """
 from __future__ import annotations
 
+import errno
+import itertools
 import os
 import shutil
 import subprocess
@@ -20,7 +22,10 @@ import pytest
 from tests.hostile_names import hostile_names
 from tests.ssh_support import Sleeps, md5, register, row, ssh_archive
 from watcher.health import read_health
-from watcher.rsync import REPLACED_DIR, SYNCFS_FILES, Item, TransferError, parse_far_md5, ship_batch
+from watcher.config import Archive
+from watcher.rsync import (
+    REPLACED_DIR, SYNCFS_FILES, Destination, Item, TransferError, parse_far_md5, ship_batch,
+)
 
 # A name of each family that breaks shell or line-based code, in new
 # directories (which rsync's --mkpath makes, so their entries need syncing too).
@@ -32,14 +37,17 @@ NEW_DIRS = ["new", "new/deeper"]
 def logging_sync(bin_dir: Path) -> tuple[Path, Path]:
     """A far `sync` that logs each call (its arguments NUL-terminated, then an
     empty record) and runs the real one; it fails (exit 1, as coreutils'
-    sync on an I/O error) while the returned flag file exists."""
+    sync on an I/O error) while the returned flag file exists, and for the
+    directories above the base only (absolute paths) while the flag's name
+    with ``.above`` added does."""
     real = shutil.which("sync")
     bin_dir.mkdir(parents=True, exist_ok=True)
     bin_dir.chmod(0o777)  # the far account writes the log here
     log, flag = bin_dir / "sync.log", bin_dir / "sync.fails"
     script = bin_dir / "sync"
     script.write_text(f'#!/bin/sh\n{{ printf "%s\\0" "$@"; printf "\\0"; }} >> {log}\n'
-                      f'if [ -e {flag} ]; then echo "sync: error syncing \'$2\': Input/output error" >&2; '
+                      f'f={flag}; case $2 in /*) f={flag}.above;; esac\n'
+                      f'if [ -e "$f" ]; then echo "sync: error syncing \'$2\': Input/output error" >&2; '
                       f'exit 1; fi\nexec {real} "$@"\n')
     script.chmod(0o755)
     return log, flag
@@ -93,13 +101,11 @@ def test_one_far_sync_per_batch_covers_every_file_and_each_directory_up_to_the_b
     assert set(call[1:]) == expected  # every file, each directory up to the base
     files = {b"./" + os.fsencode(n) for n in names}
     assert sorted(x for x in call[1:] if x in files) == sorted(files)  # each file once
-    # then each directory above the base the far account may read, nearest first, up to /:
-    # those --mkpath made hold the base's entry
+    # then the directories above the base --mkpath may have made (they hold the base's
+    # entry), nearest first, up to the first the far account may not write (the
+    # server's directory of far bases, root's when the tests run as root)
     real = Path(os.path.realpath(made))
-    assert above[0] == b"--" and above[-1] == b"/"
-    assert above[1:3] == [os.fsencode(real.parent), os.fsencode(real.parent.parent)]
-    ancestors = [os.fsencode(p) for p in real.parents]
-    assert [a for a in ancestors if a in above[1:]] == above[1:]  # ancestors only, in order
+    assert above == [b"--", os.fsencode(real.parent), os.fsencode(real.parent.parent)]
 
 
 def test_a_failing_far_sync_leaves_the_batch_unverified_uncharged_and_it_is_verified_once_sync_works(
@@ -122,11 +128,32 @@ def test_a_failing_far_sync_leaves_the_batch_unverified_uncharged_and_it_is_veri
     assert seen[0] == [(False, 0), (False, 0)]  # copied, not durable: not verified (not deletable), nothing charged
     assert "sync failed" in seen[1] and "Input/output error" in seen[1] and seen[2] == b"ab"
     assert all(row(catalog, i).verified for i in ids.values())
-    calls = sync_calls(log)  # few files: no syncfs; two failed batches, then the files and those above the base
-    assert [call[:2] for call in calls] == [[b"--", b"./a.dat"]] * 3 + [[b"--", os.fsencode(base.parent)]]
+    # few files: no syncfs; nothing above the base, whose parent the far account may not write
+    assert [call[:2] for call in sync_calls(log)] == [[b"--", b"./a.dat"]] * 3
     # each batch sent again moved the earlier, identical far copies aside; none is left there
     kept = [os.path.join(top, f) for top, _, files in os.walk(base / REPLACED_DIR) for f in files]
     assert kept == []
+
+
+def test_a_failing_sync_of_the_directories_above_the_base_leaves_the_batch_unverified(
+        far_sync, tmp_path, destinations):
+    server, base, log, flag = far_sync
+    made = base / "made"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"a")
+    items = [Item(1, str(src / "a"), "a.dat", md5(b"a"))]
+    dest = destinations(ssh_archive(server, made))
+    Path(f"{flag}.above").write_text("")
+
+    with pytest.raises(TransferError) as raised:
+        ship_batch(dest, items)
+    assert raised.value.kind == "archive" and "sync failed" in str(raised.value)
+    assert sync_calls(log)[-1] == [b"--", os.fsencode(os.path.realpath(base))]
+
+    Path(f"{flag}.above").unlink()
+    results, _ = ship_batch(dest, items)
+    assert results == {1: (md5(b"a"), md5(b"a"))}
 
 
 STRACE_SHIP = """
@@ -165,17 +192,79 @@ def test_a_local_archive_fsyncs_each_file_each_directory_up_to_the_base_and_thos
     below = {p for p in synced if p.startswith(str(base) + "/") or p == str(base)}
     in_place = {p for p in below if "/." not in p[len(str(base)):]}  # not rsync's temporary files
     assert in_place == expected and all(synced[p] == 1 for p in expected)
-    above = set(synced) - below  # each directory above the base, up to /, once
-    assert above == {str(p) for p in base.parents} and all(synced[p] == 1 for p in above)
+    above = set(synced) - below  # those above the base the agent may write on its file system, once
+    device = base.stat().st_dev
+    expected_above = itertools.takewhile(
+        lambda p: os.access(p, os.R_OK | os.W_OK) and p.stat().st_dev == device, base.parents)
+    assert above == {str(p) for p in expected_above} >= {str(base.parent)}
+    assert all(synced[p] == 1 for p in above)
     temporaries = below - in_place  # rsync's own --fsync, of each file before its rename
     assert len(temporaries) == (len(names) if mode == "file" else 0)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs mounted in tmp_path: a file system of its own. Mounting needs
+    root (and a container may forbid it): the test is skipped then, saying so."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path = tmp_path / "disk"
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_a_local_archive_syncs_above_the_base_up_to_its_file_system_s_root_only(small_disk, tmp_path):
+    """The directories rsync made above the base are synced; the mount point's
+    side of the file system above is not (an autofs /home's, for one, cannot be)."""
+    if shutil.which("strace") is None:
+        pytest.fail("strace is not installed (apt-get install strace)")
+    base, src = small_disk / "made" / "by rsync", tmp_path / "src"
+    src.mkdir()
+    (src / "0").write_bytes(b"0")
+    trace = tmp_path / "strace.log"
+
+    subprocess.run(["strace", "-f", "-qq", "-y", "-e", "trace=fsync", "-o", str(trace),
+                    sys.executable, "-c", STRACE_SHIP, str(base), str(src), "batch", "f", md5(b"0")], check=True)
+
+    synced = {line.split("<", 1)[1].rsplit(">", 1)[0] for line in trace.read_text().splitlines()
+              if "fsync(" in line and "= 0" in line}
+    assert synced == {str(base / "f"), str(base), str(small_disk / "made"), str(small_disk)}
+
+
+def test_a_local_archive_whose_directory_above_the_base_cannot_be_synced_has_nothing_verified(
+        tmp_path, monkeypatch):
+    base, src = tmp_path / "archive" / "made", tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"a")
+    items = [Item(1, str(src / "a"), "a.dat", md5(b"a"))]
+    dest = Destination(Archive(name="a", remote_basedir=str(base)), None, (str(src),))
+    real_fsync = os.fsync
+
+    def fsync(fd):  # the write-back of the directory above the base fails, as a dying disk's would
+        if os.readlink(f"/proc/self/fd/{fd}") == str(tmp_path / "archive"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(TransferError) as raised:
+        ship_batch(dest, items)
+    assert raised.value.kind == "archive" and "Input/output error" in str(raised.value)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert ship_batch(dest, items)[0] == {1: (md5(b"a"), md5(b"a"))}
 
 
 SERVE_WITH_FAILING_FSYNC = """
 import errno, os, stat, sys
 real = os.fsync
 def fsync(fd):  # the write-back of one directory fails, as a dying disk's would
-    if stat.S_ISDIR(os.fstat(fd).st_mode) and os.readlink(f"/proc/self/fd/{fd}").endswith("/base/a"):
+    if stat.S_ISDIR(os.fstat(fd).st_mode) and os.readlink(f"/proc/self/fd/{fd}").endswith(sys.argv[2]):
         raise OSError(errno.EIO, "Input/output error")
     return real(fd)
 os.fsync = fsync
@@ -198,7 +287,7 @@ def test_a_fsync_that_fails_behind_watcher_serve_makes_the_whole_batch_count_for
     kept.mkdir(parents=True)
     (kept / "f1").write_bytes(b"an earlier f1")
     (kept / "f2").write_bytes(b"f2")
-    done = subprocess.run([sys.executable, "-c", SERVE_WITH_FAILING_FSYNC, str(root)],
+    done = subprocess.run([sys.executable, "-c", SERVE_WITH_FAILING_FSYNC, str(root), "/base/a"],
                           input=b"./a/f1\0./a/f2\0./b.dat\0", capture_output=True)
 
     assert "sync failed" in done.stderr.decode() and "Input/output error" in done.stderr.decode()
@@ -208,3 +297,16 @@ def test_a_fsync_that_fails_behind_watcher_serve_makes_the_whole_batch_count_for
     # the batch will be sent again: the identical copy is gone all the same, the other kept
     assert not (kept / "f2").exists() and (kept / "f1").read_bytes() == b"an earlier f1"
 
+
+def test_a_fsync_that_fails_above_the_base_behind_watcher_serve_makes_the_batch_count_for_nothing(tmp_path):
+    """The serving root holds the base's entry (rsync's --mkpath may have made the base)."""
+    root = tmp_path / "root"
+    (root / "base").mkdir(parents=True)
+    (root / "base" / "b.dat").write_bytes(b"b")
+    done = subprocess.run([sys.executable, "-c", SERVE_WITH_FAILING_FSYNC, str(root), "/root"],
+                          input=b"./b.dat\0", capture_output=True)
+
+    assert done.returncode != 0 and "Input/output error" in done.stderr.decode()
+    with pytest.raises(TransferError) as raised:
+        parse_far_md5(done.stdout, done.stderr)
+    assert raised.value.kind == "archive" and "sync failed" in str(raised.value)

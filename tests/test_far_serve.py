@@ -321,7 +321,7 @@ def test_the_far_md5_fsyncs_each_file_its_directories_up_to_the_base_and_the_roo
     served = Served(sshd, tmp_path, root, remote_dir, ("strace", "-f", "-qq", "-y", "-e", "trace=fsync",
                                                        "-o", str(log)))
     try:
-        (root / "top" / "arch" / "d" / "e").mkdir(parents=True)
+        sshd.make_remote_dir(root / "top" / "arch" / "d" / "e")  # the login's, as --mkpath makes them
         (root / "top" / "arch" / "d" / "e" / "f").write_bytes(b"f")
         (root / "top" / "arch" / "g").write_bytes(b"g")
         done = served.ssh("watcher-serve md5 top/arch", stdin=b"./d/e/f\0./g\0")

@@ -46,6 +46,7 @@ realpath -z -m -- . >/dev/null 2>&1 || m="$m realpath"
 printf '.\\0' | xargs -0 -r sh -c : sh >/dev/null 2>&1 || m="$m xargs"
 sync -- . >/dev/null 2>&1 || m="$m sync"
 find . -maxdepth 0 -type d -empty >/dev/null 2>&1 || m="$m find"
+stat -c %d -- . >/dev/null 2>&1 || m="$m stat"
 cmp -s -- /dev/null /dev/null >/dev/null 2>&1 || o="$o cmp"
 d=$b
 while [ ! -e "$d" ]; do case $d in */*) d=${d%/*}; d=${d:-/};; *) d=.;; esac; done

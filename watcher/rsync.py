@@ -973,12 +973,15 @@ SYNCFS_PART = f'[ "$#" -lt {SYNCFS_FILES} ] || sync -f . 2>/dev/null; '
 # xargs nothing to sync and exiting 0 (the shell reports the last stage
 # only). A directory is listed once for a run of files in it; one listed
 # again is fsynced again, which costs little once it is clean.
-# Then each directory above the base that the account may read, up to /
-# (SYNC_ABOVE): the first batch's --mkpath may have made the base and some
-# of them, and the base's own entry lies there. One the account may not
-# read was not made by it (and cannot be opened to be synced).
-SYNC_ABOVE = ('{ d=$PWD; while [ -n "$d" ]; do d=${d%/*}; [ ! -r "${d:-/}" ] || printf "%s\\0" "${d:-/}"; '
-              'done | xargs -0r sync --; }')
+# Then the directories above the base that the first batch's --mkpath may
+# have made, which hold the base's entry (SYNC_ABOVE): from the base's
+# parent up, each one the account may read and write on the base's file
+# system, stopping at the first that is not (no file or directory could
+# have been made in it, or it is a mount point's side of another file
+# system, such as an autofs /home, whose directories cannot be fsynced).
+SYNC_ABOVE = ('{ v=$(stat -c %d .) && d=$PWD && while [ -n "$d" ]; do d=${d%/*}; a=${d:-/}; '
+              '[ -r "$a" ] && [ -w "$a" ] && [ "$(stat -c %d -- "$a")" = "$v" ] || break; '
+              'printf "%s\\0" "$a"; done | xargs -0r sync --; }')
 SYNC_START = ('{ ' + SYNCFS_PART +
               '{ l=; for p; do [ -f "$p" ] && [ ! -h "$p" ] || continue; printf "%s\\0" "$p"; '
               'd=${p%/*}; [ "$d" = "$l" ] && continue; l=$d; '
@@ -1095,15 +1098,23 @@ def _local_md5(basedir: str, remote_paths: list[str], replaced_dir: str = "") ->
 
 
 def _fsync_above(base: str) -> None:
-    """fsync each directory above the base that the agent may read, up to /
-    (see SYNC_ABOVE): rsync's --mkpath may have made some of them."""
-    path = base
+    """fsync the directories above the base that rsync's --mkpath may have
+    made (see SYNC_ABOVE): from its parent up, each the agent may read and
+    write on the base's file system, up to the first that is not."""
+    path = os.path.realpath(base)
+    try:
+        device = os.stat(path).st_dev
+    except OSError:
+        return  # no base: nothing below it was found either
     while (parent := os.path.dirname(path)) != path:
         path = parent
         try:
+            if not os.access(path, os.R_OK | os.W_OK) or os.stat(path).st_dev != device:
+                return
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            continue  # one the agent may not read was not made by it
+        except OSError as exc:
+            raise TransferError("archive", f"the archive could not put {path!r} on stable storage "
+                                f"({exc.strerror}), so the batch does not count as verified") from None
         try:
             _fsync(fd, path)
         finally:

@@ -384,7 +384,7 @@ class Server:
         try:
             records, found = self._hash(base_fd, names, "" if self.append_only else replaced)
             if found:
-                self._sync_above(parts)
+                self._sync_above(base_fd, parts)
         except _SyncFailed as exc:  # none of the batch counts (the agent: the archive's trouble)
             sys.stderr.write(f"watcher serve: sync failed: {exc}\n")
             write(MD5_HEADER + physical + b"\0" + SYNC_FAILED + b"\0")
@@ -402,13 +402,20 @@ class Server:
         write(b"\0")
         return 0
 
-    def _sync_above(self, parts: list[str]) -> None:
-        """fsync the root and each directory between it and the base, which
-        hold the base's entry and which rsync's --mkpath may have made."""
-        for depth in range(len(parts)):
+    def _sync_above(self, base_fd: int, parts: list[str]) -> None:
+        """fsync the directories between the root (included) and the base,
+        which hold the base's entry and which rsync's --mkpath may have made:
+        from the base's parent up, each this account may read and write on
+        the base's file system, up to the first that is not (as the shell's
+        SYNC_ABOVE does)."""
+        device = os.fstat(base_fd).st_dev
+        for depth in reversed(range(len(parts))):
             try:
                 fd = self._walk(parts[:depth], create=False)
                 try:
+                    if (not os.access(".", os.R_OK | os.W_OK, dir_fd=fd)
+                            or os.fstat(fd).st_dev != device):
+                        return
                     os.fsync(fd)
                 finally:
                     os.close(fd)
