@@ -202,6 +202,53 @@ def test_a_local_archive_fsyncs_each_file_each_directory_up_to_the_base_and_thos
     assert len(temporaries) == (len(names) if mode == "file" else 0)
 
 
+def test_a_local_archive_of_many_files_syncs_its_file_system_once_then_each_file(tmp_path):
+    """More files than the syncer holds waiting (the hashing waits for it) and
+    than SYNCFS_FILES (one syncfs first): each still fsynced once, all verified."""
+    if shutil.which("strace") is None:
+        pytest.fail("strace is not installed (apt-get install strace)")
+    base, src = tmp_path / "archive", tmp_path / "src"
+    src.mkdir()
+    count = 300
+    args = []
+    for i in range(count):
+        (src / str(i)).write_bytes(b"%d" % i)
+        args += [f"d{i % 7}/f{i}", md5(b"%d" % i)]
+    trace = tmp_path / "strace.log"
+
+    subprocess.run(["strace", "-f", "-qq", "-y", "-e", "trace=fsync,syncfs", "-o", str(trace),
+                    sys.executable, "-c", STRACE_SHIP, str(base), str(src), "batch", *args], check=True)
+
+    lines = [line for line in trace.read_text().splitlines() if "= 0" in line]
+    assert sum("syncfs(" in line for line in lines) == 1
+    synced = [line.split("<", 1)[1].rsplit(">", 1)[0] for line in lines if "fsync(" in line]
+    files = [p for p in synced if p.startswith(str(base) + "/") and os.path.basename(p).startswith("f")]
+    assert sorted(files) == sorted(str(base / name) for name in args[::2])
+
+
+def test_a_local_archive_whose_file_cannot_be_synced_has_nothing_of_its_batch_verified(tmp_path, monkeypatch):
+    base, src = tmp_path / "archive", tmp_path / "src"
+    src.mkdir()
+    items = []
+    for i in range(3):
+        (src / str(i)).write_bytes(b"%d" % i)
+        items.append(Item(i, str(src / str(i)), f"f{i}", md5(b"%d" % i)))
+    dest = Destination(Archive(name="a", remote_basedir=str(base)), None, (str(src),))
+    real_fsync = os.fsync
+
+    def fsync(fd):  # the write-back of one file fails, as a dying disk's would
+        if os.readlink(f"/proc/self/fd/{fd}") == str(base / "f1"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(TransferError) as raised:
+        ship_batch(dest, items)
+    assert raised.value.kind == "archive" and "'f1': Input/output error" in str(raised.value)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert ship_batch(dest, items)[0] == {i: (md5(b"%d" % i),) * 2 for i in range(3)}
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A tmpfs mounted in tmp_path: a file system of its own. Mounting needs

@@ -22,7 +22,6 @@ by its cause: the archive's (nothing charged) or a file's.
 from __future__ import annotations
 
 import array
-import ctypes
 import errno
 import fcntl
 from collections import OrderedDict
@@ -33,7 +32,6 @@ import posixpath
 import re
 import resource
 import select
-import stat
 import shlex
 import shutil
 import tempfile
@@ -45,7 +43,7 @@ from typing import Callable, NamedTuple
 import sh
 
 from watcher.config import Archive
-from watcher.hashing import md5_of_fd
+from watcher.durable import SYNCFS_FILES, hash_durably
 from watcher.faults import checkpoint
 from watcher.far_side import (MD5_HEADER, SERVE_MIN_RSYNC, SERVE_REFUSED, SERVE_REQUEST, SYNC_FAILED, TEMP_NAME,
                               drop_identical_copies)
@@ -967,7 +965,6 @@ def reported_names(stdout: bytes) -> set[bytes]:
 # system (syncfs: one write-out instead of one per file: see
 # benchmarks/bench_far_sync.py); the per-file fsync after it, then cheap,
 # still reports each file's own write error.
-SYNCFS_FILES = 64
 SYNCFS_PART = f'[ "$#" -lt {SYNCFS_FILES} ] || sync -f . 2>/dev/null; '
 # No sort between the list and sync: a stage that fails there would leave
 # xargs nothing to sync and exiting 0 (the shell reports the last stage
@@ -1061,39 +1058,23 @@ def _md5sum_records(records: list[bytes]):
 def _local_md5(basedir: str, remote_paths: list[str], replaced_dir: str = "") -> dict[str, str]:
     """md5 of the far files of a local archive, opened below the base
     directory without following links (a link there proves nothing), each
-    first fsynced, then the directories above them up to the base and
-    those above it (as SYNC_START does far away; a failure raises
-    TransferError("archive")); the
-    copies in ``replaced_dir`` identical to them are removed (see
+    fsynced with the directories above it up to the base beside the hashing
+    (watcher.durable), then those above the base (as SYNC_START does far
+    away; a failure raises TransferError("archive")); the copies in
+    ``replaced_dir`` identical to them are removed (see
     ``Destination.remote_md5_args``)."""
-    found = {}
     with Beneath(basedir.rstrip("/") or "/") as tree:
-        if len(remote_paths) >= SYNCFS_FILES:
-            try:
-                _syncfs(tree.dir_fd(""))
-            except OSError:
-                pass  # no base: nothing below it is found either
         try:
-            for path in remote_paths:
-                try:
-                    fd = tree.open(os.path.join(tree.root, path))
-                except (OSError, ValueError):
-                    continue
-                try:
-                    if stat.S_ISREG(os.fstat(fd).st_mode):
-                        _fsync(fd, path)
-                        found[path] = md5_of_fd(fd)[0]
-                except OSError:
-                    pass
-                finally:
-                    os.close(fd)
-            for reldir in sorted({d for p in found for d in _parents(p)}, key=len, reverse=True):
-                _fsync(tree.dir_fd(reldir), reldir or ".")
-            if found:
-                _fsync_above(tree.root)
-        finally:  # a failed fsync too: the batch sent again must leave no identical copy behind
-            if replaced_dir:
-                drop_identical_copies(tree, replaced_dir, found)
+            found, failed = hash_durably(tree, remote_paths)
+        except OSError:
+            return {}  # no base: nothing below it is found either
+        if replaced_dir:  # a failed sync too: the batch sent again must leave no identical copy behind
+            drop_identical_copies(tree, replaced_dir, found)
+    if failed:
+        raise TransferError("archive", f"the archive could not put {failed} on stable storage (fsync), "
+                            "so the batch does not count as verified")
+    if found:
+        _fsync_above(basedir)
     return found
 
 
@@ -1119,23 +1100,6 @@ def _fsync_above(base: str) -> None:
             _fsync(fd, path)
         finally:
             os.close(fd)
-
-
-def _parents(path: str):
-    """Each directory above a relative path, the base ("") included."""
-    while path:
-        path = path.rpartition("/")[0]
-        yield path
-
-
-def _syncfs(fd: int) -> None:
-    """syncfs(2) of the file system of ``fd`` (see SYNCFS_FILES); its result
-    is not relied on: each file's fsync after it reports its own errors."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.syncfs(fd)
-    except (OSError, AttributeError):
-        pass
 
 
 def _fsync(fd: int, what: str) -> None:

@@ -59,7 +59,7 @@ import time
 
 from watcher.far_side import (MAX_NAMES, MD5_HEADER, REFUSED, SERVE_MIN_RSYNC, SERVE_REQUEST, SYNC_FAILED, TEMP_NAME,
                                drop_identical_copies)
-from watcher.hashing import md5_of_fd
+from watcher.durable import hash_durably
 from watcher.rules import REPLACED_DIR
 from watcher.safefs import Beneath, Identity, split_beneath, walk_fd
 
@@ -424,45 +424,18 @@ class Server:
                                   f"{getattr(exc, 'strerror', None) or exc}") from None
 
     def _hash(self, base_fd: int, names: list[bytes], replaced: str) -> tuple[list[bytes], set[bytes]]:
-        """md5sum -z records of the regular files named, each reached without
-        following a link and fsynced, with every directory from its own up to
-        the base, before it is read."""
-        records, found, by_path, synced = [], set(), {}, set()
-        failed = ""  # the first fsync that failed: the batch then counts for nothing
+        """md5sum -z records of the regular files named (``./path``), each
+        reached without following a link and, with every directory from its
+        own up to the base, fsynced beside the hashing (watcher.durable)."""
+        relpaths = {os.fsdecode(name[2:]): name for name in names if name.startswith(b"./")}
         with Beneath(f"/proc/self/fd/{base_fd}") as tree:
-            for name in names:
-                if not name.startswith(b"./"):
-                    continue
-                path = os.path.join(tree.root, os.fsdecode(name[2:]))
-                try:
-                    parent, _ = split_beneath(path, tree.root)
-                    fd = tree.open(path)
-                except (OSError, ValueError):
-                    continue
-                try:
-                    if not stat.S_ISREG(os.fstat(fd).st_mode):
-                        continue
-                    try:
-                        os.fsync(fd)
-                        while parent not in synced:  # marked only once it is synced
-                            os.fsync(tree.dir_fd(parent))
-                            synced.add(parent)
-                            parent = parent.rpartition("/")[0] if parent else parent
-                    except OSError as exc:  # hashed all the same, for the clean-up below
-                        failed = failed or f"{os.fsdecode(name)!r}: {exc.strerror or exc}"
-                    md5 = md5_of_fd(fd)[0]
-                except OSError:
-                    continue
-                finally:
-                    os.close(fd)
-                records.append(md5.encode() + b"  " + name)
-                found.add(name)
-                by_path[os.fsdecode(name[2:])] = md5
+            by_path, failed = hash_durably(tree, list(relpaths))
             if replaced:  # a failed batch too: the batch sent again must leave no identical copy behind
                 drop_identical_copies(tree, replaced, by_path)
         if failed:
             raise _SyncFailed(failed)
-        return records, found
+        return ([md5.encode() + b"  " + relpaths[path] for path, md5 in by_path.items()],
+                {relpaths[path] for path in by_path})
 
     # -- rsync's leftovers -----------------------------------------------------------
 
