@@ -244,25 +244,31 @@ def tool_log(tmp_path, monkeypatch) -> ToolLog:
     return ToolLog(tmp_path, monkeypatch)
 
 
-@pytest.fixture
-def tiny_far_disk(sshd, remote_dir):
-    """A 64 KiB tmpfs inside remote_dir, owned by the ssh user: a far disk that
-    fills up. Mounting needs root (and a container may forbid it): the test
-    is skipped then, saying so."""
+@contextlib.contextmanager
+def mounted_tmpfs(path: Path, options: str):
+    """A tmpfs mounted at ``path`` (made), unmounted afterwards: a file system
+    of its own. Mounting needs root (and a container may forbid it): the
+    test is skipped then, saying so."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    path = remote_dir / "tiny"
     path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=755", "tmpfs", str(path)],
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
                              capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
-        os.chown(path, sshd.pw.pw_uid, sshd.pw.pw_gid)
         yield path
     finally:
         wait_until(lambda: subprocess.run(["umount", str(path)], capture_output=True).returncode == 0,
                    timeout=10, message=f"umount {path}")
+
+
+@pytest.fixture
+def tiny_far_disk(sshd, remote_dir):
+    """A 64 KiB tmpfs inside remote_dir, owned by the ssh user: a far disk that fills up."""
+    with mounted_tmpfs(remote_dir / "tiny", "size=64k,mode=755") as path:
+        os.chown(path, sshd.pw.pw_uid, sshd.pw.pw_gid)
+        yield path
 
 
 FAR_USER = "watcherfar"

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.hostile_names import hostile_names
-from tests.ssh_support import Sleeps, md5, register, row, ssh_archive
+from tests.ssh_support import Sleeps, md5, mounted_tmpfs, register, row, ssh_archive
 from watcher.health import read_health
 from watcher.config import Archive
 from watcher.rsync import (
@@ -226,45 +226,11 @@ def test_a_local_archive_of_many_files_syncs_its_file_system_once_then_each_file
     assert sorted(files) == sorted(str(base / name) for name in args[::2])
 
 
-def test_a_local_archive_whose_file_cannot_be_synced_has_nothing_of_its_batch_verified(tmp_path, monkeypatch):
-    base, src = tmp_path / "archive", tmp_path / "src"
-    src.mkdir()
-    items = []
-    for i in range(3):
-        (src / str(i)).write_bytes(b"%d" % i)
-        items.append(Item(i, str(src / str(i)), f"f{i}", md5(b"%d" % i)))
-    dest = Destination(Archive(name="a", remote_basedir=str(base)), None, (str(src),))
-    real_fsync = os.fsync
-
-    def fsync(fd):  # the write-back of one file fails, as a dying disk's would
-        if os.readlink(f"/proc/self/fd/{fd}") == str(base / "f1"):
-            raise OSError(errno.EIO, "Input/output error")
-        return real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    with pytest.raises(TransferError) as raised:
-        ship_batch(dest, items)
-    assert raised.value.kind == "archive" and "'f1': Input/output error" in str(raised.value)
-    monkeypatch.setattr(os, "fsync", real_fsync)
-    assert ship_batch(dest, items)[0] == {i: (md5(b"%d" % i),) * 2 for i in range(3)}
-
-
 @pytest.fixture
 def small_disk(tmp_path):
-    """A tmpfs mounted in tmp_path: a file system of its own. Mounting needs
-    root (and a container may forbid it): the test is skipped then, saying so."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    path = tmp_path / "disk"
-    path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(path)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    """A tmpfs mounted in tmp_path: a file system of its own."""
+    with mounted_tmpfs(tmp_path / "disk", "size=16m") as path:
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 def test_a_local_archive_syncs_above_the_base_up_to_its_file_system_s_root_only(small_disk, tmp_path):
@@ -285,17 +251,21 @@ def test_a_local_archive_syncs_above_the_base_up_to_its_file_system_s_root_only(
     assert synced == {str(base / "f"), str(base), str(small_disk / "made"), str(small_disk)}
 
 
-def test_a_local_archive_whose_directory_above_the_base_cannot_be_synced_has_nothing_verified(
-        tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing", ["a file", "the directory above the base"])
+def test_a_local_archive_whose_copy_cannot_be_synced_has_nothing_of_its_batch_verified(
+        tmp_path, monkeypatch, failing):
     base, src = tmp_path / "archive" / "made", tmp_path / "src"
     src.mkdir()
-    (src / "a").write_bytes(b"a")
-    items = [Item(1, str(src / "a"), "a.dat", md5(b"a"))]
+    items = []
+    for i in range(3):
+        (src / str(i)).write_bytes(b"%d" % i)
+        items.append(Item(i, str(src / str(i)), f"f{i}", md5(b"%d" % i)))
     dest = Destination(Archive(name="a", remote_basedir=str(base)), None, (str(src),))
+    fails = str(base / "f1") if failing == "a file" else str(base.parent)
     real_fsync = os.fsync
 
-    def fsync(fd):  # the write-back of the directory above the base fails, as a dying disk's would
-        if os.readlink(f"/proc/self/fd/{fd}") == str(tmp_path / "archive"):
+    def fsync(fd):  # the write-back fails, as a dying disk's would
+        if os.readlink(f"/proc/self/fd/{fd}") == fails:
             raise OSError(errno.EIO, "Input/output error")
         return real_fsync(fd)
 
@@ -304,7 +274,7 @@ def test_a_local_archive_whose_directory_above_the_base_cannot_be_synced_has_not
         ship_batch(dest, items)
     assert raised.value.kind == "archive" and "Input/output error" in str(raised.value)
     monkeypatch.setattr(os, "fsync", real_fsync)
-    assert ship_batch(dest, items)[0] == {1: (md5(b"a"), md5(b"a"))}
+    assert ship_batch(dest, items)[0] == {i: (md5(b"%d" % i),) * 2 for i in range(3)}
 
 
 SERVE_WITH_FAILING_FSYNC = """
