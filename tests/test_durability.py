@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -226,6 +227,37 @@ def test_a_local_archive_of_many_files_syncs_its_file_system_once_then_each_file
     assert sorted(files) == sorted(str(base / name) for name in args[::2])
 
 
+def test_the_descriptors_waiting_to_be_synced_stay_under_the_limit_and_each_is_synced_once(
+        tmp_path, monkeypatch):
+    """The hashing waits for the syncer (a slow disk) rather than open more
+    descriptors than its limit: under sshd's usual 1,024, a batch of many
+    files in many directories must not run out of them."""
+    from watcher.durable import hash_durably
+    from watcher.safefs import Beneath
+    names = [f"d{i % 20}/f{i}" for i in range(200)]
+    for name in names:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(name.encode())
+    synced, most_open = [], []
+    real_fsync = os.fsync
+
+    def slow_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        most_open.append(len(os.listdir("/proc/self/fd")))
+        time.sleep(0.002)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    before = len(os.listdir("/proc/self/fd"))
+    with Beneath(str(tmp_path)) as tree:
+        found, failed = hash_durably(tree, names, limit=4)
+
+    assert failed == "" and found == {name: md5(name.encode()) for name in names}
+    assert sorted(p for p in synced if "/f" in p) == sorted(str(tmp_path / name) for name in names)
+    # the syncer's 4, the tree's 21 directories, the file being hashed and listdir's own
+    assert max(most_open) <= before + 4 + 21 + 2
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A tmpfs mounted in tmp_path: a file system of its own."""
@@ -251,7 +283,8 @@ def test_a_local_archive_syncs_above_the_base_up_to_its_file_system_s_root_only(
     assert synced == {str(base / "f"), str(base), str(small_disk / "made"), str(small_disk)}
 
 
-@pytest.mark.parametrize("failing", ["a file", "the directory above the base"])
+@pytest.mark.parametrize("failing", ["a file", "a directory below the base", "the directory above the base",
+                                     "the thread that fsyncs"])
 def test_a_local_archive_whose_copy_cannot_be_synced_has_nothing_of_its_batch_verified(
         tmp_path, monkeypatch, failing):
     base, src = tmp_path / "archive" / "made", tmp_path / "src"
@@ -259,20 +292,22 @@ def test_a_local_archive_whose_copy_cannot_be_synced_has_nothing_of_its_batch_ve
     items = []
     for i in range(3):
         (src / str(i)).write_bytes(b"%d" % i)
-        items.append(Item(i, str(src / str(i)), f"f{i}", md5(b"%d" % i)))
+        items.append(Item(i, str(src / str(i)), f"d/f{i}", md5(b"%d" % i)))
     dest = Destination(Archive(name="a", remote_basedir=str(base)), None, (str(src),))
-    fails = str(base / "f1") if failing == "a file" else str(base.parent)
+    fails = {"a directory below the base": base / "d", "the directory above the base": base.parent}.get(
+        failing, base / "d" / "f1")
+    error = RuntimeError("a bug") if failing == "the thread that fsyncs" else OSError(errno.EIO, "Input/output error")
     real_fsync = os.fsync
 
-    def fsync(fd):  # the write-back fails, as a dying disk's would
-        if os.readlink(f"/proc/self/fd/{fd}") == fails:
-            raise OSError(errno.EIO, "Input/output error")
+    def fsync(fd):  # the write-back fails, as a dying disk's would (or the code that runs it)
+        if os.readlink(f"/proc/self/fd/{fd}") == str(fails):
+            raise error
         return real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
     with pytest.raises(TransferError) as raised:
         ship_batch(dest, items)
-    assert raised.value.kind == "archive" and "Input/output error" in str(raised.value)
+    assert raised.value.kind == "archive" and (getattr(error, "strerror", None) or str(error)) in str(raised.value)
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert ship_batch(dest, items)[0] == {i: (md5(b"%d" % i),) * 2 for i in range(3)}
 

@@ -30,7 +30,6 @@ import logging
 import os
 import posixpath
 import re
-import resource
 import select
 import shlex
 import shutil
@@ -43,7 +42,7 @@ from typing import Callable, NamedTuple
 import sh
 
 from watcher.config import Archive
-from watcher.durable import SYNCFS_FILES, hash_durably
+from watcher.durable import SYNCFS_FILES, hash_durably, raise_descriptor_limit
 from watcher.faults import checkpoint
 from watcher.far_side import (MD5_HEADER, SERVE_MIN_RSYNC, SERVE_REFUSED, SERVE_REQUEST, SYNC_FAILED, TEMP_NAME,
                               drop_identical_copies)
@@ -1071,7 +1070,7 @@ def _local_md5(basedir: str, remote_paths: list[str], replaced_dir: str = "") ->
         if replaced_dir:  # a failed sync too: the batch sent again must leave no identical copy behind
             drop_identical_copies(tree, replaced_dir, found)
     if failed:
-        raise TransferError("archive", f"the archive could not put {failed} on stable storage (fsync), "
+        raise TransferError("archive", f"the archive could not put {failed} on stable storage, "
                             "so the batch does not count as verified")
     if found:
         _fsync_above(basedir)
@@ -1133,16 +1132,7 @@ def _descriptor_budget() -> int:
     batch takes half of it, less a reserve (should other archives' batches
     and retention's round need more, the listing stops at EMFILE and the
     rest of the batch waits)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > 1 << 20:
-        hard = 1 << 20
-    if soft != resource.RLIM_INFINITY and soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return max(64, (min(soft, 1 << 20) - 1024) // 2)
+    return max(64, (raise_descriptor_limit() - 1024) // 2)
 
 
 def ship_batch(dest: Destination, items: list[Item], stop: threading.Event | None = None) -> BatchResult:

@@ -59,7 +59,7 @@ import time
 
 from watcher.far_side import (MAX_NAMES, MD5_HEADER, REFUSED, SERVE_MIN_RSYNC, SERVE_REQUEST, SYNC_FAILED, TEMP_NAME,
                                drop_identical_copies)
-from watcher.durable import hash_durably
+from watcher.durable import hash_durably, raise_descriptor_limit
 from watcher.rules import REPLACED_DIR
 from watcher.safefs import Beneath, Identity, split_beneath, walk_fd
 
@@ -156,6 +156,7 @@ def main(root: str, min_temp_age: float = MIN_TEMP_AGE, append_only: bool = Fals
     """Serve one request (``SSH_ORIGINAL_COMMAND`` when ``request`` is None)."""
     if request is None:
         request = os.environ.get("SSH_ORIGINAL_COMMAND")
+    raise_descriptor_limit()  # a batch's directories stay open while its files are synced
     try:
         if request is None:
             raise Refused("no request: this command serves watcher agents through ssh "
