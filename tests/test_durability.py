@@ -204,8 +204,7 @@ def test_a_local_archive_fsyncs_each_file_each_directory_up_to_the_base_and_thos
 
 
 def test_a_local_archive_of_many_files_syncs_its_file_system_once_then_each_file(tmp_path):
-    """More files than the syncer holds waiting (the hashing waits for it) and
-    than SYNCFS_FILES (one syncfs first): each still fsynced once, all verified."""
+    """More files than SYNCFS_FILES: one syncfs first, then each file fsynced once, all verified."""
     if shutil.which("strace") is None:
         pytest.fail("strace is not installed (apt-get install strace)")
     base, src = tmp_path / "archive", tmp_path / "src"
@@ -222,6 +221,7 @@ def test_a_local_archive_of_many_files_syncs_its_file_system_once_then_each_file
 
     lines = [line for line in trace.read_text().splitlines() if "= 0" in line]
     assert sum("syncfs(" in line for line in lines) == 1
+    assert "syncfs(" in [line for line in lines if "sync" in line][0]  # before any file's fsync
     synced = [line.split("<", 1)[1].rsplit(">", 1)[0] for line in lines if "fsync(" in line]
     files = [p for p in synced if p.startswith(str(base) + "/") and os.path.basename(p).startswith("f")]
     assert sorted(files) == sorted(str(base / name) for name in args[::2])
@@ -256,6 +256,27 @@ def test_the_descriptors_waiting_to_be_synced_stay_under_the_limit_and_each_is_s
     assert sorted(p for p in synced if "/f" in p) == sorted(str(tmp_path / name) for name in names)
     # the syncer's 4, the tree's 21 directories, the file being hashed and listdir's own
     assert max(most_open) <= before + 4 + 21 + 2
+
+
+def test_a_file_that_cannot_be_handed_to_the_syncer_is_the_archive_s_trouble_not_a_missing_copy(
+        tmp_path, monkeypatch):
+    """No descriptor left to sync a file with: the batch fails as a whole
+    (the archive host's trouble, retried), not that file alone (charged)."""
+    from watcher.durable import hash_durably
+    from watcher.safefs import Beneath
+    for name in ("f0", "f1"):
+        (tmp_path / name).write_bytes(name.encode())
+    real_dup = os.dup
+
+    def dup(fd):
+        if os.readlink(f"/proc/self/fd/{fd}") == str(tmp_path / "f1"):
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_dup(fd)
+
+    monkeypatch.setattr(os, "dup", dup)
+    with Beneath(str(tmp_path)) as tree:
+        found, failed = hash_durably(tree, ["f0", "f1"])
+    assert failed == "'f1' (Too many open files)" and "f1" not in found
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
 """Far copies onto stable storage while they are hashed.
 
 A verified copy must survive a power cut on its host, so each file and
-each directory above it is fsynced before the batch counts (DESIGN.md,
-"durable before deleted"). Done one after another, each fsync waits for
+each directory above it is fsynced before the batch counts (DESIGN.md's
+promise 2; README, "Durable before deleted"). Done one after another, each fsync waits for
 its write-out before the file is hashed; done beside the hashing, the disk
 writes while the CPU hashes, as the shell's far command does with a `sync`
 process in the background. ``Syncer`` is that background for Python code
@@ -57,7 +57,11 @@ def hash_durably(tree: Beneath, relpaths: list[str], limit: int | None = None) -
             try:
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
                     continue
-                syncer.add(fd, repr(relpath))
+                try:
+                    syncer.add(fd, repr(relpath))
+                except OSError as exc:  # no descriptor left: the archive host's trouble, not the file's
+                    syncer.fail(f"{relpath!r} ({exc.strerror or exc})")
+                    continue
                 try:
                     while parent not in submitted:
                         syncer.add(tree.dir_fd(parent), repr(parent or "."))
@@ -154,14 +158,20 @@ class Syncer:
             while (job := self._queue.get()) is not None:
                 fds, failed = job
                 self._failed = self._failed or failed
-                for fd, what in fds:
-                    if not self._failed:  # after a failure nothing counts: the rest are only closed
-                        try:
-                            os.fsync(fd)
-                        except OSError as exc:
-                            self._failed = f"{what} (fsync: {exc.strerror or exc})"
-                    _close(fd)
-                    self._slots.release()
+                done = 0
+                try:
+                    for fd, what in fds:
+                        if not self._failed:  # after a failure nothing counts: the rest are only closed
+                            try:
+                                os.fsync(fd)
+                            except OSError as exc:
+                                self._failed = f"{what} (fsync: {exc.strerror or exc})"
+                        done += 1
+                        _close(fd)
+                        self._slots.release()
+                finally:  # a job cut short: its descriptors are closed all the same
+                    for fd, _ in fds[done:]:
+                        _close(fd)
             self._done = True
         except BaseException as exc:  # recorded: finish() counts the batch for nothing
             self._failed = self._failed or f"the thread that fsyncs stopped: {exc!r}"

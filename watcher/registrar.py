@@ -124,7 +124,7 @@ class Registrar:
                     continue
                 try:
                     self.register(batch, gone)
-                except Exception:  # the catalog keeps nothing of it; scans will hand it over again
+                except Exception:  # the groups committed stay; scans hand over the rest again
                     if self.stop.is_set():
                         return
                     log.exception("registering a batch of %d files failed; those not registered "
@@ -395,10 +395,13 @@ def _groups(todo: list[_Todo], group_bytes: int) -> list[list[_Todo]]:
     alone), in order: each group is committed once hashed, so that a burst of
     big files starts shipping after the first is hashed, not after the last.
 
-    Files that want one far name go in the first one's group: the catalog
-    gives the name to the first of one transaction's files and refuses the
-    others, as it did when a batch was one transaction (in two, the second
-    could get a version name of its own when the name's last copy is gone).
+    New files that want one far name go in the first one's group: the
+    catalog gives the name to the first of one transaction's files and
+    refuses the others, as it did when a batch was one transaction (in two,
+    the second could get a version name of its own when the name's last
+    copy is gone). A changed file whose row turns out replaced gets its far
+    name only when written, in its own group: one of the two is then
+    refused or versioned, safe either way.
     """
     groups: list[list[_Todo]] = []
     size = 0

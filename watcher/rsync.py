@@ -1063,10 +1063,7 @@ def _local_md5(basedir: str, remote_paths: list[str], replaced_dir: str = "") ->
     ``replaced_dir`` identical to them are removed (see
     ``Destination.remote_md5_args``)."""
     with Beneath(basedir.rstrip("/") or "/") as tree:
-        try:
-            found, failed = hash_durably(tree, remote_paths)
-        except OSError:
-            return {}  # no base: nothing below it is found either
+        found, failed = hash_durably(tree, remote_paths)  # no base: nothing found, no failure
         if replaced_dir:  # a failed sync too: the batch sent again must leave no identical copy behind
             drop_identical_copies(tree, replaced_dir, found)
     if failed:

@@ -20,9 +20,10 @@ connection of that key, whatever the client asked, the request in
   answer: rsync present, BASE writable or makable).
 - ``watcher-serve md5 BASE [REPLACED]``: the far md5 of the NUL-separated
   ``./path`` names on standard input, each opened below BASE without
-  following a link, fsynced with its directories up to DIR first (a
-  verified copy is on stable storage before the agent may delete its local
-  file), answered
+  following a link, fsynced beside the hashing with each directory up to
+  BASE, then those above BASE that this account may read and write on
+  BASE's file system, no higher than DIR (a verified copy is on stable
+  storage before the agent may delete its local file), answered
   in watcher.rsync.parse_far_md5's form; copies in REPLACED identical to
   the file now under their name are removed.
 - ``watcher-serve temp-files BASE AGE`` and ``watcher-serve clean BASE
