@@ -323,11 +323,9 @@ class _Publisher:
         last = max((s.last_copy for s in workers if s.last_copy), key=lambda c: c["stop_time"], default={})
         if last:
             last = {**last, "files": last["files"][:LAST_COPY_FILES]}
-        for name, data in (stats or {}).items():
-            ocs.publish_to_feed("archive_stats", {"block_name": name, "timestamp": now, "data": data})
-        ocs.publish_to_feed("transfer_stats", {"block_name": "block0", "timestamp": now,
-                                               "data": dict(counters)})
         health = read_health(config.database, list(config.archives)) or {}
+        # session.data before the feeds: whoever sees a feed message and then
+        # asks for the session gets what that message said, or newer
         self.session.degraded = stats is None or any(
             a.get("degraded") for a in health.get("archives", {}).values())
         self.session.data = {
@@ -336,6 +334,10 @@ class _Publisher:
             "archive_stats": stats if stats is not None else self.session.data.get("archive_stats", {}),
             "counters": counters}
         self.copies = counters["copies"]
+        for name, data in (stats or {}).items():
+            ocs.publish_to_feed("archive_stats", {"block_name": name, "timestamp": now, "data": data})
+        ocs.publish_to_feed("transfer_stats", {"block_name": "block0", "timestamp": now,
+                                               "data": dict(counters)})
         return max(self.face.interval, cost / COST_SHARE)
 
     def close(self) -> None:
