@@ -24,7 +24,7 @@ import stat
 import threading
 
 from watcher.hashing import md5_of_fd
-from watcher.safefs import Beneath, split_beneath
+from watcher.safefs import Beneath
 
 SYNCFS_FILES = 64  # a batch of this many files or more first syncs its whole file system
 _HANDOFF = 32  # descriptors handed to the syncer at once (one queue operation, not one a file)
@@ -48,27 +48,13 @@ def hash_durably(tree: Beneath, relpaths: list[str], limit: int | None = None) -
     syncer = Syncer(syncfs_fd, limit)
     try:
         for relpath in relpaths:
-            path = os.path.join(tree.root, relpath)
             try:
-                parent, _ = split_beneath(path, tree.root)
-                fd = tree.open(path)
+                fd = tree.open(os.path.join(tree.root, relpath))  # ValueError: not a plain path below the root
             except (OSError, ValueError):
                 continue
             try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                if not stat.S_ISREG(os.fstat(fd).st_mode) or not _hand_over(syncer, tree, fd, relpath, submitted):
                     continue
-                try:
-                    syncer.add(fd, repr(relpath))
-                except OSError as exc:  # no descriptor left: the archive host's trouble, not the file's
-                    syncer.fail(f"{relpath!r} ({exc.strerror or exc})")
-                    continue
-                try:
-                    while parent not in submitted:
-                        syncer.add(tree.dir_fd(parent), repr(parent or "."))
-                        submitted.add(parent)
-                        parent = parent.rpartition("/")[0] if parent else parent
-                except OSError as exc:  # a directory that cannot be synced: nothing counts
-                    syncer.fail(f"{relpath!r}'s directory ({exc.strerror or exc})")
                 found[relpath] = md5_of_fd(fd)[0]
             except OSError:
                 continue
@@ -77,6 +63,27 @@ def hash_durably(tree: Beneath, relpaths: list[str], limit: int | None = None) -
     finally:
         failed = syncer.finish()
     return found, failed
+
+
+def _hand_over(syncer: "Syncer", tree: Beneath, fd: int, relpath: str, submitted: set[str]) -> bool:
+    """Hand a file and each directory from its own up to the root not yet
+    handed over (``submitted``) to the syncer; False when the file itself
+    could not be (no descriptor left: the host's trouble, not the file's).
+    Any failure here is the batch's: nothing of it counts."""
+    try:
+        syncer.add(fd, repr(relpath))
+    except OSError as exc:
+        syncer.fail(f"{relpath!r} ({exc.strerror or exc})")
+        return False
+    parent = relpath.rpartition("/")[0]
+    try:
+        while parent not in submitted:
+            syncer.add(tree.dir_fd(parent), repr(parent or "."))
+            submitted.add(parent)
+            parent = parent.rpartition("/")[0] if parent else parent
+    except OSError as exc:
+        syncer.fail(f"{relpath!r}'s directory ({exc.strerror or exc})")
+    return True
 
 
 def syncfs(fd: int) -> None:
